@@ -1,0 +1,172 @@
+"""Distributed checkpoints in megatron's format: save, load, resume, weights-only starts.
+
+Layout of a run directory's ``checkpoints/``::
+
+    step_0000040/      megatron dist checkpoint (model, optimizer, RNG) + common (scheduler,
+                       train state) + megarank.json (step, layout, config)
+    latest             the name of the newest COMPLETE checkpoint
+
+A checkpoint is written into ``step_N.partial`` and renamed only after every rank has finished
+and rank 0 has written ``megarank.json``; ``latest`` is replaced atomically after that. A crash
+mid-save leaves a ``.partial`` directory that nothing ever loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from megarank.parallel.runtime import Runtime
+
+META_FILE = "megarank.json"
+LATEST = "latest"
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside megatron's DDP wrapper (which does not forward sharded_state_dict)."""
+    return getattr(model, "module", model)
+
+
+def _rng_object(rt: Runtime, state: Any) -> ShardedObject:
+    # One RNG state per (pp, tp, dp) rank: dropout streams differ by rank and must resume so.
+    return ShardedObject(
+        "rng_state", state, (rt.pp_size, rt.tp_size, rt.dp_size),
+        (rt.pp_rank, rt.tp_rank, rt.dp_rank), replica_id=0,
+    )
+
+
+def _capture_rng() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def checkpoint_name(step: int) -> str:
+    """Directory name of the checkpoint taken after ``step`` optimizer steps."""
+    return f"step_{step:07d}"
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``root`` (a run's checkpoints/ folder), or None."""
+    root = Path(root)
+    marker = root / LATEST
+    if not marker.is_file():
+        return None
+    path = root / marker.read_text().strip()
+    if not (path / META_FILE).is_file():
+        raise FileNotFoundError(
+            f"{marker} names {path.name}, which is not a complete megarank checkpoint "
+            f"(no {META_FILE})"
+        )
+    return path
+
+
+def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: Any,
+                    scheduler: Any, train_state: dict[str, Any], rt: Runtime,
+                    meta: dict[str, Any]) -> Path:
+    """Write a complete checkpoint of ``step`` under ``root``; collective over all ranks."""
+    root = Path(root)
+    final = root / checkpoint_name(step)
+    partial = root / f"{final.name}.partial"
+    if rt.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    model_sd = _unwrap(model).sharded_state_dict()
+    state = {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd),
+        "rng": _rng_object(rt, _capture_rng()),
+        "scheduler": scheduler.state_dict(),
+        "train_state": dict(train_state),
+    }
+    dist_checkpointing.save(state, str(partial))
+    dist.barrier()
+    if rt.is_main:
+        meta = {**meta, "step": step, "train_state": dict(train_state)}
+        (partial / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        tmp = root / f"{LATEST}.tmp"
+        tmp.write_text(final.name)
+        os.replace(tmp, root / LATEST)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+                    rt: Runtime) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and RNG from ``path``; return the saved train state."""
+    path = Path(path)
+    if not (path / META_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete megarank checkpoint (no {META_FILE})")
+    model_sd = _unwrap(model).sharded_state_dict()
+    template = {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True),
+        "rng": _rng_object(rt, None),
+    }
+    loaded = dist_checkpointing.load(template, str(path))
+    _unwrap(model).load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    _separate_adam_steps(optimizer)
+    scheduler.load_state_dict(loaded["scheduler"])
+    _restore_rng(loaded["rng"])
+    return dict(loaded["train_state"])
+
+
+def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
+    """Load only the model weights of a checkpoint (any TP/PP layout) into ``model``."""
+    path = Path(path)
+    if not (path / META_FILE).is_file():
+        latest = latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else None
+        if latest is None:
+            raise FileNotFoundError(
+                f"model.init_from ({path}) is neither a megarank checkpoint nor a run directory "
+                "with one"
+            )
+        path = latest
+    model_sd = _unwrap(model).sharded_state_dict()
+    loaded = dist_checkpointing.load({"model": model_sd}, str(path))
+    _unwrap(model).load_state_dict(loaded["model"])
+
+
+def _separate_adam_steps(optimizer: Any) -> None:
+    """Give every parameter its own Adam ``step`` tensor after a load.
+
+    A restored optimizer can hold ONE step tensor shared by all parameters; torch's Adam increments
+    it in place once per parameter per step, so bias correction drifts and a resumed run diverges
+    silently. Copies make each parameter's step its own, as in an uninterrupted run.
+    """
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    for opt in inner:
+        torch_opt = getattr(opt, "optimizer", None)
+        if torch_opt is None:
+            continue
+        for state in torch_opt.state.values():
+            step = state.get("step")
+            if isinstance(step, torch.Tensor):
+                state["step"] = step.clone()

@@ -1,0 +1,247 @@
+"""The configuration schema: one dataclass per Hydra config group.
+
+The dataclasses are the source of truth; the YAML files under ``conf/`` only pick values, and Hydra's
+struct mode turns an unknown key into an error at compose time. Derived values (data-parallel size,
+micro-batches per step) are not stored here: :func:`megarank.config.validate.validate` computes them
+once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+@dataclass
+class ModelConfig:
+    """The backbone: a decoder (megatron GPT layers) or an encoder (BERT, post-LayerNorm)."""
+
+    name: str = MISSING
+    """Short name used in logs and output directories."""
+    family: str = MISSING
+    """``gpt`` (decoder: RMSNorm/LayerNorm, RoPE, causal) or ``bert`` (encoder, HF-BERT exact)."""
+    num_layers: int = MISSING
+    """Transformer layers; must divide by parallel.pipeline_model_parallel_size."""
+    hidden_size: int = MISSING
+    """Model width."""
+    num_attention_heads: int = MISSING
+    """Query heads; must divide by parallel.tensor_model_parallel_size."""
+    num_query_groups: int | None = None
+    """Key/value heads for grouped-query attention; None means one per query head."""
+    ffn_hidden_size: int = MISSING
+    """MLP inner width (per branch for gated MLPs)."""
+    vocab_size: int = MISSING
+    """Vocabulary rows; padded up to a multiple of make_vocab_size_divisible_by * tp."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the embedding rows so that each tensor-parallel shard is aligned."""
+    max_position_embeddings: int = 512
+    """Longest sequence; also the size of learned absolute position tables."""
+    position_embedding_type: str = "rope"
+    """``rope`` (decoders) or ``learned_absolute`` (BERT)."""
+    rotary_base: float = 10000.0
+    """RoPE theta."""
+    normalization: str = "RMSNorm"
+    """``RMSNorm`` or ``LayerNorm``."""
+    layernorm_epsilon: float = 1e-6
+    """Epsilon of every norm layer."""
+    activation: str = "silu"
+    """``silu`` or ``gelu`` (exact erf GELU, as HF BERT)."""
+    gated_linear_unit: bool = True
+    """SwiGLU/GeGLU MLP (Llama, Qwen) rather than a plain two-layer MLP (BERT)."""
+    add_bias_linear: bool = False
+    """Biases on the linear layers (BERT: True; Llama/Qwen: False)."""
+    add_qkv_bias: bool = False
+    """Bias on the QKV projection only (Qwen2)."""
+    qk_layernorm: bool = False
+    """Norm on queries and keys per head (Qwen3)."""
+    type_vocab_size: int = 2
+    """Token-type (segment) embeddings, encoders only."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention and MLP; 0 keeps runs bitwise comparable across layouts."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    init_method_std: float = 0.02
+    """Std of the normal initialisation of weights."""
+    tokenizer: str = str(ASSETS / "tokenizers" / "bert-uncased")
+    """A Hugging Face tokenizer directory (or hub name, where a hub is reachable)."""
+    prompt_template: str = "Query: {query}\nDocument: {document}\nRelevant:"
+    """Decoders: how a (query, document) pair is written; the document is truncated first."""
+    init_from: str | None = None
+    """A megarank checkpoint directory whose model weights start this run (any layout)."""
+
+
+@dataclass
+class ParallelConfig:
+    """Tensor and pipeline model-parallel sizes; data parallel is what is left of the world."""
+
+    tensor_model_parallel_size: int = 1
+    """Ranks that split each layer's weights (Megatron column/row parallel)."""
+    pipeline_model_parallel_size: int = 1
+    """Ranks that split the layer stack into stages."""
+    sequence_parallel: bool = False
+    """Shard LayerNorm/dropout activations along the sequence over the TP group (needs tp > 1)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over the data-parallel group (ZeRO-1)."""
+
+
+@dataclass
+class TaskConfig:
+    """What the scores are trained towards."""
+
+    loss: str = MISSING
+    """``listwise`` (softmax CE over the group), ``pairwise`` (hinge), ``pointwise`` (BCE)."""
+    group_size: int = 8
+    """Documents per query in a training group: 1 positive + group_size-1 negatives."""
+    temperature: float = 1.0
+    """Listwise: scores are divided by this before the softmax."""
+    margin: float = 1.0
+    """Pairwise: hinge margin between the positive and each negative."""
+    pooling: str = "auto"
+    """``auto`` (last token for decoders, [CLS] for encoders), ``last`` or ``cls``."""
+
+
+@dataclass
+class DataConfig:
+    """Training triplets and the held-out collection for periodic evaluation."""
+
+    name: str = MISSING
+    """Short name used in logs."""
+    train_path: str = MISSING
+    """Triplet JSONL in the FlagEmbedding form {"query", "pos": [...], "neg": [...]}."""
+    max_records: int | None = None
+    """Read only the first N records (None: all)."""
+    max_length: int = 128
+    """Tokens per (query, document) pair; the document is truncated first."""
+    max_query_length: int = 32
+    """Tokens kept of the query before the document is fitted."""
+    pad_to_multiple_of: int = 8
+    """Dynamic padding per micro-batch is rounded up to this."""
+    eval_collection: str | None = None
+    """A BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels.tsv, split.json); None: no eval."""
+    eval_run: str | None = None
+    """First-stage TREC run whose top candidates are reranked; default <eval_collection>/run.bm25.trec."""
+    eval_split: str = "test"
+    """Which split.json list of queries to evaluate on."""
+    eval_top_k: int = 30
+    """Candidates per query reranked at evaluation."""
+    eval_max_queries: int | None = None
+    """Evaluate on the first N queries of the split only (None: all)."""
+
+
+@dataclass
+class TrainerConfig:
+    """The loop: steps, batch sizes, logging, evaluation and checkpoint cadence."""
+
+    max_steps: int = 100
+    """Optimizer steps to train for."""
+    global_batch_size: int = 8
+    """Query groups per optimizer step, over all data-parallel ranks."""
+    micro_batch_size: int = 2
+    """Query groups per forward pass on one rank; a group is never split."""
+    log_interval: int = 10
+    """Steps between metric lines (progress bar and metrics.jsonl)."""
+    eval_interval: int = 0
+    """Steps between evaluations on the held-out queries; 0 turns periodic evaluation off."""
+    eval_at_end: bool = True
+    """Evaluate once after the last step (when data.eval_collection is set)."""
+    eval_batch_size: int = 64
+    """Pairs per forward pass at evaluation."""
+    save_interval: int = 0
+    """Steps between checkpoints; 0: only the final one."""
+    save_final: bool = True
+    """Write a checkpoint after the last step."""
+    output_dir: str | None = None
+    """Run directory (config, checkpoints, metrics.jsonl); None: runs/<date>-<time>-<model>-<task>."""
+    resume: bool = False
+    """Continue from the latest checkpoint in output_dir (model, optimizer, scheduler, sampler, RNG)."""
+    seed: int = 1234
+    """Seeds weights, data order, group sampling and dropout."""
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
+    precision: str = "fp32"
+    """``fp32``, ``bf16`` or ``fp16`` (the last two need CUDA)."""
+    kernels: str = "auto"
+    """``auto`` (Transformer Engine when usable, else local + SDPA), ``te`` or ``local``."""
+    progress_bar: bool = True
+    """Show a tqdm bar on rank 0."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW through megatron's optimizer, with warmup and decay through its scheduler."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Floor of the decay."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (not applied to biases and norms)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 turns clipping off."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to lr."""
+    decay_style: str = "cosine"
+    """``cosine``, ``linear`` or ``constant`` after warmup."""
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go besides metrics.jsonl."""
+
+    wandb: bool = False
+    """Log to Weights & Biases (rank 0)."""
+    wandb_project: str = "megarank"
+    """W&B project."""
+    wandb_mode: str = "offline"
+    """``offline`` (default: nothing leaves the machine) or ``online``."""
+    level: str = "INFO"
+    """Python logging level on rank 0."""
+
+
+@dataclass
+class TrainConfig:
+    """A whole run: one node of each group."""
+
+    model: ModelConfig = MISSING
+    parallel: ParallelConfig = MISSING
+    task: TaskConfig = MISSING
+    data: DataConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+GROUPS: dict[str, type] = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "task": TaskConfig,
+    "data": DataConfig,
+    "trainer": TrainerConfig,
+    "optim": OptimConfig,
+    "logging": LoggingConfig,
+}
+
+
+def _asset(rel: str) -> str:
+    return str(ASSETS / rel)
+
+
+def register() -> None:
+    """Register the schema with Hydra's ConfigStore and the ``${asset:...}`` resolver. Idempotent."""
+    if not OmegaConf.has_resolver("asset"):
+        OmegaConf.register_new_resolver("asset", _asset)
+    cs = ConfigStore.instance()
+    cs.store(name="base_train", node=TrainConfig)
+    for group, node in GROUPS.items():
+        cs.store(group=group, name=f"base_{group}", node=node)

@@ -1,0 +1,175 @@
+"""Checks on a composed config, and the sizes derived from it, computed in one place.
+
+Every check runs before any process group or model is built, and every message names the config
+fields involved, e.g. ``model.num_attention_heads (12) must be divisible by
+parallel.tensor_model_parallel_size (5)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+FAMILIES = ("gpt", "bert")
+LOSSES = ("listwise", "pairwise", "pointwise")
+POOLINGS = ("auto", "last", "cls")
+DECAY_STYLES = ("cosine", "linear", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the fields."""
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Sizes computed from the config and the world size."""
+
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    num_microbatches: int
+    """Micro-batches per optimizer step on each data-parallel rank."""
+    pairs_per_micro_batch: int
+    """Sequences in one forward pass: micro_batch_size * group_size."""
+    pooling: str
+    """``last`` or ``cls``, with ``auto`` resolved by model family."""
+
+
+def _div(errors: list[str], a_name: str, a: int, b_name: str, b: int) -> None:
+    if b <= 0:
+        errors.append(f"{b_name} ({b}) must be positive")
+    elif a % b != 0:
+        errors.append(f"{a_name} ({a}) must be divisible by {b_name} ({b})")
+
+
+def _choice(errors: list[str], name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        errors.append(f"{name} ({value!r}) must be one of {', '.join(allowed)}")
+
+
+def validate(cfg: Any, world_size: int) -> Derived:
+    """Check ``cfg`` (a composed TrainConfig) for ``world_size`` ranks; return the derived sizes.
+
+    Raises ConfigError listing every problem found, each naming its fields.
+    """
+    m, p, t, tr, o = cfg.model, cfg.parallel, cfg.task, cfg.trainer, cfg.optim
+    errors: list[str] = []
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+
+    _choice(errors, "model.family", m.family, FAMILIES)
+    _choice(errors, "task.loss", t.loss, LOSSES)
+    _choice(errors, "task.pooling", t.pooling, POOLINGS)
+    _choice(errors, "optim.decay_style", o.decay_style, DECAY_STYLES)
+    _choice(errors, "trainer.precision", tr.precision, PRECISIONS)
+    _choice(errors, "trainer.device", tr.device, DEVICES)
+    _choice(errors, "trainer.kernels", tr.kernels, ("auto", "te", "local"))
+    _choice(errors, "model.normalization", m.normalization, ("RMSNorm", "LayerNorm"))
+    _choice(errors, "model.activation", m.activation, ("silu", "gelu"))
+    _choice(
+        errors, "model.position_embedding_type", m.position_embedding_type,
+        ("rope", "learned_absolute"),
+    )
+
+    # Model shape against the parallel layout.
+    _div(errors, "model.num_attention_heads", m.num_attention_heads,
+         "parallel.tensor_model_parallel_size", tp)
+    groups = m.num_query_groups or m.num_attention_heads
+    _div(errors, "model.num_attention_heads", m.num_attention_heads, "model.num_query_groups",
+         groups)
+    _div(errors, "model.num_query_groups", groups, "parallel.tensor_model_parallel_size", tp)
+    if m.make_vocab_size_divisible_by % tp != 0:
+        # Vocabulary padding must not depend on tp, so checkpoints move between layouts.
+        errors.append(
+            f"model.make_vocab_size_divisible_by ({m.make_vocab_size_divisible_by}) must be "
+            f"divisible by parallel.tensor_model_parallel_size ({tp})"
+        )
+    _div(errors, "model.num_layers", m.num_layers, "parallel.pipeline_model_parallel_size", pp)
+    _div(errors, "model.hidden_size", m.hidden_size, "model.num_attention_heads",
+         m.num_attention_heads)
+    _div(errors, "model.ffn_hidden_size", m.ffn_hidden_size,
+         "parallel.tensor_model_parallel_size", tp)
+    if m.family == "bert" and m.position_embedding_type != "learned_absolute":
+        errors.append("model.position_embedding_type must be 'learned_absolute' for model.family bert")
+
+    # World and batch layout.
+    dp = 0
+    if tp <= 0 or pp <= 0:
+        errors.append(
+            f"parallel.tensor_model_parallel_size ({tp}) and "
+            f"parallel.pipeline_model_parallel_size ({pp}) must be positive"
+        )
+    elif world_size % (tp * pp) != 0:
+        errors.append(
+            f"world size ({world_size}) must be divisible by parallel.tensor_model_parallel_size "
+            f"({tp}) * parallel.pipeline_model_parallel_size ({pp})"
+        )
+    else:
+        dp = world_size // (tp * pp)
+    num_micro = 0
+    if tr.micro_batch_size <= 0:
+        errors.append(f"trainer.micro_batch_size ({tr.micro_batch_size}) must be positive")
+    elif dp:
+        per_step = tr.micro_batch_size * dp
+        if tr.global_batch_size % per_step != 0:
+            errors.append(
+                f"trainer.global_batch_size ({tr.global_batch_size}) must be divisible by "
+                f"trainer.micro_batch_size ({tr.micro_batch_size}) * data-parallel size ({dp})"
+            )
+        else:
+            num_micro = tr.global_batch_size // per_step
+            if num_micro == 0:
+                errors.append(
+                    f"trainer.global_batch_size ({tr.global_batch_size}) must be at least "
+                    f"trainer.micro_batch_size ({tr.micro_batch_size}) * data-parallel size ({dp})"
+                )
+
+    # Task.
+    if t.loss in ("listwise", "pairwise") and t.group_size < 2:
+        errors.append(f"task.group_size ({t.group_size}) must be >= 2 for task.loss {t.loss}")
+    if t.group_size < 1:
+        errors.append(f"task.group_size ({t.group_size}) must be >= 1")
+    if t.temperature <= 0:
+        errors.append(f"task.temperature ({t.temperature}) must be positive")
+
+    # Features that need something else.
+    if p.sequence_parallel and tp < 2:
+        errors.append("parallel.sequence_parallel requires parallel.tensor_model_parallel_size > 1")
+    if tr.precision != "fp32" and tr.device == "cpu":
+        errors.append(f"trainer.precision ({tr.precision}) requires trainer.device cuda or auto")
+    if cfg.data.max_length > m.max_position_embeddings:
+        errors.append(
+            f"data.max_length ({cfg.data.max_length}) must be <= "
+            f"model.max_position_embeddings ({m.max_position_embeddings})"
+        )
+    if cfg.data.max_query_length >= cfg.data.max_length:
+        errors.append(
+            f"data.max_query_length ({cfg.data.max_query_length}) must be < "
+            f"data.max_length ({cfg.data.max_length})"
+        )
+    for name in ("max_steps", "log_interval"):
+        if getattr(tr, name) <= 0:
+            errors.append(f"trainer.{name} ({getattr(tr, name)}) must be positive")
+    for name in ("eval_interval", "save_interval"):
+        if getattr(tr, name) < 0:
+            errors.append(f"trainer.{name} ({getattr(tr, name)}) must be >= 0 (0 turns it off)")
+    if o.warmup_steps < 0 or o.warmup_steps > tr.max_steps:
+        errors.append(
+            f"optim.warmup_steps ({o.warmup_steps}) must be between 0 and trainer.max_steps "
+            f"({tr.max_steps})"
+        )
+
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    pooling = t.pooling if t.pooling != "auto" else ("last" if m.family == "gpt" else "cls")
+    return Derived(
+        world_size=world_size,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        num_microbatches=num_micro,
+        pairs_per_micro_batch=tr.micro_batch_size * t.group_size,
+        pooling=pooling,
+    )

@@ -1,0 +1,297 @@
+"""Turn groups (or arbitrary query/document pairs) into padded token tensors for the cross-encoder.
+
+Two layouts:
+- "encoder" (BERT-like): the tokenizer's own pair template, e.g. ``[CLS] q [SEP] d [SEP]`` with
+  token types 0 / 1; the pooled position is 0 ([CLS]).
+- "decoder" (GPT-like): a text template with ``{query}`` and ``{document}``, BOS in front when the
+  tokenizer has one, no CLS/SEP, token types all 0; the pooled position is the last real token.
+
+Truncation cuts the query to max_query_length tokens, then cuts the DOCUMENT so the whole
+sequence fits max_length; special tokens and template text are never cut. Queries, documents and
+template pieces are tokenized separately (one batched fast-tokenizer call per piece, on the
+training hot path) and the ids concatenated, so truncation is exact in tokens. For BPE tokenizers
+the tokens at a piece boundary may differ from tokenizing the joined string; for the encoder
+layout the result equals ``tokenizer(q, d)`` whenever nothing is truncated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from megarank.data.groups import Group
+
+DEFAULT_DECODER_TEMPLATE = "Query: {query}\nDocument: {document}\nRelevant:"
+"""The decoder prompt used when `template` is None."""
+
+_KINDS = ("encoder", "decoder")
+
+
+@dataclass
+class PairBatch:
+    """One micro-batch of (query, document) sequences, right-padded."""
+
+    input_ids: torch.Tensor
+    """[N, T] long; N = groups * group_size, row-major by group (group 0's docs first)."""
+    attention_mask: torch.Tensor
+    """[N, T] long; 1 on real tokens, 0 on padding."""
+    token_type_ids: torch.Tensor
+    """[N, T] long; 0 query segment, 1 document segment (all 0 for decoders and padding)."""
+    pool_index: torch.Tensor
+    """[N] long; the position scored: 0 ([CLS]) for encoders, the last real token for decoders."""
+    group_size: int
+    """Documents per query; rows [g * group_size, (g + 1) * group_size) belong to group g."""
+    num_real_tokens: int
+    """attention_mask.sum(), for tokens-per-second accounting."""
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PairBatch:
+        """A copy with every tensor moved to `device`."""
+        return replace(
+            self,
+            input_ids=self.input_ids.to(device, non_blocking=non_blocking),
+            attention_mask=self.attention_mask.to(device, non_blocking=non_blocking),
+            token_type_ids=self.token_type_ids.to(device, non_blocking=non_blocking),
+            pool_index=self.pool_index.to(device, non_blocking=non_blocking),
+        )
+
+
+@dataclass(frozen=True)
+class _PairLayout:
+    """Where the tokenizer's pair template puts special tokens: prefix A middle B suffix."""
+
+    prefix: tuple[list[int], list[int]]  # (ids, token types)
+    middle: tuple[list[int], list[int]]
+    suffix: tuple[list[int], list[int]]
+    a_type: int
+    b_type: int
+
+    @property
+    def num_special(self) -> int:
+        return len(self.prefix[0]) + len(self.middle[0]) + len(self.suffix[0])
+
+    def build(self, a: list[int], b: list[int]) -> tuple[list[int], list[int]]:
+        """(ids, token types) of the pair a, b."""
+        ids = self.prefix[0] + a + self.middle[0] + b + self.suffix[0]
+        types = (
+            self.prefix[1]
+            + [self.a_type] * len(a)
+            + self.middle[1]
+            + [self.b_type] * len(b)
+            + self.suffix[1]
+        )
+        return ids, types
+
+
+def _derive_pair_layout(tokenizer) -> _PairLayout:
+    """Read the pair template off the tokenizer by encoding a probe pair, then self-check it.
+
+    Works for any tokenizer whose template is specials, A, specials, B, specials (BERT, RoBERTa,
+    XLM-R, ...); transformers 5 fast tokenizers have no build_inputs_with_special_tokens.
+    """
+
+    def plain(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    a, b = plain("query"), plain("document")
+    enc = tokenizer(
+        "query", "document", return_special_tokens_mask=True, return_token_type_ids=True
+    )
+    ids, types, special = enc["input_ids"], enc["token_type_ids"], enc["special_tokens_mask"]
+    i = 0
+    while i < len(ids) and special[i]:
+        i += 1
+    p = i
+    j = p + len(a)
+    while j < len(ids) and special[j]:
+        j += 1
+    k = j + len(b)
+    if ids[p : p + len(a)] != a or ids[j:k] != b or not all(special[k:]):
+        raise ValueError(f"cannot read the pair template of {type(tokenizer).__name__}: {ids}")
+    layout = _PairLayout(
+        prefix=(ids[:p], types[:p]),
+        middle=(ids[p + len(a) : j], types[p + len(a) : j]),
+        suffix=(ids[k:], types[k:]),
+        a_type=types[p] if a else 0,
+        b_type=types[j] if b else 0,
+    )
+    q, d = "what is a probe query?", "A probe document, with punctuation."
+    ref = tokenizer(q, d, return_token_type_ids=True)
+    if layout.build(plain(q), plain(d)) != (ref["input_ids"], ref["token_type_ids"]):
+        raise ValueError(
+            f"pair template of {type(tokenizer).__name__} is not prefix-A-mid-B-suffix"
+        )
+    return layout
+
+
+def _split_template(template: str) -> tuple[list[str], list[str]]:
+    """Split a template into its literal pieces and the placeholder order between them.
+
+    "Q: {query} D: {document}!" -> (["Q: ", " D: ", "!"], ["query", "document"]).
+    """
+    for name in ("{query}", "{document}"):
+        if template.count(name) != 1:
+            raise ValueError(f"template must contain {name} exactly once: {template!r}")
+    q, d = template.index("{query}"), template.index("{document}")
+    first, second = ("{query}", "{document}") if q < d else ("{document}", "{query}")
+    head, rest = template.split(first)
+    middle, tail = rest.split(second)
+    return [head, middle, tail], [first[1:-1], second[1:-1]]
+
+
+class PairCollator:
+    """Tokenize, truncate and pad (query, document) pairs into a PairBatch."""
+
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        kind: str,
+        max_length: int,
+        max_query_length: int,
+        template: str | None = None,
+        pad_to_multiple_of: int = 1,
+    ) -> None:
+        """Configure the collator.
+
+        Args:
+            tokenizer: a Hugging Face fast tokenizer (transformers.AutoTokenizer).
+            kind: "encoder" (tokenizer pair template) or "decoder" (text template).
+            max_length: most tokens per sequence, specials and template included; a multiple of
+                pad_to_multiple_of so padding never goes past it.
+            max_query_length: most tokens of query text (specials/template not counted).
+            template: decoder prompt with {query} and {document}; default
+                DEFAULT_DECODER_TEMPLATE. Must be None for encoders.
+            pad_to_multiple_of: pad the batch width up to a multiple of this (e.g. 8 for tensor
+                cores, or the tensor-parallel size for sequence parallelism).
+        """
+        if kind not in _KINDS:
+            raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+        if kind == "encoder" and template is not None:
+            raise ValueError("template is only used with kind='decoder'")
+        if max_query_length < 1:
+            raise ValueError(f"max_query_length must be >= 1, got {max_query_length}")
+        if pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+        if max_length % pad_to_multiple_of:
+            raise ValueError(
+                f"max_length ({max_length}) must be a multiple of pad_to_multiple_of "
+                f"({pad_to_multiple_of})"
+            )
+        self.tokenizer = tokenizer
+        self.kind = kind
+        self.max_length = max_length
+        self.max_query_length = max_query_length
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.template = None
+        if kind == "encoder":
+            self._layout = _derive_pair_layout(tokenizer)
+            fixed = self._layout.num_special
+            pad_id = tokenizer.pad_token_id
+        else:
+            self.template = DEFAULT_DECODER_TEMPLATE if template is None else template
+            pieces, self._order = _split_template(self.template)
+            self._pieces = [self._plain([p])[0] if p else [] for p in pieces]
+            bos = tokenizer.bos_token_id
+            self._bos = [] if bos is None else [bos]
+            fixed = len(self._bos) + sum(len(p) for p in self._pieces)
+            # Most decoder tokenizers (Llama, Qwen) ship without a pad token; padded positions
+            # are masked out, so any valid id works and EOS is the usual choice.
+            pad_id = tokenizer.pad_token_id
+            if pad_id is None:
+                pad_id = tokenizer.eos_token_id
+        if pad_id is None:
+            raise ValueError(f"{type(tokenizer).__name__} has no pad_token_id to pad with")
+        self.pad_id = int(pad_id)
+        # Document tokens available when the query is as long as allowed; at least one so a
+        # document is never cut to nothing by configuration.
+        if max_length - fixed - max_query_length < 1:
+            raise ValueError(
+                f"max_length ({max_length}) leaves no room for a document after max_query_length "
+                f"({max_query_length}) and {fixed} special/template tokens"
+            )
+        self._fixed = fixed
+
+    def _plain(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
+        """Token ids of `texts` without special tokens, cut to `max_tokens` (one batched call)."""
+        if max_tokens is None:
+            return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        # Truncating inside the tokenizer keeps long documents cheap and avoids its
+        # "longer than the maximum sequence length" warning.
+        out = self.tokenizer(
+            list(texts), add_special_tokens=False, truncation=True, max_length=max_tokens
+        )
+        return out["input_ids"]
+
+    def _assemble(self, query: list[int], doc: list[int]) -> tuple[list[int], list[int]]:
+        """(ids, token types) of one sequence; `doc` is cut to fit max_length."""
+        doc = doc[: self.max_length - self._fixed - len(query)]
+        if self.kind == "encoder":
+            return self._layout.build(query, doc)
+        parts = {"query": query, "document": doc}
+        ids = self._bos + self._pieces[0] + parts[self._order[0]] + self._pieces[1]
+        ids = ids + parts[self._order[1]] + self._pieces[2]
+        return ids, [0] * len(ids)
+
+    def _encode(
+        self,
+        queries: Sequence[str],
+        docs: Sequence[str],
+        query_of_row: Sequence[int],
+        group_size: int,
+    ) -> PairBatch:
+        """Encode rows whose query is queries[query_of_row[i]] and document docs[i]."""
+        query_ids = self._plain(queries, self.max_query_length)
+        # The longest any document can usefully be: the query may be as short as 0 tokens.
+        doc_ids = self._plain(docs, self.max_length - self._fixed)
+        rows = [self._assemble(query_ids[q], d) for q, d in zip(query_of_row, doc_ids, strict=True)]
+        lengths = np.array([len(ids) for ids, _ in rows], dtype=np.int64)  # [N]
+        multiple = self.pad_to_multiple_of
+        width = -(-int(lengths.max()) // multiple) * multiple
+        input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)  # [N, T]
+        token_types = np.zeros((len(rows), width), dtype=np.int64)  # [N, T]
+        for i, (ids, types) in enumerate(rows):
+            input_ids[i, : len(ids)] = ids
+            token_types[i, : len(types)] = types
+        # Right padding: real tokens are the first `length` positions of each row.
+        attention_mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        if self.kind == "encoder":
+            pool_index = np.zeros(len(rows), dtype=np.int64)
+        else:
+            pool_index = lengths - 1
+        return PairBatch(
+            input_ids=torch.from_numpy(input_ids),
+            attention_mask=torch.from_numpy(attention_mask),
+            token_type_ids=torch.from_numpy(token_types),
+            pool_index=torch.from_numpy(pool_index),
+            group_size=group_size,
+            num_real_tokens=int(lengths.sum()),
+        )
+
+    def __call__(self, groups: list[Group]) -> PairBatch:
+        """Collate one micro-batch of groups; all must have the same number of documents."""
+        if not groups:
+            raise ValueError("cannot collate an empty list of groups")
+        group_size = len(groups[0].docs)
+        for g in groups:
+            if len(g.docs) != group_size:
+                raise ValueError(
+                    f"groups must share one size: record {g.record_index} has {len(g.docs)} "
+                    f"documents, record {groups[0].record_index} has {group_size}"
+                )
+        # Each query is tokenized once per group, not once per document.
+        docs = [d for g in groups for d in g.docs]
+        query_of_row = [i for i in range(len(groups)) for _ in range(group_size)]
+        return self._encode([g.query for g in groups], docs, query_of_row, group_size)
+
+    def encode_pairs(self, pairs: list[tuple[str, str]]) -> PairBatch:
+        """Encode arbitrary (query, document) pairs (evaluation); group_size is 1."""
+        if not pairs:
+            raise ValueError("cannot encode an empty list of pairs")
+        # Reranking evaluation scores many candidates per query: tokenize each query once.
+        query_slot: dict[str, int] = {}
+        query_of_row = [query_slot.setdefault(q, len(query_slot)) for q, _ in pairs]
+        docs = [d for _, d in pairs]
+        return self._encode(list(query_slot), docs, query_of_row, group_size=1)

@@ -1,0 +1,85 @@
+"""Core attention through PyTorch's ``scaled_dot_product_attention``.
+
+megatron-core's local ``DotProductAttention`` materialises the [b*np, sq, sk] score matrix with
+baddbmm and a masked softmax; SDPA picks a flash / memory-efficient kernel on recent GPUs and a
+fused math kernel on the CPU. It is the core attention of the local layer specs whenever Transformer
+Engine is not used. Same interface as megatron's core attention: inputs are
+[s, b, heads, head_dim], the output is [s, b, heads * head_dim].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class SDPAttention(MegatronModule):
+    """Drop-in core attention (``SelfAttentionSubmodules.core_attention``) using SDPA."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        **unused: object,  # cp_comm_type, pg_collection: no context parallelism here
+    ) -> None:
+        super().__init__(config=config)
+        self.layer_number = layer_number
+        self.attn_mask_type = attn_mask_type
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: object | None = None,
+    ) -> torch.Tensor:
+        """query [sq, b, np, hn], key/value [sk, b, ng, hn] -> context [sq, b, np*hn].
+
+        ``attention_mask`` is megatron's convention: bool, True where attention is NOT allowed,
+        broadcastable to [b, 1, sq, sk]. Causal masking comes from the mask type, not a tensor.
+        """
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPAttention supports neither packed sequences nor bias")
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        sq, b, np_, hn = query.shape
+        # [s, b, h, d] -> [b, h, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        causal = mask_type == AttnMaskType.causal
+        mask = None
+        if attention_mask is not None and not causal:
+            mask = ~attention_mask  # SDPA: True = may attend
+        elif attention_mask is not None and causal:
+            # Causal plus padding: fold both into one boolean mask.
+            sk = k.shape[2]
+            tri = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+            mask = tri & ~attention_mask
+            causal = False
+        dropout_p = self.dropout_p if self.training else 0.0
+        kwargs = dict(
+            attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=self.softmax_scale,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
+        if dropout_p > 0.0 and not self.config.sequence_parallel:
+            # Heads are split over TP ranks: draw dropout from the TP-distinct RNG stream.
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                ctx = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        # [b, np, sq, hn] -> [sq, b, np*hn]
+        return ctx.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)

@@ -1,0 +1,90 @@
+"""Build the cross-encoder stage for this rank from the config: TransformerConfig, spec, head."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megarank.models.cross_encoder import CrossEncoder
+from megarank.models.decoder import DecoderBackbone
+from megarank.models.encoder import BertBackbone
+from megarank.models.heads import ClassifierHead
+from megarank.models.specs import KernelChoice, bert_layer_spec, gpt_layer_spec
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
+    """Rows of the embedding table: vocab rounded up so every TP shard has equal, aligned rows.
+
+    Independent of the TP size (validate() requires divisible_by % tp == 0), so a checkpoint's
+    shapes are the same in every layout.
+    """
+    return int(math.ceil(vocab_size / divisible_by) * divisible_by)
+
+
+def transformer_config(cfg, device: torch.device) -> TransformerConfig:
+    """megatron TransformerConfig from the model, parallel and trainer groups."""
+    m, p, tr = cfg.model, cfg.parallel, cfg.trainer
+    on_gpu = device.type == "cuda"
+    dtype = DTYPES[tr.precision]
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size,
+        kv_channels=m.hidden_size // m.num_attention_heads,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        layernorm_epsilon=m.layernorm_epsilon,
+        normalization=m.normalization,
+        gated_linear_unit=m.gated_linear_unit,
+        activation_func=F.silu if m.activation == "silu" else F.gelu,
+        add_bias_linear=m.add_bias_linear,
+        add_qkv_bias=m.add_qkv_bias or m.add_bias_linear,
+        qk_layernorm=m.qk_layernorm,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=tr.precision == "bf16",
+        fp16=tr.precision == "fp16",
+        # Initialise full weights on the CPU and split them: the same seed gives the same full
+        # weights for every TP size.
+        use_cpu_initialization=not on_gpu,
+        # Dynamic padding per micro-batch: pipeline p2p sends shapes first.
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",  # no MoE here; "allgather" rejects variable lengths
+        # Fused kernels only where they exist (CUDA); all are plain-PyTorch equivalents otherwise.
+        bias_activation_fusion=on_gpu and m.gated_linear_unit,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def build_cross_encoder(cfg, tconfig: TransformerConfig, kernels: KernelChoice,
+                        pre_process: bool, post_process: bool) -> CrossEncoder:
+    """This pipeline stage of the cross-encoder (embeddings on the first, head on the last)."""
+    m = cfg.model
+    vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by)
+    if m.family == "bert":
+        backbone = BertBackbone(
+            tconfig, bert_layer_spec(kernels.name), vocab, m.max_position_embeddings,
+            m.type_vocab_size, pre_process, post_process,
+        )
+    else:
+        backbone = DecoderBackbone(
+            tconfig, gpt_layer_spec(m.normalization, m.qk_layernorm, kernels.name), vocab,
+            m.max_position_embeddings, m.rotary_base, pre_process, post_process,
+        )
+    head = ClassifierHead(tconfig, with_pooler=m.family == "bert") if post_process else None
+    return CrossEncoder(tconfig, backbone, head)

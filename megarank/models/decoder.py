@@ -1,0 +1,62 @@
+"""A decoder backbone (Llama / Qwen style) from megatron-core GPT parts, without the LM output layer.
+
+megatron-core's GPTModel always projects its last stage onto the vocabulary. A reranker scores a
+pair from one hidden state, so the backbone here is GPTModel's embedding + RoPE + TransformerBlock
+(with final norm) and stops at hidden states; the scoring head lives in ``heads.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.common.embeddings.language_model_embedding import (
+    LanguageModelEmbedding,
+)
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class DecoderBackbone(MegatronModule):
+    """Token embedding (first stage) + causal layers of this stage + final norm (last stage)."""
+
+    def __init__(self, config: TransformerConfig, layer_spec: ModuleSpec, vocab_size: int,
+                 max_positions: int, rotary_base: float, pre_process: bool,
+                 post_process: bool) -> None:
+        super().__init__(config=config)
+        self.pre_process, self.post_process = pre_process, post_process
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(
+                config, vocab_size=vocab_size, max_sequence_length=max_positions,
+                position_embedding_type="rope",
+            )
+        self.rotary_pos_emb = RotaryEmbedding(
+            kv_channels=config.kv_channels, rotary_percent=1.0, rotary_base=rotary_base,
+            use_cpu_initialization=config.use_cpu_initialization,
+        )
+        self.decoder = TransformerBlock(
+            config, layer_spec, pre_process=pre_process, post_process=post_process
+        )
+
+    def set_input_tensor(self, input_tensor: torch.Tensor | list[torch.Tensor]) -> None:
+        """Pipeline stages > 0 take their input from the previous stage, not the embedding."""
+        if isinstance(input_tensor, list):
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[b, s] ids -> hidden states [s, b, h] of this stage.
+
+        Right padding + causal attention: real tokens never see padding, so no padding mask is
+        needed and the causal kernel path stays available. ``attention_mask`` is used only by the
+        head (pooling position).
+        """
+        b, s = input_ids.shape
+        x = None
+        if self.pre_process:
+            positions = torch.arange(s, device=input_ids.device)[None].expand(b, s)
+            x = self.embedding(input_ids=input_ids, position_ids=positions)
+        rotary = self.rotary_pos_emb(s)
+        return self.decoder(hidden_states=x, attention_mask=None, rotary_pos_emb=rotary)

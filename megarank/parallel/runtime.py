@@ -1,0 +1,140 @@
+"""Process groups, megatron parallel state, seeds and the device: the one place they are set up.
+
+This module is the only caller of ``parallel_state.initialize_model_parallel``. Everything else asks
+:class:`Runtime` (or megatron's ``parallel_state`` getters) for ranks and groups.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megarank.parallel import cpu_compat
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process sits in the world and in the TP x PP x DP layout."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    dp_rank: int
+    dp_size: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        """This rank runs the embeddings (pipeline stage 0)."""
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        """This rank runs the scoring head and computes the loss."""
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def is_main(self) -> bool:
+        """Global rank 0: the one that logs and writes run files."""
+        return self.rank == 0
+
+
+def select_device(requested: str) -> torch.device:
+    """``auto`` picks CUDA when a device is present, else the CPU; ``cuda`` without one is an error."""
+    has_cuda = torch.cuda.is_available()
+    if requested == "cuda" and not has_cuda:
+        raise RuntimeError("trainer.device is 'cuda' but no CUDA device is available")
+    if requested == "cpu" or not has_cuda:
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: torch.device, timeout_minutes: int = 30) -> None:
+    """Initialise torch.distributed: NCCL on CUDA, gloo on CPU.
+
+    Under torchrun (or Slurm via torchrun) the environment supplies the rendezvous; a plain
+    ``python -m megarank.train`` becomes a world of one on a free local port.
+    """
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+        )
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(
+        backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy, torch and megatron's model-parallel RNG tracker.
+
+    megatron's tracker gives TP ranks distinct dropout streams (seed + 2718 + tp_rank); the global
+    torch generator is re-seeded last so that it is the same on every rank whatever the tracker did.
+    """
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def init_runtime(tp: int, pp: int, seed: int, device: str = "auto") -> Runtime:
+    """Bring up distributed, megatron parallel state and seeds; return this rank's :class:`Runtime`."""
+    dev = select_device(device)
+    if dev.type == "cpu" and not torch.cuda.is_available():
+        cpu_compat.apply()
+    init_distributed(dev)
+
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        )
+    seed_everything(seed)
+    return Runtime(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        device=dev,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=ps.get_tensor_model_parallel_world_size(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        pp_size=ps.get_pipeline_model_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(),
+    )
+
+
+def shutdown() -> None:
+    """Tear down megatron parallel state and the process group (safe to call twice)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
