@@ -143,10 +143,15 @@ class TrainerConfig:
     """Query groups per optimizer step, over all data-parallel ranks."""
     micro_batch_size: int = 2
     """Query groups per forward pass on one rank; a group is never split."""
+    stop_at_step: int | None = None
+    """Stop (and save) after this step although the LR schedule spans max_steps, as a preempted
+    job does; a later ``trainer.resume=true`` run continues to max_steps."""
     log_interval: int = 10
     """Steps between metric lines (progress bar and metrics.jsonl)."""
     eval_interval: int = 0
     """Steps between evaluations on the held-out queries; 0 turns periodic evaluation off."""
+    eval_at_start: bool = False
+    """Evaluate the starting model before the first step (a baseline in metrics.jsonl)."""
     eval_at_end: bool = True
     """Evaluate once after the last step (when data.eval_collection is set)."""
     eval_batch_size: int = 64

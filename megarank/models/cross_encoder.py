@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -15,6 +16,10 @@ class CrossEncoder(MegatronModule):
         super().__init__(config=config)
         self.backbone = backbone
         self.head = head  # only on the last pipeline stage
+        self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules ask for
+        # No LM output layer tied to the input embedding: nothing for finalize_model_grads to
+        # all-reduce between the first and last pipeline stages.
+        self.share_embeddings_and_output_weights = False
         self.pre_process = backbone.pre_process
         self.post_process = backbone.post_process
 

@@ -42,6 +42,9 @@ PATCHED_MODULES: tuple[str, ...] = (
     "megatron.core.optimizer.clip_grads",
     "megatron.core.utils",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
 )
 
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn", "as_tensor")

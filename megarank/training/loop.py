@@ -1,0 +1,258 @@
+"""The training loop: set up, then train_step / maybe_log / maybe_evaluate / maybe_save per step."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoTokenizer
+
+from megarank.checkpoint.dist import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+)
+from megarank.config import Derived, validate
+from megarank.data.collate import PairCollator
+from megarank.data.groups import GroupDataset
+from megarank.data.sampler import GroupSampler
+from megarank.data.triplets import read_triplets
+from megarank.eval.rerank import RerankEvaluator
+from megarank.models.build import build_cross_encoder, padded_vocab_size, transformer_config
+from megarank.models.specs import select_kernels
+from megarank.parallel.runtime import Runtime, init_runtime, shutdown
+from megarank.training.logs import MetricsLog, setup_logging
+from megarank.training.step import StepCounters, make_forward_step, reduce_step_stats, train_step
+
+
+def resolve_output_dir(cfg: DictConfig, rt: Runtime) -> Path:
+    """trainer.output_dir, or a fresh dated directory chosen on rank 0 and shared with all ranks."""
+    name = cfg.trainer.output_dir
+    if name is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        name = f"runs/{stamp}-{cfg.model.name}-{cfg.task.loss}"
+    holder = [str(Path(name).resolve())]
+    dist.broadcast_object_list(holder, src=0)
+    out = Path(holder[0])
+    if rt.is_main:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    return out
+
+
+def build_model(cfg: DictConfig, rt: Runtime) -> tuple[DistributedDataParallel, Any]:
+    """This rank's cross-encoder stage, on its device, wrapped in megatron DDP."""
+    kernels = select_kernels(cfg.trainer.kernels, rt.device)
+    tconfig = transformer_config(cfg, rt.device)
+    model = build_cross_encoder(cfg, tconfig, kernels, rt.is_first_stage, rt.is_last_stage)
+    model.to(rt.device)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=cfg.trainer.precision != "fp32",
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    ddp = DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model)
+    # The schedules reduce grads across DP (and embedding groups) through this hook, and skip the
+    # DP all-reduce on all but the last micro-batch through no_sync.
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.no_sync_func = ddp.no_sync
+    return ddp, kernels
+
+
+def build_optimizer(cfg: DictConfig, model: DistributedDataParallel) -> tuple[Any, Any]:
+    """megatron's AdamW (weight decay off for biases and norms) and its LR scheduler."""
+    o, tr = cfg.optim, cfg.trainer
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad, bf16=tr.precision == "bf16", fp16=tr.precision == "fp16",
+        params_dtype=torch.float32 if tr.precision == "fp32" else None,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    if opt_config.params_dtype is None:
+        opt_config.params_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[tr.precision]
+    optimizer = get_megatron_optimizer(opt_config, [model])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps, lr_decay_steps=tr.max_steps,
+        lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=tr.max_steps, wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def build_data(cfg: DictConfig, rt: Runtime, consumed_samples: int):
+    """Collator and an endless iterator of this DP rank's micro-batches from ``consumed_samples``."""
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
+    if len(tokenizer) > cfg.model.vocab_size:
+        raise ValueError(
+            f"model.tokenizer ({cfg.model.tokenizer}) has {len(tokenizer)} tokens but "
+            f"model.vocab_size is {cfg.model.vocab_size}"
+        )
+    collator = PairCollator(
+        tokenizer, kind="encoder" if cfg.model.family == "bert" else "decoder",
+        max_length=cfg.data.max_length, max_query_length=cfg.data.max_query_length,
+        template=cfg.model.prompt_template if cfg.model.family == "gpt" else None,
+        pad_to_multiple_of=cfg.data.pad_to_multiple_of,
+    )
+    records = read_triplets(cfg.data.train_path, cfg.data.max_records)
+    dataset = GroupDataset(records, cfg.task.group_size, cfg.trainer.seed)
+    sampler = GroupSampler(
+        len(dataset), cfg.trainer.micro_batch_size, rt.dp_rank, rt.dp_size, cfg.trainer.seed,
+        consumed_samples=consumed_samples,
+    )
+
+    def micro_batches():
+        for items in sampler:
+            yield collator([dataset[i, e] for i, e in items])
+
+    return collator, dataset, micro_batches()
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train a cross-encoder as configured; return the final record (step, loss, eval metrics)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    derived: Derived = validate(cfg, world)
+    tr = cfg.trainer
+    rt = init_runtime(derived.tp, derived.pp, tr.seed, tr.device)
+    try:
+        return _train(cfg, derived, rt)
+    finally:
+        shutdown()
+
+
+def _train(cfg: DictConfig, derived: Derived, rt: Runtime) -> dict[str, Any]:
+    tr = cfg.trainer
+    setup_logging(rt, cfg.logging.level)
+    out = resolve_output_dir(cfg, rt)
+    ckpt_root = out / "checkpoints"
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if rt.is_main:
+        OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+
+    model, kernels = build_model(cfg, rt)
+    optimizer, scheduler = build_optimizer(cfg, model)
+    state = {"step": 0, "consumed_samples": 0}
+    latest = latest_checkpoint(ckpt_root) if tr.resume else None
+    if latest is not None:
+        state = load_checkpoint(latest, model, optimizer, scheduler, rt)
+    elif cfg.model.init_from:
+        load_model_weights(cfg.model.init_from, model)
+
+    collator, dataset, batches = build_data(cfg, rt, state["consumed_samples"])
+    evaluator = None
+    if cfg.data.eval_collection and (tr.eval_interval or tr.eval_at_end or tr.eval_at_start):
+        evaluator = RerankEvaluator(
+            cfg.data.eval_collection, cfg.data.eval_run, cfg.data.eval_split,
+            cfg.data.eval_top_k, cfg.data.eval_max_queries, collator, tr.eval_batch_size,
+        )
+
+    log = MetricsLog(rt, out, tr.max_steps, state["step"], tr.progress_bar, cfg.logging, resolved)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.write(
+        f"world {derived.world_size} = tp {derived.tp} x pp {derived.pp} x dp {derived.dp}; "
+        f"{derived.num_microbatches} micro-batches of {tr.micro_batch_size} groups x "
+        f"{cfg.task.group_size} docs per rank per step; kernels: {kernels.name} ({kernels.reason})"
+    )
+    log.write(
+        f"model {cfg.model.name}: {n_params:,} parameters on this rank (padded vocab "
+        f"{padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by)}); "
+        f"{len(dataset)} training groups from {cfg.data.train_path}; output in {out}"
+    )
+    if latest is not None:
+        log.write(f"resumed from {latest} at step {state['step']}")
+    elif tr.resume:
+        log.write(f"trainer.resume=true but {ckpt_root} holds no checkpoint: starting fresh")
+
+    counters = StepCounters()
+    forward_step = make_forward_step(cfg.task, rt.device, counters)
+    forward_backward = get_forward_backward_func()
+    window = Window(pairs_per_step=tr.global_batch_size * cfg.task.group_size)
+    meta = {"config": resolved, "layout": derived.__dict__}
+
+    def maybe_evaluate(step: int, record: dict[str, Any], final: bool) -> None:
+        due = (tr.eval_interval and step % tr.eval_interval == 0) or (final and tr.eval_at_end)
+        if due and evaluator is not None:
+            record.update({f"eval/{k}": v for k, v in evaluator.evaluate(model, rt).items()})
+
+    def maybe_save(step: int, final: bool) -> None:
+        if (tr.save_interval and step % tr.save_interval == 0) or (final and tr.save_final):
+            path = save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, rt, meta)
+            log.write(f"saved {path}")
+
+    if tr.eval_at_start and evaluator is not None:
+        log.log({"step": state["step"], **{f"eval/{k}": v
+                                           for k, v in evaluator.evaluate(model, rt).items()}})
+    last = tr.max_steps if tr.stop_at_step is None else min(tr.stop_at_step, tr.max_steps)
+    record: dict[str, Any] = {"step": state["step"]}
+    if state["step"] >= last:  # nothing left to train: still evaluate / save as asked
+        maybe_evaluate(last, record, final=True)
+        if len(record) > 1:
+            log.log(record)
+        maybe_save(last, final=True)
+    for step in range(state["step"] + 1, last + 1):
+        counters.__init__()
+        losses, grad_norm, lr = train_step(
+            forward_backward, forward_step, batches, model, optimizer, scheduler,
+            derived.num_microbatches, cfg.data.max_length, derived.pairs_per_micro_batch,
+        )
+        window.add(reduce_step_stats(losses, counters, rt))
+        state = {"step": step, "consumed_samples": state["consumed_samples"] + tr.global_batch_size}
+        log.advance()
+
+        final = step == last
+        record = {"step": step}
+        if step % tr.log_interval == 0 or final:
+            record.update(window.flush(), lr=lr, grad_norm=grad_norm,
+                          consumed_samples=state["consumed_samples"])
+        maybe_evaluate(step, record, final)
+        if len(record) > 1:
+            log.log(record)
+        maybe_save(step, final)
+    log.close()
+    return record
+
+
+@dataclass
+class Window:
+    """Sums over the steps since the last logged one, turned into rates when logged."""
+
+    pairs_per_step: int
+    steps: int = 0
+    loss: float = 0.0
+    real_tokens: float = 0.0
+    padded_tokens: float = 0.0
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, stats: dict[str, float]) -> None:
+        """Account one step's reduced stats."""
+        self.steps += 1
+        self.loss += stats["loss"]
+        self.real_tokens += stats["real_tokens"]
+        self.padded_tokens += stats["padded_tokens"]
+
+    def flush(self) -> dict[str, float]:
+        """Mean loss and throughput of the window; starts a new one."""
+        elapsed = time.perf_counter() - self.t0
+        out = {
+            "loss": self.loss / self.steps,
+            "pairs_per_s": self.pairs_per_step * self.steps / elapsed,
+            "tokens_per_s": self.real_tokens / elapsed,
+            "padded_tokens_per_s": self.padded_tokens / elapsed,
+            "padding_fraction": 1.0 - self.real_tokens / max(self.padded_tokens, 1.0),
+        }
+        self.__init__(self.pairs_per_step)
+        return out

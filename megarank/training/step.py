@@ -1,0 +1,97 @@
+"""The megatron seam: ``forward_step(data_iterator, model) -> (output, loss_fn)`` and one train step.
+
+Loss reduction lives here and only here. Each micro-batch's loss is the mean over its groups;
+megatron divides it by the number of micro-batches and megatron DDP averages gradients over
+data-parallel ranks, so the gradient is that of the mean over every group of the global batch
+(every micro-batch holds the same number of groups). The logged loss is reduced the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megarank.data.collate import PairBatch
+from megarank.parallel.runtime import Runtime
+from megarank.training.losses import group_loss
+
+
+@dataclass
+class StepCounters:
+    """What this rank's forward passes saw during one step (for throughput accounting)."""
+
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    pairs: int = 0
+
+    def add(self, batch: PairBatch) -> None:
+        self.real_tokens += batch.num_real_tokens
+        self.padded_tokens += batch.input_ids.numel()
+        self.pairs += batch.input_ids.shape[0]
+
+
+def _loss_func(group_size: int, task: Any, scores: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    per_group = group_loss(scores.float().view(-1, group_size), task.loss, task.temperature,
+                           task.margin)  # [B]
+    loss = per_group.mean()
+    # megatron divides `loss` in place by num_microbatches: report a detached copy.
+    return loss, {"loss": loss.detach().clone()}
+
+
+def make_forward_step(task: Any, device: torch.device, counters: StepCounters):
+    """The ``forward_step_func`` for megatron's pipeline schedules (training)."""
+
+    def forward_step(data_iterator: Iterator[PairBatch], model: torch.nn.Module):
+        batch = next(data_iterator)
+        counters.add(batch)
+        batch = batch.to(device, non_blocking=True)
+        scores = model(batch.input_ids, batch.attention_mask, batch.token_type_ids,
+                       batch.pool_index)
+        return scores, partial(_loss_func, batch.group_size, task)
+
+    return forward_step
+
+
+def train_step(forward_backward, forward_step, data: Iterator[PairBatch], model, optimizer,
+               scheduler, num_microbatches: int, seq_length: int,
+               pairs_per_micro_batch: int) -> tuple[list[dict], float, float]:
+    """One optimizer step over ``num_microbatches`` micro-batches.
+
+    Returns the loss dicts of the last stage's micro-batches, the gradient norm, and the learning
+    rate the step used.
+    """
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = forward_backward(
+        forward_step_func=forward_step, data_iterator=data, model=[model],
+        num_microbatches=num_microbatches, seq_length=seq_length,
+        micro_batch_size=pairs_per_micro_batch, forward_only=False,
+    )
+    lr = optimizer.param_groups[0]["lr"]
+    _, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+    return losses, float(grad_norm) if grad_norm is not None else float("nan"), lr
+
+
+def reduce_step_stats(losses: list[dict], counters: StepCounters, rt: Runtime) -> dict[str, float]:
+    """Global mean loss and token counts of a step, on every rank, in one all-reduce.
+
+    Loss: the mean over micro-batches on the last stage, averaged over data-parallel ranks
+    (contributed once per DP rank, by TP rank 0). Tokens: summed over DP ranks (first stage,
+    TP rank 0).
+    """
+    t = torch.zeros(3, dtype=torch.float64)
+    if rt.is_last_stage and rt.tp_rank == 0 and losses:
+        t[0] = torch.stack([d["loss"].double().cpu() for d in losses]).mean() / rt.dp_size
+    if rt.is_first_stage and rt.tp_rank == 0:
+        t[1] = counters.real_tokens
+        t[2] = counters.padded_tokens
+    if rt.device.type == "cuda":
+        t = t.to(rt.device)
+    dist.all_reduce(t)
+    return {"loss": float(t[0]), "real_tokens": float(t[1]), "padded_tokens": float(t[2])}

@@ -1,0 +1,58 @@
+"""Shared helpers: launch real training runs (one process or torchrun) and read what they wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+ASSETS = REPO / "megarank" / "assets" / "collections"
+
+
+def data_dir(name: str) -> Path:
+    """A collection from ../shared/data when present (tests may read it), else the shipped copy."""
+    shared = SHARED_DATA / name
+    return shared if shared.is_dir() else ASSETS / name
+
+
+def run_train(overrides: list[str], nproc: int = 1, timeout: int = 900,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``megarank.train`` with ``nproc`` gloo ranks (torchrun when > 1); one thread per rank."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "TOKENIZERS_PARALLELISM": "false"}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "megarank.train"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", "megarank.train"]
+    cmd += ["trainer.progress_bar=false", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+            f"{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    with open(run_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> logged loss."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO

@@ -1,0 +1,104 @@
+"""Config composition and validation: every group composes, invalid combinations name their fields."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from megarank.config import CONF_DIR, ConfigError, compose, validate
+
+
+def _names(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("model", _names("model"))
+def test_every_model_composes_and_validates(model):
+    cfg = compose([f"model={model}"])
+    d = validate(cfg, world_size=1)
+    assert d.dp == 1 and d.num_microbatches == 4
+    assert d.pooling == ("last" if cfg.model.family == "gpt" else "cls")
+
+
+@pytest.mark.parametrize("parallel", _names("parallel"))
+def test_every_parallel_layout_derives_dp(parallel):
+    cfg = compose([f"parallel={parallel}", "model=qwen2_7b", "trainer.global_batch_size=64",
+                   "trainer.micro_batch_size=1"])
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    d = validate(cfg, world_size=tp * pp * 4)
+    assert (d.tp, d.pp, d.dp) == (tp, pp, 4)
+    assert d.num_microbatches == 64 // 4
+
+
+def test_experiment_7b_composes():
+    cfg = compose(["experiment=qwen2_7b_tp4_pp2"])
+    d = validate(cfg, world_size=16)
+    assert (d.tp, d.pp, d.dp) == (4, 2, 2)
+    assert cfg.trainer.precision == "bf16" and cfg.parallel.sequence_parallel
+
+
+def test_unknown_key_fails_at_compose():
+    with pytest.raises(ConfigCompositionException):
+        compose(["trainer.max_stepz=3"])
+
+
+def test_yaml_typo_fails_at_compose(tmp_path, monkeypatch):
+    # A YAML in a group that sets a field the schema lacks is rejected (struct mode).
+    bad = Path(CONF_DIR / "task" / "zz_typo_test.yaml")
+    bad.write_text("defaults: [base_task]\nloss: listwise\ngroup_sise: 4\n")
+    try:
+        with pytest.raises(ConfigCompositionException):
+            compose(["task=zz_typo_test"])
+    finally:
+        bad.unlink()
+
+
+@pytest.mark.parametrize(
+    "overrides, world, fields",
+    [
+        (["model=bert_tiny", "parallel=tp4_pp1", "model.num_attention_heads=6"], 4,
+         ["model.num_attention_heads (6)", "parallel.tensor_model_parallel_size (4)"]),
+        (["parallel=tp1_pp2", "model.num_layers=3"], 2,
+         ["model.num_layers (3)", "parallel.pipeline_model_parallel_size (2)"]),
+        (["trainer.global_batch_size=6", "trainer.micro_batch_size=4"], 1,
+         ["trainer.global_batch_size (6)", "trainer.micro_batch_size (4)"]),
+        (["trainer.global_batch_size=8", "trainer.micro_batch_size=2"], 3,
+         ["trainer.global_batch_size (8)", "data-parallel size (3)"]),
+        (["parallel=tp2_pp2"], 6, ["world size (6)", "parallel.tensor_model_parallel_size (2)"]),
+        (["task=listwise", "task.group_size=1"], 1, ["task.group_size (1)", "listwise"]),
+        (["task=pairwise", "task.group_size=1"], 1, ["task.group_size (1)", "pairwise"]),
+        (["parallel.sequence_parallel=true"], 1, ["parallel.sequence_parallel"]),
+        (["model.num_query_groups=3"], 1, ["model.num_query_groups"]),
+        (["data.max_length=1024"], 1, ["data.max_length (1024)", "model.max_position_embeddings"]),
+        (["task.loss=contrastive"], 1, ["task.loss ('contrastive')"]),
+    ],
+)
+def test_invalid_combinations_name_fields(overrides, world, fields):
+    cfg = compose(overrides)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world_size=world)
+    for f in fields:
+        assert f in str(err.value), str(err.value)
+
+
+def test_heads_not_divisible_message_is_exact():
+    cfg = compose(["model=bert_tiny", "model.num_attention_heads=12", "model.hidden_size=96",
+                   "parallel.tensor_model_parallel_size=5", "model.make_vocab_size_divisible_by=5",
+                   "model.ffn_hidden_size=120", "model.num_layers=2"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world_size=5)
+    assert ("model.num_attention_heads (12) must be divisible by "
+            "parallel.tensor_model_parallel_size (5)") in str(err.value)
+
+
+def test_train_rejects_bad_config_before_building(tmp_path):
+    # The launcher validates before any process group or model exists: a fast, clear failure.
+    from tests.conftest import run_train
+
+    proc = run_train(["parallel=tp2_pp1", f"trainer.output_dir={tmp_path}/x"], check=False)
+    assert proc.returncode != 0
+    assert "world size (1) must be divisible by parallel.tensor_model_parallel_size (2)" in (
+        proc.stderr + proc.stdout)
+    assert not (tmp_path / "x").exists()
