@@ -53,6 +53,11 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
+def grad_norms(run_dir: Path) -> dict[int, float]:
+    """step -> logged global gradient norm."""
+    return {r["step"]: r["grad_norm"] for r in read_metrics(run_dir) if "grad_norm" in r}
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install megarank and everything it needs into the current Python (3.11+).
+# torch is pinned first so that pip resolves the project's torch range to it: on a CPU machine
+# this is the CPU build already on disk; an unpinned torch would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP="python -m pip --disable-pip-version-check -q"
+$PIP install "torch==${MEGARANK_TORCH_VERSION:-2.13.0}"
+$PIP install -e ".[dev]"

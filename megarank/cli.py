@@ -1,0 +1,27 @@
+"""``megarank <command> [hydra overrides]``: one entry point for the project's commands.
+
+``megarank train model=bert_tiny task=pairwise`` is ``python -m megarank.train ...``; for several
+processes use ``torchrun --nproc_per_node N -m megarank.train ...`` (or ``launch/train.sh``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "train": "megarank.train",
+    "report": "megarank.eval.report",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Dispatch to a command module's ``main``, passing the remaining arguments through."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(f"usage: megarank {{{','.join(COMMANDS)}}} [args...]", file=sys.stderr)
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    import importlib
+
+    module = importlib.import_module(COMMANDS[argv[0]])
+    sys.argv = [f"megarank {argv[0]}", *argv[1:]]
+    module.main()
