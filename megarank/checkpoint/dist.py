@@ -106,6 +106,9 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     dist_checkpointing.save(state, str(partial))
     dist.barrier()
     if rt.is_main:
+        run_contract = root.parent / "scoring.json"
+        if run_contract.is_file():  # the scoring contract travels with every checkpoint
+            shutil.copy(run_contract, partial / run_contract.name)
         meta = {**meta, "step": step, "train_state": dict(train_state)}
         (partial / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
         shutil.rmtree(final, ignore_errors=True)

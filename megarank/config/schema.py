@@ -33,6 +33,8 @@ class ModelConfig:
     """Query heads; must divide by parallel.tensor_model_parallel_size."""
     num_query_groups: int | None = None
     """Key/value heads for grouped-query attention; None means one per query head."""
+    head_dim: int | None = None
+    """Width of one attention head; None means hidden_size / num_attention_heads (Qwen3 sets it)."""
     ffn_hidden_size: int = MISSING
     """MLP inner width (per branch for gated MLPs)."""
     vocab_size: int = MISSING
@@ -71,8 +73,15 @@ class ModelConfig:
     """A Hugging Face tokenizer directory (or hub name, where a hub is reachable)."""
     prompt_template: str = "Query: {query}\nDocument: {document}\nRelevant:"
     """Decoders: how a (query, document) pair is written; the document is truncated first."""
+    tie_word_embeddings: bool = False
+    """Decoders: the LM output layer is the input embedding (matters for the yes/no head)."""
+    hf_model_type: str | None = None
+    """HF ``model_type`` this backbone corresponds to (bert, llama, qwen2, qwen3); set by import."""
     init_from: str | None = None
     """A megarank checkpoint directory whose model weights start this run (any layout)."""
+    hf_path: str | None = None
+    """A Hugging Face model directory: its config sets the architecture fields above and its
+    weights start this run (sharded to the layout as they are read)."""
 
 
 @dataclass
@@ -103,6 +112,13 @@ class TaskConfig:
     """Pairwise: hinge margin between the positive and each negative."""
     pooling: str = "auto"
     """``auto`` (last token for decoders, [CLS] for encoders), ``last`` or ``cls``."""
+    head: str = "classifier"
+    """``classifier`` (a linear score on the pooled state, HF *ForSequenceClassification) or
+    ``yes_no`` (decoders: logit("yes") - logit("no") at the last token, as Qwen3-Reranker)."""
+    yes_token: str = "yes"
+    """yes_no head: the text of the positive answer token."""
+    no_token: str = "no"
+    """yes_no head: the text of the negative answer token."""
 
 
 @dataclass

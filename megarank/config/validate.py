@@ -62,6 +62,9 @@ def validate(cfg: Any, world_size: int) -> Derived:
     _choice(errors, "model.family", m.family, FAMILIES)
     _choice(errors, "task.loss", t.loss, LOSSES)
     _choice(errors, "task.pooling", t.pooling, POOLINGS)
+    _choice(errors, "task.head", t.head, ("classifier", "yes_no"))
+    if t.head == "yes_no" and m.family != "gpt":
+        errors.append(f"task.head yes_no needs a decoder (model.family gpt), not {m.family!r}")
     _choice(errors, "optim.decay_style", o.decay_style, DECAY_STYLES)
     _choice(errors, "trainer.precision", tr.precision, PRECISIONS)
     _choice(errors, "trainer.device", tr.device, DEVICES)
@@ -87,8 +90,9 @@ def validate(cfg: Any, world_size: int) -> Derived:
             f"divisible by parallel.tensor_model_parallel_size ({tp})"
         )
     _div(errors, "model.num_layers", m.num_layers, "parallel.pipeline_model_parallel_size", pp)
-    _div(errors, "model.hidden_size", m.hidden_size, "model.num_attention_heads",
-         m.num_attention_heads)
+    if m.head_dim is None:
+        _div(errors, "model.hidden_size", m.hidden_size, "model.num_attention_heads",
+             m.num_attention_heads)
     _div(errors, "model.ffn_hidden_size", m.ffn_hidden_size,
          "parallel.tensor_model_parallel_size", tp)
     if m.family == "bert" and m.position_embedding_type != "learned_absolute":

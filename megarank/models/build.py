@@ -11,7 +11,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megarank.models.cross_encoder import CrossEncoder
 from megarank.models.decoder import DecoderBackbone
 from megarank.models.encoder import BertBackbone
-from megarank.models.heads import ClassifierHead
+from megarank.models.heads import ClassifierHead, YesNoHead
 from megarank.models.specs import KernelChoice, bert_layer_spec, gpt_layer_spec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -37,7 +37,7 @@ def transformer_config(cfg, device: torch.device) -> TransformerConfig:
         num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups,
         ffn_hidden_size=m.ffn_hidden_size,
-        kv_channels=m.hidden_size // m.num_attention_heads,
+        kv_channels=m.head_dim or m.hidden_size // m.num_attention_heads,
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
         layernorm_epsilon=m.layernorm_epsilon,
@@ -72,8 +72,12 @@ def transformer_config(cfg, device: torch.device) -> TransformerConfig:
 
 
 def build_cross_encoder(cfg, tconfig: TransformerConfig, kernels: KernelChoice,
-                        pre_process: bool, post_process: bool) -> CrossEncoder:
-    """This pipeline stage of the cross-encoder (embeddings on the first, head on the last)."""
+                        pre_process: bool, post_process: bool,
+                        answer_ids: tuple[int, int] | None = None) -> CrossEncoder:
+    """This pipeline stage of the cross-encoder (embeddings on the first, head on the last).
+
+    ``answer_ids``: the (yes, no) token ids for ``task.head=yes_no``.
+    """
     m = cfg.model
     vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by)
     if m.family == "bert":
@@ -86,5 +90,32 @@ def build_cross_encoder(cfg, tconfig: TransformerConfig, kernels: KernelChoice,
             tconfig, gpt_layer_spec(m.normalization, m.qk_layernorm, kernels.name), vocab,
             m.max_position_embeddings, m.rotary_base, pre_process, post_process,
         )
-    head = ClassifierHead(tconfig, with_pooler=m.family == "bert") if post_process else None
-    return CrossEncoder(tconfig, backbone, head)
+    yes_no = cfg.task.head == "yes_no"
+    head = None
+    if post_process and yes_no:
+        tied = backbone.embedding.word_embeddings if (m.tie_word_embeddings and pre_process) else None
+        head = YesNoHead(tconfig, vocab, *answer_ids, tied_embedding=tied)
+    elif post_process:
+        head = ClassifierHead(tconfig, with_pooler=m.family == "bert")
+    return CrossEncoder(tconfig, backbone, head, tied=yes_no and m.tie_word_embeddings)
+
+
+def sync_tied_output_layer(model: CrossEncoder) -> None:
+    """Make the last stage's copy of a tied LM output layer equal the first stage's embedding.
+
+    Only with pipeline parallelism and tied embeddings (yes/no head); megatron's GPTModel does the
+    same at start-up. Afterwards finalize_model_grads keeps the two copies in step.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if not model.share_embeddings_and_output_weights:
+        return
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return
+    weight = model.shared_embedding_or_output_weight()
+    if weight is None:
+        return
+    if not model.pre_process:
+        weight.data.zero_()
+    dist.all_reduce(weight.data, group=ps.get_embedding_group())

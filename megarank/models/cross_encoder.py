@@ -12,16 +12,41 @@ class CrossEncoder(MegatronModule):
     """Scores (query, document) pairs: one logit per row of the batch."""
 
     def __init__(self, config: TransformerConfig, backbone: MegatronModule,
-                 head: MegatronModule | None) -> None:
+                 head: MegatronModule | None, tied: bool = False) -> None:
         super().__init__(config=config)
         self.backbone = backbone
         self.head = head  # only on the last pipeline stage
         self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules ask for
-        # No LM output layer tied to the input embedding: nothing for finalize_model_grads to
-        # all-reduce between the first and last pipeline stages.
-        self.share_embeddings_and_output_weights = False
+        # finalize_model_grads all-reduces the embedding / LM-output-layer grads between the first
+        # and last pipeline stages when they are one tied weight held twice (yes/no head, PP > 1).
+        self.share_embeddings_and_output_weights = tied
         self.pre_process = backbone.pre_process
         self.post_process = backbone.post_process
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
+        """The tied weight this stage holds (megatron's hook for the embedding-group all-reduce)."""
+        if self.pre_process:
+            return self.backbone.embedding.word_embeddings.weight
+        if self.head is not None and getattr(self.head, "output_weight", None) is not None:
+            return self.head.output_weight
+        return None
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: dict | None = None):
+        """As MegatronModule's, with a tied LM output layer saved as a copy of the embedding."""
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        key = f"{prefix}head.output_weight"
+        if self.share_embeddings_and_output_weights and key in sd and not self.pre_process:
+            from megatron.core import parallel_state as ps
+            from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
+
+            sd[key] = make_tp_sharded_tensor_for_checkpoint(
+                tensor=self.head.output_weight,
+                key=f"{prefix}backbone.embedding.word_embeddings.weight",
+                replica_id=(1, 0, ps.get_data_parallel_rank(with_context_parallel=True)),
+                allow_shape_mismatch=True,
+            )
+        return sd
 
     def set_input_tensor(self, input_tensor: torch.Tensor | list[torch.Tensor]) -> None:
         """Called by megatron's pipeline schedules on every stage but the first."""

@@ -46,3 +46,50 @@ class ClassifierHead(MegatronModule):
         if self.pooler is not None:
             x = torch.tanh(self.pooler(x))
         return self.score(self.dropout(x)).squeeze(-1)
+
+
+class YesNoHead(MegatronModule):
+    """score = logit("yes") - logit("no") at the pooled (last) token, as Qwen3-Reranker scores.
+
+    Only the two rows of the (vocab-parallel) LM output layer are used: each TP rank computes the
+    logits of the rows it owns and one all-reduce of a [b, 2] tensor sums them. The full [s, b, V]
+    logits are never formed. With tied embeddings on a single stage the output layer IS the input
+    embedding; otherwise the head holds its own vocab-parallel copy ``output_weight``.
+    """
+
+    def __init__(self, config: TransformerConfig, padded_vocab: int, yes_id: int, no_id: int,
+                 tied_embedding: torch.nn.Module | None) -> None:
+        super().__init__(config=config)
+        from megatron.core import parallel_state as ps
+
+        tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        rows = padded_vocab // tp
+        self.vocab_start = rank * rows
+        self.rows = rows
+        # A plain list keeps the tied embedding out of this module's parameters (no duplicate).
+        self._tied = [tied_embedding] if tied_embedding is not None else []
+        if tied_embedding is None:
+            self.output_weight = torch.nn.Parameter(
+                torch.empty(rows, config.hidden_size, dtype=config.params_dtype))
+            tensor_parallel.set_tensor_model_parallel_attributes(self.output_weight, True, 0, 1)
+            if config.perform_initialization:
+                config.init_method(self.output_weight)
+        self.register_buffer("token_ids", torch.tensor([yes_id, no_id]), persistent=False)
+
+    def weight(self) -> torch.Tensor:
+        """This TP rank's rows of the LM output layer, [V/tp, h]."""
+        return self._tied[0].weight if self._tied else self.output_weight
+
+    def forward(self, hidden: torch.Tensor, pool_index: torch.Tensor) -> torch.Tensor:
+        """hidden [s, b, h] -> scores [b]."""
+        if self.config.sequence_parallel:
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False
+            )
+        x = pool(hidden, pool_index)  # [b, h]
+        local = self.token_ids - self.vocab_start
+        owned = (local >= 0) & (local < self.rows)
+        w = self.weight()[local.clamp(0, self.rows - 1)]  # [2, h]
+        logits = (x @ w.t()) * owned.to(x.dtype)  # [b, 2], zero for rows another rank owns
+        logits = tensor_parallel.reduce_from_tensor_model_parallel_region(logits)
+        return logits[:, 0] - logits[:, 1]

@@ -19,22 +19,29 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
+from megarank.checkpoint.contract import write_contract
 from megarank.checkpoint.dist import (
     latest_checkpoint,
     load_checkpoint,
     load_model_weights,
     save_checkpoint,
 )
+from megarank.checkpoint.hf import apply_hf_config, load_hf_weights
 from megarank.config import Derived, validate
 from megarank.data.collate import PairCollator
 from megarank.data.groups import GroupDataset
 from megarank.data.sampler import GroupSampler
 from megarank.data.triplets import read_triplets
 from megarank.eval.rerank import RerankEvaluator
-from megarank.models.build import build_cross_encoder, padded_vocab_size, transformer_config
+from megarank.models.build import (
+    build_cross_encoder,
+    padded_vocab_size,
+    sync_tied_output_layer,
+    transformer_config,
+)
 from megarank.models.specs import select_kernels
 from megarank.parallel.runtime import Runtime, init_runtime, shutdown
-from megarank.training.logs import MetricsLog, setup_logging
+from megarank.training.logs import MetricsLog, logger, setup_logging
 from megarank.training.step import StepCounters, make_forward_step, reduce_step_stats, train_step
 
 
@@ -53,11 +60,26 @@ def resolve_output_dir(cfg: DictConfig, rt: Runtime) -> Path:
     return out
 
 
-def build_model(cfg: DictConfig, rt: Runtime) -> tuple[DistributedDataParallel, Any]:
-    """This rank's cross-encoder stage, on its device, wrapped in megatron DDP."""
+def build_model(cfg: DictConfig, rt: Runtime, tokenizer: Any, load_weights: bool = True
+                ) -> tuple[DistributedDataParallel, Any]:
+    """This rank's cross-encoder stage, on its device, wrapped in megatron DDP.
+
+    With ``model.hf_path`` (and ``load_weights``) the stage's weights are read from the HF model,
+    sharded to this rank's part of the layout.
+    """
     kernels = select_kernels(cfg.trainer.kernels, rt.device)
     tconfig = transformer_config(cfg, rt.device)
-    model = build_cross_encoder(cfg, tconfig, kernels, rt.is_first_stage, rt.is_last_stage)
+    ids = answer_token_ids(tokenizer, cfg.task) if cfg.task.head == "yes_no" else None
+    model = build_cross_encoder(cfg, tconfig, kernels, rt.is_first_stage, rt.is_last_stage, ids)
+    if load_weights and cfg.model.hf_path:
+        missing = load_hf_weights(
+            model, cfg.model.hf_path, cfg, rt.tp_rank, rt.tp_size, rt.pp_rank, rt.pp_size,
+            padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by),
+        )
+        if missing and rt.tp_rank == 0 and rt.dp_rank == 0:
+            logger.warning(f"{cfg.model.hf_path} holds no weights for {', '.join(missing)}: "
+                           "they keep their initialisation")
+    sync_tied_output_layer(model)
     model.to(rt.device)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=cfg.trainer.precision != "fp32",
@@ -70,6 +92,40 @@ def build_model(cfg: DictConfig, rt: Runtime) -> tuple[DistributedDataParallel, 
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.no_sync_func = ddp.no_sync
     return ddp, kernels
+
+
+def build_tokenizer(cfg: DictConfig) -> Any:
+    """The model's HF tokenizer; its vocabulary must fit the model's."""
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
+    if len(tokenizer) > cfg.model.vocab_size:
+        raise ValueError(
+            f"model.tokenizer ({cfg.model.tokenizer}) has {len(tokenizer)} tokens but "
+            f"model.vocab_size is {cfg.model.vocab_size}"
+        )
+    return tokenizer
+
+
+def answer_token_ids(tokenizer: Any, task: Any) -> tuple[int, int]:
+    """The single-token ids of task.yes_token and task.no_token (yes/no head)."""
+    ids = []
+    for field_name in ("yes_token", "no_token"):
+        text = task[field_name]
+        toks = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(toks) != 1:
+            raise ValueError(f"task.{field_name} ({text!r}) must be one token of the tokenizer, "
+                             f"got {len(toks)}: {toks}")
+        ids.append(toks[0])
+    return ids[0], ids[1]
+
+
+def build_collator(cfg: DictConfig, tokenizer: Any) -> PairCollator:
+    """Pair tokenization as the model family and data config ask."""
+    return PairCollator(
+        tokenizer, kind="encoder" if cfg.model.family == "bert" else "decoder",
+        max_length=cfg.data.max_length, max_query_length=cfg.data.max_query_length,
+        template=cfg.model.prompt_template if cfg.model.family == "gpt" else None,
+        pad_to_multiple_of=cfg.data.pad_to_multiple_of,
+    )
 
 
 def build_optimizer(cfg: DictConfig, model: DistributedDataParallel) -> tuple[Any, Any]:
@@ -94,20 +150,8 @@ def build_optimizer(cfg: DictConfig, model: DistributedDataParallel) -> tuple[An
     return optimizer, scheduler
 
 
-def build_data(cfg: DictConfig, rt: Runtime, consumed_samples: int):
-    """Collator and an endless iterator of this DP rank's micro-batches from ``consumed_samples``."""
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
-    if len(tokenizer) > cfg.model.vocab_size:
-        raise ValueError(
-            f"model.tokenizer ({cfg.model.tokenizer}) has {len(tokenizer)} tokens but "
-            f"model.vocab_size is {cfg.model.vocab_size}"
-        )
-    collator = PairCollator(
-        tokenizer, kind="encoder" if cfg.model.family == "bert" else "decoder",
-        max_length=cfg.data.max_length, max_query_length=cfg.data.max_query_length,
-        template=cfg.model.prompt_template if cfg.model.family == "gpt" else None,
-        pad_to_multiple_of=cfg.data.pad_to_multiple_of,
-    )
+def build_data(cfg: DictConfig, rt: Runtime, collator: PairCollator, consumed_samples: int):
+    """The training groups and an endless iterator of this DP rank's micro-batches."""
     records = read_triplets(cfg.data.train_path, cfg.data.max_records)
     dataset = GroupDataset(records, cfg.task.group_size, cfg.trainer.seed)
     sampler = GroupSampler(
@@ -119,12 +163,13 @@ def build_data(cfg: DictConfig, rt: Runtime, consumed_samples: int):
         for items in sampler:
             yield collator([dataset[i, e] for i, e in items])
 
-    return collator, dataset, micro_batches()
+    return dataset, micro_batches()
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train a cross-encoder as configured; return the final record (step, loss, eval metrics)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    apply_hf_config(cfg)
     derived: Derived = validate(cfg, world)
     tr = cfg.trainer
     rt = init_runtime(derived.tp, derived.pp, tr.seed, tr.device)
@@ -143,16 +188,20 @@ def _train(cfg: DictConfig, derived: Derived, rt: Runtime) -> dict[str, Any]:
     if rt.is_main:
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
 
-    model, kernels = build_model(cfg, rt)
+    tokenizer = build_tokenizer(cfg)
+    collator = build_collator(cfg, tokenizer)
+    latest = latest_checkpoint(ckpt_root) if tr.resume else None
+    model, kernels = build_model(cfg, rt, tokenizer, load_weights=latest is None)
     optimizer, scheduler = build_optimizer(cfg, model)
     state = {"step": 0, "consumed_samples": 0}
-    latest = latest_checkpoint(ckpt_root) if tr.resume else None
     if latest is not None:
         state = load_checkpoint(latest, model, optimizer, scheduler, rt)
     elif cfg.model.init_from:
         load_model_weights(cfg.model.init_from, model)
+    if rt.is_main:
+        write_contract(out, cfg, tokenizer)
 
-    collator, dataset, batches = build_data(cfg, rt, state["consumed_samples"])
+    dataset, batches = build_data(cfg, rt, collator, state["consumed_samples"])
     evaluator = None
     if cfg.data.eval_collection and (tr.eval_interval or tr.eval_at_end or tr.eval_at_start):
         evaluator = RerankEvaluator(

@@ -1,0 +1,316 @@
+"""Hugging Face conversion: HF config -> model config, HF weights -> any layout, model -> HF files.
+
+Import is per rank and streaming: each rank reads, one tensor at a time, only the HF tensors its
+own parameters are made of, fuses them (QKV, gate/up) and keeps its tensor-parallel slice. Export
+works from a single-process (tp1_pp1) model, which megatron's distributed checkpoints reshard
+into from any training layout.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from megarank.checkpoint.hf_mappings import RULES, Rule
+
+SUPPORTED = ("bert", "llama", "qwen2", "qwen3")
+
+
+class ConversionError(ValueError):
+    """An HF model or checkpoint megarank cannot represent exactly; the message says why."""
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
+    """config.json of an HF model directory."""
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json (is {hf_dir} a Hugging Face model?)")
+    return json.loads(path.read_text())
+
+
+def _rope_theta(hf: dict[str, Any], where: str) -> float:
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling")
+    rope_type = params.get("rope_type") or (scaling or {}).get("rope_type") or (
+        scaling or {}).get("type")
+    if rope_type not in (None, "default"):
+        raise ConversionError(f"{where}: rope scaling {rope_type!r} is not supported (only plain "
+                              "RoPE is reproduced exactly)")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def model_overrides_from_hf(hf_dir: str | Path) -> dict[str, Any]:
+    """ModelConfig fields that reproduce the HF model in ``hf_dir``; refuses what it cannot."""
+    hf = read_hf_config(hf_dir)
+    where = f"{Path(hf_dir) / 'config.json'}"
+    mt = hf.get("model_type")
+    if mt not in SUPPORTED:
+        raise ConversionError(f"{where}: model_type {mt!r} is not supported; megarank converts "
+                              f"{', '.join(SUPPORTED)}")
+    common = dict(
+        hf_model_type=mt, num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
+        num_attention_heads=hf["num_attention_heads"], ffn_hidden_size=hf["intermediate_size"],
+        vocab_size=hf["vocab_size"], max_position_embeddings=hf["max_position_embeddings"],
+        tokenizer=str(hf_dir), name=Path(hf_dir).name or mt,
+    )
+    if mt == "bert":
+        if hf.get("position_embedding_type", "absolute") != "absolute":
+            raise ConversionError(f"{where}: position_embedding_type "
+                                  f"{hf['position_embedding_type']!r} is not supported")
+        if hf.get("hidden_act", "gelu") != "gelu":
+            raise ConversionError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported "
+                                  "(BERT: gelu)")
+        return dict(
+            common, family="bert", position_embedding_type="learned_absolute",
+            normalization="LayerNorm", layernorm_epsilon=hf.get("layer_norm_eps", 1e-12),
+            activation="gelu", gated_linear_unit=False, add_bias_linear=True, add_qkv_bias=True,
+            type_vocab_size=hf.get("type_vocab_size", 2),
+            hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
+            attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+            num_query_groups=None, head_dim=None, qk_layernorm=False,
+        )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported "
+                              "(decoders: silu)")
+    if hf.get("mlp_bias"):
+        raise ConversionError(f"{where}: mlp_bias=true is not supported")
+    if mt in ("llama", "qwen3") and hf.get("attention_bias"):
+        raise ConversionError(f"{where}: attention_bias=true (o_proj bias) is not supported")
+    if hf.get("use_sliding_window"):
+        raise ConversionError(f"{where}: sliding-window attention is not supported")
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim")
+    return dict(
+        common, family="gpt", position_embedding_type="rope", rotary_base=_rope_theta(hf, where),
+        normalization="RMSNorm", layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
+        activation="silu", gated_linear_unit=True, add_bias_linear=False,
+        add_qkv_bias=mt == "qwen2", qk_layernorm=mt == "qwen3",
+        num_query_groups=hf.get("num_key_value_heads", heads),
+        head_dim=None if head_dim in (None, hf["hidden_size"] // heads) else head_dim,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        hidden_dropout=0.0, attention_dropout=float(hf.get("attention_dropout", 0.0)),
+    )
+
+
+def apply_hf_config(cfg: Any) -> None:
+    """When ``model.hf_path`` is set, fill the model group from the HF config (in place)."""
+    if not cfg.model.hf_path:
+        return
+    for key, value in model_overrides_from_hf(cfg.model.hf_path).items():
+        cfg.model[key] = value
+
+
+# --------------------------------------------------------------------------------------------
+# Reading HF tensors
+# --------------------------------------------------------------------------------------------
+
+
+class HFWeights:
+    """Lazy access to an HF model's tensors by name (safetensors, sharded or not)."""
+
+    def __init__(self, hf_dir: str | Path) -> None:
+        self.dir = Path(hf_dir)
+        index = self.dir / "model.safetensors.index.json"
+        single = self.dir / "model.safetensors"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {k: self.dir / v for k, v in weight_map.items()}
+        elif single.is_file():
+            with safe_open(single, "pt") as f:
+                self.files = {k: single for k in f.keys()}  # noqa: SIM118 (not a dict)
+        elif (self.dir / "pytorch_model.bin").is_file():
+            # Pickled weights run code on load unless restricted to tensors.
+            state = torch.load(self.dir / "pytorch_model.bin", map_location="cpu",
+                               weights_only=True, mmap=True)
+            self._bin = state
+            self.files = {k: None for k in state}
+        else:
+            raise FileNotFoundError(f"{self.dir}: no model.safetensors(.index.json) or "
+                                    "pytorch_model.bin")
+        # BertModel checkpoints (e.g. sentence-transformers) have no "bert." prefix.
+        self.prefix_fix = ""
+        if any(k.startswith("embeddings.") for k in self.files) and not any(
+                k.startswith("bert.") for k in self.files):
+            self.prefix_fix = "bert."
+
+    def _key(self, name: str) -> str:
+        if self.prefix_fix and name.startswith(self.prefix_fix):
+            return name[len(self.prefix_fix):]
+        return name
+
+    def __contains__(self, name: str) -> bool:
+        return self._key(name) in self.files
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, read from disk now."""
+        key = self._key(name)
+        if key not in self.files:
+            raise KeyError(f"{self.dir}: no tensor {key!r}")
+        if self.files[key] is None:
+            return self._bin[key]
+        with safe_open(self.files[key], "pt") as f:
+            return f.get_tensor(key)
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms between HF tensors and full (unsharded) megarank tensors
+# --------------------------------------------------------------------------------------------
+
+
+def _qkv_geometry(model: Any) -> tuple[int, int, int]:
+    heads = model.num_attention_heads
+    groups = model.num_query_groups or heads
+    head_dim = model.head_dim or model.hidden_size // heads
+    return heads, groups, head_dim
+
+
+def to_megarank(rule: Rule, tensors: list[torch.Tensor], model: Any, padded_vocab: int
+                ) -> torch.Tensor:
+    """HF tensors -> the full megarank tensor of ``rule``."""
+    if rule.transform == "copy":
+        return tensors[0]
+    if rule.transform == "vocab":
+        w = tensors[0]
+        if w.shape[0] > padded_vocab:
+            raise ConversionError(f"{rule.hf[0]} has {w.shape[0]} rows, more than the padded "
+                                  f"vocabulary ({padded_vocab})")
+        return torch.cat([w, w.new_zeros(padded_vocab - w.shape[0], *w.shape[1:])])
+    if rule.transform == "gate_up":
+        return torch.cat(tensors, dim=0)
+    if rule.transform == "qkv":
+        heads, groups, d = _qkv_geometry(model)
+        q, k, v = tensors
+        rest = q.shape[1:]
+        q = q.reshape(groups, heads // groups * d, *rest)
+        k = k.reshape(groups, d, *rest)
+        v = v.reshape(groups, d, *rest)
+        return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+    raise ValueError(f"unknown transform {rule.transform!r}")
+
+
+def from_megarank(rule: Rule, full: torch.Tensor, model: Any) -> list[torch.Tensor]:
+    """The full megarank tensor of ``rule`` -> its HF tensors (exact inverse of to_megarank)."""
+    if rule.transform == "copy":
+        return [full]
+    if rule.transform == "vocab":
+        return [full[: model.vocab_size]]
+    if rule.transform == "gate_up":
+        return list(full.chunk(2, dim=0))
+    if rule.transform == "qkv":
+        heads, groups, d = _qkv_geometry(model)
+        rest = full.shape[1:]
+        x = full.reshape(groups, (heads // groups + 2) * d, *rest)
+        q, k, v = x.split([heads // groups * d, d, d], dim=1)
+        return [t.reshape(-1, *rest) for t in (q, k, v)]
+    raise ValueError(f"unknown transform {rule.transform!r}")
+
+
+def tp_slice(full: torch.Tensor, param: torch.nn.Parameter, rule: Rule, tp_rank: int,
+             tp_size: int) -> torch.Tensor:
+    """This TP rank's part of a full tensor, as megatron shards ``param``."""
+    if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
+        return full
+    dim = param.partition_dim
+    if rule.transform == "gate_up":
+        # megatron's fused fc1 shard is [gate shard; up shard], not a slice of [gate; up].
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp_size, dim)[tp_rank], up.chunk(tp_size, dim)[tp_rank]])
+    return full.chunk(tp_size, dim)[tp_rank]
+
+
+# --------------------------------------------------------------------------------------------
+# Name matching
+# --------------------------------------------------------------------------------------------
+
+
+def _compile(rules: tuple[Rule, ...]) -> list[tuple[re.Pattern, Rule]]:
+    return [(re.compile("^" + re.escape(r.ours).replace(r"\{i\}", r"(\d+)") + "$"), r)
+            for r in rules]
+
+
+def match(name: str, family: str) -> tuple[Rule, int | None] | None:
+    """The rule for a (global) megarank parameter name, and its layer index."""
+    for pattern, rule in _compile(RULES[family]):
+        m = pattern.match(name)
+        if m:
+            return rule, int(m.group(1)) if m.groups() else None
+    return None
+
+
+_LAYER = re.compile(r"^(backbone\.(?:decoder|encoder)\.layers\.)(\d+)\.")
+
+
+def global_name(local: str, layer_offset: int) -> str:
+    """A stage-local parameter name with its layer index made global (pipeline parallelism)."""
+    return _LAYER.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + layer_offset}.", local)
+
+
+def hf_names(rule: Rule, layer: int | None) -> list[str]:
+    """The HF tensor names of ``rule`` for one layer."""
+    return [n.format(i=layer) for n in rule.hf]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading into a (sharded) model, and exporting a full one
+# --------------------------------------------------------------------------------------------
+
+
+def load_hf_weights(module: torch.nn.Module, hf_dir: str | Path, cfg: Any, tp_rank: int,
+                    tp_size: int, pp_rank: int, pp_size: int, padded_vocab: int
+                    ) -> list[str]:
+    """Fill this rank's parameters from the HF model in ``hf_dir``.
+
+    Returns the names of parameters the HF files do not hold (e.g. a classifier on a BertModel
+    checkpoint), which keep their initialisation. A backbone parameter without HF weights, or a
+    shape that disagrees with the config, is an error.
+    """
+    weights = HFWeights(hf_dir)
+    family = cfg.model.family
+    offset = pp_rank * (cfg.model.num_layers // pp_size)
+    missing: list[str] = []
+    for local, param in module.named_parameters():
+        name = global_name(local, offset)
+        found = match(name, family)
+        if found is None:
+            raise ConversionError(f"no HF mapping for parameter {name}")
+        rule, layer = found
+        names = hf_names(rule, layer)
+        if rule.ours == "head.output_weight" and names[0] not in weights:
+            names = ["model.embed_tokens.weight"]  # tied embeddings: the LM head is the embedding
+        absent = [n for n in names if n not in weights]
+        if absent:
+            if name.startswith("head."):
+                missing.append(name)
+                continue
+            raise ConversionError(f"{hf_dir}: missing {absent[0]} (for {name})")
+        full = to_megarank(rule, [weights.get(n) for n in names], cfg.model, padded_vocab)
+        part = tp_slice(full, param, rule, tp_rank, tp_size)
+        if part.shape != param.shape:
+            raise ConversionError(
+                f"{hf_dir}: {', '.join(names)} gives {name} shape {tuple(part.shape)} on this "
+                f"rank, but the model config expects {tuple(param.shape)}"
+            )
+        with torch.no_grad():
+            param.copy_(part)
+    return missing
+
+
+def iter_hf_tensors(state: dict[str, torch.Tensor], cfg: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) pairs of a full single-process megarank state dict."""
+    for name, full in state.items():
+        found = match(name, cfg.model.family)
+        if found is None:
+            raise ConversionError(f"no HF mapping for parameter {name}")
+        rule, layer = found
+        yield from zip(hf_names(rule, layer), from_megarank(rule, full, cfg.model), strict=True)
