@@ -10,6 +10,7 @@ import sys
 
 COMMANDS = {
     "train": "megarank.train",
+    "convert": "megarank.convert",
     "report": "megarank.eval.report",
 }
 

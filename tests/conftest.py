@@ -24,14 +24,21 @@ def data_dir(name: str) -> Path:
 def run_train(overrides: list[str], nproc: int = 1, timeout: int = 900,
               check: bool = True) -> subprocess.CompletedProcess:
     """Run ``megarank.train`` with ``nproc`` gloo ranks (torchrun when > 1); one thread per rank."""
+    return run_module("megarank.train", ["trainer.progress_bar=false", *overrides], nproc,
+                      timeout, check)
+
+
+def run_module(module: str, args: list[str], nproc: int = 1, timeout: int = 900,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m module args`` with ``nproc`` gloo ranks (torchrun when > 1)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
            "TOKENIZERS_PARALLELISM": "false"}
     if nproc == 1:
-        cmd = [sys.executable, "-m", "megarank.train"]
+        cmd = [sys.executable, "-m", module]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", "megarank.train"]
-    cmd += ["trainer.progress_bar=false", *overrides]
+               f"--nproc_per_node={nproc}", "-m", module]
+    cmd += [str(a) for a in args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:

@@ -87,14 +87,8 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: Any,
                     scheduler: Any, train_state: dict[str, Any], rt: Runtime,
                     meta: dict[str, Any]) -> Path:
-    """Write a complete checkpoint of ``step`` under ``root``; collective over all ranks."""
+    """Write a complete training checkpoint of ``step`` under ``root``; collective."""
     root = Path(root)
-    final = root / checkpoint_name(step)
-    partial = root / f"{final.name}.partial"
-    if rt.is_main:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    dist.barrier()
     model_sd = _unwrap(model).sharded_state_dict()
     state = {
         "model": model_sd,
@@ -103,21 +97,56 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
         "scheduler": scheduler.state_dict(),
         "train_state": dict(train_state),
     }
-    dist_checkpointing.save(state, str(partial))
-    dist.barrier()
+    final = root / checkpoint_name(step)
+    contract = root.parent / "scoring.json"  # the scoring contract travels with every checkpoint
+    write_atomically(final, state, {**meta, "step": step, "train_state": dict(train_state)}, rt,
+                     extra_files=[contract] if contract.is_file() else [])
     if rt.is_main:
-        run_contract = root.parent / "scoring.json"
-        if run_contract.is_file():  # the scoring contract travels with every checkpoint
-            shutil.copy(run_contract, partial / run_contract.name)
-        meta = {**meta, "step": step, "train_state": dict(train_state)}
-        (partial / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
         tmp = root / f"{LATEST}.tmp"
         tmp.write_text(final.name)
         os.replace(tmp, root / LATEST)
     dist.barrier()
     return final
+
+
+def save_model_checkpoint(path: str | Path, model: torch.nn.Module, rt: Runtime,
+                          meta: dict[str, Any], extra_files: list[Path] = ()) -> Path:
+    """Write the model weights alone (e.g. an HF import) as a megarank checkpoint; collective."""
+    state = {"model": _unwrap(model).sharded_state_dict()}
+    write_atomically(Path(path), state, {**meta, "step": 0, "train_state": None}, rt,
+                     extra_files=list(extra_files))
+    return Path(path)
+
+
+def write_atomically(final: Path, state: dict[str, Any], meta: dict[str, Any], rt: Runtime,
+                     extra_files: list[Path]) -> None:
+    """dist_checkpointing.save into ``final.partial``, then rename once every rank is done."""
+    partial = final.parent / f"{final.name}.partial"
+    if rt.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(state, str(partial))
+    dist.barrier()
+    if rt.is_main:
+        for f in extra_files:
+            shutil.copy(f, partial / f.name)
+        (partial / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+    dist.barrier()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or the latest complete one of a run directory."""
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        return path
+    latest = latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else None
+    if latest is None:
+        raise FileNotFoundError(f"{path} is neither a megarank checkpoint nor a run directory "
+                                "with one")
+    return latest
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any, scheduler: Any,
@@ -141,20 +170,18 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any, sc
     return dict(loaded["train_state"])
 
 
-def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
+def load_model_weights(path: str | Path, model: torch.nn.Module) -> Path:
     """Load only the model weights of a checkpoint (any TP/PP layout) into ``model``."""
-    path = Path(path)
-    if not (path / META_FILE).is_file():
-        latest = latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else None
-        if latest is None:
-            raise FileNotFoundError(
-                f"model.init_from ({path}) is neither a megarank checkpoint nor a run directory "
-                "with one"
-            )
-        path = latest
+    path = resolve_checkpoint(path)
     model_sd = _unwrap(model).sharded_state_dict()
     loaded = dist_checkpointing.load({"model": model_sd}, str(path))
     _unwrap(model).load_state_dict(loaded["model"])
+    return path
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """megarank.json of a checkpoint (or of a run directory's latest checkpoint)."""
+    return json.loads((resolve_checkpoint(path) / META_FILE).read_text())
 
 
 def _separate_adam_steps(optimizer: Any) -> None:

@@ -1,6 +1,6 @@
-"""Score arbitrary (query, document) pairs with a (possibly TP/PP/DP-sharded) cross-encoder.
+"""Score (query, document) pairs with a (possibly TP/PP/DP-sharded) cross-encoder.
 
-Pairs are split over data-parallel ranks; each model-parallel group runs its share through
+Batches are split over data-parallel ranks; each model-parallel group runs its share through
 megatron's forward-only schedule (so pipeline stages work); the scores come back to every rank in
 one all-reduce.
 """
@@ -11,44 +11,53 @@ import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megarank.data.collate import PairCollator
+from megarank.data.collate import PairBatch, PairCollator
 from megarank.parallel.runtime import Runtime
 
 
+@torch.no_grad()
+def score_batches(model: torch.nn.Module, rt: Runtime, batches: list[PairBatch]) -> torch.Tensor:
+    """Scores of every row of ``batches`` (the same list on every rank), float32 on the CPU."""
+    sizes = [b.input_ids.shape[0] for b in batches]
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n)
+    per_rank = -(-len(batches) // rt.dp_size)
+    lo_b, hi_b = min(len(batches), rt.dp_rank * per_rank), min(len(batches),
+                                                                (rt.dp_rank + 1) * per_rank)
+    mine = batches[lo_b:hi_b]
+    out = torch.zeros(offsets[-1], dtype=torch.float32, device=rt.device)
+    if mine:
+        def step(it, m):
+            b = next(it).to(rt.device)
+            s = m(b.input_ids, b.attention_mask, b.token_type_ids, b.pool_index)
+            return s, lambda x: (x.sum() * 0.0, {"scores": x.detach().float()})
+
+        was_training = model.training
+        model.eval()
+        try:
+            results = get_forward_backward_func()(
+                forward_step_func=step, data_iterator=iter(mine), model=[model],
+                num_microbatches=len(mine), seq_length=max(b.input_ids.shape[1] for b in mine),
+                micro_batch_size=max(sizes[lo_b:hi_b]), forward_only=True,
+            )
+        finally:
+            model.train(was_training)
+        if rt.is_last_stage and rt.tp_rank == 0:
+            out[offsets[lo_b]:offsets[hi_b]] = torch.cat([r["scores"] for r in results])
+    dist.all_reduce(out)
+    return out.cpu()
+
+
 class PairScorer:
-    """Batches pairs with a collator and scores them, identically on every rank."""
+    """Tokenizes pairs with a collator and scores them, identically on every rank."""
 
     def __init__(self, collator: PairCollator, batch_size: int) -> None:
         self.collator, self.batch_size = collator, batch_size
 
-    @torch.no_grad()
     def score(self, model: torch.nn.Module, rt: Runtime,
               pairs: list[tuple[str, str]]) -> torch.Tensor:
         """Scores [len(pairs)] (float32, CPU) of (query text, document text) pairs."""
-        n = len(pairs)
-        per_rank = -(-n // rt.dp_size)
-        lo, hi = min(n, rt.dp_rank * per_rank), min(n, (rt.dp_rank + 1) * per_rank)
-        mine = pairs[lo:hi]
-        batches = [self.collator.encode_pairs(mine[i:i + self.batch_size])
-                   for i in range(0, len(mine), self.batch_size)]
-        out = torch.zeros(n, dtype=torch.float32, device=rt.device)
-        if batches:
-            def step(it, m):
-                b = next(it).to(rt.device)
-                s = m(b.input_ids, b.attention_mask, b.token_type_ids, b.pool_index)
-                return s, lambda x: (x.sum() * 0.0, {"scores": x.detach().float()})
-
-            was_training = model.training
-            model.eval()
-            try:
-                results = get_forward_backward_func()(
-                    forward_step_func=step, data_iterator=iter(batches), model=[model],
-                    num_microbatches=len(batches), seq_length=self.collator.max_length,
-                    micro_batch_size=self.batch_size, forward_only=True,
-                )
-            finally:
-                model.train(was_training)
-            if rt.is_last_stage and rt.tp_rank == 0:
-                out[lo:hi] = torch.cat([r["scores"] for r in results])
-        dist.all_reduce(out)
-        return out.cpu()
+        batches = [self.collator.encode_pairs(pairs[i:i + self.batch_size])
+                   for i in range(0, len(pairs), self.batch_size)]
+        return score_batches(model, rt, batches)

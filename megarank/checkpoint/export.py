@@ -1,0 +1,131 @@
+"""Write a Hugging Face model directory from a full (single-process) megarank model.
+
+The directory loads on its own: safetensors weights (sharded with an index past ``max_shard_bytes``),
+config.json, the tokenizer, and the scoring contract.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from megarank.checkpoint.contract import FILE as CONTRACT_FILE
+from megarank.checkpoint.contract import ScoringContract
+from megarank.checkpoint.hf import ConversionError, iter_hf_tensors, read_hf_config
+from megarank.checkpoint.hf_mappings import EXPORT_ARCHITECTURES
+
+
+def hf_model_type(model_cfg: Any) -> str:
+    """The HF model_type a megarank backbone is exported as."""
+    if model_cfg.hf_model_type:
+        return model_cfg.hf_model_type
+    if model_cfg.family == "bert":
+        return "bert"
+    if model_cfg.qk_layernorm:
+        return "qwen3"
+    return "qwen2" if model_cfg.add_qkv_bias else "llama"
+
+
+def hf_config_dict(cfg: Any, architecture: str, pad_token_id: int | None) -> dict[str, Any]:
+    """config.json for the export: the source HF config when there is one, else built anew."""
+    m = cfg.model
+    mt = hf_model_type(m)
+    if m.hf_path and (Path(m.hf_path) / "config.json").is_file():
+        out = read_hf_config(m.hf_path)
+    else:
+        from transformers import AutoConfig
+
+        fields: dict[str, Any] = dict(
+            num_hidden_layers=m.num_layers, hidden_size=m.hidden_size,
+            num_attention_heads=m.num_attention_heads, intermediate_size=m.ffn_hidden_size,
+            vocab_size=m.vocab_size, max_position_embeddings=m.max_position_embeddings,
+        )
+        if mt == "bert":
+            fields.update(layer_norm_eps=m.layernorm_epsilon, type_vocab_size=m.type_vocab_size,
+                          hidden_act="gelu")
+        else:
+            fields.update(
+                num_key_value_heads=m.num_query_groups or m.num_attention_heads,
+                rms_norm_eps=m.layernorm_epsilon, hidden_act="silu",
+                tie_word_embeddings=m.tie_word_embeddings,
+                rope_parameters={"rope_type": "default", "rope_theta": m.rotary_base},
+            )
+            if m.head_dim:
+                fields["head_dim"] = m.head_dim
+        out = AutoConfig.for_model(mt, **fields).to_dict()
+    out["architectures"] = [architecture]
+    if architecture.endswith("ForSequenceClassification"):
+        out.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    if pad_token_id is not None:
+        out["pad_token_id"] = pad_token_id
+    return out
+
+
+def _export_tensors(params: dict[str, torch.Tensor], cfg: Any, as_classifier: bool,
+                    answer_ids: tuple[int, int] | None, embed: torch.Tensor | None):
+    """HF (name, tensor) pairs; the yes/no head becomes lm_head or a score row."""
+    head_weight = params.pop("head.output_weight", None)
+    yield from iter_hf_tensors(params, cfg)
+    if cfg.task.head != "yes_no":
+        return
+    w = head_weight if head_weight is not None else embed
+    if as_classifier:
+        # logit(yes) - logit(no) = (w_yes - w_no) . h: one row, same scores.
+        yield "score.weight", (w[answer_ids[0]] - w[answer_ids[1]])[None].clone()
+    elif not cfg.model.tie_word_embeddings:
+        yield "lm_head.weight", w[: cfg.model.vocab_size]
+
+
+def export_hf(model: torch.nn.Module, cfg: Any, out_dir: str | Path, tokenizer: Any,
+              contract: ScoringContract | None, as_classifier: bool = False,
+              answer_ids: tuple[int, int] | None = None,
+              max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """Write ``model`` (a single-process, tp1_pp1 megarank model) as an HF model directory."""
+    out = Path(out_dir)
+    partial = out.parent / f"{out.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    mt = hf_model_type(cfg.model)
+    head = "classifier" if (cfg.task.head == "classifier" or as_classifier) else "yes_no"
+    key = (mt, head)
+    if key not in EXPORT_ARCHITECTURES:
+        raise ConversionError(f"cannot export model_type {mt} with a {head} head")
+    arch = EXPORT_ARCHITECTURES[key]
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    embed = params.get("backbone.embedding.word_embeddings.weight")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in _export_tensors(params, cfg, as_classifier, answer_ids, embed):
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.contiguous().clone()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], partial / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, partial / fname, metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+        (partial / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    (partial / "config.json").write_text(json.dumps(hf_config_dict(cfg, arch, pad), indent=2))
+    tokenizer.save_pretrained(partial)
+    if contract is not None:
+        # A yes/no head exported as a classifier scores through score.weight: say so.
+        (partial / CONTRACT_FILE).write_text(replace(contract, head=head).to_json())
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    return out

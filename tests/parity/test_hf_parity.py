@@ -1,0 +1,57 @@
+"""Parity with transformers: megarank models built from HF directories score a padded batch of
+mixed lengths exactly as the HF models do (fp32, 1e-5), in tp1_pp1, tp2_pp1 and tp1_pp2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from tests.conftest import run_module
+from tests.parity.hf_tiny import random_batch, save_tiny
+
+pytestmark = pytest.mark.distributed
+
+CLASSIFIERS = ["bert", "llama", "qwen2", "qwen3"]
+YES_NO = ["qwen3", "llama_tied"]  # an untied and a tied LM head
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    batch = random_batch()
+    batch_file = root / "batch.pt"
+    torch.save(batch, batch_file)
+    jobs, refs = [], []
+    with torch.no_grad():
+        for kind in CLASSIFIERS:
+            d = save_tiny(kind, root)
+            hf = AutoModelForSequenceClassification.from_pretrained(d).eval()
+            kw = {"token_type_ids": batch["token_type_ids"]} if kind == "bert" else {}
+            refs.append(hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           **kw).logits[:, 0])
+            jobs.append(f"{d}|classifier|{batch_file}")
+        for kind in YES_NO:
+            d = save_tiny(kind, root, causal_lm=True)
+            tok = AutoTokenizer.from_pretrained(d)
+            yes, no = (tok(t, add_special_tokens=False)["input_ids"][0] for t in ("yes", "no"))
+            hf = AutoModelForCausalLM.from_pretrained(d).eval()
+            logits = hf(input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"]).logits
+            last = logits[torch.arange(len(batch["last"])), batch["last"]]
+            refs.append(last[:, yes] - last[:, no])
+            jobs.append(f"{d}|yes_no|{batch_file}")
+    return root, jobs, refs
+
+
+@pytest.mark.parametrize("parallel, nproc", [("tp1_pp1", 1), ("tp2_pp1", 2), ("tp1_pp2", 2)])
+def test_scores_equal_transformers(setup, parallel, nproc):
+    root, jobs, refs = setup
+    out = root / f"scores_{parallel}.pt"
+    run_module("tests.parity.score_worker", [out, parallel, *jobs], nproc=nproc)
+    got = torch.load(out)
+    names = [f"{k} classifier" for k in CLASSIFIERS] + [f"{k} yes/no" for k in YES_NO]
+    for name, ours, theirs in zip(names, got, refs, strict=True):
+        assert theirs.abs().max() > 1e-2, f"{name}: reference scores are trivially small"
+        torch.testing.assert_close(ours, theirs.float(), atol=1e-5, rtol=0,
+                                   msg=lambda m, n=name: f"{n} {parallel}: {m}")
