@@ -132,7 +132,7 @@ class HFWeights:
         elif (self.dir / "pytorch_model.bin").is_file():
             # Pickled weights run code on load unless restricted to tensors.
             state = torch.load(self.dir / "pytorch_model.bin", map_location="cpu",
-                               weights_only=True, mmap=True)
+                               weights_only=True)
             self._bin = state
             self.files = {k: None for k in state}
         else:

@@ -1,0 +1,73 @@
+"""Round trip: HF -> megarank checkpoint imported in tp2_pp2 (4 ranks) -> HF is bitwise identical.
+Also: the export loads on its own in transformers and scores as the original does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from tests.conftest import run_module
+from tests.parity.hf_tiny import random_batch, save_tiny
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.mark.parametrize("kind, causal_lm, head", [
+    ("qwen3", False, "classifier"),
+    ("bert", False, "classifier"),
+    ("llama_tied", True, "yes_no"),
+    ("qwen2", False, "classifier"),
+])
+def test_hf_megarank_hf_is_bitwise(kind, causal_lm, head, tmp_path):
+    src = save_tiny(kind, tmp_path, causal_lm=causal_lm)
+    ckpt = tmp_path / "ckpt"
+    run_module("megarank.convert", ["from-hf", "--hf", src, "--out", ckpt, "parallel=tp2_pp2",
+                                    f"task.head={head}"], nproc=4)
+    meta = json.loads((ckpt / "megarank.json").read_text())
+    assert meta["layout"]["tp"] == 2 and meta["layout"]["pp"] == 2
+    assert json.loads((ckpt / "scoring.json").read_text())["head"] == head
+
+    out = tmp_path / "export"
+    run_module("megarank.convert", ["to-hf", "--ckpt", ckpt, "--out", out])
+    a, b = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    assert (out / "scoring.json").is_file() and (out / "tokenizer.json").is_file()
+
+    cls = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
+    batch = random_batch()
+    kw = {"token_type_ids": batch["token_type_ids"]} if kind == "bert" else {}
+    with torch.no_grad():
+        x = cls.from_pretrained(src)(input_ids=batch["input_ids"],
+                                     attention_mask=batch["attention_mask"], **kw).logits
+        y = cls.from_pretrained(out)(input_ids=batch["input_ids"],
+                                     attention_mask=batch["attention_mask"], **kw).logits
+    assert torch.equal(x, y)
+
+
+def test_yes_no_exported_as_classifier_gives_identical_scores(tmp_path):
+    src = save_tiny("qwen3", tmp_path, causal_lm=True)
+    ckpt = tmp_path / "ckpt"
+    run_module("megarank.convert", ["from-hf", "--hf", src, "--out", ckpt, "task.head=yes_no"])
+    out = tmp_path / "cls"
+    run_module("megarank.convert", ["to-hf", "--ckpt", ckpt, "--out", out, "--as-classifier"])
+    assert json.loads((out / "config.json").read_text())["architectures"] == [
+        "Qwen3ForSequenceClassification"]
+    assert json.loads((out / "scoring.json").read_text())["head"] == "classifier"
+    batch = random_batch()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src)
+    yes, no = (tok(t, add_special_tokens=False)["input_ids"][0] for t in ("yes", "no"))
+    with torch.no_grad():
+        lm = AutoModelForCausalLM.from_pretrained(src)(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ref = lm[torch.arange(6), batch["last"]][:, yes] - lm[torch.arange(6), batch["last"]][:, no]
+        got = AutoModelForSequenceClassification.from_pretrained(out)(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
