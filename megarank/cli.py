@@ -11,6 +11,7 @@ import sys
 COMMANDS = {
     "train": "megarank.train",
     "convert": "megarank.convert",
+    "score": "megarank.score",
     "report": "megarank.eval.report",
 }
 

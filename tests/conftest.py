@@ -31,8 +31,9 @@ def run_train(overrides: list[str], nproc: int = 1, timeout: int = 900,
 def run_module(module: str, args: list[str], nproc: int = 1, timeout: int = 900,
                check: bool = True) -> subprocess.CompletedProcess:
     """``python -m module args`` with ``nproc`` gloo ranks (torchrun when > 1)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "TOKENIZERS_PARALLELISM": "false"}
+    # One thread per rank when ranks share the 2 cores; both cores for a single process.
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else "2",
+           "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
     if nproc == 1:
         cmd = [sys.executable, "-m", module]
     else:

@@ -161,7 +161,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any, sc
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True),
         "rng": _rng_object(rt, None),
     }
-    loaded = dist_checkpointing.load(template, str(path))
+    loaded = _load(path, template)
     _unwrap(model).load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
     _separate_adam_steps(optimizer)
@@ -174,9 +174,20 @@ def load_model_weights(path: str | Path, model: torch.nn.Module) -> Path:
     """Load only the model weights of a checkpoint (any TP/PP layout) into ``model``."""
     path = resolve_checkpoint(path)
     model_sd = _unwrap(model).sharded_state_dict()
-    loaded = dist_checkpointing.load({"model": model_sd}, str(path))
+    loaded = _load(path, {"model": model_sd})
     _unwrap(model).load_state_dict(loaded["model"])
     return path
+
+
+def _load(path: Path, template: dict[str, Any]) -> dict[str, Any]:
+    """dist_checkpointing.load, with a mismatch between checkpoint and config said plainly."""
+    try:
+        return dist_checkpointing.load(template, str(path))
+    except Exception as e:  # megatron raises several types for shape/key mismatches
+        raise ValueError(
+            f"{path}: the checkpoint does not fit the model built from the config "
+            f"({type(e).__name__}: {e})"
+        ) from e
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

@@ -258,10 +258,23 @@ def _asset(rel: str) -> str:
     return str(ASSETS / rel)
 
 
+def _package(rel: str) -> str:
+    """``${package:pkg/sub/dir}``: a folder inside an installed Python package (model files)."""
+    import importlib.util
+
+    name, _, sub = rel.partition("/")
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"${{package:{rel}}}: package {name!r} is not installed")
+    return str(Path(next(iter(spec.submodule_search_locations))) / sub)
+
+
 def register() -> None:
     """Register the schema with Hydra's ConfigStore and the ``${asset:...}`` resolver. Idempotent."""
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", _asset)
+    if not OmegaConf.has_resolver("package"):
+        OmegaConf.register_new_resolver("package", _package)
     cs = ConfigStore.instance()
     cs.store(name="base_train", node=TrainConfig)
     for group, node in GROUPS.items():

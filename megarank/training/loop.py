@@ -76,9 +76,10 @@ def build_model(cfg: DictConfig, rt: Runtime, tokenizer: Any, load_weights: bool
             model, cfg.model.hf_path, cfg, rt.tp_rank, rt.tp_size, rt.pp_rank, rt.pp_size,
             padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by),
         )
+        init_missing(model, missing, cfg.model.init_method_std)
         if missing and rt.tp_rank == 0 and rt.dp_rank == 0:
             logger.warning(f"{cfg.model.hf_path} holds no weights for {', '.join(missing)}: "
-                           "they keep their initialisation")
+                           "they start from a fresh initialisation")
     sync_tied_output_layer(model)
     model.to(rt.device)
     ddp_config = DistributedDataParallelConfig(
@@ -92,6 +93,20 @@ def build_model(cfg: DictConfig, rt: Runtime, tokenizer: Any, load_weights: bool
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.no_sync_func = ddp.no_sync
     return ddp, kernels
+
+
+def init_missing(model: torch.nn.Module, names: list[str], std: float) -> None:
+    """Initialise parameters an HF import did not fill, as HF does: N(0, std) weights, zero
+    biases. Seeded the same on every rank, so TP/DP replicas of a head agree."""
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name in sorted(names):
+            p = params[name]
+            if name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
 
 
 def build_tokenizer(cfg: DictConfig) -> Any:

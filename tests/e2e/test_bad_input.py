@@ -19,3 +19,14 @@ def test_malformed_row_stops_the_run_naming_file_and_line(tmp_path):
     assert "pos" in proc.stderr
     assert not (out / "checkpoints" / "latest").exists()
     assert not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").read_text() == ""
+
+
+def test_checkpoint_that_does_not_fit_the_config_is_refused(tmp_path):
+    init = tmp_path / "init"
+    run_train(["model=bert_tiny", f"trainer.output_dir={init}", "trainer.stop_at_step=0",
+               "trainer.eval_at_end=false"])
+    proc = run_train(["model=bert_tiny", "model.ffn_hidden_size=96", f"model.init_from={init}",
+                      f"trainer.output_dir={tmp_path}/run", "trainer.max_steps=1"], check=False)
+    assert proc.returncode != 0
+    assert "the checkpoint does not fit the model built from the config" in proc.stderr
+    assert "step_0000000" in proc.stderr
