@@ -143,7 +143,7 @@ def compute_metrics(run: Run, qrels: Qrels, top_k: int) -> tuple[dict[str, float
 
 
 def score_pairs(scorer: Any, model: torch.nn.Module, rt: Any, pairs: list[tuple[str, str]],
-                desc: str = "score") -> torch.Tensor:
+                desc: str = "score", progress: bool = True) -> torch.Tensor:
     """PairScorer.score with a progress bar on rank 0: pairs go in chunks of whole batches, so
     every batch, and hence every score, is the one a single call would give. [len(pairs)]"""
     if not pairs:
@@ -151,7 +151,7 @@ def score_pairs(scorer: Any, model: torch.nn.Module, rt: Any, pairs: list[tuple[
     # Several batches per data-parallel rank per chunk keeps every rank busy between bar updates.
     chunk = scorer.batch_size * rt.dp_size * 4
     out = []
-    with tqdm(total=len(pairs), desc=desc, unit="pair", disable=not rt.is_main,
+    with tqdm(total=len(pairs), desc=desc, unit="pair", disable=not (progress and rt.is_main),
               file=sys.stderr, dynamic_ncols=True) as bar:
         for i in range(0, len(pairs), chunk):
             out.append(scorer.score(model, rt, pairs[i:i + chunk]))

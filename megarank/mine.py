@@ -63,6 +63,8 @@ class BM25Index:
 
     def __init__(self, corpus: dict[str, str], progress: bool = True) -> None:
         self.docids = list(corpus)
+        self.position = {d: i for i, d in enumerate(self.docids)}
+        """docid -> its index in ``scores``."""
         tokens = bm25s.tokenize([corpus[d] for d in self.docids], stopwords=BM25_STOPWORDS,
                                 show_progress=progress)
         self.bm25 = bm25s.BM25(k1=BM25_K1, b=BM25_B, method="lucene")
@@ -112,19 +114,19 @@ def _query_rng(seed: int, qid: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(qid.encode("utf-8"))])
 
 
-def select_negatives(ranked: list[tuple[str, float]], positives: dict[str, float | None],
+def select_negatives(ranked: list[tuple[str, float]], positives: dict[str, float],
                      corpus: dict[str, str], qid: str, *, skip_top: int, negatives: int,
                      margin: float | None, seed: int) -> list[tuple[str, float]]:
     """Steps 1-4 of the module docstring for one query: the chosen (docid, score), rank order.
 
     ``ranked`` is best first; ``positives`` maps each judged-relevant docid to its score under
-    the same retriever (None when unscored: only needed with ``margin``).
+    the same retriever.
     """
     pos_texts = {corpus[d] for d in positives}
     pool = [(d, s) for d, s in ranked[skip_top:]
             if d not in positives and corpus[d] not in pos_texts]
     if margin is not None:
-        ceiling = min(s for s in positives.values() if s is not None) - margin
+        ceiling = min(positives.values()) - margin
         pool = [(d, s) for d, s in pool if s <= ceiling]
     if len(pool) <= negatives:
         return pool
@@ -174,16 +176,14 @@ def mine(collection: str | Path, out: str | Path, split: str | None = None,
             stats.skipped_no_positive.append(q)
     index = BM25Index(coll.corpus, progress and _is_main())
     ranked: dict[str, list[tuple[str, float]]] = {}
-    pos_scores: dict[str, dict[str, float | None]] = {}
+    pos_scores: dict[str, dict[str, float]] = {}
     for q in tqdm(positives, desc="bm25", unit="query", disable=not (progress and _is_main()),
                   file=sys.stderr):
         ranked[q], all_scores = index.top(coll.queries[q], depth)
-        pos_scores[q] = {d: float(all_scores[index_of]) for d, index_of in
-                         ((d, index.docids.index(d)) for d in positives[q])} if margin is not None \
-            else dict.fromkeys(positives[q])
+        pos_scores[q] = {d: float(all_scores[index.position[d]]) for d in positives[q]}
     if retriever == "model":
-        ranked, pos_scores = _rescore(coll, ranked, positives, model_dir, batch_size, overrides,
-                                      progress)
+        ranked, pos_scores = _rescore(coll, ranked, positives, str(model_dir), batch_size,
+                                      overrides, progress)
     rows = []
     for q, pos in positives.items():
         negs = select_negatives(ranked[q], pos_scores[q], coll.corpus, q, skip_top=skip_top,
@@ -204,3 +204,76 @@ def mine(collection: str | Path, out: str | Path, split: str | None = None,
         tmp.write_text("".join(rows), encoding="utf-8")
         os.replace(tmp, out)
     return stats
+
+
+def _rescore(coll: Collection, ranked: dict[str, list[tuple[str, float]]],
+             positives: dict[str, list[str]], model_dir: str, batch_size: int,
+             overrides: Sequence[str], progress: bool
+             ) -> tuple[dict[str, list[tuple[str, float]]], dict[str, dict[str, float]]]:
+    """The candidates re-sorted by the model's scores, and the positives' model scores."""
+    from megarank.eval.scorer import PairScorer
+    from megarank.evaluate import score_pairs
+    from megarank.parallel.runtime import shutdown
+    from megarank.score import load_scorer
+
+    # Each (query, document) once, though a positive is usually among the candidates too.
+    keys = [(q, d) for q in ranked
+            for d in dict.fromkeys([*(d for d, _ in ranked[q]), *positives[q]])]
+    _, rt, model, collator = load_scorer(model_dir, list(overrides),
+                                         int(os.environ.get("WORLD_SIZE", "1")))
+    try:
+        texts = [(coll.queries[q], coll.corpus[d]) for q, d in keys]
+        scores = score_pairs(PairScorer(collator, batch_size), model, rt, texts, "score",
+                             progress=progress)
+    finally:
+        shutdown()
+    by_query: dict[str, dict[str, float]] = {q: {} for q in ranked}
+    for (q, d), s in zip(keys, scores.tolist(), strict=True):
+        by_query[q][d] = s
+    new_ranked = {}
+    for q, cands in ranked.items():
+        model_scores = {d: by_query[q][d] for d, _ in cands}
+        new_ranked[q] = [(d, model_scores[d]) for d in rank_documents(model_scores)]
+    return new_ranked, {q: {d: by_query[q][d] for d in positives[q]} for q in ranked}
+
+
+def _margin(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected none or a number, got {text!r}") from None
+
+
+def main() -> None:
+    """CLI entry (``megarank mine`` / ``python -m megarank.mine``)."""
+    ap = argparse.ArgumentParser(prog="megarank mine", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--collection", required=True, help="BEIR-layout folder")
+    ap.add_argument("--out", required=True, help="triplet JSONL to write")
+    ap.add_argument("--split", default=None, help="split.json list (default: train, if any)")
+    ap.add_argument("--retriever", choices=("bm25", "model"), default="bm25")
+    ap.add_argument("--model", default=None, help="model dir for --retriever model")
+    ap.add_argument("--depth", type=int, default=100, help="BM25 candidates per query")
+    ap.add_argument("--skip-top", type=int, default=0, help="candidate ranks never sampled")
+    ap.add_argument("--negatives", type=int, default=15, help="negatives per query")
+    ap.add_argument("--margin", type=_margin, default=None,
+                    help="drop candidates scoring above (lowest positive - margin); none: off")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=64, help="pairs per forward pass (model)")
+    ap.add_argument("overrides", nargs="*", help="hydra overrides for the model")
+    args = ap.parse_args()
+    try:
+        stats = mine(args.collection, args.out, args.split, args.retriever, args.model,
+                     args.depth, args.skip_top, args.negatives, args.margin, args.seed,
+                     args.batch_size, args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"megarank mine: {e}") from None
+    _note(f"wrote {stats.written} triplets to {args.out}; skipped "
+          f"{len(stats.skipped_no_positive)} queries without a relevant document; "
+          f"{len(stats.short)} have fewer than {args.negatives} negatives")
+
+
+if __name__ == "__main__":
+    main()

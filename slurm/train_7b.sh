@@ -19,6 +19,8 @@
 # COMPLETE checkpoint. A save cut off mid-way stays step_N.partial and is never taken for a good
 # one, so at most save_interval steps are redone.
 #
+# --cpus-per-task and --time are per-site choices: 64 cores feed 8 ranks (launch/slurm_common.sh
+# gives each rank cores / 8 OpenMP threads); lower it on smaller nodes.
 #SBATCH --job-name=megarank-qwen2-7b
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1

@@ -29,6 +29,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megarank.parallel.runtime import Runtime
 
 META_FILE = "megarank.json"
+# The distributed optimizer's default checkpoint sharding cannot be written by this megatron-core
+# on every layout ("flattened_range is not supported"); this one reshards to any layout.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 LATEST = "latest"
 
 
@@ -92,7 +95,7 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     model_sd = _unwrap(model).sharded_state_dict()
     state = {
         "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd),
+        "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA),
         "rng": _rng_object(rt, _capture_rng()),
         "scheduler": scheduler.state_dict(),
         "train_state": dict(train_state),
@@ -155,10 +158,12 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any, sc
     path = Path(path)
     if not (path / META_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a complete megarank checkpoint (no {META_FILE})")
+    _init_empty_distributed_optimizer(optimizer)
     model_sd = _unwrap(model).sharded_state_dict()
     template = {
         "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True),
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                  metadata=OPTIMIZER_METADATA),
         "rng": _rng_object(rt, None),
     }
     loaded = _load(path, template)
@@ -193,6 +198,16 @@ def _load(path: Path, template: dict[str, Any]) -> dict[str, Any]:
 def read_meta(path: str | Path) -> dict[str, Any]:
     """megarank.json of a checkpoint (or of a run directory's latest checkpoint)."""
     return json.loads((resolve_checkpoint(path) / META_FILE).read_text())
+
+
+def _init_empty_distributed_optimizer(optimizer: Any) -> None:
+    """A fresh distributed optimizer has no Adam state to load into; without apex or Transformer
+    Engine its state_dict() then fails (``len(steps) == 1``). One zero-gradient step creates the
+    state; the load overwrites it, and the model weights it touched, right after."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
+        if init is not None and not opt.optimizer.state:
+            init()
 
 
 def _separate_adam_steps(optimizer: Any) -> None:

@@ -186,6 +186,9 @@ class TrainerConfig:
     """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
     precision: str = "fp32"
     """``fp32``, ``bf16`` or ``fp16`` (the last two need CUDA)."""
+    recompute: str = "none"
+    """Activation recomputation: ``none``, ``selective`` (attention core) or ``full`` (every
+    layer, uniform), trading compute for activation memory."""
     kernels: str = "auto"
     """``auto`` (Transformer Engine when usable, else local + SDPA), ``te`` or ``local``."""
     progress_bar: bool = True
@@ -214,6 +217,10 @@ class OptimConfig:
     """Linear warmup from 0 to lr."""
     decay_style: str = "cosine"
     """``cosine``, ``linear`` or ``constant`` after warmup."""
+    loss_scale: float | None = None
+    """fp16 only: a fixed loss scale; None scales dynamically (megatron's DynamicGradScaler)."""
+    initial_loss_scale: float = 65536.0
+    """fp16 only: the dynamic scaler's starting scale."""
 
 
 @dataclass

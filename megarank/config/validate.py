@@ -69,6 +69,7 @@ def validate(cfg: Any, world_size: int) -> Derived:
     _choice(errors, "trainer.precision", tr.precision, PRECISIONS)
     _choice(errors, "trainer.device", tr.device, DEVICES)
     _choice(errors, "trainer.kernels", tr.kernels, ("auto", "te", "local"))
+    _choice(errors, "trainer.recompute", tr.recompute, ("none", "selective", "full"))
     _choice(errors, "model.normalization", m.normalization, ("RMSNorm", "LayerNorm"))
     _choice(errors, "model.activation", m.activation, ("silu", "gelu"))
     _choice(
@@ -141,8 +142,16 @@ def validate(cfg: Any, world_size: int) -> Derived:
     # Features that need something else.
     if p.sequence_parallel and tp < 2:
         errors.append("parallel.sequence_parallel requires parallel.tensor_model_parallel_size > 1")
-    if tr.precision != "fp32" and tr.device == "cpu":
-        errors.append(f"trainer.precision ({tr.precision}) requires trainer.device cuda or auto")
+    if p.sequence_parallel and tp > 0 and cfg.data.pad_to_multiple_of % tp != 0:
+        # Sequence parallelism splits the sequence dimension over the TP ranks.
+        errors.append(
+            f"parallel.sequence_parallel needs data.pad_to_multiple_of "
+            f"({cfg.data.pad_to_multiple_of}) divisible by parallel.tensor_model_parallel_size "
+            f"({tp})"
+        )
+    if p.use_distributed_optimizer and tr.precision == "fp16":
+        errors.append("parallel.use_distributed_optimizer with trainer.precision fp16 is not "
+                      "supported; use bf16")
     if cfg.data.max_length > m.max_position_embeddings:
         errors.append(
             f"data.max_length ({cfg.data.max_length}) must be <= "

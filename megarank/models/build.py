@@ -26,10 +26,13 @@ def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
     return int(math.ceil(vocab_size / divisible_by) * divisible_by)
 
 
-def transformer_config(cfg, device: torch.device) -> TransformerConfig:
+def transformer_config(cfg, device: torch.device, kernels: str = "local") -> TransformerConfig:
     """megatron TransformerConfig from the model, parallel and trainer groups."""
     m, p, tr = cfg.model, cfg.parallel, cfg.trainer
     on_gpu = device.type == "cuda"
+    recompute = {} if tr.recompute == "none" else {"recompute_granularity": tr.recompute}
+    if tr.recompute == "full":
+        recompute.update(recompute_method="uniform", recompute_num_layers=1)
     dtype = DTYPES[tr.precision]
     return TransformerConfig(
         num_layers=m.num_layers,
@@ -64,12 +67,15 @@ def transformer_config(cfg, device: torch.device) -> TransformerConfig:
         variable_seq_lengths=True,
         moe_token_dispatcher_type="alltoall",  # no MoE here; "allgather" rejects variable lengths
         # Fused kernels only where they exist (CUDA); all are plain-PyTorch equivalents otherwise.
-        bias_activation_fusion=on_gpu and m.gated_linear_unit,
+        # bias+GeLU/SwiGLU and bias+dropout+add are megatron's jit fusions; RoPE and weight-grad
+        # accumulation fusions need Transformer Engine's kernels.
+        bias_activation_fusion=on_gpu and (m.gated_linear_unit or m.add_bias_linear),
         bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
+        masked_softmax_fusion=False,  # SDPA / TE attention do their own
+        apply_rope_fusion=on_gpu and kernels == "te",
         persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=on_gpu and kernels == "te",
+        **recompute,
     )
 
 

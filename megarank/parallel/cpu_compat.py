@@ -6,7 +6,9 @@ megatron-core is written for GPUs and assumes CUDA in five places (observed with
 2. buffers are allocated on ``torch.cuda.current_device()`` (global memory buffer, p2p receive
    buffers, DDP grad buffers) and ``torch.cuda.synchronize()`` is called;
 3. DDP grad sync may use CUDA streams;
-4. ``clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'``;
+4. optimizers classify parameters by ``Tensor.type()`` strings: ``clip_grad_by_total_norm_fp32``
+   asserts ``'torch.cuda.FloatTensor'``; the mixed-precision and distributed optimizers raise on
+   CPU type names;
 5. tensor factories with a hard-coded ``device="cuda"`` (pipeline schedules, optimizer, clip_grads,
    core.utils).
 
@@ -20,6 +22,7 @@ idempotent. Each thing it enables has a test in ``tests/unit/test_cpu_compat.py`
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 import types
@@ -40,6 +43,7 @@ PATCHED_MODULES: tuple[str, ...] = (
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
     "megatron.core.utils",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
@@ -147,6 +151,40 @@ class _CpuTorch:
         return getattr(self._real, name)
 
 
+@contextlib.contextmanager
+def _cuda_type_names() -> Any:
+    """While active, ``Tensor.type()`` names CPU tensors as their CUDA counterparts and
+    ``Tensor.cuda()`` leaves them where they are.
+
+    Only around a few methods of megatron's mixed-precision and distributed optimizers: their
+    parameter classification compares with 'torch.cuda.*Tensor' names (the dtype decides the same
+    way on the CPU) and their checkpoint gather moves buffers with ``.cuda()``.
+    """
+    original_type, original_cuda = torch.Tensor.type, torch.Tensor.cuda
+
+    def type_(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kw: Any) -> Any:
+        if dtype is None and not kw:
+            name = original_type(self)
+            return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
+        return original_type(self, dtype, non_blocking, **kw)
+
+    torch.Tensor.type = type_
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.type, torch.Tensor.cuda = original_type, original_cuda
+
+
+def _with_cuda_type_names(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _cuda_type_names():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _cpu_get_cuda_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
     return torch.get_rng_state()
 
@@ -178,6 +216,28 @@ def _clip_grad_by_total_norm_fp32(
         torch._foreach_mul_(grads, clip_coeff)
 
 
+def _keep_adam_step(fn: Any) -> Any:
+    """DistributedOptimizer's fully-reshardable load copies every key of a parameter's Adam state
+    from the checkpoint, but without apex or Transformer Engine (always the case on the CPU) the
+    state holds a ``step`` the checkpoint keeps elsewhere: KeyError 'step'. The step is restored
+    from the common state; here it is kept aside while the tensors are copied."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, model_param: Any, tensors: dict[str, Any]) -> Any:
+        if "step" in tensors or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return fn(self, model_param, tensors)
+        group, order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group]["params"][order]]
+        step = state.pop("step", None)
+        try:
+            return fn(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    return wrapper
+
+
 _APPLIED = False
 
 
@@ -205,6 +265,13 @@ def apply() -> None:
 
     optimizer = importlib.import_module("megatron.core.optimizer.optimizer")
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    for cls in (optimizer.Float16OptimizerWithFloat16Params, distrib.DistributedOptimizer):
+        cls.__init__ = _with_cuda_type_names(cls.__init__)
+    distrib.DistributedOptimizer.get_parameter_state_dp_zero = _with_cuda_type_names(
+        distrib.DistributedOptimizer.get_parameter_state_dp_zero)
+    distrib.DistributedOptimizer._set_main_param_and_optimizer_states = _keep_adam_step(
+        distrib.DistributedOptimizer._set_main_param_and_optimizer_states)
     _APPLIED = True
 
 

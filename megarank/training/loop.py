@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
@@ -41,6 +43,7 @@ from megarank.models.build import (
 )
 from megarank.models.specs import select_kernels
 from megarank.parallel.runtime import Runtime, init_runtime, shutdown
+from megarank.training.flops import mfu
 from megarank.training.logs import MetricsLog, logger, setup_logging
 from megarank.training.step import StepCounters, make_forward_step, reduce_step_stats, train_step
 
@@ -68,7 +71,7 @@ def build_model(cfg: DictConfig, rt: Runtime, tokenizer: Any, load_weights: bool
     sharded to this rank's part of the layout.
     """
     kernels = select_kernels(cfg.trainer.kernels, rt.device)
-    tconfig = transformer_config(cfg, rt.device)
+    tconfig = transformer_config(cfg, rt.device, kernels.name)
     ids = answer_token_ids(tokenizer, cfg.task) if cfg.task.head == "yes_no" else None
     model = build_cross_encoder(cfg, tconfig, kernels, rt.is_first_stage, rt.is_last_stage, ids)
     if load_weights and cfg.model.hf_path:
@@ -82,6 +85,9 @@ def build_model(cfg: DictConfig, rt: Runtime, tokenizer: Any, load_weights: bool
                            "they start from a fresh initialisation")
     sync_tied_output_layer(model)
     model.to(rt.device)
+    if cfg.trainer.precision != "fp32":
+        # bf16/fp16 weights and activations; the optimizer keeps fp32 main weights.
+        model = Float16Module(tconfig, model)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=cfg.trainer.precision != "fp32",
         overlap_grad_reduce=False,
@@ -152,10 +158,13 @@ def build_optimizer(cfg: DictConfig, model: DistributedDataParallel) -> tuple[An
         clip_grad=o.clip_grad, bf16=tr.precision == "bf16", fp16=tr.precision == "fp16",
         params_dtype=torch.float32 if tr.precision == "fp32" else None,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        loss_scale=o.loss_scale, initial_loss_scale=o.initial_loss_scale,
     )
     if opt_config.params_dtype is None:
         opt_config.params_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[tr.precision]
     optimizer = get_megatron_optimizer(opt_config, [model])
+    # fp16: the schedules multiply the loss by the current loss scale before backward.
+    model.config.grad_scale_func = optimizer.scale_loss if tr.precision == "fp16" else None
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
         lr_warmup_steps=o.warmup_steps, lr_decay_steps=tr.max_steps,
@@ -241,10 +250,12 @@ def _train(cfg: DictConfig, derived: Derived, rt: Runtime) -> dict[str, Any]:
     elif tr.resume:
         log.write(f"trainer.resume=true but {ckpt_root} holds no checkpoint: starting fresh")
 
-    counters = StepCounters()
+    counters = StepCounters(model=cfg.model, head=cfg.task.head)
     forward_step = make_forward_step(cfg.task, rt.device, counters)
     forward_backward = get_forward_backward_func()
-    window = Window(pairs_per_step=tr.global_batch_size * cfg.task.group_size)
+    window = Window(pairs_per_step=tr.global_batch_size * cfg.task.group_size,
+                    world_size=rt.world_size, device_name=device_name(rt.device))
+    stop = StopSignal()
     meta = {"config": resolved, "layout": derived.__dict__}
 
     def maybe_evaluate(step: int, record: dict[str, Any], final: bool) -> None:
@@ -268,16 +279,19 @@ def _train(cfg: DictConfig, derived: Derived, rt: Runtime) -> dict[str, Any]:
             log.log(record)
         maybe_save(last, final=True)
     for step in range(state["step"] + 1, last + 1):
-        counters.__init__()
+        counters.reset()
         losses, grad_norm, lr = train_step(
             forward_backward, forward_step, batches, model, optimizer, scheduler,
             derived.num_microbatches, cfg.data.max_length, derived.pairs_per_micro_batch,
         )
-        window.add(reduce_step_stats(losses, counters, rt))
+        stats = reduce_step_stats(losses, counters, rt, stop.requested)
+        window.add(stats)
         state = {"step": step, "consumed_samples": state["consumed_samples"] + tr.global_batch_size}
         log.advance()
 
-        final = step == last
+        final = step == last or stats["stop"]
+        if stats["stop"]:
+            log.write(f"stop requested ({stop.name}): saving at step {step} and exiting")
         record = {"step": step}
         if step % tr.log_interval == 0 or final:
             record.update(window.flush(), lr=lr, grad_norm=grad_norm,
@@ -285,7 +299,10 @@ def _train(cfg: DictConfig, derived: Derived, rt: Runtime) -> dict[str, Any]:
         maybe_evaluate(step, record, final)
         if len(record) > 1:
             log.log(record)
-        maybe_save(step, final)
+        maybe_save(step, final or stats["stop"])
+        if stats["stop"]:
+            break
+    stop.restore()
     log.close()
     return record
 
@@ -295,10 +312,13 @@ class Window:
     """Sums over the steps since the last logged one, turned into rates when logged."""
 
     pairs_per_step: int
+    world_size: int = 1
+    device_name: str | None = None
     steps: int = 0
     loss: float = 0.0
     real_tokens: float = 0.0
     padded_tokens: float = 0.0
+    flops: float = 0.0
     t0: float = field(default_factory=time.perf_counter)
 
     def add(self, stats: dict[str, float]) -> None:
@@ -307,16 +327,49 @@ class Window:
         self.loss += stats["loss"]
         self.real_tokens += stats["real_tokens"]
         self.padded_tokens += stats["padded_tokens"]
+        self.flops += stats["flops"]
 
     def flush(self) -> dict[str, float]:
-        """Mean loss and throughput of the window; starts a new one."""
+        """Mean loss, throughput and model FLOP rate of the window; starts a new one."""
         elapsed = time.perf_counter() - self.t0
+        per_gpu = self.flops / elapsed / self.world_size
         out = {
             "loss": self.loss / self.steps,
             "pairs_per_s": self.pairs_per_step * self.steps / elapsed,
             "tokens_per_s": self.real_tokens / elapsed,
             "padded_tokens_per_s": self.padded_tokens / elapsed,
             "padding_fraction": 1.0 - self.real_tokens / max(self.padded_tokens, 1.0),
+            "tflops_per_device": per_gpu / 1e12,
         }
-        self.__init__(self.pairs_per_step)
+        if self.device_name is not None:
+            found = mfu(per_gpu, self.device_name)
+            if found is not None:
+                out["mfu"] = found[0]
+        self.__init__(self.pairs_per_step, self.world_size, self.device_name)
         return out
+
+
+def device_name(device: torch.device) -> str | None:
+    """The GPU's name for the MFU peak table; None on the CPU (no peak is claimed there)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (Slurm's warning before the time limit, preemption) ask the loop to save
+    and exit at the next step boundary; all ranks agree through the per-step all-reduce."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.name = ""
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        self.name = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        """Put the previous handlers back."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from megarank.data.collate import PairBatch
 from megarank.parallel.runtime import Runtime
+from megarank.training.flops import step_flops
 from megarank.training.losses import group_loss
 
 
@@ -25,14 +26,28 @@ from megarank.training.losses import group_loss
 class StepCounters:
     """What this rank's forward passes saw during one step (for throughput accounting)."""
 
+    model: Any = None
+    """cfg.model, for the FLOP count; None skips it."""
+    head: str = "classifier"
     real_tokens: int = 0
     padded_tokens: int = 0
     pairs: int = 0
+    flops: float = 0.0
+    """Model FLOPs (forward + backward) of this rank's micro-batches at their padded length."""
 
     def add(self, batch: PairBatch) -> None:
+        """Account one micro-batch."""
+        n, t = batch.input_ids.shape
         self.real_tokens += batch.num_real_tokens
-        self.padded_tokens += batch.input_ids.numel()
-        self.pairs += batch.input_ids.shape[0]
+        self.padded_tokens += n * t
+        self.pairs += n
+        if self.model is not None:
+            self.flops += step_flops(self.model, t, num_sequences=n, head=self.head)
+
+    def reset(self) -> None:
+        """Start a new step."""
+        self.real_tokens = self.padded_tokens = self.pairs = 0
+        self.flops = 0.0
 
 
 def _loss_func(group_size: int, task: Any, scores: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -78,20 +93,25 @@ def train_step(forward_backward, forward_step, data: Iterator[PairBatch], model,
     return losses, float(grad_norm) if grad_norm is not None else float("nan"), lr
 
 
-def reduce_step_stats(losses: list[dict], counters: StepCounters, rt: Runtime) -> dict[str, float]:
-    """Global mean loss and token counts of a step, on every rank, in one all-reduce.
+def reduce_step_stats(losses: list[dict], counters: StepCounters, rt: Runtime,
+                      stop_requested: bool = False) -> dict[str, float]:
+    """Global mean loss, token and FLOP counts of a step, and any rank's stop request, on every
+    rank, in one all-reduce.
 
     Loss: the mean over micro-batches on the last stage, averaged over data-parallel ranks
-    (contributed once per DP rank, by TP rank 0). Tokens: summed over DP ranks (first stage,
-    TP rank 0).
+    (contributed once per DP rank, by TP rank 0). Tokens and FLOPs: summed over DP ranks (first
+    stage, TP rank 0).
     """
-    t = torch.zeros(3, dtype=torch.float64)
+    t = torch.zeros(5, dtype=torch.float64)
     if rt.is_last_stage and rt.tp_rank == 0 and losses:
         t[0] = torch.stack([d["loss"].double().cpu() for d in losses]).mean() / rt.dp_size
     if rt.is_first_stage and rt.tp_rank == 0:
         t[1] = counters.real_tokens
         t[2] = counters.padded_tokens
+        t[3] = counters.flops
+    t[4] = float(stop_requested)
     if rt.device.type == "cuda":
         t = t.to(rt.device)
     dist.all_reduce(t)
-    return {"loss": float(t[0]), "real_tokens": float(t[1]), "padded_tokens": float(t[2])}
+    return {"loss": float(t[0]), "real_tokens": float(t[1]), "padded_tokens": float(t[2]),
+            "flops": float(t[3]), "stop": bool(t[4] > 0)}

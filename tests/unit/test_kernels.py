@@ -1,0 +1,66 @@
+"""Kernel selection: TE on CUDA when importable, megatron local layers + SDPA otherwise; fusions
+only where their kernels exist. TE is mocked only at the selection boundary (te_available)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megarank.config import compose
+from megarank.models import specs
+from megarank.models.attention import SDPAttention
+from megarank.models.build import transformer_config
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
+
+
+def test_cpu_selects_local_sdpa():
+    choice = specs.select_kernels("auto", CPU)
+    assert choice.name == "local" and "no CUDA" in choice.reason
+    spec = specs.gpt_layer_spec("RMSNorm", False, choice.name)
+    assert spec.submodules.self_attention.submodules.core_attention is SDPAttention
+    bert = specs.bert_layer_spec(choice.name)
+    assert bert.submodules.self_attention.submodules.core_attention is SDPAttention
+
+
+def test_cuda_without_te_selects_local(monkeypatch):
+    monkeypatch.setattr(specs, "te_available", lambda: False)
+    choice = specs.select_kernels("auto", CUDA)
+    assert choice.name == "local" and "transformer_engine not installed" in choice.reason
+    with pytest.raises(ValueError, match="transformer_engine is not installed"):
+        specs.select_kernels("te", CUDA)
+
+
+def test_cuda_with_te_selects_te(monkeypatch):
+    monkeypatch.setattr(specs, "te_available", lambda: True)
+    assert specs.select_kernels("auto", CUDA).name == "te"
+    assert specs.select_kernels("te", CUDA).name == "te"
+    assert specs.select_kernels("local", CUDA).name == "local"
+
+
+def test_te_requested_on_cpu_is_an_error():
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        specs.select_kernels("te", CPU)
+    with pytest.raises(ValueError, match="trainer.kernels"):
+        specs.select_kernels("fast", CPU)
+
+
+def test_fusions_follow_device_and_kernels():
+    cfg = compose(["model=gpt_tiny"])
+    cpu = transformer_config(cfg, CPU, "local")
+    assert not (cpu.bias_activation_fusion or cpu.bias_dropout_fusion or cpu.apply_rope_fusion
+                or cpu.gradient_accumulation_fusion)
+    assert cpu.use_cpu_initialization
+    gpu = transformer_config(cfg, CUDA, "local")
+    assert gpu.bias_activation_fusion and gpu.bias_dropout_fusion
+    assert not gpu.apply_rope_fusion and not gpu.gradient_accumulation_fusion  # need TE kernels
+    assert not gpu.use_cpu_initialization
+
+
+def test_recompute_and_precision_reach_megatron():
+    cfg = compose(["model=gpt_tiny", "trainer.recompute=full"])
+    t = transformer_config(cfg, CPU)
+    assert t.recompute_granularity == "full" and t.recompute_method == "uniform"
+    cfg = compose(["model=gpt_tiny", "trainer.precision=bf16"])
+    t = transformer_config(cfg, CPU)
+    assert t.bf16 and t.params_dtype == torch.bfloat16
