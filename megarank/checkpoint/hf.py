@@ -146,7 +146,13 @@ class HFWeights:
 
     def _key(self, name: str) -> str:
         if self.prefix_fix and name.startswith(self.prefix_fix):
-            return name[len(self.prefix_fix):]
+            name = name[len(self.prefix_fix):]
+        if name not in self.files:
+            # Checkpoints from the original TF BERT port name LayerNorm parameters gamma / beta.
+            legacy = re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma", name)
+            legacy = re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", legacy)
+            if legacy in self.files:
+                return legacy
         return name
 
     def __contains__(self, name: str) -> bool:

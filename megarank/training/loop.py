@@ -63,16 +63,19 @@ def resolve_output_dir(cfg: DictConfig, rt: Runtime) -> Path:
     return out
 
 
-def build_model(cfg: DictConfig, rt: Runtime, tokenizer: Any, load_weights: bool = True
-                ) -> tuple[DistributedDataParallel, Any]:
+def build_model(cfg: DictConfig, rt: Runtime, tokenizer: Any, load_weights: bool = True,
+                answer_ids: tuple[int, int] | None = None) -> tuple[DistributedDataParallel, Any]:
     """This rank's cross-encoder stage, on its device, wrapped in megatron DDP.
 
     With ``model.hf_path`` (and ``load_weights``) the stage's weights are read from the HF model,
-    sharded to this rank's part of the layout.
+    sharded to this rank's part of the layout. The yes/no head's token ids come from the
+    tokenizer unless given as ``answer_ids``.
     """
     kernels = select_kernels(cfg.trainer.kernels, rt.device)
     tconfig = transformer_config(cfg, rt.device, kernels.name)
-    ids = answer_token_ids(tokenizer, cfg.task) if cfg.task.head == "yes_no" else None
+    ids = answer_ids
+    if ids is None and cfg.task.head == "yes_no":
+        ids = answer_token_ids(tokenizer, cfg.task)
     model = build_cross_encoder(cfg, tconfig, kernels, rt.is_first_stage, rt.is_last_stage, ids)
     if load_weights and cfg.model.hf_path:
         missing = load_hf_weights(

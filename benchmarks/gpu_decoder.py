@@ -1,0 +1,172 @@
+"""Training throughput of a ~0.5B decoder reranker on one GPU: kernels, step time, pairs/s,
+tokens/s, model TFLOP/s, MFU and peak memory; and the yes/no score-only head against a
+full-vocabulary output layer.
+
+    python benchmarks/gpu_decoder.py                 # Qwen2.5-0.5B geometry, bf16, seq 512
+    python benchmarks/gpu_decoder.py --smoke         # tiny model on the CPU: checks the script
+
+Random weights, synthetic token data of realistic length (lengths drawn between 60% and 100% of
+--seq, right-padded per micro-batch as in training). Runs within a few minutes on an H100/H200
+with only PyTorch preinstalled: install megatron-core, hydra-core, transformers and megarank as
+wheels first (see benchmarks/RESULTS.md). Prints one markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+
+def _full_vocab_head_class():
+    from megatron.core import tensor_parallel
+
+    from megarank.models.heads import YesNoHead, pool
+
+    class _FullVocab(YesNoHead):
+        """What an LM-style reranker does: logits over the whole vocabulary at every position
+        ([s, b, V], gathered over TP), then the yes/no columns at the pooled token."""
+
+        def forward(self, hidden: torch.Tensor, pool_index: torch.Tensor) -> torch.Tensor:
+            logits = hidden @ self.weight().t()  # [s, b, V/tp]
+            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+            picked = pool(logits, pool_index)[:, self.token_ids]  # [b, 2]
+            return picked[:, 0].float() - picked[:, 1].float()
+
+    return _FullVocab
+
+
+def synthetic_batches(n: int, groups: int, group_size: int, seq: int, vocab: int, seed: int):
+    """``n`` PairBatches of ``groups`` x ``group_size`` sequences, lengths 0.6-1.0 x seq."""
+    from megarank.data.collate import PairBatch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        rows = groups * group_size
+        lengths = torch.randint(int(0.6 * seq), seq + 1, (rows,), generator=g)
+        width = int(lengths.max())
+        ids = torch.randint(100, vocab, (rows, width), generator=g)
+        mask = (torch.arange(width)[None] < lengths[:, None]).long()
+        out.append(PairBatch(ids * mask, mask, torch.zeros_like(mask), lengths - 1, group_size,
+                             int(lengths.sum())))
+    return out
+
+
+def run(args, head: str, full_vocab: bool) -> dict:
+    """Train ``args.steps`` steps; return the measured row."""
+    import megarank.models.build as build
+    from megarank.config import compose, validate
+    from megarank.models.heads import YesNoHead
+    from megarank.parallel.runtime import init_runtime
+    from megarank.training.flops import mfu
+    from megarank.training.loop import build_model, build_optimizer
+    from megarank.training.step import StepCounters, make_forward_step, train_step
+
+    overrides = [f"model={args.model}", f"task.head={head}", f"task.group_size={args.group_size}",
+                 f"trainer.precision={args.precision}", f"data.max_length={args.seq}",
+                 f"trainer.micro_batch_size={args.micro_groups}",
+                 f"trainer.global_batch_size={args.micro_groups * args.micro_batches}",
+                 f"trainer.max_steps={args.steps + args.warmup}", f"trainer.kernels={args.kernels}",
+                 f"trainer.recompute={args.recompute}"]
+    cfg = compose(overrides)
+    d = validate(cfg, 1)
+    rt = init_runtime(1, 1, 1234, "auto")
+    build.YesNoHead = _full_vocab_head_class() if full_vocab else YesNoHead
+    try:
+        model, kernels = build_model(cfg, rt, None, answer_ids=(9454, 2152))
+    finally:
+        build.YesNoHead = YesNoHead
+    optimizer, scheduler = build_optimizer(cfg, model)
+    counters = StepCounters(model=cfg.model, head=head)
+    fwd = make_forward_step(cfg.task, rt.device, counters)
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    fb = get_forward_backward_func()
+    batches = iter(synthetic_batches((args.steps + args.warmup) * d.num_microbatches,
+                                     args.micro_groups, args.group_size, args.seq,
+                                     cfg.model.vocab_size, 0))
+    cuda = rt.device.type == "cuda"
+    times, flops, tokens = [], [], []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(args.steps + args.warmup):
+        counters.reset()
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        train_step(fb, fwd, batches, model, optimizer, scheduler, d.num_microbatches, args.seq,
+                   d.pairs_per_micro_batch)
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+            flops.append(counters.flops + (
+                0.0 if not full_vocab else
+                3 * 2 * counters.padded_tokens * cfg.model.hidden_size * cfg.model.vocab_size))
+            tokens.append(counters.real_tokens)
+    step = statistics.median(times)
+    achieved = statistics.median(f / t for f, t in zip(flops, times, strict=True))
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    m = mfu(achieved, name) if cuda else None
+    return {
+        "head": "full-vocab output layer" if full_vocab else head,
+        "kernels": kernels.name, "step_s": step,
+        "pairs_per_s": d.pairs_per_micro_batch * d.num_microbatches / step,
+        "tokens_per_s": statistics.median(tok / t for tok, t in zip(tokens, times, strict=True)),
+        "tflops": achieved / 1e12, "mfu": f"{m[0]:.1%} (peak {m[1]})" if m else "n/a",
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+        "device": name, "reason": kernels.reason,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2_0p5b")
+    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--micro-groups", type=int, default=2, help="query groups per micro-batch")
+    ap.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--kernels", default="auto")
+    ap.add_argument("--recompute", default="none")
+    ap.add_argument("--smoke", action="store_true", help="tiny model, CPU, fp32: check the script")
+    args = ap.parse_args()
+    if args.smoke:
+        args.model, args.precision, args.seq, args.steps, args.warmup = "gpt_tiny", "fp32", 64, 2, 1
+        args.micro_batches = 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from megarank.parallel.runtime import shutdown
+
+    rows = []
+    for head, full in (("classifier", False), ("yes_no", False), ("yes_no", True)):
+        try:
+            rows.append(run(args, head, full))
+        except torch.OutOfMemoryError as e:  # the full-vocab layer may not fit: that is a result
+            rows.append({"head": f"{head}{' full-vocab' if full else ''}", "error": str(e)[:80]})
+        finally:
+            shutdown()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    print(f"\n{args.model}, {args.precision}, seq {args.seq}, {args.micro_groups} groups x "
+          f"{args.group_size} docs x {args.micro_batches} micro-batches per step; "
+          f"device: {rows[0].get('device')}; kernels: {rows[0].get('kernels')} "
+          f"({rows[0].get('reason')})\n")
+    print("| head | step s | pairs/s | tokens/s | TFLOP/s | MFU | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['head']} | failed: {r['error']} | | | | | |")
+            continue
+        print(f"| {r['head']} | {r['step_s']:.3f} | {r['pairs_per_s']:.1f} | "
+              f"{r['tokens_per_s']:.0f} | {r['tflops']:.1f} | {r['mfu']} | {r['peak_gib']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
