@@ -56,6 +56,21 @@ def select_kernels(requested: str, device: torch.device) -> KernelChoice:
     return KernelChoice("te", "CUDA and transformer_engine present: TE fused layers")
 
 
+def apex_available() -> bool:
+    """NVIDIA apex (fused LayerNorm / Adam) is importable."""
+    return importlib.util.find_spec("apex") is not None
+
+
+def check_kernel_support(sequence_parallel: bool, kernels: KernelChoice) -> None:
+    """Refuse settings the chosen kernels cannot run, before any model is built."""
+    if sequence_parallel and kernels.name != "te" and not apex_available():
+        raise ValueError(
+            "parallel.sequence_parallel needs Transformer Engine (trainer.kernels=te) or apex: "
+            "megatron's torch LayerNorm does not support sequence parallelism "
+            f"(kernels here: {kernels.name}, {kernels.reason})"
+        )
+
+
 def gpt_layer_spec(normalization: str, qk_layernorm: bool, kernels: str) -> ModuleSpec:
     """A pre-norm decoder layer (Llama/Qwen): megatron's GPT spec, SDPA attention when local."""
     if kernels == "te":

@@ -41,7 +41,7 @@ from megarank.models.build import (
     sync_tied_output_layer,
     transformer_config,
 )
-from megarank.models.specs import select_kernels
+from megarank.models.specs import check_kernel_support, select_kernels
 from megarank.parallel.runtime import Runtime, init_runtime, shutdown
 from megarank.training.flops import mfu
 from megarank.training.logs import MetricsLog, logger, setup_logging
@@ -72,6 +72,7 @@ def build_model(cfg: DictConfig, rt: Runtime, tokenizer: Any, load_weights: bool
     tokenizer unless given as ``answer_ids``.
     """
     kernels = select_kernels(cfg.trainer.kernels, rt.device)
+    check_kernel_support(cfg.parallel.sequence_parallel, kernels)
     tconfig = transformer_config(cfg, rt.device, kernels.name)
     ids = answer_ids
     if ids is None and cfg.task.head == "yes_no":
@@ -166,6 +167,7 @@ def build_optimizer(cfg: DictConfig, model: DistributedDataParallel) -> tuple[An
     if opt_config.params_dtype is None:
         opt_config.params_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[tr.precision]
     optimizer = get_megatron_optimizer(opt_config, [model])
+    use_fused_torch_adamw(optimizer)
     # fp16: the schedules multiply the loss by the current loss scale before backward.
     model.config.grad_scale_func = optimizer.scale_loss if tr.precision == "fp16" else None
     scheduler = OptimizerParamScheduler(
@@ -175,6 +177,23 @@ def build_optimizer(cfg: DictConfig, model: DistributedDataParallel) -> tuple[An
         wd_incr_steps=tr.max_steps, wd_incr_style="constant",
     )
     return optimizer, scheduler
+
+
+def use_fused_torch_adamw(optimizer: Any) -> bool:
+    """Without TE or apex, megatron steps with torch's AdamW in its default (foreach) form; on
+    CUDA its single fused kernel does the same update faster. Returns whether it was switched on.
+    """
+    switched = False
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.AdamW | torch.optim.Adam):
+            continue  # TE / apex FusedAdam
+        params = [p for g in inner.param_groups for p in g["params"]]
+        if params and all(p.is_cuda and p.dtype == torch.float32 for p in params):
+            for g in inner.param_groups:
+                g["fused"], g["foreach"] = True, False
+            switched = True
+    return switched
 
 
 def build_data(cfg: DictConfig, rt: Runtime, collator: PairCollator, consumed_samples: int):

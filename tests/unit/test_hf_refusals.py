@@ -69,8 +69,8 @@ def test_shapes_that_disagree_with_the_config_are_refused(llama, tmp_path):
     # config.json claims a wider MLP than the weights have.
     import shutil
 
-    from megarank.config import compose, validate
     from megarank.checkpoint.hf import apply_hf_config
+    from megarank.config import compose, validate
     from megarank.parallel.runtime import init_runtime, shutdown
     from megarank.training.loop import build_model, build_tokenizer
 

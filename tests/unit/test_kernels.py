@@ -64,3 +64,24 @@ def test_recompute_and_precision_reach_megatron():
     cfg = compose(["model=gpt_tiny", "trainer.precision=bf16"])
     t = transformer_config(cfg, CPU)
     assert t.bf16 and t.params_dtype == torch.bfloat16
+
+
+def test_sequence_parallel_needs_te_or_apex(monkeypatch):
+    monkeypatch.setattr(specs, "apex_available", lambda: False)
+    local = specs.KernelChoice("local", "no CUDA device")
+    with pytest.raises(ValueError, match="parallel.sequence_parallel needs Transformer Engine"):
+        specs.check_kernel_support(True, local)
+    specs.check_kernel_support(False, local)
+    specs.check_kernel_support(True, specs.KernelChoice("te", "TE"))
+    monkeypatch.setattr(specs, "apex_available", lambda: True)
+    specs.check_kernel_support(True, local)
+
+
+def test_fused_adamw_only_for_cuda_fp32_params():
+    from megarank.training.loop import use_fused_torch_adamw
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([p])
+    holder = type("Megatron", (), {"optimizer": opt})()
+    assert not use_fused_torch_adamw(holder)  # CPU parameters: torch's fused kernel is CUDA-only
+    assert not opt.param_groups[0].get("fused")

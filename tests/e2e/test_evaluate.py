@@ -1,0 +1,141 @@
+"""``megarank evaluate`` end to end on Cranfield's test split: a 2-step bert_tiny checkpoint and its
+HF export rerank alike, in one process and over two data-parallel ranks; the first-stage row is
+BM25's known number; bad inputs stop before any model is built; empty candidate lists count as 0."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import ir_measures
+import pytest
+
+from megarank.data.beir import read_trec_run
+from megarank.evaluate import compute_metrics, prepare
+from tests.conftest import data_dir, run_module, run_train
+
+ROOT = data_dir("cranfield")
+BM25_TEST_NDCG10 = 0.342  # SOURCE.md
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(checkpoint run dir, HF export) of bert_tiny after 2 steps."""
+    tmp = tmp_path_factory.mktemp("model")
+    run_train(["model=bert_tiny", "trainer.max_steps=2", f"trainer.output_dir={tmp / 'run'}",
+               "trainer.eval_at_end=false"])
+    run_module("megarank.convert", ["to-hf", "--ckpt", tmp / "run", "--out", tmp / "hf"])
+    return tmp / "run", tmp / "hf"
+
+
+def _evaluate(model, out, *extra, nproc=1, check=True):
+    return run_module("megarank.evaluate", ["--model", model, "--collection", ROOT, "--top-k", "20",
+                                            "--out", out, *extra], nproc, check=check)
+
+
+@pytest.fixture(scope="module")
+def ckpt_eval(models, tmp_path_factory):
+    """The checkpoint's single-process evaluation: (out dir, stdout)."""
+    out = tmp_path_factory.mktemp("eval") / "ckpt"
+    return out, _evaluate(models[0], out).stdout
+
+
+def _scores(out):
+    return read_trec_run(out / "run.megarank.trec")
+
+
+def _max_gap(a, b):
+    assert a.keys() == b.keys() and all(a[q].keys() == b[q].keys() for q in a)
+    return max(abs(a[q][d] - b[q][d]) for q in a for d in a[q])
+
+
+def test_outputs_are_written_and_agree(ckpt_eval):
+    out, stdout = ckpt_eval
+    m = json.loads((out / "metrics.json").read_text())
+    run = _scores(out)
+    assert m["queries"] == {"evaluated": 113, "skipped_unjudged": 0, "empty_candidates": 0}
+    assert len(run) == 113 and all(len(docs) == 20 for docs in run.values())
+    assert set(m["megarank"]) == {"nDCG@10", "RR@10", "R@100", "R@20", "AP"}
+    # The first-stage top 20 holds the top 10, so its nDCG@10 is BM25's.
+    assert m["first_stage"]["nDCG@10"] == pytest.approx(BM25_TEST_NDCG10, abs=1e-3)
+    assert m["cross_check_max_abs_diff"] < 1e-9
+    # The metrics are those of the written file, ranked as the file ranks (ties by docid).
+    task = prepare(ROOT, top_k=20)
+    assert compute_metrics(run, task.qrels, 20)[0] == m["megarank"]
+    assert "first stage (run.bm25.trec)" in stdout and "megarank" in stdout
+    assert "NDCG@10" in stdout and "MRR@10" in stdout and "R@20" in stdout
+
+
+def test_checkpoint_and_hf_export_rerank_alike(models, ckpt_eval, tmp_path):
+    out = tmp_path / "hf"
+    _evaluate(models[1], out)
+    assert _max_gap(_scores(ckpt_eval[0]), _scores(out)) <= 1e-4
+    a = json.loads((ckpt_eval[0] / "metrics.json").read_text())
+    b = json.loads((out / "metrics.json").read_text())
+    assert a["megarank"] == b["megarank"] and a["first_stage"] == b["first_stage"]
+
+
+@pytest.mark.distributed
+def test_two_data_parallel_ranks_score_like_one_process(models, ckpt_eval, tmp_path):
+    # The HF export, so that the layout comes from the `parallel=` group override.
+    out = tmp_path / "dp2"
+    _evaluate(models[1], out, "parallel=tp1_pp1", nproc=2)
+    assert _max_gap(_scores(ckpt_eval[0]), _scores(out)) <= 1e-5
+
+
+def test_first_stage_row_at_top_100_is_bm25():
+    # The row the command prints (prepare + compute_metrics, no model needed) against the known
+    # number and against ir-measures on the whole run file.
+    task = prepare(ROOT, top_k=100)
+    row, gap = compute_metrics(task.first_stage, task.qrels, 100)
+    assert row["nDCG@10"] == pytest.approx(BM25_TEST_NDCG10, abs=1e-3)
+    assert gap < 1e-9
+    full = ir_measures.calc_aggregate([ir_measures.R @ 100], task.qrels,
+                                      read_trec_run(ROOT / "run.bm25.trec"))
+    assert row["R@100"] == pytest.approx(full[ir_measures.R @ 100], abs=1e-12)
+
+
+def test_unknown_document_in_run_stops_before_any_model(tmp_path):
+    bad = tmp_path / "bad.trec"
+    lines = (ROOT / "run.bm25.trec").read_text().splitlines()
+    bad.write_text("\n".join([*lines[:5], "1 Q0 no-such-doc 6 1.0 bm25", *lines[5:]]) + "\n")
+    # A model path that does not exist: the run file must be refused first.
+    proc = _evaluate(tmp_path / "no-model", tmp_path / "out", "--run", bad, check=False)
+    assert proc.returncode != 0
+    assert str(bad) in proc.stderr and "no-such-doc" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_qrels_with_unknown_query_is_refused(tmp_path):
+    coll = tmp_path / "coll"
+    shutil.copytree(ROOT, coll)
+    with open(coll / "qrels.tsv", "a") as f:
+        f.write("9999\t1\t1\n")
+    proc = run_module("megarank.evaluate", ["--model", tmp_path / "no-model", "--collection",
+                                            coll], check=False)
+    assert proc.returncode != 0
+    assert str(coll / "qrels.tsv") in proc.stderr and "'9999'" in proc.stderr
+
+
+def test_query_without_candidates_counts_as_zero(models, tmp_path):
+    task = prepare(ROOT, top_k=5)
+    gone = next(iter(task.qrels))
+    run = tmp_path / "run.trec"
+    run.write_text("".join(line + "\n" for line in (ROOT / "run.bm25.trec").read_text()
+                           .splitlines() if line.split()[0] != gone))
+    out = tmp_path / "out"
+    proc = run_module("megarank.evaluate", ["--model", models[0], "--collection", ROOT, "--run",
+                                            run, "--top-k", "5", "--out", out])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["queries"]["evaluated"] == 113 and m["queries"]["empty_candidates"] == 1
+    assert gone not in _scores(out)
+    assert "1 with no candidate (scored 0)" in proc.stdout
+    # It stays in the mean: dropping it would give a larger first-stage nDCG@10.
+    row, _ = compute_metrics(task.first_stage, task.qrels, 5)
+    assert m["first_stage"]["nDCG@10"] == pytest.approx(
+        (row["nDCG@10"] * 113 - _ndcg10(task, gone)) / 113, abs=1e-12)
+
+
+def _ndcg10(task, qid):
+    one = {qid: task.qrels[qid]}
+    return compute_metrics({qid: task.first_stage[qid]}, one, 5)[0]["nDCG@10"]

@@ -1,0 +1,46 @@
+"""The README's main job in a reduced form: a real pretrained 2-layer BERT, a few steps, every
+step of the pipeline run, every output written and readable."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from megarank.data.beir import read_trec_run
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_quickstart_reduced(tmp_path):
+    out = tmp_path / "qs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "megarank.quickstart", "--model", "bert_l2_h128", "--steps", "4",
+         "--top-k", "5", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "cranfield BM25" in proc.stdout and "cisi megarank" in proc.stdout
+
+    assert (out / "imported" / "megarank.json").is_file()
+    latest = (out / "train" / "checkpoints" / "latest").read_text()
+    assert latest == "step_0000004"
+    steps = [json.loads(x)["step"] for x in (out / "train" / "metrics.jsonl").read_text().split()]
+    assert steps[-1] == 4
+    weights = load_file(out / "hf" / "model.safetensors")
+    assert "classifier.weight" in weights
+    for f in ("config.json", "tokenizer.json", "scoring.json"):
+        assert (out / "hf" / f).is_file()
+    results = json.loads((out / "results.json").read_text())
+    for name in ("cranfield", "cisi"):
+        run = read_trec_run(out / "eval" / name / "run.megarank.trec")
+        metrics = json.loads((out / "eval" / name / "metrics.json").read_text())
+        assert len(run) == metrics["queries"]["evaluated"] > 0
+        assert all(len(d) <= 5 for d in run.values())
+        for row in ("BM25", "megarank"):
+            m = results["table"][f"{name} {row}"]
+            assert set(m) == {"NDCG@10", "MRR@10", "Recall@100"}
+            assert all(0.0 <= v <= 1.0 for v in m.values())
