@@ -12,6 +12,8 @@ COMMANDS = {
     "train": "megarank.train",
     "convert": "megarank.convert",
     "score": "megarank.score",
+    "evaluate": "megarank.evaluate",
+    "mine": "megarank.mine",
     "report": "megarank.eval.report",
 }
 

@@ -56,7 +56,7 @@ def to_hf(ckpt: str, out: str, as_classifier: bool = False) -> Path:
     from megarank.checkpoint.contract import read_contract
     from megarank.checkpoint.dist import load_model_weights, read_meta, resolve_checkpoint
     from megarank.checkpoint.export import export_hf
-    from megarank.config import register
+    from megarank.config import from_saved, register
     from megarank.parallel.runtime import init_runtime, shutdown
     from megarank.training.loop import answer_token_ids, build_model, build_tokenizer
 
@@ -64,12 +64,7 @@ def to_hf(ckpt: str, out: str, as_classifier: bool = False) -> Path:
         raise SystemExit("megarank convert to-hf runs in one process (not under torchrun)")
     register()
     path = resolve_checkpoint(ckpt)
-    cfg = OmegaConf.create(read_meta(path)["config"])
-    cfg.parallel.tensor_model_parallel_size = 1
-    cfg.parallel.pipeline_model_parallel_size = 1
-    cfg.parallel.sequence_parallel = False
-    cfg.parallel.use_distributed_optimizer = False
-    cfg.trainer.precision = "fp32"
+    cfg = from_saved(read_meta(path)["config"], ["parallel=tp1_pp1", "trainer.precision=fp32"])
     rt = init_runtime(1, 1, cfg.trainer.seed, "cpu")
     try:
         tokenizer = build_tokenizer(cfg)

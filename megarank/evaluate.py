@@ -20,10 +20,10 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ir_measures
 import torch
@@ -38,6 +38,10 @@ from megarank.data.beir import (
     write_trec_run,
 )
 from megarank.eval.metrics import Qrels, Run, evaluate, rank_documents
+
+if TYPE_CHECKING:  # both import megatron-core, which the input checks never need
+    from megarank.eval.scorer import PairScorer
+    from megarank.parallel.runtime import Runtime
 
 RUN_FILE, METRICS_FILE, RUN_TAG = "run.megarank.trec", "metrics.json", "megarank"
 
@@ -142,8 +146,9 @@ def compute_metrics(run: Run, qrels: Qrels, top_k: int) -> tuple[dict[str, float
     return table, gap
 
 
-def score_pairs(scorer: Any, model: torch.nn.Module, rt: Any, pairs: list[tuple[str, str]],
-                desc: str = "score", progress: bool = True) -> torch.Tensor:
+def score_pairs(scorer: PairScorer, model: torch.nn.Module, rt: Runtime,
+                pairs: list[tuple[str, str]], desc: str = "score",
+                progress: bool = True) -> torch.Tensor:
     """PairScorer.score with a progress bar on rank 0: pairs go in chunks of whole batches, so
     every batch, and hence every score, is the one a single call would give. [len(pairs)]"""
     if not pairs:
@@ -159,7 +164,7 @@ def score_pairs(scorer: Any, model: torch.nn.Module, rt: Any, pairs: list[tuple[
     return torch.cat(out)
 
 
-def _write_atomic(path: Path, write: Any) -> None:
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Write through ``write(tmp_path)`` then rename, so a crash never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
@@ -191,9 +196,9 @@ def evaluate_task(task: RerankTask, model_dir: str | Path, out_dir: str | Path |
     from megarank.training.logs import logger, setup_logging
 
     pairs = task.pairs()
-    _, rt, model, collator = load_scorer(model_dir, list(overrides),
-                                         int(os.environ.get("WORLD_SIZE", "1")))
     try:
+        _, rt, model, collator = load_scorer(model_dir, list(overrides),
+                                             int(os.environ.get("WORLD_SIZE", "1")))
         setup_logging(rt)
         if task.skipped_unjudged:
             logger.info(f"skipped {len(task.skipped_unjudged)} {task.split} queries without "

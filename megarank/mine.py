@@ -103,6 +103,7 @@ class MineStats:
     """What happened to the split's queries."""
 
     written: int = 0
+    """Triplets in the output file."""
     skipped_no_positive: list[str] = field(default_factory=list)
     """Queries without a document judged relevant: no triplet."""
     short: list[str] = field(default_factory=list)
@@ -219,9 +220,9 @@ def _rescore(coll: Collection, ranked: dict[str, list[tuple[str, float]]],
     # Each (query, document) once, though a positive is usually among the candidates too.
     keys = [(q, d) for q in ranked
             for d in dict.fromkeys([*(d for d, _ in ranked[q]), *positives[q]])]
-    _, rt, model, collator = load_scorer(model_dir, list(overrides),
-                                         int(os.environ.get("WORLD_SIZE", "1")))
     try:
+        _, rt, model, collator = load_scorer(model_dir, list(overrides),
+                                             int(os.environ.get("WORLD_SIZE", "1")))
         texts = [(coll.queries[q], coll.corpus[d]) for q, d in keys]
         scores = score_pairs(PairScorer(collator, batch_size), model, rt, texts, "score",
                              progress=progress)

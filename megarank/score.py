@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from megarank.checkpoint.contract import ScoringContract, make_contract, read_contract
 
@@ -38,7 +37,7 @@ def load_scorer(model_dir: str | Path, overrides: list[str], world_size: int):
         resolve_checkpoint,
     )
     from megarank.checkpoint.hf import apply_hf_config
-    from megarank.config import compose, register, validate
+    from megarank.config import compose, from_saved, register, validate
     from megarank.parallel.runtime import init_runtime
     from megarank.training.loop import build_collator, build_model, build_tokenizer
 
@@ -47,8 +46,7 @@ def load_scorer(model_dir: str | Path, overrides: list[str], world_size: int):
     is_ckpt = (path / META_FILE).is_file() or (path / "checkpoints").is_dir()
     if is_ckpt:
         path = resolve_checkpoint(path)
-        cfg = OmegaConf.merge(OmegaConf.create(read_meta(path)["config"]),
-                              OmegaConf.from_dotlist([o for o in overrides if "=" in o]))
+        cfg = from_saved(read_meta(path)["config"], overrides)
     else:
         cfg = compose(["model=hf", f"model.hf_path={path.resolve()}", *overrides])
         apply_hf_config(cfg)

@@ -11,7 +11,7 @@ from megarank.config.validate import ConfigError, Derived, validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
 
-__all__ = ["CONF_DIR", "ConfigError", "Derived", "compose", "register", "validate"]
+__all__ = ["CONF_DIR", "ConfigError", "Derived", "compose", "from_saved", "register", "validate"]
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
@@ -28,3 +28,26 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> D
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+
+
+def from_saved(saved: dict, overrides: list[str] | None = None) -> DictConfig:
+    """A checkpoint's saved config, on top of today's schema defaults, with Hydra-style overrides.
+
+    Fields added to the schema after the checkpoint was written take their defaults. A group
+    override (``parallel=tp2_pp1``) replaces the whole group as composing would; dotted ones
+    (``trainer.device=cpu``) set one value.
+    """
+    from omegaconf import OmegaConf
+
+    cfg = compose([])
+    for group, values in saved.items():
+        if group in cfg:
+            cfg[group] = OmegaConf.merge(cfg[group], values)
+    for item in overrides or []:
+        key, _, value = item.partition("=")
+        if "." not in key and key in cfg:
+            cfg[key] = compose([item])[key]
+        else:
+            OmegaConf.update(cfg, key, OmegaConf.select(OmegaConf.from_dotlist([item]), key),
+                             merge=False)
+    return cfg

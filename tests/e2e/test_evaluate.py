@@ -11,6 +11,7 @@ import ir_measures
 import pytest
 
 from megarank.data.beir import read_trec_run
+from megarank.data.triplets import read_triplets
 from megarank.evaluate import compute_metrics, prepare
 from tests.conftest import data_dir, run_module, run_train
 
@@ -139,3 +140,17 @@ def test_query_without_candidates_counts_as_zero(models, tmp_path):
 def _ndcg10(task, qid):
     one = {qid: task.qrels[qid]}
     return compute_metrics({qid: task.first_stage[qid]}, one, 5)[0]["nDCG@10"]
+
+
+def test_mine_with_the_model_as_retriever(models, tmp_path):
+    # megarank mine shares evaluate's scoring path; here it re-sorts the BM25 top 10 by the model.
+    outs = [tmp_path / f"{i}.jsonl" for i in range(2)]
+    for out in outs:
+        run_module("megarank.mine", ["--collection", ROOT, "--out", out, "--retriever", "model",
+                                     "--model", models[0], "--depth", "10", "--negatives", "3"])
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    records = read_triplets(outs[0])
+    assert len(records) == 112
+    for rec in records:
+        assert rec.pos_scores is not None and len(rec.neg_scores) == len(rec.neg) <= 3
+        assert list(rec.neg_scores) == sorted(rec.neg_scores, reverse=True)
