@@ -31,11 +31,20 @@ Numbers. pairs/s whole run = steps * groups * G / wall time of the whole trainin
 checkpoint with optimizer state, sentence-transformers' model.save; conversion to HF excluded and
 timed apart). pairs/s steady state = median per-step rate over the second half of the steps
 (megarank: pairs_per_s in metrics.jsonl; sentence-transformers: the time between step ends).
-Peak RSS = max over time of the SUM of RSS over the process tree, sampled every 50 ms (shared
-library pages count once per process, so 2 ranks pay for torch twice). NDCG@10 / MRR@10
-(ir-measures nDCG@10, RR@10) rerank the BM25 top-k of the test split (first --max-queries judged
-queries), scoring every model with sentence_transformers.CrossEncoder(dir).predict (raw logits);
-ties are broken by docid as megarank's evaluator does. Everything lands in DIR/results.json.
+Peak RSS = max over time of the SUM of RSS over processes, sampled every 50 ms: "tree" is the
+whole process tree; "no forks" only the command and its direct children (torchrun's launcher and
+ranks), leaving out the helpers megatron's checkpoint writer forks from each rank, whose RSS is
+mostly the rank's own pages shared copy-on-write. RSS counts shared library pages once per
+process, so 2 ranks pay for torch twice. NDCG@10 / MRR@10 (ir-measures nDCG@10, RR@10) rerank
+the BM25 top-k of the test split (first --max-queries judged queries), scoring every model with
+sentence_transformers.CrossEncoder(dir, max_length=L).predict (raw logits); ties are broken by
+docid as megarank's evaluator does. Everything lands in DIR/results.json.
+
+Caveats. Throughput needs an otherwise idle machine: each training run records the cores other
+processes kept busy meanwhile, and the report warns when that exceeds 0.2. tp2 starts from a
+one-process `convert from-hf` import of the same weights (see HF_START_BROKEN_UNDER_TP), so its
+whole-run time has no HF loading in it; the import is timed apart. The sentence-transformers side
+needs `pip install 'sentence-transformers[train]'` (accelerate, datasets).
 """
 
 from __future__ import annotations
@@ -77,23 +86,31 @@ def _busy_seconds() -> float:
 
 
 def run_measured(cmd: list[str], env: dict[str, str], log: Path) -> dict[str, float]:
-    """Run ``cmd`` (output to ``log``); return its wall seconds, the peak summed RSS of its
-    process tree (GiB) and the cores that OTHER processes kept busy meanwhile (a 2-core machine
-    shared with other work makes the numbers meaningless: rerun when other_cores is near 0)."""
+    """Run ``cmd`` (output to ``log``); return its wall seconds, peak memory and the cores that
+    OTHER processes kept busy meanwhile (a 2-core machine shared with other work makes the
+    throughput meaningless: rerun when other_cores is near 0).
+
+    Memory is the peak over time of the summed RSS of (a) the whole process tree and (b) the
+    command and its direct children only (torchrun's launcher and ranks). They differ when a
+    rank forks: megatron's checkpoint writer forks helper processes whose RSS is mostly pages
+    shared copy-on-write with their rank, so (a) counts the rank's memory again per helper.
+    """
     t0, busy0 = time.perf_counter(), _busy_seconds()
     cpu: dict[int, float] = {}  # pid -> last seen user + system seconds
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-        root, peak = psutil.Process(proc.pid), 0
+        root, peak_tree, peak_top = psutil.Process(proc.pid), 0, 0
         while proc.poll() is None:
             try:
-                tree = [root, *root.children(recursive=True)]
-                rss = 0
-                for p in tree:
-                    rss += p.memory_info().rss
+                top = {p.pid for p in root.children()} | {root.pid}
+                rss_tree = rss_top = 0
+                for p in [root, *root.children(recursive=True)]:
+                    rss = p.memory_info().rss
+                    rss_tree += rss
+                    rss_top += rss if p.pid in top else 0
                     times = p.cpu_times()
                     cpu[p.pid] = times.user + times.system
-                peak = max(peak, rss)
+                peak_tree, peak_top = max(peak_tree, rss_tree), max(peak_top, rss_top)
             except psutil.Error:  # a process ended between listing and reading
                 pass
             time.sleep(0.05)
@@ -102,7 +119,8 @@ def run_measured(cmd: list[str], env: dict[str, str], log: Path) -> dict[str, fl
         tail = log.read_text(errors="replace")[-4000:]
         raise SystemExit(f"{' '.join(cmd)}\nfailed (exit {proc.returncode}); end of {log}:\n{tail}")
     others = max(0.0, _busy_seconds() - busy0 - sum(cpu.values())) / seconds
-    return {"seconds": seconds, "peak_rss_gib": peak / 2**30, "other_cores": others}
+    return {"seconds": seconds, "peak_rss_gib": peak_tree / 2**30,
+            "peak_rss_top_gib": peak_top / 2**30, "other_cores": others}
 
 
 def child_env(threads: int) -> dict[str, str]:
@@ -252,7 +270,8 @@ def run_megarank(args: argparse.Namespace, layout: str, work: Path, warmup: int,
 
     overrides = megarank_overrides(args, layout, work, warmup)
     imported = work / "minilm_import"
-    if any(o.startswith("model.init_from=") for o in overrides) and not imported.exists():
+    from_import = any(o.startswith("model.init_from=") for o in overrides)
+    if from_import and not imported.exists():
         print(f"[bench] megarank: importing the start weights to {imported}", flush=True)
         m = run_measured([sys.executable, "-m", "megarank.convert", "from-hf", "--hf",
                           _package_dir(), "--out", str(imported)], child_env(THREADS),
@@ -275,8 +294,9 @@ def run_megarank(args: argparse.Namespace, layout: str, work: Path, warmup: int,
     timings[f"megarank {layout} to-hf"] = time.perf_counter() - t0
     pairs = args.steps * args.groups_per_step * args.group_size
     return {
-        "model_dir": str(hf), "start": "from-hf import" if imported.exists() and layout != "tp1"
-        else "model=minilm", "train_seconds": seconds, "peak_rss_gib": m["peak_rss_gib"],
+        "model_dir": str(hf), "start": "from-hf import" if from_import else "model=minilm",
+        "train_seconds": seconds, "peak_rss_gib": m["peak_rss_gib"],
+        "peak_rss_top_gib": m["peak_rss_top_gib"],
         "other_cores": m["other_cores"], "pairs_per_s_whole": pairs / seconds,
         "pairs_per_s_steady": steady({r["step"]: r["pairs_per_s"] for r in records}, args.steps),
         "loss": [r["loss"] for r in records], "lr": [r["lr"] for r in records],
@@ -397,7 +417,8 @@ def run_st(args: argparse.Namespace, work: Path, warmup: int, cfg: Any,
     rates = {s: per_step / (ends[s] - ends[s - 1]) for s in range(1, len(ends))}
     return {
         "model_dir": job["save_dir"], "train_seconds": seconds,
-        "peak_rss_gib": run["peak_rss_gib"], "other_cores": run["other_cores"],
+        "peak_rss_gib": run["peak_rss_gib"], "peak_rss_top_gib": run["peak_rss_top_gib"],
+        "other_cores": run["other_cores"],
         "pairs_per_s_whole": args.steps * per_step / seconds,
         "pairs_per_s_steady": steady(rates, args.steps), "loss": m["loss"], "lr": m["lr"],
         "torch_threads": m["torch_threads"],
@@ -489,13 +510,14 @@ def fmt(value: float | None, digits: int) -> str:
 
 def table(rows: dict[str, dict[str, Any]], top_k: int) -> str:
     """The markdown table: throughput and memory of training, quality of reranking."""
-    head = ["system", "pairs/s whole run", "pairs/s steady state", "peak RSS GiB",
-            "Cranfield NDCG@10", "Cranfield MRR@10", "CISI NDCG@10", "CISI MRR@10"]
+    head = ["system", "pairs/s whole run", "pairs/s steady state", "peak RSS GiB (tree)",
+            "peak RSS GiB (no forks)", "Cranfield NDCG@10", "Cranfield MRR@10", "CISI NDCG@10",
+            "CISI MRR@10"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, r in rows.items():
         name = f"BM25 top-{top_k} (first stage)" if key == "bm25" else LABELS[key]
         cells = [name, fmt(r.get("pairs_per_s_whole"), 1), fmt(r.get("pairs_per_s_steady"), 1),
-                 fmt(r.get("peak_rss_gib"), 2)]
+                 fmt(r.get("peak_rss_gib"), 2), fmt(r.get("peak_rss_top_gib"), 2)]
         cells += [fmt(r[c][m], 4) for c in EVAL_COLLECTIONS for m in ("NDCG@10", "MRR@10")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -667,8 +689,9 @@ def main() -> None:
               f"x{r['pairs_per_s_whole']:.2f}, steady state x{r['pairs_per_s_steady']:.2f}, "
               + ", ".join(f"{c} NDCG@10 x{r[f'{c}_NDCG@10']:.3f}" for c in EVAL_COLLECTIONS))
     for key, r in results.items():
+        start = f", started from the {r['start']}" if "start" in r else ""
         print(f"{LABELS[key]}: train loss step 1 {r['loss'][0]:.4f}, "
-              f"step {args.steps} {r['loss'][-1]:.4f}")
+              f"step {args.steps} {r['loss'][-1]:.4f}{start}")
     print("checks: " + ", ".join(f"{k}={v}" for k, v in checks.items()))
     busy = {LABELS[k]: r["other_cores"] for k, r in results.items()}
     print("cores kept busy by other processes during each training run: "

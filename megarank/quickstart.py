@@ -51,11 +51,13 @@ def _run(cmd: list[str], nproc: int = 1, log: Path | None = None) -> float:
     return time.perf_counter() - t0
 
 
-def _metric(block: dict[str, float], names: tuple[str, str]) -> float:
-    for name in names:
-        if name in block:
-            return block[name]
-    raise KeyError(f"none of {names} in {sorted(block)}")
+def summarize(results: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """{"<collection> BM25" / "<collection> megarank": {metric: value}} from evaluate's records."""
+    table = {}
+    for name, r in results.items():
+        for row, block in (("BM25", r["first_stage"]), ("megarank", r["megarank"])):
+            table[f"{name} {row}"] = {label: block[key] for label, key in METRICS}
+    return table
 
 
 def main() -> None:
@@ -119,10 +121,7 @@ def main() -> None:
         results[name] = json.loads((out / "eval" / name / "metrics.json").read_text())
 
     # 6. The table.
-    table = {}
-    for name, r in results.items():
-        for row, block in (("BM25", r["first_stage"]), ("megarank", r["megarank"])):
-            table[f"{name} {row}"] = {label: _metric(block, names) for label, names in METRICS}
+    table = summarize(results)
     summary = {"settings": vars(args), "timings_s": timings, "table": table,
                "queries": {n: r["queries"] for n, r in results.items()}}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
