@@ -51,7 +51,7 @@ def from_hf(hf_dir: str, out: str, overrides: list[str]) -> Path:
         shutdown()
 
 
-def to_hf(ckpt: str, out: str, as_classifier: bool = False) -> Path:
+def to_hf(ckpt: str, out: str, as_classifier: bool = False, max_shard_mb: int = 5120) -> Path:
     """Export a megarank checkpoint (any layout) as an HF model directory (one process)."""
     from megarank.checkpoint.contract import read_contract
     from megarank.checkpoint.dist import load_model_weights, read_meta, resolve_checkpoint
@@ -73,7 +73,8 @@ def to_hf(ckpt: str, out: str, as_classifier: bool = False) -> Path:
         ids = answer_token_ids(tokenizer, cfg.task) if cfg.task.head == "yes_no" else None
         contract = read_contract(path) if (path / "scoring.json").is_file() else None
         return export_hf(model.module, cfg, out, tokenizer, contract,
-                         as_classifier=as_classifier, answer_ids=ids)
+                         as_classifier=as_classifier, answer_ids=ids,
+                         max_shard_bytes=max_shard_mb * 1024**2)
     finally:
         shutdown()
 
@@ -90,13 +91,15 @@ def main() -> None:
     q = sub.add_parser("to-hf", help="megarank checkpoint -> HF model directory")
     q.add_argument("--ckpt", required=True, help="checkpoint directory or run directory")
     q.add_argument("--out", required=True, help="HF model directory to write")
+    q.add_argument("--max-shard-mb", type=int, default=5120,
+                   help="split model.safetensors into shards of at most this size, with an index")
     q.add_argument("--as-classifier", action="store_true",
                    help="yes/no head: export *ForSequenceClassification, score = w_yes - w_no")
     args = parser.parse_args()
     if args.cmd == "from-hf":
         path = from_hf(args.hf, args.out, args.overrides)
     else:
-        path = to_hf(args.ckpt, args.out, args.as_classifier)
+        path = to_hf(args.ckpt, args.out, args.as_classifier, args.max_shard_mb)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {path}")
 

@@ -71,3 +71,28 @@ def test_yes_no_exported_as_classifier_gives_identical_scores(tmp_path):
         got = AutoModelForSequenceClassification.from_pretrained(out)(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_sharded_export_has_an_index_and_loads(tmp_path):
+    src = save_tiny("llama", tmp_path)
+    ckpt = tmp_path / "ckpt"
+    run_module("megarank.convert", ["from-hf", "--hf", src, "--out", ckpt])
+    out = tmp_path / "sharded"
+    run_module("megarank.convert", ["to-hf", "--ckpt", ckpt, "--out", out, "--max-shard-mb", "2"])
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and not (out / "model.safetensors").exists()
+    original = load_file(src / "model.safetensors")
+    assert sorted(index["weight_map"]) == sorted(original)
+    exported = {}
+    for shard in shards:
+        exported.update(load_file(out / shard))
+    for name, tensor in original.items():
+        assert torch.equal(tensor, exported[name]), name
+    batch = random_batch()
+    with torch.no_grad():
+        a = AutoModelForSequenceClassification.from_pretrained(src)(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        b = AutoModelForSequenceClassification.from_pretrained(out)(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(a, b)
