@@ -170,6 +170,18 @@ def materialise_groups(train_path: Path, group_size: int, groups_per_step: int, 
     return [[dataset[i, e] for i, e in next(sampler)] for _ in range(steps)]
 
 
+def dp_order_matches(num_groups: int, groups_per_step: int, steps: int, seed: int) -> bool:
+    """Whether megarank's tp1 layout (2 DP ranks, groups_per_step / 2 groups each, as
+    training/loop.py builds its samplers) covers each step with exactly the (index, epoch) pairs
+    of the one-rank stream that materialise_groups hands to sentence-transformers."""
+    from megarank.data.sampler import GroupSampler
+
+    one = iter(GroupSampler(num_groups, groups_per_step, dp_rank=0, dp_size=1, seed=seed))
+    ranks = [iter(GroupSampler(num_groups, groups_per_step // 2, dp_rank=r, dp_size=2, seed=seed))
+             for r in (0, 1)]
+    return all(sorted(next(one)) == sorted(next(ranks[0]) + next(ranks[1])) for _ in range(steps))
+
+
 def cut_query(tokenizer: Any, query: str, max_tokens: int) -> str:
     """``query`` cut after its first ``max_tokens`` tokens, as megarank's collator cuts it.
 
@@ -625,6 +637,10 @@ def main() -> None:
     torch.save({"weight": head.classifier.weight.data, "bias": head.classifier.bias.data},
                work / "st_head_init.pt")
     checks: dict[str, Any] = {}
+    if args.groups_per_step % 2 == 0:
+        num_groups = sum(1 for line in train_path.open(encoding="utf-8") if line.strip())
+        checks["dp2_same_groups_per_step"] = dp_order_matches(
+            num_groups, args.groups_per_step, args.steps, args.seed)
     if not args.skip_st:
         from sentence_transformers import CrossEncoder
 

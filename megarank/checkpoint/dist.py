@@ -188,7 +188,9 @@ def _load(path: Path, template: dict[str, Any]) -> dict[str, Any]:
     """dist_checkpointing.load, with a mismatch between checkpoint and config said plainly."""
     try:
         return dist_checkpointing.load(template, str(path))
-    except Exception as e:  # megatron raises several types for shape/key mismatches
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # torch's CheckpointException derives from BaseException
         raise ValueError(
             f"{path}: the checkpoint does not fit the model built from the config "
             f"({type(e).__name__}: {e})"

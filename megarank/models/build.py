@@ -61,8 +61,10 @@ def transformer_config(cfg, device: torch.device, kernels: str = "local") -> Tra
         # Initialise full weights on the CPU and split them: the same seed gives the same full
         # weights for every TP size.
         use_cpu_initialization=not on_gpu,
-        # Weights that will be overwritten by an HF import need no random init (minutes at 7B).
-        perform_initialization=not m.hf_path,
+        # Always initialise, even when an HF import overwrites the weights: megatron sets the
+        # tensor-parallel attributes of its parameters (which grad-norm and the TP slicing of the
+        # import rely on) only while initialising them.
+        perform_initialization=True,
         # Dynamic padding per micro-batch: pipeline p2p sends shapes first.
         variable_seq_lengths=True,
         moe_token_dispatcher_type="alltoall",  # no MoE here; "allgather" rejects variable lengths
