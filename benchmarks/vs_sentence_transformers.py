@@ -41,9 +41,7 @@ sentence_transformers.CrossEncoder(dir, max_length=L).predict (raw logits); ties
 docid as megarank's evaluator does. Everything lands in DIR/results.json.
 
 Caveats. Throughput needs an otherwise idle machine: each training run records the cores other
-processes kept busy meanwhile, and the report warns when that exceeds 0.2. tp2 starts from a
-one-process `convert from-hf` import of the same weights (see HF_START_BROKEN_UNDER_TP), so its
-whole-run time has no HF loading in it; the import is timed apart. The sentence-transformers side
+processes kept busy meanwhile, and the report warns when that exceeds 0.2. The sentence-transformers side
 needs `pip install 'sentence-transformers[train]'` (accelerate, datasets).
 """
 
@@ -217,15 +215,9 @@ def count_token_mismatches(model: Any, collator: Any, ours: list[tuple[str, str]
 # ----------------------------------------------------------------------------------------------
 
 
-# megarank bug found while writing this benchmark: with model.hf_path set, build_model() turns
-# megatron's perform_initialization off, so VocabParallelEmbedding never gets its
-# tensor_model_parallel / partition_dim attributes and load_hf_weights() gives every TP rank the
-# whole vocabulary: under tp2, "bert.embeddings.word_embeddings.weight gives
-# backbone.embeddings.word_embeddings.weight shape (30592, 384) on this rank, but the model config
-# expects (15296, 384)". Until it is fixed, TP layouts start from the same weights imported once
-# by `megarank convert from-hf` (one process, timed apart), with the architecture that
-# apply_hf_config would set given field by field and model.hf_path unset.
-HF_START_BROKEN_UNDER_TP = True
+# True: TP layouts start from a one-process `convert from-hf` import of the same weights (timed
+# apart) instead of reading model.hf_path on every rank; both load the same tensors.
+TP_START_FROM_IMPORT = False
 
 
 def _package_dir() -> str:
@@ -246,8 +238,8 @@ def _hydra_value(value: Any) -> str:
 
 def start_overrides(layout: str, work: Path) -> list[str]:
     """Where megarank's weights come from: the HF directory (model=minilm), or for TP layouts
-    while HF_START_BROKEN_UNDER_TP, the one-process import of it (the same tensors)."""
-    if layout == "tp1" or not HF_START_BROKEN_UNDER_TP:
+    while TP_START_FROM_IMPORT, the one-process import of it (the same tensors)."""
+    if layout == "tp1" or not TP_START_FROM_IMPORT:
         return ["model=minilm"]
     from megarank.checkpoint.hf import model_overrides_from_hf
 
