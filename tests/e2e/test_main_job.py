@@ -28,7 +28,8 @@ def test_quickstart_reduced(tmp_path):
     assert (out / "imported" / "megarank.json").is_file()
     latest = (out / "train" / "checkpoints" / "latest").read_text()
     assert latest == "step_0000004"
-    steps = [json.loads(x)["step"] for x in (out / "train" / "metrics.jsonl").read_text().split()]
+    lines = (out / "train" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(x)["step"] for x in lines]
     assert steps[-1] == 4
     weights = load_file(out / "hf" / "model.safetensors")
     assert "classifier.weight" in weights
