@@ -74,18 +74,23 @@ def write_random_llama(out: Path, layers: int, hidden: int = 2048, ffn: int = 56
 
 
 def timed(cmd: list[str]) -> tuple[float, float]:
-    """Run ``cmd``; return (seconds, peak RSS in GiB of the process tree, sampled every 50 ms)."""
+    """Run ``cmd``; return (seconds, peak memory in GiB of the process tree).
+
+    Memory is the sum of PSS (proportional set size) over the tree, sampled every 0.2 s: megatron's
+    checkpoint writer forks processes that share the parent's pages, which a sum of RSS would
+    count once per process.
+    """
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ps = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:
         try:
-            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(True))
-            peak = max(peak, rss)
+            procs = [ps, *ps.children(True)]
+            peak = max(peak, sum(p.memory_full_info().pss for p in procs))
         except psutil.Error:
             pass
-        time.sleep(0.05)
+        time.sleep(0.2)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read().decode()[-3000:]}")
     return time.perf_counter() - t0, peak / 2**30
@@ -108,7 +113,7 @@ def main() -> None:
                                                  str(work / "ckpt")])),
             ("to-hf (1 process)", *timed(py + ["to-hf", "--ckpt", str(work / "ckpt"), "--out",
                                                str(work / "export")]))]
-    print("\n| direction | seconds | GiB/s | peak RSS GiB | peak RSS / model size |")
+    print("\n| direction | seconds | GiB/s | peak PSS GiB | peak PSS / model size |")
     print("|---|---|---|---|---|")
     for name, sec, peak in rows:
         print(f"| {name} | {sec:.1f} | {gib / sec:.2f} | {peak:.1f} | {peak / gib:.2f} |")
