@@ -43,7 +43,7 @@ from megarank.models.build import (
 )
 from megarank.models.specs import check_kernel_support, select_kernels
 from megarank.parallel.runtime import Runtime, init_runtime, shutdown
-from megarank.training.flops import mfu
+from megarank.training.flops import mfu, peak_tflops
 from megarank.training.logs import MetricsLog, logger, setup_logging
 from megarank.training.step import StepCounters, make_forward_step, reduce_step_stats, train_step
 
@@ -262,6 +262,7 @@ def _train(cfg: DictConfig, derived: Derived, rt: Runtime) -> dict[str, Any]:
         f"{derived.num_microbatches} micro-batches of {tr.micro_batch_size} groups x "
         f"{cfg.task.group_size} docs per rank per step; kernels: {kernels.name} ({kernels.reason})"
     )
+    log.write(describe_fusions(model, optimizer, rt))
     log.write(
         f"model {cfg.model.name}: {n_params:,} parameters on this rank (padded vocab "
         f"{padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by)}); "
@@ -369,6 +370,26 @@ class Window:
                 out["mfu"] = found[0]
         self.__init__(self.pairs_per_step, self.world_size, self.device_name)
         return out
+
+
+def describe_fusions(model: Any, optimizer: Any, rt: Runtime) -> str:
+    """A start-up line: which fused paths are on, the optimizer, and the MFU peak used."""
+    c = model.config
+    fused = {"bias+activation": c.bias_activation_fusion, "bias+dropout+add": c.bias_dropout_fusion,
+             "RoPE": c.apply_rope_fusion, "weight-grad accumulation": c.gradient_accumulation_fusion}
+    on = [k for k, v in fused.items() if v] or ["none"]
+    inner = [type(getattr(o, "optimizer", o)).__module__ + "." + type(getattr(o, "optimizer", o))
+             .__name__ for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    fused_adam = any(g.get("fused") for o in getattr(optimizer, "chained_optimizers", [optimizer])
+                     for g in getattr(getattr(o, "optimizer", None), "param_groups", []))
+    line = (f"fusions on: {', '.join(on)}; optimizer: {', '.join(sorted(set(inner)))}"
+            f"{' (fused)' if fused_adam else ''}")
+    name = device_name(rt.device)
+    if name is not None:
+        peak = peak_tflops(name)
+        line += (f"; MFU against {peak[1]} bf16 dense peak {peak[0]} TFLOP/s" if peak else
+                 f"; no bf16 peak known for {name!r}: MFU not reported")
+    return line
 
 
 def device_name(device: torch.device) -> str | None:
