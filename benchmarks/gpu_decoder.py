@@ -63,7 +63,7 @@ def run(args, head: str, full_vocab: bool) -> dict:
     from megarank.models.heads import YesNoHead
     from megarank.parallel.runtime import init_runtime
     from megarank.training.flops import mfu
-    from megarank.training.loop import build_model, build_optimizer
+    from megarank.training.setup import build_model, build_optimizer
     from megarank.training.step import StepCounters, make_forward_step, train_step
 
     overrides = [f"model={args.model}", f"task.head={head}", f"task.group_size={args.group_size}",

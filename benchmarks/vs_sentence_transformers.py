@@ -597,7 +597,7 @@ def main() -> None:
 
     from megarank.checkpoint.hf import apply_hf_config
     from megarank.config import compose, validate
-    from megarank.training.loop import build_collator, init_missing
+    from megarank.training.setup import build_collator, init_missing
 
     torch.set_num_threads(THREADS)  # evaluation; the measured runs set their own threads
     train_path = write_triplets(work)

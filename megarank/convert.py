@@ -24,7 +24,7 @@ def from_hf(hf_dir: str, out: str, overrides: list[str]) -> Path:
     from megarank.checkpoint.hf import apply_hf_config
     from megarank.config import compose, validate
     from megarank.parallel.runtime import init_runtime, shutdown
-    from megarank.training.loop import build_model, build_tokenizer
+    from megarank.training.setup import build_model, build_tokenizer
 
     cfg = compose(["model=hf", f"model.hf_path={Path(hf_dir).resolve()}", *overrides])
     apply_hf_config(cfg)
@@ -58,7 +58,7 @@ def to_hf(ckpt: str, out: str, as_classifier: bool = False, max_shard_mb: int = 
     from megarank.checkpoint.export import export_hf
     from megarank.config import from_saved, register
     from megarank.parallel.runtime import init_runtime, shutdown
-    from megarank.training.loop import answer_token_ids, build_model, build_tokenizer
+    from megarank.training.setup import answer_token_ids, build_model, build_tokenizer
 
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         raise SystemExit("megarank convert to-hf runs in one process (not under torchrun)")

@@ -39,7 +39,7 @@ def load_scorer(model_dir: str | Path, overrides: list[str], world_size: int):
     from megarank.checkpoint.hf import apply_hf_config
     from megarank.config import compose, from_saved, register, validate
     from megarank.parallel.runtime import init_runtime
-    from megarank.training.loop import build_collator, build_model, build_tokenizer
+    from megarank.training.setup import build_collator, build_model, build_tokenizer
 
     register()
     path = Path(model_dir)

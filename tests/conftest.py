@@ -32,8 +32,10 @@ def run_module(module: str, args: list[str], nproc: int = 1, timeout: int = 900,
                check: bool = True) -> subprocess.CompletedProcess:
     """``python -m module args`` with ``nproc`` gloo ranks (torchrun when > 1)."""
     # One thread per rank when ranks share the 2 cores; both cores for a single process.
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else "2",
-           "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1" if nproc > 1 else "2", PYTHONWARNINGS="ignore",
+               TOKENIZERS_PARALLELISM="false")
     if nproc == 1:
         cmd = [sys.executable, "-m", module]
     else:

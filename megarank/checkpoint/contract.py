@@ -52,7 +52,7 @@ def make_contract(cfg: Any, tokenizer: Any) -> ScoringContract:
     decoder = cfg.model.family == "gpt"
     yes = no = None
     if cfg.task.head == "yes_no":
-        from megarank.training.loop import answer_token_ids
+        from megarank.training.setup import answer_token_ids
 
         yes, no = answer_token_ids(tokenizer, cfg.task)
     return ScoringContract(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
-import socket
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,12 +62,6 @@ def select_device(requested: str) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device: torch.device, timeout_minutes: int = 30) -> None:
     """Initialise torch.distributed: NCCL on CUDA, gloo on CPU.
 
@@ -76,13 +70,14 @@ def init_distributed(device: torch.device, timeout_minutes: int = 30) -> None:
     """
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.update(
-            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(_free_port()),
-        )
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    kwargs: dict = {"device_id": device} if device.type == "cuda" else {}
+    if "RANK" not in os.environ:
+        # A world of one rendezvouses through a file: no port to race other processes for.
+        fd, path = tempfile.mkstemp(prefix="megarank-rdzv-")
+        os.close(fd)
+        os.unlink(path)
+        kwargs.update(init_method=f"file://{path}", rank=0, world_size=1)
     dist.init_process_group(
         backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs
     )

@@ -19,7 +19,7 @@ def main() -> None:
     from megarank.data.collate import PairBatch
     from megarank.eval.scorer import score_batches
     from megarank.parallel.runtime import init_runtime, shutdown
-    from megarank.training.loop import build_model, build_tokenizer
+    from megarank.training.setup import build_model, build_tokenizer
 
     out, parallel, *jobs = sys.argv[1:]
     world = int(os.environ.get("WORLD_SIZE", "1"))

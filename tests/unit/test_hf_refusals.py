@@ -72,7 +72,7 @@ def test_shapes_that_disagree_with_the_config_are_refused(llama, tmp_path):
     from megarank.checkpoint.hf import apply_hf_config
     from megarank.config import compose, validate
     from megarank.parallel.runtime import init_runtime, shutdown
-    from megarank.training.loop import build_model, build_tokenizer
+    from megarank.training.setup import build_model, build_tokenizer
 
     d = tmp_path / "m"
     shutil.copytree(llama, d)

@@ -78,7 +78,7 @@ def test_sequence_parallel_needs_te_or_apex(monkeypatch):
 
 
 def test_fused_adamw_only_for_cuda_fp32_params():
-    from megarank.training.loop import use_fused_torch_adamw
+    from megarank.training.setup import use_fused_torch_adamw
 
     p = torch.nn.Parameter(torch.zeros(3))
     opt = torch.optim.AdamW([p])
