@@ -14,7 +14,6 @@ COMMANDS = {
     "score": "megarank.score",
     "evaluate": "megarank.evaluate",
     "mine": "megarank.mine",
-    "report": "megarank.eval.report",
 }
 
 
