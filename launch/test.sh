@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up on a fresh machine, then run the whole test suite (CPU, gloo; ~15 minutes on 2 cores).
+# Set up on a fresh machine, then run the whole test suite (CPU, gloo; ~20 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
