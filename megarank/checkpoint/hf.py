@@ -8,6 +8,7 @@ into from any training layout.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -240,6 +241,7 @@ def tp_slice(full: torch.Tensor, param: torch.nn.Parameter, rule: Rule, tp_rank:
 # --------------------------------------------------------------------------------------------
 
 
+@functools.cache
 def _compile(rules: tuple[Rule, ...]) -> list[tuple[re.Pattern, Rule]]:
     return [(re.compile("^" + re.escape(r.ours).replace(r"\{i\}", r"(\d+)") + "$"), r)
             for r in rules]

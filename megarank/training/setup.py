@@ -23,6 +23,7 @@ from megarank.data.groups import GroupDataset
 from megarank.data.sampler import GroupSampler
 from megarank.data.triplets import read_triplets
 from megarank.models.build import (
+    DTYPES,
     build_cross_encoder,
     padded_vocab_size,
     sync_tied_output_layer,
@@ -145,12 +146,10 @@ def build_optimizer(cfg: DictConfig, model: DistributedDataParallel) -> tuple[An
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
         clip_grad=o.clip_grad, bf16=tr.precision == "bf16", fp16=tr.precision == "fp16",
-        params_dtype=torch.float32 if tr.precision == "fp32" else None,
+        params_dtype=DTYPES[tr.precision],
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         loss_scale=o.loss_scale, initial_loss_scale=o.initial_loss_scale,
     )
-    if opt_config.params_dtype is None:
-        opt_config.params_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[tr.precision]
     optimizer = get_megatron_optimizer(opt_config, [model])
     use_fused_torch_adamw(optimizer)
     # fp16: the schedules multiply the loss by the current loss scale before backward.
