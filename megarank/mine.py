@@ -1,14 +1,16 @@
 """Mine training triplets with hard negatives from a BEIR collection.
 
     megarank mine --collection BEIR_DIR --out triplets.jsonl [--split train]
-        [--retriever bm25|model] [--model MODEL_DIR] [--depth 100] [--skip-top 0]
+        [--retriever bm25|model|dense] [--model MODEL_DIR] [--depth 100] [--skip-top 0]
         [--negatives 15] [--margin none|FLOAT] [--seed 0] [--batch-size 64] [hydra overrides]
 
 For each judged query of the split (every judged query when there is no split.json), the
 positives are its documents judged relevant (rel >= 1), most relevant first. Candidates are the
 BM25 top ``depth`` (bm25s, k1=0.9, b=0.4, English stop words, no stemming: the settings of the
 shipped run.bm25.trec files), or those candidates re-sorted by a megarank model's scores
-(``--retriever model``, under torchrun in any layout). Then, in rank order:
+(``--retriever model``, under torchrun in any layout) or by the cosine similarity of a
+sentence-transformers embedding model (``--retriever dense``, as FlagEmbedding mines with an
+embedder). Then, in rank order:
 
 1. the first ``skip-top`` candidates are dropped (the top of a strong retriever is where the
    unjudged relevant documents hide);
@@ -20,7 +22,8 @@ shipped run.bm25.trec files), or those candidates re-sorted by a megarank model'
    ``(seed, query id)``, so one query's draw does not depend on the others, and kept in rank order.
 
 The output is FlagEmbedding JSONL ``{"query", "pos", "neg"}`` (plus ``pos_scores``/``neg_scores``
-with the model's scores for ``--retriever model``), written atomically; the same inputs and seed
+with the model's scores for ``--retriever model|dense``: teacher scores for ``task.loss=distill``
+or ``task.distill_weight``), written atomically; the same inputs and seed
 give a byte-identical file. Then train with ``data=beir data.train_path=OUT
 data.eval_collection=BEIR_DIR``.
 """
@@ -39,10 +42,13 @@ from typing import Any
 
 import bm25s
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from megarank.data.beir import Collection, load_collection
 from megarank.eval.metrics import RELEVANCE_THRESHOLD, rank_documents
+
+RETRIEVERS = ("bm25", "model", "dense")
 
 # The shipped run.bm25.trec files are plain BM25 with these parameters and no stemming.
 BM25_K1, BM25_B, BM25_STOPWORDS = 0.9, 0.4, "en"
@@ -159,10 +165,10 @@ def mine(collection: str | Path, out: str | Path, split: str | None = None,
     ``model_dir`` (under torchrun: every rank scores its share; the process group is shut down on
     return).
     """
-    if retriever not in ("bm25", "model"):
-        raise ValueError(f"--retriever must be bm25 or model, got {retriever!r}")
-    if retriever == "model" and model_dir is None:
-        raise ValueError("--retriever model needs --model MODEL_DIR")
+    if retriever not in RETRIEVERS:
+        raise ValueError(f"--retriever must be one of {', '.join(RETRIEVERS)}, got {retriever!r}")
+    if retriever != "bm25" and model_dir is None:
+        raise ValueError(f"--retriever {retriever} needs --model MODEL_DIR")
     if depth < 1 or skip_top < 0 or negatives < 1:
         raise ValueError(f"need depth >= 1, skip-top >= 0, negatives >= 1; got {depth}, "
                          f"{skip_top}, {negatives}")
@@ -185,6 +191,9 @@ def mine(collection: str | Path, out: str | Path, split: str | None = None,
     if retriever == "model":
         ranked, pos_scores = _rescore(coll, ranked, positives, str(model_dir), batch_size,
                                       overrides, progress)
+    elif retriever == "dense":
+        ranked, pos_scores = _dense_rescore(coll, ranked, positives, str(model_dir), batch_size,
+                                            progress)
     rows = []
     for q, pos in positives.items():
         negs = select_negatives(ranked[q], pos_scores[q], coll.corpus, q, skip_top=skip_top,
@@ -193,7 +202,7 @@ def mine(collection: str | Path, out: str | Path, split: str | None = None,
             stats.short.append(q)
         row: dict[str, Any] = {"query": coll.queries[q], "pos": [coll.corpus[d] for d in pos],
                                "neg": [coll.corpus[d] for d, _ in negs]}
-        if retriever == "model":
+        if retriever != "bm25":
             row["pos_scores"] = [pos_scores[q][d] for d in pos]
             row["neg_scores"] = [s for _, s in negs]
         rows.append(json.dumps(row, ensure_ascii=False) + "\n")
@@ -231,6 +240,39 @@ def _rescore(coll: Collection, ranked: dict[str, list[tuple[str, float]]],
     by_query: dict[str, dict[str, float]] = {q: {} for q in ranked}
     for (q, d), s in zip(keys, scores.tolist(), strict=True):
         by_query[q][d] = s
+    return _resorted(ranked, positives, by_query)
+
+
+def _dense_rescore(coll: Collection, ranked: dict[str, list[tuple[str, float]]],
+                   positives: dict[str, list[str]], model_dir: str, batch_size: int,
+                   progress: bool
+                   ) -> tuple[dict[str, list[tuple[str, float]]], dict[str, dict[str, float]]]:
+    """As `_rescore`, with the cosine similarity of a sentence-transformers embedding model
+    (a bi-encoder such as all-MiniLM-L6-v2) as the score."""
+    from sentence_transformers import SentenceTransformer
+
+    show = progress and _is_main()
+    embedder = SentenceTransformer(model_dir, device="cpu" if not torch.cuda.is_available()
+                                   else "cuda")
+    docids = list(dict.fromkeys(d for q in ranked
+                                for d in [*(d for d, _ in ranked[q]), *positives[q]]))
+    qids = list(ranked)
+
+    def encode(texts: list[str]) -> np.ndarray:
+        return embedder.encode(texts, batch_size=batch_size, normalize_embeddings=True,
+                               convert_to_numpy=True, show_progress_bar=show)
+
+    doc_vecs = dict(zip(docids, encode([coll.corpus[d] for d in docids]), strict=True))
+    query_vecs = dict(zip(qids, encode([coll.queries[q] for q in qids]), strict=True))
+    by_query = {q: {d: float(query_vecs[q] @ doc_vecs[d])
+                    for d in [*(d for d, _ in ranked[q]), *positives[q]]} for q in qids}
+    return _resorted(ranked, positives, by_query)
+
+
+def _resorted(ranked: dict[str, list[tuple[str, float]]], positives: dict[str, list[str]],
+              by_query: dict[str, dict[str, float]]
+              ) -> tuple[dict[str, list[tuple[str, float]]], dict[str, dict[str, float]]]:
+    """The candidates re-sorted by the new scores ``by_query[q][d]``, and the positives'."""
     new_ranked = {}
     for q, cands in ranked.items():
         model_scores = {d: by_query[q][d] for d, _ in cands}
@@ -254,8 +296,10 @@ def main() -> None:
     ap.add_argument("--collection", required=True, help="BEIR-layout folder")
     ap.add_argument("--out", required=True, help="triplet JSONL to write")
     ap.add_argument("--split", default=None, help="split.json list (default: train, if any)")
-    ap.add_argument("--retriever", choices=("bm25", "model"), default="bm25")
-    ap.add_argument("--model", default=None, help="model dir for --retriever model")
+    ap.add_argument("--retriever", choices=RETRIEVERS, default="bm25")
+    ap.add_argument("--model", default=None,
+                    help="--retriever model: a megarank/HF reranker dir; dense: a "
+                         "sentence-transformers embedding model dir")
     ap.add_argument("--depth", type=int, default=100, help="BM25 candidates per query")
     ap.add_argument("--skip-top", type=int, default=0, help="candidate ranks never sampled")
     ap.add_argument("--negatives", type=int, default=15, help="negatives per query")

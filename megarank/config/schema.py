@@ -103,13 +103,20 @@ class TaskConfig:
     """What the scores are trained towards."""
 
     loss: str = MISSING
-    """``listwise`` (softmax CE over the group), ``pairwise`` (hinge), ``pointwise`` (BCE)."""
+    """``listwise`` (softmax CE over the group), ``pairwise`` (hinge), ``pointwise`` (BCE), or
+    ``distill`` (KL divergence to the teacher scores alone)."""
     group_size: int = 8
     """Documents per query in a training group: 1 positive + group_size-1 negatives."""
     temperature: float = 1.0
     """Listwise: scores are divided by this before the softmax."""
     margin: float = 1.0
     """Pairwise: hinge margin between the positive and each negative."""
+    distill_weight: float = 0.0
+    """Weight of listwise distillation, KL(softmax(teacher / teacher_temperature) ||
+    softmax(scores)), added to the loss; > 0 (or loss ``distill``) needs ``pos_scores`` and
+    ``neg_scores`` on every training record."""
+    teacher_temperature: float = 1.0
+    """Teacher scores are divided by this before their softmax (0.05 for cosine similarities)."""
     pooling: str = "auto"
     """``auto`` (last token for decoders, [CLS] for encoders), ``last`` or ``cls``."""
     head: str = "classifier"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 FAMILIES = ("gpt", "bert")
-LOSSES = ("listwise", "pairwise", "pointwise")
+LOSSES = ("listwise", "pairwise", "pointwise", "distill")
 POOLINGS = ("auto", "last", "cls")
 DECAY_STYLES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -132,12 +132,16 @@ def validate(cfg: Any, world_size: int) -> Derived:
                 )
 
     # Task.
-    if t.loss in ("listwise", "pairwise") and t.group_size < 2:
+    if t.loss in ("listwise", "pairwise", "distill") and t.group_size < 2:
         errors.append(f"task.group_size ({t.group_size}) must be >= 2 for task.loss {t.loss}")
     if t.group_size < 1:
         errors.append(f"task.group_size ({t.group_size}) must be >= 1")
     if t.temperature <= 0:
         errors.append(f"task.temperature ({t.temperature}) must be positive")
+    if t.teacher_temperature <= 0:
+        errors.append(f"task.teacher_temperature ({t.teacher_temperature}) must be positive")
+    if t.distill_weight < 0:
+        errors.append(f"task.distill_weight ({t.distill_weight}) must be >= 0")
 
     # Features that need something else.
     if p.sequence_parallel and tp < 2:

@@ -46,6 +46,8 @@ class PairBatch:
     """Documents per query; rows [g * group_size, (g + 1) * group_size) belong to group g."""
     num_real_tokens: int
     """attention_mask.sum(), for tokens-per-second accounting."""
+    teacher_scores: torch.Tensor | None = None
+    """[N] float32 teacher scores of the rows (distillation), or None when the groups have none."""
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PairBatch:
         """A copy with every tensor moved to `device`."""
@@ -55,6 +57,8 @@ class PairBatch:
             attention_mask=self.attention_mask.to(device, non_blocking=non_blocking),
             token_type_ids=self.token_type_ids.to(device, non_blocking=non_blocking),
             pool_index=self.pool_index.to(device, non_blocking=non_blocking),
+            teacher_scores=None if self.teacher_scores is None
+            else self.teacher_scores.to(device, non_blocking=non_blocking),
         )
 
 
@@ -284,7 +288,16 @@ class PairCollator:
         # Each query is tokenized once per group, not once per document.
         docs = [d for g in groups for d in g.docs]
         query_of_row = [i for i in range(len(groups)) for _ in range(group_size)]
-        return self._encode([g.query for g in groups], docs, query_of_row, group_size)
+        batch = self._encode([g.query for g in groups], docs, query_of_row, group_size)
+        with_teacher = [g.teacher is not None for g in groups]
+        if any(with_teacher):
+            if not all(with_teacher):
+                missing = groups[with_teacher.index(False)].record_index
+                raise ValueError(f"record {missing} has no teacher scores (pos_scores/neg_scores) "
+                                 "while others in its batch do")
+            teacher = [s for g in groups for s in g.teacher]
+            batch = replace(batch, teacher_scores=torch.tensor(teacher, dtype=torch.float32))
+        return batch
 
     def encode_pairs(self, pairs: list[tuple[str, str]]) -> PairBatch:
         """Encode arbitrary (query, document) pairs (evaluation); group_size is 1."""

@@ -50,6 +50,9 @@ class Group:
     """group_size documents: docs[0] is the positive, docs[1:] the negatives."""
     record_index: int
     """Index of the source record in the list read by `read_triplets`."""
+    teacher: tuple[float, ...] | None = None
+    """Teacher scores of `docs` (from the record's pos_scores/neg_scores) for distillation;
+    None when the record has none."""
 
 
 def _check_group_size(group_size: int) -> None:
@@ -129,8 +132,10 @@ def make_group(record: TripletRecord, index: int, group_size: int, seed: int, ep
             f"group_size={group_size}"
         )
     rng = np.random.default_rng([_GROUP_STREAM, seed, epoch, index])
-    positive = record.pos[int(rng.integers(len(record.pos)))]
+    p = int(rng.integers(len(record.pos)))
+    positive = record.pos[p]
     negatives: tuple[str, ...] = ()
+    picked = np.zeros(0, dtype=np.int64)
     if need:
         if len(record.neg) < need:
             _warn_short_once(
@@ -139,7 +144,12 @@ def make_group(record: TripletRecord, index: int, group_size: int, seed: int, ep
             )
         picked = _sample_negatives(rng, len(record.neg), need)
         negatives = tuple(record.neg[int(i)] for i in picked)
-    return Group(query=record.query, docs=(positive, *negatives), record_index=index)
+    teacher = None
+    if record.pos_scores is not None and (record.neg_scores is not None or not need):
+        negative_scores = record.neg_scores or ()
+        teacher = (record.pos_scores[p], *(negative_scores[int(i)] for i in picked))
+    return Group(query=record.query, docs=(positive, *negatives), record_index=index,
+                 teacher=teacher)
 
 
 class GroupDataset:

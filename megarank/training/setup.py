@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from transformers import AutoTokenizer
 
 from megarank.checkpoint.hf import load_hf_weights
+from megarank.config.validate import ConfigError
 from megarank.data.collate import PairCollator
 from megarank.data.groups import GroupDataset
 from megarank.data.sampler import GroupSampler
@@ -183,6 +184,13 @@ def use_fused_torch_adamw(optimizer: Any) -> bool:
 def build_data(cfg: DictConfig, rt: Runtime, collator: PairCollator, consumed_samples: int):
     """The training groups and an endless iterator of this DP rank's micro-batches."""
     records = read_triplets(cfg.data.train_path, cfg.data.max_records)
+    if cfg.task.loss == "distill" or cfg.task.distill_weight > 0:
+        for r in records:
+            if r.pos_scores is None or (r.neg and r.neg_scores is None):
+                raise ConfigError(
+                    f"{r.source}: record has no teacher scores (pos_scores/neg_scores), which "
+                    f"task.loss={cfg.task.loss} with task.distill_weight={cfg.task.distill_weight} "
+                    "needs; mine them with `megarank mine --retriever dense|model`")
     dataset = GroupDataset(records, cfg.task.group_size, cfg.trainer.seed)
     sampler = GroupSampler(
         len(dataset), cfg.trainer.micro_batch_size, rt.dp_rank, rt.dp_size, cfg.trainer.seed,

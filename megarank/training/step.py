@@ -50,9 +50,13 @@ class StepCounters:
         self.flops = 0.0
 
 
-def _loss_func(group_size: int, task: Any, scores: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def _loss_func(group_size: int, task: Any, teacher: torch.Tensor | None,
+               scores: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    if teacher is not None:
+        teacher = teacher.view(-1, group_size)
     per_group = group_loss(scores.float().view(-1, group_size), task.loss, task.temperature,
-                           task.margin)  # [B]
+                           task.margin, teacher, task.distill_weight,
+                           task.teacher_temperature)  # [B]
     loss = per_group.mean()
     # megatron divides `loss` in place by num_microbatches: report a detached copy.
     return loss, {"loss": loss.detach().clone()}
@@ -67,7 +71,7 @@ def make_forward_step(task: Any, device: torch.device, counters: StepCounters):
         batch = batch.to(device, non_blocking=True)
         scores = model(batch.input_ids, batch.attention_mask, batch.token_type_ids,
                        batch.pool_index)
-        return scores, partial(_loss_func, batch.group_size, task)
+        return scores, partial(_loss_func, batch.group_size, task, batch.teacher_scores)
 
     return forward_step
 

@@ -30,3 +30,19 @@ def test_checkpoint_that_does_not_fit_the_config_is_refused(tmp_path):
     assert proc.returncode != 0
     assert "the checkpoint does not fit the model built from the config" in proc.stderr
     assert "step_0000000" in proc.stderr
+
+
+def test_distillation_without_teacher_scores_stops_naming_record_and_field(tmp_path):
+    rows = [{"query": "q", "pos": ["a"], "neg": ["b", "c"], "pos_scores": [0.9],
+             "neg_scores": [0.1, 0.2]},
+            {"query": "q2", "pos": ["d"], "neg": ["e", "f"]}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    proc = run_train(["model=bert_tiny", f"data.train_path={path}", f"trainer.output_dir={out}",
+                      "trainer.max_steps=2", "task.group_size=2", "task.loss=distill"],
+                     check=False)
+    assert proc.returncode != 0
+    assert f"{path}:2: record has no teacher scores" in proc.stderr
+    assert "task.loss=distill" in proc.stderr
+    assert not (out / "checkpoints" / "latest").exists()

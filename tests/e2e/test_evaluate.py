@@ -84,6 +84,27 @@ def test_two_data_parallel_ranks_score_like_one_process(models, ckpt_eval, tmp_p
     assert _max_gap(_scores(ckpt_eval[0]), _scores(out)) <= 1e-5
 
 
+def test_depth_keeps_the_first_stage_tail_below_the_reranked_top_k(models, ckpt_eval, tmp_path):
+    out = tmp_path / "depth"
+    stdout = _evaluate(models[0], out, "--top-k", "10", "--depth", "20").stdout
+    m = json.loads((out / "metrics.json").read_text())
+    run, bm25 = _scores(out), read_trec_run(ROOT / "run.bm25.trec")
+    task = prepare(ROOT, top_k=10, depth=20)
+    assert m["pairs"] == 113 * 10 and m["depth"] == 20
+    for q, scores in run.items():
+        first = task.candidates[q] + task.tail[q]
+        order = sorted(scores, key=lambda d: -scores[d])
+        # the reranked ten are BM25's top ten; the tail follows in BM25's order
+        assert sorted(order[:10]) == sorted(first[:10])
+        assert order[10:] == first[10:] == sorted(first[10:], key=lambda d: -bm25[q][d])
+    # only the top 10 is reordered: recall at 20 is the first stage's, the head scores are the
+    # ones a top-20 rerank gives those pairs
+    assert m["megarank"]["R@20"] == m["first_stage"]["R@20"]
+    full = _scores(ckpt_eval[0])
+    assert max(abs(run[q][d] - full[q][d]) for q in run for d in task.candidates[q]) <= 1e-5
+    assert "top 10 of 20 candidates reranked" in stdout
+
+
 def test_first_stage_row_at_top_100_is_bm25():
     # The row the command prints (prepare + compute_metrics, no model needed) against the known
     # number and against ir-measures on the whole run file.

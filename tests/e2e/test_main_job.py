@@ -11,6 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from megarank.data.beir import read_trec_run
+from megarank.data.triplets import read_triplets
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -20,11 +21,15 @@ def test_quickstart_reduced(tmp_path):
     out = tmp_path / "qs"
     proc = subprocess.run(
         [sys.executable, "-m", "megarank.quickstart", "--model", "bert_l2_h128", "--steps", "4",
-         "--top-k", "5", "--out", str(out)],
+         "--top-k", "5", "--embedder", "cognition/model", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "cranfield BM25" in proc.stdout and "cisi megarank" in proc.stdout
 
+    # mined with the dense retriever: every record carries the teacher scores distill trains on
+    records = read_triplets(out / "data" / "train_triplets.jsonl")
+    assert len(records) == 112 + 38
+    assert all(r.pos_scores and len(r.neg_scores) == len(r.neg) == 31 for r in records)
     assert (out / "imported" / "megarank.json").is_file()
     latest = (out / "train" / "checkpoints" / "latest").read_text()
     assert latest == "step_0000004"
@@ -40,7 +45,10 @@ def test_quickstart_reduced(tmp_path):
         run = read_trec_run(out / "eval" / name / "run.megarank.trec")
         metrics = json.loads((out / "eval" / name / "metrics.json").read_text())
         assert len(run) == metrics["queries"]["evaluated"] > 0
-        assert all(len(d) <= 5 for d in run.values())
+        # top 5 reranked, BM25's ranks 6-100 kept below them
+        assert metrics["pairs"] <= 5 * metrics["queries"]["evaluated"]
+        assert all(len(d) <= 100 for d in run.values()) and metrics["depth"] == 100
+        assert metrics["megarank"]["R@100"] == metrics["first_stage"]["R@100"]
         for row in ("BM25", "megarank"):
             m = results["table"][f"{name} {row}"]
             assert set(m) == {"NDCG@10", "MRR@10", "Recall@100"}

@@ -236,6 +236,43 @@ def test_no_negatives_is_an_error_naming_source():
         make_group(_record(3), 0, group_size=0, seed=0, epoch=0)
 
 
+def _scored_record(num_neg: int, num_pos: int = 3) -> TripletRecord:
+    """A record whose teacher score of each document is readable off its text."""
+    pos = tuple(f"pos {i}" for i in range(num_pos))
+    neg = tuple(f"neg {i}" for i in range(num_neg))
+    return TripletRecord(query="q", pos=pos, neg=neg,
+                         pos_scores=tuple(10.0 + i for i in range(num_pos)),
+                         neg_scores=tuple(-float(i) for i in range(num_neg)),
+                         source="mem:1")
+
+
+def _score_of(doc: str) -> float:
+    kind, i = doc.split()
+    return 10.0 + int(i) if kind == "pos" else -float(i)
+
+
+@pytest.mark.parametrize("num_neg", [15, 3])
+def test_group_teacher_scores_follow_their_documents(num_neg):
+    rec = _scored_record(num_neg)
+    for index in range(10):
+        g = make_group(rec, index, group_size=8, seed=0, epoch=index % 3)
+        assert g.teacher == tuple(_score_of(d) for d in g.docs)
+        # the draw is the one a record without scores gets
+        plain = make_group(_record(num_neg, 3), index, group_size=8, seed=0, epoch=index % 3)
+        assert plain.docs == g.docs and plain.teacher is None
+
+
+def test_collator_carries_teacher_scores_row_major(tokenizer):
+    collate = PairCollator(tokenizer, kind="encoder", max_length=32, max_query_length=8)
+    groups = [make_group(_scored_record(7), i, 4, 0, 0) for i in range(2)]
+    batch = collate(groups)
+    assert batch.teacher_scores.tolist() == [s for g in groups for s in g.teacher]
+    assert batch.to("cpu").teacher_scores.dtype == torch.float32
+    assert collate([make_group(_record(7), 0, 4, 0, 0)]).teacher_scores is None
+    with pytest.raises(ValueError, match="record 1 has no teacher scores"):
+        collate([groups[0], make_group(_record(7), 1, 4, 0, 0)])
+
+
 def test_group_dataset(cranfield: list[TripletRecord]):
     ds = GroupDataset(cranfield, group_size=16, seed=7)
     assert len(ds) == 112 and ds.num_short == 0

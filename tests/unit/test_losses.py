@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from megarank.training.losses import group_loss, listwise_loss, pairwise_loss, pointwise_loss
+from megarank.training.losses import (
+    distill_loss,
+    group_loss,
+    listwise_loss,
+    pairwise_loss,
+    pointwise_loss,
+)
 
 
 def test_listwise_is_softmax_ce_of_the_positive():
@@ -43,3 +49,33 @@ def test_gradient_raises_positive_and_lowers_negatives(loss):
 def test_unknown_loss_names_the_field():
     with pytest.raises(ValueError, match="task.loss"):
         group_loss(torch.zeros(1, 2), "ranknet")
+
+
+def test_distill_is_kl_from_the_tempered_teacher():
+    s = torch.tensor([[1.0, 0.0, -1.0]])
+    t = torch.tensor([[0.9, 0.7, 0.1]])  # e.g. cosine similarities
+    p = torch.softmax(t / 0.05, dim=1)
+    expected = (p * (p.log() - torch.log_softmax(s, dim=1))).sum().item()
+    assert distill_loss(s, t, 0.05).item() == pytest.approx(expected, rel=1e-6)
+    # zero exactly when the student's distribution is the teacher's (any shift of the scores)
+    assert distill_loss(t / 0.05 + 3.0, t, 0.05).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distill_weight_adds_the_kl_term_and_needs_teacher_scores():
+    s = torch.tensor([[0.5, 0.2, 0.1, -0.3]])
+    t = torch.tensor([[0.2, 0.9, 0.1, 0.0]])
+    hard = group_loss(s, "listwise")
+    both = group_loss(s, "listwise", teacher=t, distill_weight=0.5, teacher_temperature=0.1)
+    assert (both - hard).item() == pytest.approx(0.5 * distill_loss(s, t, 0.1).item(), rel=1e-6)
+    assert group_loss(s, "distill", teacher=t).item() == pytest.approx(distill_loss(s, t).item())
+    with pytest.raises(ValueError, match="teacher scores"):
+        group_loss(s, "distill")
+    with pytest.raises(ValueError, match="teacher scores"):
+        group_loss(s, "pointwise", distill_weight=1.0)
+
+
+def test_distill_gradient_follows_the_teacher_not_the_label():
+    # The teacher prefers document 1 over the labelled positive: pure distillation raises it.
+    s = torch.zeros(1, 3, requires_grad=True)
+    group_loss(s, "distill", teacher=torch.tensor([[0.0, 2.0, -2.0]])).sum().backward()
+    assert s.grad[0, 1] < 0 < s.grad[0, 2]

