@@ -10,7 +10,8 @@ top-k candidates of the first-stage run (default BEIR_DIR/run.bm25.trec) are rer
 judged queries of the split (all judged queries when the collection has no split.json).
 With ``--depth D`` (> k), the first stage's ranks k+1..D stay in the reranked run below the
 reranked top k, in their first-stage order, so recall at D is the first stage's while only k
-pairs per query are scored. OUT_DIR gets run.megarank.trec and metrics.json; rank 0 prints first stage vs megarank.
+pairs per query are scored. OUT_DIR gets run.megarank.trec and metrics.json; rank 0 prints
+first stage vs megarank.
 
 Both rows are computed by ir-measures on the same queries and candidates. Equal scores are ordered
 by docid, exactly as the written run file ranks them, so the file and the metrics always agree and

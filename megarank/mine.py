@@ -42,7 +42,6 @@ from typing import Any
 
 import bm25s
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from megarank.data.beir import Collection, load_collection
@@ -226,9 +225,7 @@ def _rescore(coll: Collection, ranked: dict[str, list[tuple[str, float]]],
     from megarank.parallel.runtime import shutdown
     from megarank.score import load_scorer
 
-    # Each (query, document) once, though a positive is usually among the candidates too.
-    keys = [(q, d) for q in ranked
-            for d in dict.fromkeys([*(d for d, _ in ranked[q]), *positives[q]])]
+    keys = _pairs_to_score(ranked, positives)
     try:
         _, rt, model, collator = load_scorer(model_dir, list(overrides),
                                              int(os.environ.get("WORLD_SIZE", "1")))
@@ -251,22 +248,29 @@ def _dense_rescore(coll: Collection, ranked: dict[str, list[tuple[str, float]]],
     (a bi-encoder such as all-MiniLM-L6-v2) as the score."""
     from sentence_transformers import SentenceTransformer
 
-    show = progress and _is_main()
-    embedder = SentenceTransformer(model_dir, device="cpu" if not torch.cuda.is_available()
-                                   else "cuda")
-    docids = list(dict.fromkeys(d for q in ranked
-                                for d in [*(d for d, _ in ranked[q]), *positives[q]]))
-    qids = list(ranked)
+    # device=None: sentence-transformers picks CUDA when there is one.
+    embedder = SentenceTransformer(model_dir)
+    keys = _pairs_to_score(ranked, positives)
+    docids = list(dict.fromkeys(d for _, d in keys))
 
     def encode(texts: list[str]) -> np.ndarray:
         return embedder.encode(texts, batch_size=batch_size, normalize_embeddings=True,
-                               convert_to_numpy=True, show_progress_bar=show)
+                               convert_to_numpy=True, show_progress_bar=progress and _is_main())
 
     doc_vecs = dict(zip(docids, encode([coll.corpus[d] for d in docids]), strict=True))
-    query_vecs = dict(zip(qids, encode([coll.queries[q] for q in qids]), strict=True))
-    by_query = {q: {d: float(query_vecs[q] @ doc_vecs[d])
-                    for d in [*(d for d, _ in ranked[q]), *positives[q]]} for q in qids}
+    query_vecs = dict(zip(ranked, encode([coll.queries[q] for q in ranked]), strict=True))
+    by_query: dict[str, dict[str, float]] = {q: {} for q in ranked}
+    for q, d in keys:
+        by_query[q][d] = float(query_vecs[q] @ doc_vecs[d])
     return _resorted(ranked, positives, by_query)
+
+
+def _pairs_to_score(ranked: dict[str, list[tuple[str, float]]],
+                    positives: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """(qid, docid) of every candidate and positive, each once (a positive is usually also a
+    candidate)."""
+    return [(q, d) for q in ranked
+            for d in dict.fromkeys([*(d for d, _ in ranked[q]), *positives[q]])]
 
 
 def _resorted(ranked: dict[str, list[tuple[str, float]]], positives: dict[str, list[str]],

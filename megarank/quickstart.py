@@ -108,10 +108,10 @@ def main() -> None:
     # 1. Triplets: both collections' train splits, mined, then one file.
     triplets = out / "data" / "train_triplets.jsonl"
     mined = []
+    embedder = args.embedder if Path(args.embedder).is_dir() else _package(args.embedder)
+    extra = ["--model", embedder] if args.retriever == "dense" else []
     for name in COLLECTIONS:
         path = out / "data" / f"{name}_train_{args.retriever}.jsonl"
-        embedder = args.embedder if Path(args.embedder).is_dir() else _package(args.embedder)
-        extra = ["--model", embedder] if args.retriever == "dense" else []
         timings[f"mine {name}"] = _run([
             "megarank.mine", "--collection", str(ASSETS / "collections" / name), "--split",
             "train", "--retriever", args.retriever, *extra, "--negatives", str(args.negatives),

@@ -47,7 +47,8 @@ class PairBatch:
     num_real_tokens: int
     """attention_mask.sum(), for tokens-per-second accounting."""
     teacher_scores: torch.Tensor | None = None
-    """[N] float32 teacher scores of the rows (distillation), or None when the groups have none."""
+    """[N] float32 teacher scores of the rows (distillation), or None unless every group has
+    them."""
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PairBatch:
         """A copy with every tensor moved to `device`."""
@@ -289,12 +290,9 @@ class PairCollator:
         docs = [d for g in groups for d in g.docs]
         query_of_row = [i for i in range(len(groups)) for _ in range(group_size)]
         batch = self._encode([g.query for g in groups], docs, query_of_row, group_size)
-        with_teacher = [g.teacher is not None for g in groups]
-        if any(with_teacher):
-            if not all(with_teacher):
-                missing = groups[with_teacher.index(False)].record_index
-                raise ValueError(f"record {missing} has no teacher scores (pos_scores/neg_scores) "
-                                 "while others in its batch do")
+        # Scores only when every group has them: a loss that needs them checks every record at
+        # start (training/setup.build_data); one that does not ignores them.
+        if all(g.teacher is not None for g in groups):
             teacher = [s for g in groups for s in g.teacher]
             batch = replace(batch, teacher_scores=torch.tensor(teacher, dtype=torch.float32))
         return batch

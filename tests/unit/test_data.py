@@ -269,8 +269,8 @@ def test_collator_carries_teacher_scores_row_major(tokenizer):
     assert batch.teacher_scores.tolist() == [s for g in groups for s in g.teacher]
     assert batch.to("cpu").teacher_scores.dtype == torch.float32
     assert collate([make_group(_record(7), 0, 4, 0, 0)]).teacher_scores is None
-    with pytest.raises(ValueError, match="record 1 has no teacher scores"):
-        collate([groups[0], make_group(_record(7), 1, 4, 0, 0)])
+    # a file where only some records carry scores still trains a loss that ignores them
+    assert collate([groups[0], make_group(_record(7), 1, 4, 0, 0)]).teacher_scores is None
 
 
 def test_group_dataset(cranfield: list[TripletRecord]):
