@@ -1,6 +1,6 @@
 """Entry point: ``python -m megarank.train`` or ``torchrun --nproc_per_node N -m megarank.train``.
 
-Hydra composes conf/train.yaml with the command line's overrides
+Hydra composes megarank/conf/train.yaml with the command line's overrides
 (``model=bert_tiny parallel=tp2_pp1 task=pairwise trainer.max_steps=50``).
 """
 
@@ -16,10 +16,10 @@ register()
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    """Train as configured."""
-    from megarank.training.loop import train
+    """Train as configured (``megarank.train_model`` on the composed config)."""
+    from megarank.api import train_model
 
-    train(cfg)
+    train_model(cfg)
 
 
 # The guard matters: megatron's checkpoint saving starts processes with the `spawn` method, which

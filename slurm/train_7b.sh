@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The 7B decoder reranker (conf/experiment/qwen2_7b_tp4_pp2.yaml) on 2 nodes x 8 GPUs:
+# The 7B decoder reranker (megarank/conf/experiment/qwen2_7b_tp4_pp2.yaml) on 2 nodes x 8 GPUs:
 # TP4 x PP2 x DP2 = 16 ranks. One Slurm task per node runs torchrun, which starts 8 ranks there.
 #
 #   mkdir -p logs && sbatch slurm/train_7b.sh [hydra overrides, e.g. trainer.max_steps=2000]

@@ -43,20 +43,33 @@ class ScoringContract:
         return json.dumps(asdict(self), indent=2)
 
 
+# The token each family's HF architecture scores: BERT's pooler reads [CLS] (position 0);
+# *ForSequenceClassification decoders and Qwen3-Reranker read the last real token.
+POOLING = {"bert": "cls", "gpt": "last"}
+
+
+def answer_token_ids(tokenizer: Any, task: Any) -> tuple[int, int]:
+    """The single-token ids of task.yes_token and task.no_token (yes/no head)."""
+    ids = []
+    for field_name in ("yes_token", "no_token"):
+        text = task[field_name]
+        toks = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(toks) != 1:
+            raise ValueError(f"task.{field_name} ({text!r}) must be one token of the tokenizer, "
+                             f"got {len(toks)}: {toks}")
+        ids.append(toks[0])
+    return ids[0], ids[1]
+
+
 def make_contract(cfg: Any, tokenizer: Any) -> ScoringContract:
     """The contract of a run with this config and tokenizer."""
-    from megarank.config.validate import validate
-
-    pooling = validate(cfg, cfg.parallel.tensor_model_parallel_size
-                       * cfg.parallel.pipeline_model_parallel_size).pooling
     decoder = cfg.model.family == "gpt"
     yes = no = None
     if cfg.task.head == "yes_no":
-        from megarank.training.setup import answer_token_ids
-
         yes, no = answer_token_ids(tokenizer, cfg.task)
     return ScoringContract(
-        format=FORMAT, family=cfg.model.family, head=cfg.task.head, pooling=pooling,
+        format=FORMAT, family=cfg.model.family, head=cfg.task.head,
+        pooling=POOLING[cfg.model.family],
         pair_format="template" if decoder else "[CLS] query [SEP] document [SEP]",
         prompt_template=cfg.model.prompt_template if decoder else None,
         max_length=cfg.data.max_length, max_query_length=cfg.data.max_query_length,
@@ -68,11 +81,20 @@ def make_contract(cfg: Any, tokenizer: Any) -> ScoringContract:
     )
 
 
-def write_contract(directory: str | Path, cfg: Any, tokenizer: Any) -> Path:
-    """Write ``scoring.json`` into ``directory``."""
+def write_contract(directory: str | Path, contract: ScoringContract) -> Path:
+    """Write ``contract`` as ``scoring.json`` into ``directory``."""
     path = Path(directory) / FILE
-    path.write_text(make_contract(cfg, tokenizer).to_json())
+    path.write_text(contract.to_json())
     return path
+
+
+def apply_contract(cfg: Any, contract: ScoringContract) -> None:
+    """Set the config fields a saved contract decides (head, lengths, prompt), in place."""
+    cfg.task.head = contract.head
+    cfg.data.max_length = contract.max_length
+    cfg.data.max_query_length = contract.max_query_length
+    if contract.prompt_template is not None:
+        cfg.model.prompt_template = contract.prompt_template
 
 
 def read_contract(directory: str | Path) -> ScoringContract:

@@ -26,12 +26,14 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megarank.parallel.megatron import (
+    optimizer_sharding_metadata,
+    prepare_optimizer_for_load,
+    separate_adam_steps,
+)
 from megarank.parallel.runtime import Runtime
 
 META_FILE = "megarank.json"
-# The distributed optimizer's default checkpoint sharding cannot be written by this megatron-core
-# on every layout ("flattened_range is not supported"); this one reshards to any layout.
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 LATEST = "latest"
 
 
@@ -48,22 +50,23 @@ def _rng_object(rt: Runtime, state: Any) -> ShardedObject:
     )
 
 
-def _capture_rng() -> dict[str, Any]:
+def _capture_rng(device: torch.device) -> dict[str, Any]:
+    # The run's device decides, not the host: a CPU run on a CUDA machine has no CUDA stream.
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
 
 
-def _restore_rng(state: dict[str, Any]) -> None:
+def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
@@ -95,8 +98,9 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     model_sd = _unwrap(model).sharded_state_dict()
     state = {
         "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA),
-        "rng": _rng_object(rt, _capture_rng()),
+        "optimizer": optimizer.sharded_state_dict(model_sd,
+                                                  metadata=optimizer_sharding_metadata()),
+        "rng": _rng_object(rt, _capture_rng(rt.device)),
         "scheduler": scheduler.state_dict(),
         "train_state": dict(train_state),
     }
@@ -158,20 +162,20 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any, sc
     path = Path(path)
     if not (path / META_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a complete megarank checkpoint (no {META_FILE})")
-    _init_empty_distributed_optimizer(optimizer)
+    prepare_optimizer_for_load(optimizer)
     model_sd = _unwrap(model).sharded_state_dict()
     template = {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True,
-                                                  metadata=OPTIMIZER_METADATA),
+                                                  metadata=optimizer_sharding_metadata()),
         "rng": _rng_object(rt, None),
     }
     loaded = _load(path, template)
     _unwrap(model).load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
-    _separate_adam_steps(optimizer)
+    separate_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
-    _restore_rng(loaded["rng"])
+    _restore_rng(loaded["rng"], rt.device)
     return dict(loaded["train_state"])
 
 
@@ -201,30 +205,3 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     """megarank.json of a checkpoint (or of a run directory's latest checkpoint)."""
     return json.loads((resolve_checkpoint(path) / META_FILE).read_text())
 
-
-def _init_empty_distributed_optimizer(optimizer: Any) -> None:
-    """A fresh distributed optimizer has no Adam state to load into; without apex or Transformer
-    Engine its state_dict() then fails (``len(steps) == 1``). One zero-gradient step creates the
-    state; the load overwrites it, and the model weights it touched, right after."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
-        if init is not None and not opt.optimizer.state:
-            init()
-
-
-def _separate_adam_steps(optimizer: Any) -> None:
-    """Give every parameter its own Adam ``step`` tensor after a load.
-
-    A restored optimizer can hold ONE step tensor shared by all parameters; torch's Adam increments
-    it in place once per parameter per step, so bias correction drifts and a resumed run diverges
-    silently. Copies make each parameter's step its own, as in an uninterrupted run.
-    """
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    for opt in inner:
-        torch_opt = getattr(opt, "optimizer", None)
-        if torch_opt is None:
-            continue
-        for state in torch_opt.state.values():
-            step = state.get("step")
-            if isinstance(step, torch.Tensor):
-                state["step"] = step.clone()

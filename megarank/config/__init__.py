@@ -9,13 +9,15 @@ from omegaconf import DictConfig
 from megarank.config.schema import register
 from megarank.config.validate import ConfigError, Derived, validate
 
-CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
+# The Hydra config tree ships inside the package (package data), so an installed wheel has it too.
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 __all__ = ["CONF_DIR", "ConfigError", "Derived", "compose", "from_saved", "register", "validate"]
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` with Hydra ``overrides`` outside of ``@hydra.main``.
+    """Compose ``megarank/conf/<config_name>.yaml`` with Hydra ``overrides`` outside of
+    ``@hydra.main``.
 
     Used by tests, benchmarks and tools; the training entry point goes through ``hydra.main``.
     """
@@ -30,6 +32,13 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> D
         return hydra_compose(config_name=config_name, overrides=list(overrides or []))
 
 
+# Fields older checkpoints may carry that the schema no longer has, and why they can be ignored.
+REMOVED_FIELDS = {
+    # The pooled token follows the family's HF architecture; scoring.json records it.
+    "task": ("pooling",),
+}
+
+
 def from_saved(saved: dict, overrides: list[str] | None = None) -> DictConfig:
     """A checkpoint's saved config, on top of today's schema defaults, with Hydra-style overrides.
 
@@ -42,6 +51,7 @@ def from_saved(saved: dict, overrides: list[str] | None = None) -> DictConfig:
     cfg = compose([])
     for group, values in saved.items():
         if group in cfg:
+            values = {k: v for k, v in values.items() if k not in REMOVED_FIELDS.get(group, ())}
             cfg[group] = OmegaConf.merge(cfg[group], values)
     for item in overrides or []:
         key, _, value = item.partition("=")

@@ -1,9 +1,9 @@
 """The configuration schema: one dataclass per Hydra config group.
 
-The dataclasses are the source of truth; the YAML files under ``conf/`` only pick values, and Hydra's
-struct mode turns an unknown key into an error at compose time. Derived values (data-parallel size,
-micro-batches per step) are not stored here: :func:`megarank.config.validate.validate` computes them
-once.
+The dataclasses are the source of truth; the YAML files under ``megarank/conf/`` (shipped in the
+package) only pick values, and Hydra's struct mode turns an unknown key into an error at compose
+time. Derived values (data-parallel size, micro-batches per step) are not stored here:
+:func:`megarank.config.validate.validate` computes them once.
 """
 
 from __future__ import annotations
@@ -117,8 +117,6 @@ class TaskConfig:
     ``neg_scores`` on every training record."""
     teacher_temperature: float = 1.0
     """Teacher scores are divided by this before their softmax (0.05 for cosine similarities)."""
-    pooling: str = "auto"
-    """``auto`` (last token for decoders, [CLS] for encoders), ``last`` or ``cls``."""
     head: str = "classifier"
     """``classifier`` (a linear score on the pooled state, HF *ForSequenceClassification) or
     ``yes_no`` (decoders: logit("yes") - logit("no") at the last token, as Qwen3-Reranker)."""

@@ -12,7 +12,6 @@ from typing import Any
 
 FAMILIES = ("gpt", "bert")
 LOSSES = ("listwise", "pairwise", "pointwise", "distill")
-POOLINGS = ("auto", "last", "cls")
 DECAY_STYLES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -34,8 +33,6 @@ class Derived:
     """Micro-batches per optimizer step on each data-parallel rank."""
     pairs_per_micro_batch: int
     """Sequences in one forward pass: micro_batch_size * group_size."""
-    pooling: str
-    """``last`` or ``cls``, with ``auto`` resolved by model family."""
 
 
 def _div(errors: list[str], a_name: str, a: int, b_name: str, b: int) -> None:
@@ -61,7 +58,6 @@ def validate(cfg: Any, world_size: int) -> Derived:
 
     _choice(errors, "model.family", m.family, FAMILIES)
     _choice(errors, "task.loss", t.loss, LOSSES)
-    _choice(errors, "task.pooling", t.pooling, POOLINGS)
     _choice(errors, "task.head", t.head, ("classifier", "yes_no"))
     if t.head == "yes_no" and m.family != "gpt":
         errors.append(f"task.head yes_no needs a decoder (model.family gpt), not {m.family!r}")
@@ -180,7 +176,6 @@ def validate(cfg: Any, world_size: int) -> Derived:
 
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
-    pooling = t.pooling if t.pooling != "auto" else ("last" if m.family == "gpt" else "cls")
     return Derived(
         world_size=world_size,
         tp=tp,
@@ -188,5 +183,4 @@ def validate(cfg: Any, world_size: int) -> Derived:
         dp=dp,
         num_microbatches=num_micro,
         pairs_per_micro_batch=tr.micro_batch_size * t.group_size,
-        pooling=pooling,
     )

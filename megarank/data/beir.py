@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megarank.eval.metrics import Qrels, Run, rank_documents
+from megarank.data.ranking import Qrels, Run, rank_documents
 
 _QRELS_HEADER = ["query-id", "corpus-id", "score"]
 
@@ -49,7 +49,7 @@ class Collection:
         return self.split[name]
 
     def split_qrels(self, name: str) -> Qrels:
-        """Return the judgements of split ``name`` only: what ``evaluate`` should average over."""
+        """Return the judgements of split ``name`` only: what the metrics should average over."""
         return {qid: self.qrels[qid] for qid in self.split_qids(name) if qid in self.qrels}
 
 
@@ -226,17 +226,19 @@ def read_trec_run(path: str | Path) -> Run:
     return run
 
 
-def write_trec_run(run: Run, path: str | Path, tag: str) -> None:
+def write_trec_run(run: Run, path: str | Path, tag: str, qrels: Qrels | None = None) -> None:
     """Write ``run`` as a TREC run file, queries in ``run`` order, documents best first.
 
-    Ranks follow ``rank_documents`` without qrels (score descending, then docid). Scores are
-    written with ``repr`` so that ``read_trec_run`` gives back the same floats.
+    Ranks follow ``rank_documents``, with ``qrels`` when given, so the rank column is the order
+    the metrics measure (ties never favour a relevant document). Scores are written with
+    ``repr`` so that ``read_trec_run`` gives back the same floats.
     """
+    qrels = qrels or {}
     if not tag or any(c.isspace() for c in tag):
         raise ValueError(f"run tag must be non-empty without whitespace, got {tag!r}")
     lines = []
     for qid, scores in run.items():
-        for rank, docid in enumerate(rank_documents(scores), start=1):
+        for rank, docid in enumerate(rank_documents(scores, qrels.get(qid)), start=1):
             if any(c.isspace() for c in qid + docid) or not qid or not docid:
                 raise ValueError(f"ids must be non-empty without whitespace: ({qid!r}, {docid!r})")
             lines.append(f"{qid} Q0 {docid} {rank} {float(scores[docid])!r} {tag}\n")
@@ -246,7 +248,7 @@ def write_trec_run(run: Run, path: str | Path, tag: str) -> None:
 def candidates(run: Run, qids: list[str], top_k: int) -> dict[str, list[str]]:
     """Return the ``top_k`` docids per query of a first-stage run, best first.
 
-    A query absent from the run gets an empty list (it then scores 0 in ``evaluate``, as in
+    A query absent from the run gets an empty list (it then scores 0 in ``mean_metrics``, as in
     ir-measures); use ``check_run_against`` to reject runs that miss queries by mistake.
     """
     if top_k < 1:

@@ -28,6 +28,7 @@ DEFAULT_DECODER_TEMPLATE = "Query: {query}\nDocument: {document}\nRelevant:"
 """The decoder prompt used when `template` is None."""
 
 _KINDS = ("encoder", "decoder")
+_POOLINGS = ("cls", "last")
 
 
 @dataclass
@@ -41,7 +42,7 @@ class PairBatch:
     token_type_ids: torch.Tensor
     """[N, T] long; 0 query segment, 1 document segment (all 0 for decoders and padding)."""
     pool_index: torch.Tensor
-    """[N] long; the position scored: 0 ([CLS]) for encoders, the last real token for decoders."""
+    """[N] long; the position scored: 0 (``cls`` pooling) or the last real token (``last``)."""
     group_size: int
     """Documents per query; rows [g * group_size, (g + 1) * group_size) belong to group g."""
     num_real_tokens: int
@@ -158,6 +159,7 @@ class PairCollator:
         max_query_length: int,
         template: str | None = None,
         pad_to_multiple_of: int = 1,
+        pooling: str | None = None,
     ) -> None:
         """Configure the collator.
 
@@ -171,11 +173,17 @@ class PairCollator:
                 DEFAULT_DECODER_TEMPLATE. Must be None for encoders.
             pad_to_multiple_of: pad the batch width up to a multiple of this (e.g. 8 for tensor
                 cores, or the tensor-parallel size for sequence parallelism).
+            pooling: the position the head scores, ``cls`` (0) or ``last`` (the last real
+                token); None: ``cls`` for encoders, ``last`` for decoders. A scoring contract's
+                ``pooling`` is passed here, so the contract decides what is scored.
         """
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
         if kind == "encoder" and template is not None:
             raise ValueError("template is only used with kind='decoder'")
+        pooling = pooling or ("cls" if kind == "encoder" else "last")
+        if pooling not in _POOLINGS:
+            raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}")
         if max_query_length < 1:
             raise ValueError(f"max_query_length must be >= 1, got {max_query_length}")
         if pad_to_multiple_of < 1:
@@ -187,6 +195,7 @@ class PairCollator:
             )
         self.tokenizer = tokenizer
         self.kind = kind
+        self.pooling = pooling
         self.max_length = max_length
         self.max_query_length = max_query_length
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -262,7 +271,7 @@ class PairCollator:
             token_types[i, : len(types)] = types
         # Right padding: real tokens are the first `length` positions of each row.
         attention_mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
-        if self.kind == "encoder":
+        if self.pooling == "cls":
             pool_index = np.zeros(len(rows), dtype=np.int64)
         else:
             pool_index = lengths - 1

@@ -152,3 +152,19 @@ def read_triplets(path: str | Path, max_records: int | None = None) -> list[Trip
         # Line 1 is where the first record was expected; keeps the "path:lineno: " contract.
         raise DataFormatError(path, 1, f"file holds no records ({lineno} lines, all blank)")
     return records
+
+
+def read_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """(query, document) pairs from JSONL ``{"query", "document"}`` lines; errors name the file
+    and line."""
+    pairs = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                pairs.append((str(row["query"]), str(row["document"])))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: expected {{\"query\", \"document\"}}: {e}") from e
+    return pairs

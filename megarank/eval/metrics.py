@@ -17,10 +17,9 @@ qrels (of any grade, so a query judged only non-relevant counts and scores 0). A
 missing from the run scores 0; run queries without judgements are skipped. Pass qrels restricted
 to the queries you evaluate (e.g. the ``test`` split), or other judged queries count as 0.
 
-Ties: trec_eval breaks equal scores by docid, which lets an arbitrary id order decide the metric.
-Here equal scores are ordered pessimistically (lowest gain first), so a model that gives many
-documents the same score (a collapsed head) can never profit from ties. With distinct scores both
-agree exactly.
+Ties: documents are ordered by megarank's one ranking rule, ``megarank.data.ranking``: equal
+scores pessimistically (lowest gain first), so a model that gives many documents the same score
+(a collapsed head) can never profit from ties. With distinct scores trec_eval agrees exactly.
 """
 
 from __future__ import annotations
@@ -29,31 +28,10 @@ import math
 import re
 from collections.abc import Callable
 
-Run = dict[str, dict[str, float]]
-"""qid -> docid -> score (higher is better)."""
-Qrels = dict[str, dict[str, int]]
-"""qid -> docid -> graded relevance (<= 0 means not relevant)."""
-
-# rel >= 1 is relevant: the default `rel` of ir-measures and trec_eval's relevance_level.
-RELEVANCE_THRESHOLD = 1
+from megarank.data.ranking import RELEVANCE_THRESHOLD, Qrels, Run, rank_documents
 
 # One query's metric from its ranked docids and its judgements.
 _QueryMetric = Callable[[list[str], dict[str, int]], float]
-
-
-def rank_documents(scores: dict[str, float], qrels_q: dict[str, int] | None = None) -> list[str]:
-    """Return the docids of one query sorted by score, highest first.
-
-    Equal scores are ordered by ascending gain (``max(rel, 0)`` from ``qrels_q``; unjudged = 0), so
-    a judged-relevant document never wins a tie against a non-relevant one, then by docid so the
-    order is deterministic. Without ``qrels_q`` ties fall back to docid order alone.
-    Raises ValueError on a NaN score, which would make the sort order undefined.
-    """
-    qrels_q = qrels_q or {}
-    for docid, score in scores.items():
-        if math.isnan(score):
-            raise ValueError(f"document {docid!r} has a NaN score")
-    return sorted(scores, key=lambda d: (-scores[d], max(qrels_q.get(d, 0), 0), d))
 
 
 def _num_relevant(qrels_q: dict[str, int]) -> int:
@@ -174,7 +152,7 @@ def _parse_metric(name: str) -> _QueryMetric:
     return lambda ranking, q: fn(ranking, q, k)
 
 
-def evaluate(run: Run, qrels: Qrels, metrics: list[str]) -> dict[str, float]:
+def mean_metrics(run: Run, qrels: Qrels, metrics: list[str]) -> dict[str, float]:
     """Mean of each metric over the judged queries, keyed by the names as given.
 
     Names: ``MRR@k``, ``NDCG@k``, ``Recall@k``, ``MAP`` (case-insensitive; ir-measures spellings
@@ -196,7 +174,7 @@ def evaluate(run: Run, qrels: Qrels, metrics: list[str]) -> dict[str, float]:
 
 
 def judged_queries(run: Run, qrels: Qrels) -> dict[str, int]:
-    """Count how ``evaluate`` treats the queries of ``run`` and ``qrels``.
+    """Count how ``mean_metrics`` treats the queries of ``run`` and ``qrels``.
 
     Keys: ``judged`` (queries averaged over), ``judged_in_run``, ``judged_missing_from_run``
     (scored 0) and ``skipped_queries`` (run queries without judgements, ignored).

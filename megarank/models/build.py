@@ -13,8 +13,7 @@ from megarank.models.decoder import DecoderBackbone
 from megarank.models.encoder import BertBackbone
 from megarank.models.heads import ClassifierHead, YesNoHead
 from megarank.models.specs import KernelChoice, bert_layer_spec, gpt_layer_spec
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from megarank.parallel.megatron import DTYPES, fusion_settings
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
@@ -29,7 +28,6 @@ def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
 def transformer_config(cfg, device: torch.device, kernels: str = "local") -> TransformerConfig:
     """megatron TransformerConfig from the model, parallel and trainer groups."""
     m, p, tr = cfg.model, cfg.parallel, cfg.trainer
-    on_gpu = device.type == "cuda"
     recompute = {} if tr.recompute == "none" else {"recompute_granularity": tr.recompute}
     if tr.recompute == "full":
         recompute.update(recompute_method="uniform", recompute_num_layers=1)
@@ -58,9 +56,6 @@ def transformer_config(cfg, device: torch.device, kernels: str = "local") -> Tra
         pipeline_dtype=dtype,
         bf16=tr.precision == "bf16",
         fp16=tr.precision == "fp16",
-        # Initialise full weights on the CPU and split them: the same seed gives the same full
-        # weights for every TP size.
-        use_cpu_initialization=not on_gpu,
         # Always initialise, even when an HF import overwrites the weights: megatron sets the
         # tensor-parallel attributes of its parameters (which grad-norm and the TP slicing of the
         # import rely on) only while initialising them.
@@ -68,15 +63,8 @@ def transformer_config(cfg, device: torch.device, kernels: str = "local") -> Tra
         # Dynamic padding per micro-batch: pipeline p2p sends shapes first.
         variable_seq_lengths=True,
         moe_token_dispatcher_type="alltoall",  # no MoE here; "allgather" rejects variable lengths
-        # Fused kernels only where they exist (CUDA); all are plain-PyTorch equivalents otherwise.
-        # bias+GeLU/SwiGLU and bias+dropout+add are megatron's jit fusions; RoPE and weight-grad
-        # accumulation fusions need Transformer Engine's kernels.
-        bias_activation_fusion=on_gpu and (m.gated_linear_unit or m.add_bias_linear),
-        bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=False,  # SDPA / TE attention do their own
-        apply_rope_fusion=on_gpu and kernels == "te",
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=on_gpu and kernels == "te",
+        # Fusions where their kernels exist; CPU weight initialisation off the GPU.
+        **fusion_settings(device, kernels, m),
         **recompute,
     )
 

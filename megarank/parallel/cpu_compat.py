@@ -1,6 +1,8 @@
-"""Run megatron-core on a machine without CUDA.
+"""Run megatron-core on the CPU: when the run's device is the CPU, on any machine.
 
-megatron-core is written for GPUs and assumes CUDA in five places (observed with 0.16.1 and 0.19.2):
+megatron-core is written for GPUs and assumes CUDA in five places (observed with 0.16.1 and 0.19.2;
+what the rest of megarank needs from a given megatron-core release is in
+:mod:`megarank.parallel.megatron`):
 
 1. its model-parallel RNG tracker reads and writes the CUDA generator;
 2. buffers are allocated on ``torch.cuda.current_device()`` (global memory buffer, p2p receive
@@ -14,9 +16,16 @@ megatron-core is written for GPUs and assumes CUDA in five places (observed with
 
 Rather than a global ``TorchFunctionMode`` (which rewrites every op and made steps ~1.8x slower), each
 affected megatron module gets its own view of ``torch`` in which factories put "cuda" tensors on
-the CPU and ``torch.cuda`` answers for the CPU. Ops outside those modules are untouched, so this costs
-nothing on the hot path. :func:`apply` is called only when no CUDA device is present, and is
-idempotent. Each thing it enables has a test in ``tests/unit/test_cpu_compat.py``.
+the CPU and ``torch.cuda`` answers for the CPU: no device, the current device is the CPU, streams
+are no-ops and the "device generator" is the CPU generator. Ops outside those modules are untouched,
+so this costs nothing on the hot path.
+
+:func:`apply` is called by ``init_runtime`` whenever the run's device is the CPU (no CUDA,
+``trainer.device=cpu``, or a command that asks for the CPU), also on a machine with CUDA: the
+patched modules then see no CUDA at all, so their buffers and RNG stay on the CPU. While applied,
+megatron cannot use CUDA in this process; :func:`revert` restores it (tests use it). Both are
+idempotent. Each thing it enables has a test in ``tests/unit/test_cpu_compat.py``, run with and
+without CUDA reported present.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import functools
 import importlib
 import logging
 import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -77,7 +87,8 @@ class _NullStream:
 
 
 class _CpuCuda:
-    """``torch.cuda`` as megatron's CPU-patched modules see it."""
+    """``torch.cuda`` as megatron's CPU-patched modules see it: no CUDA device, whatever the host
+    has. Anything not defined here is the real ``torch.cuda``."""
 
     def __init__(self, real_cuda: types.ModuleType) -> None:
         self._real = real_cuda
@@ -92,8 +103,24 @@ class _CpuCuda:
 
     # --- device and synchronisation -----------------------------------------------------------
     @staticmethod
+    def is_available() -> bool:
+        return False
+
+    @staticmethod
+    def is_initialized() -> bool:
+        return False
+
+    @staticmethod
+    def device_count() -> int:
+        return 0
+
+    @staticmethod
     def current_device() -> str:
         return "cpu"
+
+    @staticmethod
+    def empty_cache() -> None:
+        return None
 
     @staticmethod
     def synchronize(*args: Any, **kwargs: Any) -> None:
@@ -216,65 +243,58 @@ def _clip_grad_by_total_norm_fp32(
         torch._foreach_mul_(grads, clip_coeff)
 
 
-def _keep_adam_step(fn: Any) -> Any:
-    """DistributedOptimizer's fully-reshardable load copies every key of a parameter's Adam state
-    from the checkpoint, but without apex or Transformer Engine (always the case on the CPU) the
-    state holds a ``step`` the checkpoint keeps elsewhere: KeyError 'step'. The step is restored
-    from the common state; here it is kept aside while the tensors are copied."""
-
-    @functools.wraps(fn)
-    def wrapper(self: Any, model_param: Any, tensors: dict[str, Any]) -> Any:
-        if "step" in tensors or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            return fn(self, model_param, tensors)
-        group, order = self.model_param_group_index_map[model_param]
-        state = self.optimizer.state[self.optimizer.param_groups[group]["params"][order]]
-        step = state.pop("step", None)
-        try:
-            return fn(self, model_param, tensors)
-        finally:
-            if step is not None:
-                state["step"] = step
-
-    return wrapper
+# What revert() runs, last first: one undo per change apply() made.
+_UNDO: list[Callable[[], None]] = []
 
 
-_APPLIED = False
+def _patch(obj: Any, name: str, value: Any) -> None:
+    """``setattr(obj, name, value)``, remembering how to undo it."""
+    if name in vars(obj):
+        original = vars(obj)[name]
+        _UNDO.append(lambda: setattr(obj, name, original))
+    else:  # inherited or absent: removing the patch exposes it again
+        _UNDO.append(lambda: delattr(obj, name))
+    setattr(obj, name, value)
 
 
 def apply() -> None:
-    """Make megatron-core usable without CUDA. Call only when ``torch.cuda.is_available()`` is False."""
-    global _APPLIED
-    if _APPLIED:
+    """Make megatron-core run on the CPU, whether or not this machine has CUDA. Idempotent."""
+    if _UNDO:
         return
-    if torch.cuda.is_available():
-        raise RuntimeError("cpu_compat.apply() must not be used on a machine with CUDA")
     cpu_torch = _CpuTorch(torch)
     for name in PATCHED_MODULES:
         try:
             module = importlib.import_module(name)
         except ImportError:  # a module a given megatron-core release does not have
             continue
-        module.torch = cpu_torch
+        _patch(module, "torch", cpu_torch)
 
     random = importlib.import_module("megatron.core.tensor_parallel.random")
-    random._get_cuda_rng_state = _cpu_get_cuda_rng_state
-    random._set_cuda_rng_state = _cpu_set_cuda_rng_state
+    _patch(random, "_get_cuda_rng_state", _cpu_get_cuda_rng_state)
+    _patch(random, "_set_cuda_rng_state", _cpu_set_cuda_rng_state)
     # The tracker's fork() warns when the CPU RNG moves inside it; on the CPU the forked state IS
     # the CPU generator, so that warning would fire on every dropout call and means nothing here.
-    logging.getLogger(random.__name__).setLevel(logging.ERROR)
+    random_logger = logging.getLogger(random.__name__)
+    level = random_logger.level
+    _UNDO.append(lambda: random_logger.setLevel(level))
+    random_logger.setLevel(logging.ERROR)
 
     optimizer = importlib.import_module("megatron.core.optimizer.optimizer")
-    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    _patch(optimizer, "clip_grad_by_total_norm_fp32", _clip_grad_by_total_norm_fp32)
     distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
     for cls in (optimizer.Float16OptimizerWithFloat16Params, distrib.DistributedOptimizer):
-        cls.__init__ = _with_cuda_type_names(cls.__init__)
-    distrib.DistributedOptimizer.get_parameter_state_dp_zero = _with_cuda_type_names(
-        distrib.DistributedOptimizer.get_parameter_state_dp_zero)
-    distrib.DistributedOptimizer._set_main_param_and_optimizer_states = _keep_adam_step(
-        distrib.DistributedOptimizer._set_main_param_and_optimizer_states)
-    _APPLIED = True
+        _patch(cls, "__init__", _with_cuda_type_names(cls.__init__))
+    _patch(distrib.DistributedOptimizer, "get_parameter_state_dp_zero",
+           _with_cuda_type_names(distrib.DistributedOptimizer.get_parameter_state_dp_zero))
+
+
+def revert() -> None:
+    """Undo :func:`apply`: megatron's modules see the real ``torch`` again. Objects built while
+    applied (buffers, optimizers) stay on the CPU. Idempotent."""
+    while _UNDO:
+        _UNDO.pop()()
 
 
 def is_applied() -> bool:
-    """Whether :func:`apply` has run in this process."""
-    return _APPLIED
+    """Whether :func:`apply` is in effect in this process."""
+    return bool(_UNDO)

@@ -2,6 +2,11 @@
 
 This module is the only caller of ``parallel_state.initialize_model_parallel``. Everything else asks
 :class:`Runtime` (or megatron's ``parallel_state`` getters) for ranks and groups.
+
+What megatron needs is keyed on the run's device, not on the host: a run on the CPU (no CUDA,
+``trainer.device=cpu`` on a CUDA machine, or a command that asks for the CPU) gets gloo and the
+CPU compatibility layer (:mod:`megarank.parallel.cpu_compat`); a run on CUDA gets NCCL and
+megatron as it is. The optimizer fixes of :mod:`megarank.parallel.megatron` apply on both.
 """
 
 from __future__ import annotations
@@ -98,13 +103,24 @@ def seed_everything(seed: int) -> None:
 
 
 def init_runtime(tp: int, pp: int, seed: int, device: str = "auto") -> Runtime:
-    """Bring up distributed, megatron parallel state and seeds; return this rank's :class:`Runtime`."""
+    """Bring up distributed, megatron parallel state and seeds; return this rank's :class:`Runtime`.
+
+    ``device`` is ``auto``, ``cpu`` or ``cuda`` (see :func:`select_device`). On the CPU, megatron's
+    CUDA assumptions are handled by :func:`cpu_compat.apply`, whatever the host has; on CUDA an
+    earlier CPU run's layer (e.g. in a test process) is reverted.
+    """
     dev = select_device(device)
-    if dev.type == "cpu" and not torch.cuda.is_available():
+    if dev.type == "cpu":
         cpu_compat.apply()
+    else:
+        cpu_compat.revert()
     init_distributed(dev)
 
     from megatron.core import parallel_state as ps
+
+    from megarank.parallel.megatron import apply_optimizer_fixes
+
+    apply_optimizer_fixes()
 
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(

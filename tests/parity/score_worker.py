@@ -7,36 +7,29 @@ HF directories in one TP/PP layout, write rank 0's scores.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 
 
 def main() -> None:
-    from megarank.checkpoint.hf import apply_hf_config
-    from megarank.config import compose, validate
+    from megarank.config import compose
     from megarank.data.collate import PairBatch
     from megarank.eval.scorer import score_batches
-    from megarank.parallel.runtime import init_runtime, shutdown
-    from megarank.training.setup import build_model, build_tokenizer
+    from megarank.stage import build_stage
 
     out, parallel, *jobs = sys.argv[1:]
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     results = []
-    rt = None
+    stage = None
     for job in jobs:
         source, head, batch_file = job.split("|")
         cfg = compose(["model=hf", f"model.hf_path={source}", f"parallel={parallel}",
                        f"task.head={head}"])
-        apply_hf_config(cfg)
-        d = validate(cfg, world)
-        if rt is None:
-            rt = init_runtime(d.tp, d.pp, cfg.trainer.seed, "cpu")
-        tok = build_tokenizer(cfg)
-        model, _ = build_model(cfg, rt, tok)
+        # Every job builds on the runtime the first brought up (same layout).
+        stage = build_stage(cfg, device="cpu")
+        model, rt = stage.model, stage.rt
         b = torch.load(batch_file)
-        pool = b["last"] if cfg.model.family == "gpt" else torch.zeros_like(b["last"])
+        pool = b["last"] if stage.contract.pooling == "last" else torch.zeros_like(b["last"])
         batch = PairBatch(b["input_ids"], b["attention_mask"], b["token_type_ids"], pool, 1,
                           int(b["attention_mask"].sum()))
         # two micro-batches, so pipeline schedules run more than one
@@ -45,9 +38,9 @@ def main() -> None:
                                              batch.token_type_ids, batch.pool_index)), 1, 0)
                  for s in (slice(0, half), slice(half, None))]
         results.append(score_batches(model, rt, parts))
-    if rt.is_main:
+    if stage.rt.is_main:
         torch.save(results, out)
-    shutdown()
+    stage.close()
 
 
 if __name__ == "__main__":

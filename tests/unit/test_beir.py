@@ -16,7 +16,7 @@ from megarank.data.beir import (
     read_trec_run,
     write_trec_run,
 )
-from megarank.eval.metrics import evaluate
+from megarank.eval.metrics import mean_metrics
 
 COLLECTIONS = Path(__file__).resolve().parents[2] / "megarank" / "assets" / "collections"
 
@@ -56,7 +56,7 @@ def test_bm25_test_ndcg_matches_readme_and_ir_measures(collection: Collection) -
     check_run_against(collection, run, run_path)
     test_run = {qid: run[qid] for qid in collection.split_qids("test")}
     test_qrels = collection.split_qrels("test")
-    ours = evaluate(test_run, test_qrels, ["NDCG@10"])["NDCG@10"]
+    ours = mean_metrics(test_run, test_qrels, ["NDCG@10"])["NDCG@10"]
     assert ours == pytest.approx(EXPECTED[collection.root.name][-1], abs=1e-3)
     # ir-measures reads the files itself, so this also checks both readers.
     qrels = ir_measures.read_trec_qrels(str(collection.root / "qrels.trec"))

@@ -1,31 +1,75 @@
-"""What the CPU compatibility layer enables, one test per megatron CUDA assumption it handles.
+"""What the CPU compatibility layer enables, one test per megatron CUDA assumption it handles, and
+a few real training steps with a ZeRO-1 optimizer and a checkpoint round trip on top of it.
 
 Each test runs in a world of one gloo rank with megatron parallel state, i.e. exactly the state the
-trainer runs in on a machine without CUDA.
+trainer runs in when its device is the CPU, on any host and twice: as on a machine without CUDA,
+and with CUDA reported present and trainer.device=cpu (a CPU run on a GPU machine), where the
+layer must still keep megatron off CUDA.
 """
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only layer")
+
+def _report_cuda(mp: pytest.MonkeyPatch, present: bool) -> None:
+    """Make torch.cuda say CUDA is (or is not) present; a real device is left as it is."""
+    if present and torch.cuda.is_available():
+        return
+    mp.setattr(torch.cuda, "is_available", lambda: present)
+    mp.setattr(torch.cuda, "device_count", lambda: int(present))
 
 
-@pytest.fixture(scope="module")
-def runtime():
+@pytest.fixture(scope="module", params=["no_cuda", "cuda_present"])
+def runtime(request):
+    from megarank.parallel import cpu_compat
     from megarank.parallel.runtime import init_runtime, shutdown
 
-    rt = init_runtime(tp=1, pp=1, seed=7, device="cpu")
-    yield rt
-    shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        _report_cuda(mp, request.param == "cuda_present")
+        try:
+            yield init_runtime(tp=1, pp=1, seed=7, device="cpu")
+        finally:
+            # Process-global: leave no parallel state, process group or patched megatron behind.
+            shutdown()
+            cpu_compat.revert()
 
 
-def test_applied_only_without_cuda(runtime):
-    from megarank.parallel import cpu_compat
+def test_applied_when_the_device_is_the_cpu(runtime):
+    from megatron.core import utils
+    from megatron.core.distributed import param_and_grad_buffer
+
+    from megarank.parallel import cpu_compat, megatron
 
     assert cpu_compat.is_applied()
     assert runtime.device == torch.device("cpu")
+    # Whatever the host reports, the patched modules see no CUDA and the CPU as current device.
+    for module in (utils, param_and_grad_buffer):
+        assert not module.torch.cuda.is_available() and module.torch.cuda.device_count() == 0
+        assert module.torch.cuda.current_device() == "cpu"
+    # torch's own Adam (no TE/apex here): the load fix is in place, on any device.
+    assert megatron.apply_optimizer_fixes()
+
+
+def test_revert_restores_megatron(runtime):
+    # revert() puts back exactly what apply() replaced; apply() again is the same layer.
+    from megatron.core import utils
+    from megatron.core.optimizer import distrib_optimizer
+
+    from megarank.parallel import cpu_compat
+
+    patched_init = distrib_optimizer.DistributedOptimizer.__init__
+    cpu_compat.revert()
+    try:
+        assert not cpu_compat.is_applied()
+        assert utils.torch is torch
+        assert distrib_optimizer.DistributedOptimizer.__init__ is patched_init.__wrapped__
+    finally:
+        cpu_compat.apply()
+    assert cpu_compat.is_applied() and utils.torch is not torch
 
 
 def test_rng_tracker_forks_the_cpu_generator(runtime):
@@ -134,3 +178,98 @@ def test_dist_checkpoint_save_and_load_on_cpu(runtime, tmp_path):
         {"t": ShardedTensor.from_rank_offsets("t", torch.zeros(6))}, str(tmp_path)
     )
     assert torch.equal(out["t"], t)
+
+
+# --- a few real steps: tiny GPT, megatron DDP + ZeRO-1, pipeline schedule, checkpoint round trip --
+
+GROUP, ROWS, SEQ = 4, 8, 16  # 2 groups of 4 documents per micro-batch, 16 tokens each
+
+
+def _stage(cfg, rt):
+    """A tiny cross-encoder on the CPU, wrapped as training wraps it, with its optimizer."""
+    from megarank.models.build import build_cross_encoder, transformer_config
+    from megarank.models.specs import select_kernels
+    from megarank.parallel.megatron import build_optimizer, wrap_model
+    from megarank.parallel.runtime import seed_everything
+
+    seed_everything(cfg.trainer.seed)  # the same initial weights on every call
+    kernels = select_kernels(cfg.trainer.kernels, rt.device)
+    assert kernels.name == "local"
+    tconfig = transformer_config(cfg, rt.device, kernels.name)
+    model = build_cross_encoder(cfg, tconfig, kernels, True, True).to(rt.device)
+    ddp = wrap_model(model, tconfig, cfg.trainer.precision,
+                     cfg.parallel.use_distributed_optimizer)
+    optimizer, scheduler = build_optimizer(cfg, ddp)
+    return ddp, optimizer, scheduler
+
+
+def _step(ddp, optimizer, scheduler, batch) -> float:
+    """One optimizer step through megatron's schedule; the listwise loss of the batch."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    ids, mask, types, pool = batch
+
+    def loss_func(scores):
+        loss = torch.nn.functional.cross_entropy(  # the positive is document 0 of each group
+            scores.float().view(-1, GROUP), torch.zeros(ROWS // GROUP, dtype=torch.long))
+        return loss, {"loss": loss.detach().clone()}
+
+    def forward_step(data_iterator, model):
+        next(data_iterator)
+        return model(ids, mask, types, pool), loss_func
+
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter([None]), model=[ddp],
+        num_microbatches=1, seq_length=SEQ, micro_batch_size=ROWS, forward_only=False)
+    ok, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+    assert ok and math.isfinite(grad_norm) and grad_norm > 0
+    return float(losses[0]["loss"])
+
+
+def test_training_steps_zero1_and_resume(runtime, tmp_path):
+    # (1-5 together) GPT stage with dropout through the RNG tracker, megatron DDP, the
+    # DistributedOptimizer (ZeRO-1) and its checkpoint: the loss is finite and falls, the
+    # optimizer's state is on the CPU, and a resumed step equals the uninterrupted one.
+    from megatron.core.optimizer import DistributedOptimizer
+
+    from megarank.checkpoint.dist import load_checkpoint, save_checkpoint
+    from megarank.config import compose
+
+    cfg = compose(["model=gpt_tiny", "model.num_layers=2", "model.hidden_dropout=0.1",
+                   "model.attention_dropout=0.1", "parallel.use_distributed_optimizer=true",
+                   "trainer.device=cpu", "trainer.max_steps=10", "optim.lr=1e-3",
+                   "optim.warmup_steps=0"])
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randint(5, 1000, (ROWS, SEQ), generator=g),
+             torch.ones(ROWS, SEQ, dtype=torch.long), torch.zeros(ROWS, SEQ, dtype=torch.long),
+             torch.full((ROWS,), SEQ - 1))
+
+    ddp, optimizer, scheduler = _stage(cfg, runtime)
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])  # e.g. decay / no-decay groups
+    assert inner and all(isinstance(o, DistributedOptimizer) for o in inner)
+    losses = [_step(ddp, optimizer, scheduler, batch) for _ in range(4)]
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0], losses  # one fixed batch: the loss must move down
+    assert all(p.device.type == "cpu" for p in ddp.parameters())
+    states = [t for o in inner for s in o.optimizer.state.values() for t in s.values()
+              if isinstance(t, torch.Tensor)]
+    assert states and all(t.device.type == "cpu" for t in states)
+
+    ckpts = tmp_path / "checkpoints"
+    save_checkpoint(ckpts, 4, ddp, optimizer, scheduler, {"step": 4}, runtime, {})
+    expected = _step(ddp, optimizer, scheduler, batch)
+    weights = [p.detach().clone() for p in ddp.parameters()]
+
+    ddp2, optimizer2, scheduler2 = _stage(cfg, runtime)
+    assert load_checkpoint(ckpts / "step_0000004", ddp2, optimizer2, scheduler2,
+                           runtime) == {"step": 4}
+    # Every parameter holds its own Adam step after the load.
+    steps = [s["step"] for o in getattr(optimizer2, "chained_optimizers", [optimizer2])
+             for s in o.optimizer.state.values()]
+    assert len({id(t) for t in steps}) == len(steps)
+    assert _step(ddp2, optimizer2, scheduler2, batch) == pytest.approx(expected, abs=1e-6)
+    for a, b in zip(weights, ddp2.parameters(), strict=True):
+        torch.testing.assert_close(b.detach(), a, atol=1e-6, rtol=0)

@@ -10,6 +10,7 @@ from megarank.config import compose
 from megarank.models import specs
 from megarank.models.attention import SDPAttention
 from megarank.models.build import transformer_config
+from megarank.parallel.megatron import fusion_settings, use_fused_torch_adamw
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
@@ -55,6 +56,10 @@ def test_fusions_follow_device_and_kernels():
     assert gpu.bias_activation_fusion and gpu.bias_dropout_fusion
     assert not gpu.apply_rope_fusion and not gpu.gradient_accumulation_fusion  # need TE kernels
     assert not gpu.use_cpu_initialization
+    te = fusion_settings(CUDA, "te", cfg.model)
+    assert te["apply_rope_fusion"] and te["gradient_accumulation_fusion"]
+    assert not (te["masked_softmax_fusion"] or te["persist_layer_norm"])
+    assert not fusion_settings(CPU, "te", cfg.model)["gradient_accumulation_fusion"]
 
 
 def test_recompute_and_precision_reach_megatron():
@@ -78,8 +83,6 @@ def test_sequence_parallel_needs_te_or_apex(monkeypatch):
 
 
 def test_fused_adamw_only_for_cuda_fp32_params():
-    from megarank.training.setup import use_fused_torch_adamw
-
     p = torch.nn.Parameter(torch.zeros(3))
     opt = torch.optim.AdamW([p])
     holder = type("Megatron", (), {"optimizer": opt})()

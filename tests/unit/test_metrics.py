@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from ir_measures import AP, RR, R, nDCG
 
+from megarank.data.ranking import rank_documents
 from megarank.eval.metrics import (
     average_precision,
-    evaluate,
     judged_queries,
+    mean_metrics,
     mrr_at_k,
     ndcg_at_k,
-    rank_documents,
     recall_at_k,
 )
 
@@ -69,7 +69,7 @@ def random_case(seed: int) -> tuple[dict, dict]:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_aggregates_match_ir_measures(seed: int) -> None:
     run, qrels = random_case(seed)
-    ours = evaluate(run, qrels, list(MEASURES))
+    ours = mean_metrics(run, qrels, list(MEASURES))
     theirs = ir_measures.calc_aggregate(list(MEASURES.values()), qrels, run)
     for name, measure in MEASURES.items():
         assert ours[name] == pytest.approx(theirs[measure], abs=1e-9), name
@@ -93,7 +93,7 @@ def test_query_accounting() -> None:
     run = {"a": {"d1": 1.0}, "b": {"d1": 1.0}, "unjudged": {"d1": 1.0}}
     qrels = {"a": {"d1": 1}, "b": {"d1": 0}, "missing": {"d1": 2}}
     # Averaged over a, b, missing: b (judged, nothing relevant) and missing (not run) score 0.
-    assert evaluate(run, qrels, ["MRR@10"]) == {"MRR@10": pytest.approx(1 / 3)}
+    assert mean_metrics(run, qrels, ["MRR@10"]) == {"MRR@10": pytest.approx(1 / 3)}
     assert judged_queries(run, qrels) == {
         "judged": 3,
         "judged_in_run": 2,
@@ -146,16 +146,16 @@ def test_hand_computed_example() -> None:
 def test_perfect_and_empty_rankings() -> None:
     qrels = {"q": {"a": 3, "b": 1, "c": 0}}
     perfect = {"q": {"a": 3.0, "b": 2.0, "c": 1.0}}
-    assert evaluate(perfect, qrels, ["MRR@10", "NDCG@10", "Recall@10", "MAP"]) == pytest.approx(
+    assert mean_metrics(perfect, qrels, ["MRR@10", "NDCG@10", "Recall@10", "MAP"]) == pytest.approx(
         {"MRR@10": 1.0, "NDCG@10": 1.0, "Recall@10": 1.0, "MAP": 1.0}
     )
-    assert evaluate({}, qrels, ["NDCG@10", "MAP"]) == {"NDCG@10": 0.0, "MAP": 0.0}
+    assert mean_metrics({}, qrels, ["NDCG@10", "MAP"]) == {"NDCG@10": 0.0, "MAP": 0.0}
 
 
 def test_metric_names() -> None:
     run, qrels = {"q": {"a": 1.0}}, {"q": {"a": 1}}
     # ir-measures spellings and any case are accepted; keys are the names as given.
-    assert evaluate(run, qrels, ["RR@10", "ndcg@3", "R@5", "AP"]) == {
+    assert mean_metrics(run, qrels, ["RR@10", "ndcg@3", "R@5", "AP"]) == {
         "RR@10": 1.0,
         "ndcg@3": 1.0,
         "R@5": 1.0,
@@ -168,6 +168,6 @@ def test_metric_names() -> None:
         ("MRR@0", "k must be >= 1"),
     ]:
         with pytest.raises(ValueError, match=message):
-            evaluate(run, qrels, [bad])
+            mean_metrics(run, qrels, [bad])
     with pytest.raises(ValueError, match="no judged query"):
-        evaluate(run, {}, ["MAP"])
+        mean_metrics(run, {}, ["MAP"])

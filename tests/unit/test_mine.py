@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 
+from megarank.api import mine_triplets
 from megarank.data.beir import candidates, load_collection, read_trec_run
+from megarank.data.mining import BM25Index, judged_positives, select_negatives
 from megarank.data.triplets import read_triplets
-from megarank.mine import BM25Index, judged_positives, mine, select_negatives
 from tests.conftest import data_dir
 
 ROOT = data_dir("cranfield")
@@ -28,7 +29,7 @@ def index(coll):
 
 def _mine(tmp_path, name="t.jsonl", **kw):
     out = tmp_path / name
-    stats = mine(ROOT, out, progress=False, **kw)
+    stats = mine_triplets(ROOT, out, progress=False, **kw)
     return out, stats
 
 
@@ -104,7 +105,7 @@ def test_queries_without_positive_are_skipped_and_counted(tmp_path):
     # No split.json: every judged query is mined; "b" is judged, but nothing is relevant.
     (root / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\na\t0\t2\nb\t1\t0\n")
     out = tmp_path / "t.jsonl"
-    stats = mine(root, out, negatives=2, progress=False)
+    stats = mine_triplets(root, out, negatives=2, progress=False)
     assert stats.written == 1 and stats.skipped_no_positive == ["b"]
     rec = read_triplets(out)[0]
     assert rec.pos == (docs[0],) and docs[0] not in rec.neg
@@ -139,7 +140,7 @@ def test_dense_retriever_scores_are_the_embedders_cosines(tmp_path, coll):
     root = _small_collection(tmp_path, coll)
     small = load_collection(root)
     out = tmp_path / "dense.jsonl"
-    stats = mine(root, out, retriever="dense", model_dir=embedder, depth=20, negatives=6,
+    stats = mine_triplets(root, out, retriever="dense", model=embedder, depth=20, negatives=6,
                  progress=False)
     records = read_triplets(out)
     assert stats.written == len(records) == 4
@@ -156,11 +157,11 @@ def test_dense_retriever_scores_are_the_embedders_cosines(tmp_path, coll):
         assert all(small.qrels[q].get(doc_of_text[t], 0) < 1 for t in record.neg)
         assert list(record.neg_scores) == sorted(record.neg_scores, reverse=True)
     again = tmp_path / "again.jsonl"
-    mine(root, again, retriever="dense", model_dir=embedder, depth=20, negatives=6,
+    mine_triplets(root, again, retriever="dense", model=embedder, depth=20, negatives=6,
          progress=False)
     assert again.read_bytes() == out.read_bytes()
 
 
 def test_dense_retriever_needs_a_model(tmp_path):
     with pytest.raises(ValueError, match="--retriever dense needs --model"):
-        mine(ROOT, tmp_path / "x.jsonl", retriever="dense", progress=False)
+        mine_triplets(ROOT, tmp_path / "x.jsonl", retriever="dense", progress=False)

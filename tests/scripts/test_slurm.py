@@ -59,6 +59,13 @@ def _dry_run(bin_dir: Path, *overrides: str, **extra: str) -> tuple[str, list[st
     return out.stdout, shlex.split(srun[0])
 
 
+def test_header_names_the_shipped_experiment():
+    # The config the header points at is the one the script trains (experiment=...), in the package.
+    (path,) = re.findall(r"\((megarank/conf/experiment/(\w+)\.yaml)\)", SCRIPT.read_text())
+    assert (REPO / path[0]).is_file()
+    assert f"experiment={path[1]} " in SCRIPT.read_text()
+
+
 def test_bash_syntax():
     for script in (SCRIPT, COMMON):
         subprocess.run(["bash", "-n", str(script)], check=True)

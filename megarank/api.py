@@ -1,0 +1,219 @@
+"""megarank's Python API: what every command runs, callable from Python.
+
+    import megarank
+
+    result = megarank.train_model(["model=bert_tiny", "task=listwise", "trainer.max_steps=20"])
+    with megarank.load_scorer("runs/my-run") as scorer:
+        scores = scorer.score([("what is a wing?", "A wing is a surface that ...")])
+    megarank.convert_to_hf("runs/my-run", "hf/my-reranker")
+    megarank.evaluate_model("hf/my-reranker", "path/to/beir_collection", top_k=50)
+
+Each function works in one process, or on every rank under torchrun (``parallel=...`` overrides
+pick the layout), and shuts down the process group it brought up before it returns. The names
+differ from the command modules (``megarank.train`` is ``python -m megarank.train``) so that
+importing a command never hides a function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the heavy imports (megatron-core, transformers) wait for the first call
+    from omegaconf import DictConfig
+
+    from megarank.data.mining import MineStats
+    from megarank.eval.rerank import RerankTask
+    from megarank.stage import Stage
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The training config composed from the shipped Hydra configs with ``overrides``, as
+    ``python -m megarank.train OVERRIDES`` composes it (not yet validated)."""
+    from megarank.config import compose
+
+    return compose(list(overrides))
+
+
+def train_model(config: DictConfig | Sequence[str] = ()) -> dict[str, Any]:
+    """Train a reranker from a composed config or from Hydra overrides; return the last logged
+    record (step, loss, eval metrics). The run directory is ``trainer.output_dir``."""
+    from omegaconf import DictConfig
+
+    from megarank.training.loop import train
+
+    cfg = config if isinstance(config, DictConfig) else compose_config(config)
+    return train(cfg)
+
+
+class Scorer:
+    """A saved model ready to score (query, document) pairs, as its scoring contract says.
+
+    Under torchrun every rank must call :meth:`score` with the same pairs (the work is split over
+    data-parallel ranks and every rank gets all scores).
+    """
+
+    def __init__(self, stage: Stage, batch_size: int = 64) -> None:
+        from megarank.eval.scorer import PairScorer
+
+        self.stage = stage
+        """The model stage: config, runtime, tokenizer, contract, collator, model."""
+        self._scorer = PairScorer(stage.collator, batch_size)
+
+    def score(self, pairs: Sequence[tuple[str, str]], progress: bool = False) -> list[float]:
+        """The score of every (query text, document text) pair, in order."""
+        from megarank.eval.rerank import score_pairs
+
+        return score_pairs(self._scorer, self.stage.model, self.stage.rt, list(pairs),
+                           progress=progress).tolist()
+
+    def close(self) -> None:
+        """Shut down the process group the model was built in."""
+        self.stage.close()
+
+    def __enter__(self) -> Scorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_scorer(model: str | Path, overrides: Sequence[str] = (), *, device: str | None = None,
+                batch_size: int = 64) -> Scorer:
+    """A megarank checkpoint, run directory (its latest checkpoint) or HF export, as a
+    :class:`Scorer`; its ``scoring.json`` is checked against what the config would build."""
+    from megarank.stage import open_stage
+
+    return Scorer(open_stage(model, overrides, device=device), batch_size)
+
+
+def convert_from_hf(hf_dir: str | Path, out: str | Path, overrides: Sequence[str] = ()) -> Path:
+    """Import an HF model directory as a megarank checkpoint (under torchrun each rank reads only
+    its shard of the weights, in the layout ``overrides`` ask for)."""
+    from omegaconf import OmegaConf
+
+    from megarank.checkpoint.contract import FILE as CONTRACT_FILE
+    from megarank.checkpoint.dist import save_model_checkpoint
+    from megarank.stage import build_stage, saved_config
+
+    cfg, _ = saved_config(hf_dir, overrides)
+    out_path = Path(out).resolve()
+    with build_stage(cfg, device="cpu") as stage:
+        # The contract goes in with the weights, so the checkpoint is never complete without it.
+        contract = out_path.parent / f".{out_path.name}.{CONTRACT_FILE}"
+        if stage.rt.is_main:
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            contract.write_text(stage.contract.to_json())
+        save_model_checkpoint(
+            out_path, stage.model, stage.rt,
+            meta={"config": OmegaConf.to_container(stage.cfg, resolve=True),
+                  "source": str(hf_dir), "layout": stage.derived.__dict__},
+            extra_files=[contract],
+        )
+        if stage.rt.is_main:
+            (out_path / contract.name).rename(out_path / CONTRACT_FILE)
+            contract.unlink(missing_ok=True)
+    return out_path
+
+
+def convert_to_hf(checkpoint: str | Path, out: str | Path, *, as_classifier: bool = False,
+                  max_shard_mb: int = 5120) -> Path:
+    """Export a megarank checkpoint or run directory (any layout) as an HF model directory.
+
+    Runs in one process: the checkpoint is resharded into a single-process fp32 model, then
+    written as safetensors shards of at most ``max_shard_mb``.
+    """
+    from megarank.checkpoint.export import export_hf
+    from megarank.stage import open_stage, world_size
+
+    if world_size() != 1:
+        raise RuntimeError("convert_to_hf runs in one process (not under torchrun)")
+    with open_stage(checkpoint, ["parallel=tp1_pp1", "trainer.precision=fp32"], device="cpu",
+                    require_contract=False) as stage:
+        c = stage.contract
+        ids = (c.yes_token_id, c.no_token_id) if c.head == "yes_no" else None
+        return export_hf(stage.model.module, stage.cfg, out, stage.tokenizer, c,
+                         as_classifier=as_classifier, answer_ids=ids,
+                         max_shard_bytes=max_shard_mb * 1024**2)
+
+
+def evaluate_model(model: str | Path, collection: str | Path | RerankTask, *,
+                   run: str | Path | None = None, split: str | None = None, top_k: int = 100,
+                   depth: int | None = None, out_dir: str | Path | None = None,
+                   batch_size: int = 64, overrides: Sequence[str] = (),
+                   verbose: bool = False) -> dict[str, Any]:
+    """Rerank a first-stage run's top ``top_k`` for a collection's judged queries and measure it
+    against the first stage (ir-measures, cross-checked by megarank's metrics).
+
+    ``collection``: a BEIR folder, or a task ``megarank.eval.rerank.prepare`` already read and
+    checked (then ``run``, ``split``, ``top_k`` and ``depth`` are the task's). Every input is
+    checked before the model is built. Rank 0 writes ``out_dir`` (run.megarank.trec,
+    metrics.json) and with ``verbose`` prints the table. Returns the metrics.json record.
+    """
+    from megarank.eval.report import format_table, summarise, write_report
+    from megarank.eval.rerank import RerankTask, prepare, rerank
+    from megarank.stage import open_stage
+    from megarank.training.logs import logger, setup_logging
+
+    task = collection if isinstance(collection, RerankTask) else prepare(
+        collection, run, split, top_k, depth)
+    with open_stage(model, overrides) as stage:
+        rt = stage.rt
+        setup_logging(rt)
+        if task.skipped_unjudged:
+            logger.info(f"skipped {len(task.skipped_unjudged)} {task.split} queries without "
+                        "judgements")
+        if task.empty:
+            logger.info(f"{len(task.empty)} judged queries have no candidate in "
+                        f"{task.run_path}: they count as 0 in both rows")
+        reranked = rerank(task, stage.model, rt, stage.collator, batch_size)
+        result = summarise(task, reranked, str(model))
+        if rt.is_main:
+            if result["cross_check_max_abs_diff"] > 1e-9:
+                logger.warning("ir-measures and megarank's metrics disagree by "
+                               f"{result['cross_check_max_abs_diff']:.3g}")
+            if out_dir is not None:
+                write_report(out_dir, reranked, task.qrels, result)
+            if verbose:
+                print(format_table(result), flush=True)
+        return result
+
+
+def mine_triplets(collection: str | Path, out: str | Path, *, split: str | None = None,
+                  retriever: str = "bm25", model: str | Path | None = None, depth: int = 100,
+                  skip_top: int = 0, negatives: int = 15, margin: float | None = None,
+                  seed: int = 0, batch_size: int = 64, overrides: Sequence[str] = (),
+                  progress: bool = True) -> MineStats:
+    """Write FlagEmbedding triplets with hard negatives for a collection's judged queries.
+
+    ``retriever``: ``bm25`` (candidates as they are), ``model`` (re-sorted by a megarank
+    checkpoint or export at ``model``, whose scores become teacher scores) or ``dense`` (by a
+    sentence-transformers embedder's cosine). See ``megarank.data.mining`` for the rules.
+    """
+    from megarank.data.mining import RETRIEVERS, dense_rescorer, mine
+
+    if retriever not in RETRIEVERS:
+        raise ValueError(f"--retriever must be one of {', '.join(RETRIEVERS)}, got {retriever!r}")
+    if retriever != "bm25" and model is None:
+        raise ValueError(f"--retriever {retriever} needs --model MODEL_DIR")
+    if retriever == "dense":
+        return mine(collection, out, split, dense_rescorer(model, batch_size, progress), depth,
+                    skip_top, negatives, margin, seed, progress)
+    if retriever == "bm25":
+        return mine(collection, out, split, None, depth, skip_top, negatives, margin, seed,
+                    progress)
+    scorer: Scorer | None = None
+
+    def rescore(coll: Any, keys: list[tuple[str, str]]) -> list[float]:
+        nonlocal scorer
+        # Built only once BM25 is done, so a bad collection fails before any model is built.
+        scorer = load_scorer(model, overrides, batch_size=batch_size)
+        return scorer.score([(coll.queries[q], coll.corpus[d]) for q, d in keys], progress)
+
+    try:
+        return mine(collection, out, split, rescore, depth, skip_top, negatives, margin, seed,
+                    progress)
+    finally:
+        if scorer is not None:
+            scorer.close()

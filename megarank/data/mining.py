@@ -1,0 +1,242 @@
+"""Mining training triplets with hard negatives from a BEIR collection (``megarank mine``).
+
+For each judged query of the split (every judged query when there is no split.json), the
+positives are its documents judged relevant (rel >= 1), most relevant first. Candidates are the
+BM25 top ``depth`` (bm25s, k1=0.9, b=0.4, English stop words, no stemming: the settings of the
+shipped run.bm25.trec files), or those candidates re-sorted by a megarank model's scores
+(``--retriever model``, under torchrun in any layout) or by the cosine similarity of a
+sentence-transformers embedding model (``--retriever dense``, as FlagEmbedding mines with an
+embedder). Then, in rank order:
+
+1. the first ``skip-top`` candidates are dropped (the top of a strong retriever is where the
+   unjudged relevant documents hide);
+2. every judged positive, and any document whose text equals a positive's, is dropped;
+3. with ``--margin m``, so is every candidate scoring above (lowest positive's score - m): a
+   false-negative guard in the spirit of FlagEmbedding's hn_mine and NV-Retriever's
+   TopK-MarginPos;
+4. ``negatives`` of what is left are drawn without replacement by a numpy Generator seeded from
+   ``(seed, query id)``, so one query's draw does not depend on the others, and kept in rank order.
+
+The output is FlagEmbedding JSONL ``{"query", "pos", "neg"}`` (plus ``pos_scores``/``neg_scores``
+with the model's scores for ``--retriever model|dense``: teacher scores for ``task.loss=distill``
+or ``task.distill_weight``), written atomically; the same inputs and seed
+give a byte-identical file. Then train with ``data=beir data.train_path=OUT
+data.eval_collection=BEIR_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import bm25s
+import numpy as np
+from tqdm import tqdm
+
+from megarank.data.beir import Collection, load_collection
+from megarank.data.ranking import RELEVANCE_THRESHOLD, build_run, rank_documents
+
+RETRIEVERS = ("bm25", "model", "dense")
+
+Rescorer = Callable[[Collection, list[tuple[str, str]]], list[float]]
+"""Scores of (qid, docid) pairs of a collection under some model (higher is better)."""
+
+# The shipped run.bm25.trec files are plain BM25 with these parameters and no stemming.
+BM25_K1, BM25_B, BM25_STOPWORDS = 0.9, 0.4, "en"
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+class BM25Index:
+    """bm25s over a collection's documents (``document_text``, as the reranker reads them)."""
+
+    def __init__(self, corpus: dict[str, str], progress: bool = True) -> None:
+        self.docids = list(corpus)
+        self.position = {d: i for i, d in enumerate(self.docids)}
+        """docid -> its index in ``scores``."""
+        tokens = bm25s.tokenize([corpus[d] for d in self.docids], stopwords=BM25_STOPWORDS,
+                                show_progress=progress)
+        self.bm25 = bm25s.BM25(k1=BM25_K1, b=BM25_B, method="lucene")
+        self.bm25.index(tokens, show_progress=progress)
+
+    def scores(self, query: str) -> np.ndarray:
+        """BM25 score of every document for ``query``, [len(docids)] float32."""
+        # The query's words the corpus never uses add nothing, and bm25s needs at least one.
+        words = bm25s.tokenize(query, stopwords=BM25_STOPWORDS, return_ids=False,
+                               show_progress=False)[0]
+        words = [w for w in words if w in self.bm25.vocab_dict]
+        if not words:
+            return np.zeros(len(self.docids), dtype=np.float32)
+        return self.bm25.get_scores(words)
+
+    def top(self, query: str, depth: int) -> tuple[list[tuple[str, float]], np.ndarray]:
+        """(the ``depth`` best (docid, score) with score > 0, best first, all scores).
+
+        Equal scores go by docid, including at the cut-off, so the list never depends on how
+        the sort happened to break a tie. Documents sharing no word with the query are not
+        retrieved at all (score 0), as in Lucene.
+        """
+        s = self.scores(query)
+        if depth < len(s):
+            # Everything tied with the depth-th score stays in, for the docid order to decide.
+            kth = np.partition(s, len(s) - depth)[len(s) - depth]
+            idx = np.flatnonzero(s >= kth)
+        else:
+            idx = np.arange(len(s))
+        found = {self.docids[i]: float(s[i]) for i in idx if s[i] > 0}
+        return [(d, found[d]) for d in rank_documents(found)[:depth]], s
+
+
+@dataclass
+class MineStats:
+    """What happened to the split's queries."""
+
+    written: int = 0
+    """Triplets in the output file."""
+    skipped_no_positive: list[str] = field(default_factory=list)
+    """Queries without a document judged relevant: no triplet."""
+    short: list[str] = field(default_factory=list)
+    """Queries written with fewer negatives than asked for."""
+
+
+def _query_rng(seed: int, qid: str) -> np.random.Generator:
+    # crc32 rather than hash(): Python salts str hashes per process.
+    return np.random.default_rng([seed, zlib.crc32(qid.encode("utf-8"))])
+
+
+def select_negatives(ranked: list[tuple[str, float]], positives: dict[str, float],
+                     corpus: dict[str, str], qid: str, *, skip_top: int, negatives: int,
+                     margin: float | None, seed: int) -> list[tuple[str, float]]:
+    """Steps 1-4 of the module docstring for one query: the chosen (docid, score), rank order.
+
+    ``ranked`` is best first; ``positives`` maps each judged-relevant docid to its score under
+    the same retriever.
+    """
+    pos_texts = {corpus[d] for d in positives}
+    pool = [(d, s) for d, s in ranked[skip_top:]
+            if d not in positives and corpus[d] not in pos_texts]
+    if margin is not None:
+        ceiling = min(positives.values()) - margin
+        pool = [(d, s) for d, s in pool if s <= ceiling]
+    if len(pool) <= negatives:
+        return pool
+    chosen = _query_rng(seed, qid).choice(len(pool), size=negatives, replace=False)
+    return [pool[i] for i in sorted(chosen.tolist())]
+
+
+def judged_positives(coll: Collection, qid: str) -> list[str]:
+    """Docids judged relevant for ``qid``, most relevant first, then by docid."""
+    judged = coll.qrels.get(qid, {})
+    rel = [d for d, r in judged.items() if r >= RELEVANCE_THRESHOLD]
+    return sorted(rel, key=lambda d: (-judged[d], d))
+
+
+def split_queries(coll: Collection, split: str | None) -> list[str]:
+    """The split's qids; None: ``train`` when there is a split.json, else every judged query."""
+    if split is None and coll.split is not None:
+        split = "train"
+    return coll.split_qids(split) if split is not None else list(coll.qrels)
+
+
+def mine(collection: str | Path, out: str | Path, split: str | None = None,
+         rescore: Rescorer | None = None, depth: int = 100, skip_top: int = 0,
+         negatives: int = 15, margin: float | None = None, seed: int = 0,
+         progress: bool = True) -> MineStats:
+    """Write the triplet file ``out`` (rank 0) and return what happened to the queries.
+
+    Candidates are BM25's top ``depth``; with ``rescore`` (a reranker's or an embedder's scores)
+    the candidates and positives are re-sorted by its scores, which are written as
+    ``pos_scores``/``neg_scores``.
+    """
+    if depth < 1 or skip_top < 0 or negatives < 1:
+        raise ValueError(f"need depth >= 1, skip-top >= 0, negatives >= 1; got {depth}, "
+                         f"{skip_top}, {negatives}")
+    coll = load_collection(collection)
+    qids = split_queries(coll, split)
+    stats = MineStats()
+    positives = {}
+    for q in qids:
+        if pos := judged_positives(coll, q):
+            positives[q] = pos
+        else:
+            stats.skipped_no_positive.append(q)
+    index = BM25Index(coll.corpus, progress and _is_main())
+    ranked: dict[str, list[tuple[str, float]]] = {}
+    pos_scores: dict[str, dict[str, float]] = {}
+    for q in tqdm(positives, desc="bm25", unit="query", disable=not (progress and _is_main()),
+                  file=sys.stderr):
+        ranked[q], all_scores = index.top(coll.queries[q], depth)
+        pos_scores[q] = {d: float(all_scores[index.position[d]]) for d in positives[q]}
+    if rescore is not None:
+        keys = _pairs_to_score(ranked, positives)
+        ranked, pos_scores = _resorted(ranked, positives,
+                                       build_run(keys, rescore(coll, keys), ranked))
+    rows = []
+    for q, pos in positives.items():
+        negs = select_negatives(ranked[q], pos_scores[q], coll.corpus, q, skip_top=skip_top,
+                                negatives=negatives, margin=margin, seed=seed)
+        if len(negs) < negatives:
+            stats.short.append(q)
+        row: dict[str, Any] = {"query": coll.queries[q], "pos": [coll.corpus[d] for d in pos],
+                               "neg": [coll.corpus[d] for d, _ in negs]}
+        if rescore is not None:
+            row["pos_scores"] = [pos_scores[q][d] for d in pos]
+            row["neg_scores"] = [s for _, s in negs]
+        rows.append(json.dumps(row, ensure_ascii=False) + "\n")
+    stats.written = len(rows)
+    if _is_main():
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text("".join(rows), encoding="utf-8")
+        os.replace(tmp, out)
+    return stats
+
+
+def dense_rescorer(model_dir: str | Path, batch_size: int = 64, progress: bool = True) -> Rescorer:
+    """Cosine similarity under a sentence-transformers embedding model (a bi-encoder such as
+    all-MiniLM-L6-v2), as FlagEmbedding mines with an embedder."""
+    from sentence_transformers import SentenceTransformer
+
+    # device=None: sentence-transformers picks CUDA when there is one.
+    embedder = SentenceTransformer(str(model_dir))
+
+    def encode(texts: list[str]) -> np.ndarray:
+        return embedder.encode(texts, batch_size=batch_size, normalize_embeddings=True,
+                               convert_to_numpy=True, show_progress_bar=progress and _is_main())
+
+    def rescore(coll: Collection, keys: list[tuple[str, str]]) -> list[float]:
+        docids = list(dict.fromkeys(d for _, d in keys))
+        qids = list(dict.fromkeys(q for q, _ in keys))
+        doc_vecs = dict(zip(docids, encode([coll.corpus[d] for d in docids]), strict=True))
+        query_vecs = dict(zip(qids, encode([coll.queries[q] for q in qids]), strict=True))
+        return [float(query_vecs[q] @ doc_vecs[d]) for q, d in keys]
+
+    return rescore
+
+
+def _pairs_to_score(ranked: dict[str, list[tuple[str, float]]],
+                    positives: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """(qid, docid) of every candidate and positive, each once (a positive is usually also a
+    candidate)."""
+    return [(q, d) for q in ranked
+            for d in dict.fromkeys([*(d for d, _ in ranked[q]), *positives[q]])]
+
+
+def _resorted(ranked: dict[str, list[tuple[str, float]]], positives: dict[str, list[str]],
+              by_query: dict[str, dict[str, float]]
+              ) -> tuple[dict[str, list[tuple[str, float]]], dict[str, dict[str, float]]]:
+    """The candidates re-sorted by the new scores ``by_query[q][d]``, and the positives'."""
+    new_ranked = {}
+    for q, cands in ranked.items():
+        model_scores = {d: by_query[q][d] for d, _ in cands}
+        new_ranked[q] = [(d, model_scores[d]) for d in rank_documents(model_scores)]
+    return new_ranked, {q: {d: by_query[q][d] for d in positives[q]} for q in ranked}

@@ -1,0 +1,213 @@
+"""megarank's glue to megatron-core: wrapping, the optimizer, fusion switches and the
+optimizer-state fixes its checkpoints need.
+
+Written for megatron-core 0.16.1 (tested; the version Python 3.11 resolves) and kept to what the
+``>=0.16.1,<0.20`` range in pyproject.toml allows (the optimizer and checkpoint behaviour worked
+around below was also seen with 0.19.2). Everything that depends on how a given megatron-core release wraps, optimizes,
+fuses or checkpoints lives here, so that an upgrade is one file to read. What each piece is for:
+
+- :func:`wrap_model`, :func:`build_optimizer`, ``DTYPES``: Float16Module + DDP with the schedule
+  hooks (``finalize_model_grads_func``, ``no_sync_func``, ``grad_scale_func``), megatron's Adam
+  and its LR scheduler.
+- :func:`fusion_settings`: megatron's fusions that need CUDA (its jit bias+GeLU/SwiGLU and
+  bias+dropout+add) or Transformer Engine kernels (RoPE, weight-grad accumulation) are on only
+  where those exist; CPU weight initialisation off the GPU.
+- :func:`use_fused_torch_adamw`: without TE or apex megatron steps torch's AdamW in its foreach
+  form; on CUDA torch's fused kernel does the same update faster.
+- :func:`optimizer_sharding_metadata`: the DistributedOptimizer's default checkpoint sharding
+  raises "ShardedTensor.flattened_range is not supported"; ``fully_reshardable`` works on every
+  layout.
+- :func:`prepare_optimizer_for_load`: a fresh DistributedOptimizer without TE/apex has no Adam
+  state, and its ``state_dict()`` asserts ``len(steps) == 1``.
+- :func:`apply_optimizer_fixes`: without TE/apex the fully-reshardable load raises
+  ``KeyError: 'step'`` (the torch Adam state holds a ``step`` the checkpoint keeps elsewhere).
+- :func:`separate_adam_steps`: without TE/apex a loaded optimizer shares ONE ``step`` tensor
+  between all parameters, and a resumed run silently diverges.
+
+The CUDA assumptions megatron makes when the run's device is the CPU are handled apart, in
+:mod:`megarank.parallel.cpu_compat`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, distrib_optimizer, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from omegaconf import DictConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def fusion_settings(device: torch.device, kernels: str, model_cfg: Any) -> dict[str, bool]:
+    """TransformerConfig's fusion and initialisation switches for ``device`` and ``kernels``
+    (``"te"`` or ``"local"``); ``model_cfg`` is the model group (gated_linear_unit,
+    add_bias_linear).
+
+    Fused kernels only where they exist (CUDA); each has a plain-PyTorch equivalent otherwise.
+    bias+GeLU/SwiGLU and bias+dropout+add are megatron's jit fusions; RoPE and weight-grad
+    accumulation fusions need Transformer Engine's kernels.
+    """
+    on_gpu = device.type == "cuda"
+    return dict(
+        # Nothing to fuse without a bias or a gate.
+        bias_activation_fusion=on_gpu and bool(model_cfg.gated_linear_unit
+                                               or model_cfg.add_bias_linear),
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=False,  # SDPA / TE attention do their own
+        apply_rope_fusion=on_gpu and kernels == "te",
+        persist_layer_norm=False,  # apex's persistent LayerNorm kernel
+        gradient_accumulation_fusion=on_gpu and kernels == "te",
+        # Off the GPU, initialise full weights on the CPU and split them: the same seed gives the
+        # same full weights for every TP size (megatron's GPU path allocates on the current CUDA
+        # device).
+        use_cpu_initialization=not on_gpu,
+    )
+
+
+def wrap_model(model: torch.nn.Module, tconfig: TransformerConfig, precision: str,
+               use_distributed_optimizer: bool) -> DistributedDataParallel:
+    """``model`` (already on its device) in megatron's Float16Module (bf16/fp16) and DDP, with
+    the schedule hooks that reduce gradients set on ``tconfig``."""
+    if precision != "fp32":
+        # bf16/fp16 weights and activations; the optimizer keeps fp32 main weights.
+        model = Float16Module(tconfig, model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=precision != "fp32",
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    ddp = DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model)
+    # The schedules reduce grads across DP (and embedding groups) through this hook, and skip the
+    # DP all-reduce on all but the last micro-batch through no_sync.
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.no_sync_func = ddp.no_sync
+    return ddp
+
+
+def build_optimizer(cfg: DictConfig, model: DistributedDataParallel) -> tuple[Any, Any]:
+    """megatron's AdamW (weight decay off for biases and norms) and its LR scheduler."""
+    o, tr = cfg.optim, cfg.trainer
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad, bf16=tr.precision == "bf16", fp16=tr.precision == "fp16",
+        params_dtype=DTYPES[tr.precision],
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        loss_scale=o.loss_scale, initial_loss_scale=o.initial_loss_scale,
+    )
+    optimizer = get_megatron_optimizer(opt_config, [model])
+    use_fused_torch_adamw(optimizer)
+    # fp16: the schedules multiply the loss by the current loss scale before backward.
+    model.config.grad_scale_func = optimizer.scale_loss if tr.precision == "fp16" else None
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps, lr_decay_steps=tr.max_steps,
+        lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=tr.max_steps, wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def use_fused_torch_adamw(optimizer: Any) -> bool:
+    """Without TE or apex, megatron steps with torch's AdamW in its default (foreach) form; on
+    CUDA its single fused kernel does the same update faster. Returns whether it was switched on.
+    """
+    switched = False
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.AdamW | torch.optim.Adam):
+            continue  # TE / apex FusedAdam
+        params = [p for g in inner.param_groups for p in g["params"]]
+        if params and all(p.is_cuda and p.dtype == torch.float32 for p in params):
+            for g in inner.param_groups:
+                g["fused"], g["foreach"] = True, False
+            switched = True
+    return switched
+
+
+def optimizer_sharding_metadata() -> dict[str, str]:
+    """``metadata`` for the optimizer's ``sharded_state_dict`` on both save and load.
+
+    The DistributedOptimizer's default checkpoint sharding cannot be written by megatron-core
+    0.16 on every layout ("ShardedTensor.flattened_range is not supported");
+    ``fully_reshardable`` writes on any layout and loads into any other.
+    """
+    return {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def prepare_optimizer_for_load(optimizer: Any) -> None:
+    """Give a fresh distributed optimizer the Adam state a checkpoint is loaded into.
+
+    Without apex or Transformer Engine, megatron's DistributedOptimizer.state_dict() reads the
+    step from the (still empty) torch Adam state and fails (``len(steps) == 1``). One zero-gradient
+    step creates the state; the load overwrites it, and the main weights it touched, right after.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
+        if init is not None and not opt.optimizer.state:
+            init()
+
+
+def separate_adam_steps(optimizer: Any) -> None:
+    """Give every parameter its own Adam ``step`` tensor after a load.
+
+    Without apex or Transformer Engine, megatron's optimizer load gives all parameters ONE step
+    tensor; torch's Adam increments it in place once per parameter per step, so bias correction
+    drifts and a resumed run diverges silently. Copies make each parameter's step its own, as in
+    an uninterrupted run. A no-op for optimizers whose state holds no step tensor (TE/apex).
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_opt = getattr(opt, "optimizer", None)
+        if torch_opt is None:
+            continue
+        for state in torch_opt.state.values():
+            step = state.get("step")
+            if isinstance(step, torch.Tensor):
+                state["step"] = step.clone()
+
+
+def _keep_adam_step(fn: Any) -> Any:
+    """DistributedOptimizer's fully-reshardable load copies every key of a parameter's Adam state
+    from the checkpoint. torch's Adam (megatron's choice without apex or Transformer Engine) holds
+    a ``step`` there, which the checkpoint keeps in the param groups instead: KeyError 'step'.
+    The step is restored from the param groups; here it is set aside while the tensors are
+    copied."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, model_param: Any, tensors: dict[str, Any]) -> Any:
+        precision_aware = getattr(self.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8",
+                                  False)
+        if "step" in tensors or precision_aware:
+            return fn(self, model_param, tensors)
+        group, order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group]["params"][order]]
+        step = state.pop("step", None)
+        try:
+            return fn(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    wrapper.keeps_adam_step = True
+    return wrapper
+
+
+def apply_optimizer_fixes() -> bool:
+    """Patch megatron's DistributedOptimizer for loading into torch's Adam: see
+    :func:`_keep_adam_step`. Only when megatron runs without TE's or apex's FusedAdam, whatever the
+    device (a GPU machine without them hits the same error). Idempotent; returns whether the fix
+    is in place."""
+    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", False):
+        return False  # FusedAdam keeps no per-parameter step: nothing to fix
+    cls = distrib_optimizer.DistributedOptimizer
+    current = cls._set_main_param_and_optimizer_states
+    if not getattr(current, "keeps_adam_step", False):
+        cls._set_main_param_and_optimizer_states = _keep_adam_step(current)
+    return True

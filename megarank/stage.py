@@ -1,0 +1,230 @@
+"""The stage builder: the one place a runnable model stage is assembled, for every command.
+
+    config -> validation -> runtime -> tokenizer -> scoring contract -> model -> weights -> collator
+
+:func:`build_stage` does it for a composed config (training, an HF import); :func:`open_stage`
+for a saved model, a megarank checkpoint, a run directory or an HF export, whose ``scoring.json``
+decides how it scores and is checked against what the config would build. The pair collator is
+built from the contract (family, pooled token, prompt, lengths), never from re-derived config, so
+what the contract records is what the model does. A :class:`Stage` owns the process group it
+brought up: ``close()`` (or leaving its ``with`` block) shuts it down, also when building fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from transformers import AutoTokenizer
+
+from megarank.checkpoint.contract import FILE as CONTRACT_FILE
+from megarank.checkpoint.contract import (
+    ScoringContract,
+    apply_contract,
+    make_contract,
+    read_contract,
+)
+from megarank.checkpoint.dist import META_FILE, load_model_weights, read_meta, resolve_checkpoint
+from megarank.checkpoint.hf import apply_hf_config, load_hf_weights
+from megarank.config import Derived, compose, from_saved, validate
+from megarank.data.collate import PairCollator
+from megarank.models.build import (
+    build_cross_encoder,
+    padded_vocab_size,
+    sync_tied_output_layer,
+    transformer_config,
+)
+from megarank.models.specs import KernelChoice, check_kernel_support, select_kernels
+from megarank.parallel.megatron import wrap_model
+from megarank.parallel.runtime import Runtime, init_runtime, shutdown
+
+logger = logging.getLogger("megarank")  # the run's logger (training/logs.py sets it up)
+
+
+def world_size() -> int:
+    """Ranks in this job: torchrun's ``WORLD_SIZE``, 1 for a plain process."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass
+class Stage:
+    """This rank's part of a built model, with everything needed to run or score it."""
+
+    cfg: DictConfig
+    """The resolved config (HF geometry and contract fields applied)."""
+    derived: Derived
+    rt: Runtime
+    tokenizer: Any
+    contract: ScoringContract
+    """How this model scores a pair; the collator follows it."""
+    collator: PairCollator
+    model: Any
+    """The cross-encoder stage in megatron's DDP (and Float16Module for bf16/fp16)."""
+    kernels: KernelChoice
+    weights: str | None = None
+    """Where the weights came from: a checkpoint path, an HF directory, or None (fresh init)."""
+
+    def close(self) -> None:
+        """Shut down megatron's parallel state and the process group (safe to call twice)."""
+        shutdown()
+
+    def __enter__(self) -> Stage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def build_stage(cfg: DictConfig, *, load_hf: bool = True, expect: ScoringContract | None = None,
+                device: str | None = None, checkpoint: str | Path | None = None) -> Stage:
+    """Validate ``cfg`` for this world, bring up the runtime and build this rank's stage.
+
+    ``load_hf``: read ``model.hf_path``'s weights (when set) into the stage, sharded to this
+    rank. ``checkpoint``: load a megarank checkpoint's model weights instead (any layout).
+    ``expect``: a saved scoring contract; its fields are applied to ``cfg`` and the contract this
+    config derives must equal it, or building stops with both shown. ``device`` overrides
+    ``trainer.device``. On any error the runtime is shut down before it propagates.
+    """
+    apply_hf_config(cfg)
+    if expect is not None:
+        apply_contract(cfg, expect)
+    derived = validate(cfg, world_size())
+    rt = init_runtime(derived.tp, derived.pp, cfg.trainer.seed, device or cfg.trainer.device)
+    try:
+        tokenizer = build_tokenizer(cfg)
+        contract = make_contract(cfg, tokenizer)
+        if expect is not None and contract != expect:
+            raise ValueError(f"the saved scoring contract does not match how this model would "
+                             f"score: saved {expect}, derived {contract}")
+        weights = None
+        if checkpoint is None and load_hf and cfg.model.hf_path:
+            weights = str(cfg.model.hf_path)
+        model, kernels = build_model(cfg, rt, contract, load_hf=weights is not None)
+        if checkpoint is not None:
+            weights = str(load_model_weights(checkpoint, model))
+        collator = build_collator(cfg, contract, tokenizer)
+    except BaseException:
+        shutdown()
+        raise
+    return Stage(cfg, derived, rt, tokenizer, contract, collator, model, kernels, weights)
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a megarank checkpoint or a run directory (else: an HF directory)."""
+    path = Path(path)
+    return (path / META_FILE).is_file() or (path / "checkpoints").is_dir()
+
+
+def saved_config(source: str | Path, overrides: Sequence[str] = ()) -> tuple[DictConfig, Path]:
+    """(config, resolved path) of a checkpoint / run directory (its saved config on today's
+    schema) or of an HF directory (``model=hf`` with its geometry), with ``overrides``."""
+    path = Path(source)
+    if is_checkpoint(path):
+        path = resolve_checkpoint(path)
+        return from_saved(read_meta(path)["config"], list(overrides)), path
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: neither a megarank checkpoint, a run directory nor a "
+                                "Hugging Face model directory (no config.json)")
+    # An HF export of megarank's carries its scoring contract: it sets the defaults (head,
+    # lengths, prompt), so that importing it back scores exactly as it did; overrides win.
+    contract = read_contract(path) if (path / CONTRACT_FILE).is_file() else None
+    fields = [] if contract is None else [
+        f"task.head={contract.head}", f"data.max_length={contract.max_length}",
+        f"data.max_query_length={contract.max_query_length}"]
+    cfg = compose(["model=hf", f"model.hf_path={path.resolve()}", *fields, *overrides])
+    apply_hf_config(cfg)
+    # A template holds newlines and braces, which Hydra's override grammar does not carry.
+    if (contract is not None and contract.prompt_template is not None
+            and not any(o.startswith("model.prompt_template=") for o in overrides)):
+        cfg.model.prompt_template = contract.prompt_template
+    return cfg, path
+
+
+def open_stage(source: str | Path, overrides: Sequence[str] = (), *, device: str | None = None,
+               require_contract: bool = True) -> Stage:
+    """A saved model ready to score: a checkpoint, a run directory (its latest checkpoint) or an
+    HF export, with its weights loaded into the layout ``overrides`` ask for (e.g.
+    ``parallel=tp2_pp1`` under torchrun) and its ``scoring.json`` checked.
+
+    ``require_contract=False`` accepts a checkpoint without ``scoring.json`` (the contract is
+    then derived from its config).
+    """
+    cfg, path = saved_config(source, overrides)
+    expect = None
+    if require_contract or (path / CONTRACT_FILE).is_file():
+        expect = read_contract(path)
+    if is_checkpoint(source):
+        return build_stage(cfg, load_hf=False, expect=expect, device=device, checkpoint=path)
+    return build_stage(cfg, expect=expect, device=device)
+
+
+def build_tokenizer(cfg: DictConfig) -> Any:
+    """The model's HF tokenizer; its vocabulary must fit the model's."""
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
+    if len(tokenizer) > cfg.model.vocab_size:
+        raise ValueError(
+            f"model.tokenizer ({cfg.model.tokenizer}) has {len(tokenizer)} tokens but "
+            f"model.vocab_size is {cfg.model.vocab_size}"
+        )
+    return tokenizer
+
+
+def build_collator(cfg: DictConfig, contract: ScoringContract, tokenizer: Any) -> PairCollator:
+    """Pair tokenization as the scoring contract records it (only the batch padding multiple,
+    which changes no score, comes from the config)."""
+    return PairCollator(
+        tokenizer, kind="encoder" if contract.family == "bert" else "decoder",
+        max_length=contract.max_length, max_query_length=contract.max_query_length,
+        template=contract.prompt_template, pad_to_multiple_of=cfg.data.pad_to_multiple_of,
+        pooling=contract.pooling,
+    )
+
+
+def build_model(cfg: DictConfig, rt: Runtime, contract: ScoringContract,
+                load_hf: bool = True) -> tuple[Any, KernelChoice]:
+    """This rank's cross-encoder stage, on its device, wrapped in megatron DDP.
+
+    With ``load_hf`` the stage's weights are read from ``model.hf_path``, sharded to this rank's
+    part of the layout. The yes/no head's token ids come from the contract.
+    """
+    kernels = select_kernels(cfg.trainer.kernels, rt.device)
+    check_kernel_support(cfg.parallel.sequence_parallel, kernels)
+    tconfig = transformer_config(cfg, rt.device, kernels.name)
+    ids = None
+    if cfg.task.head == "yes_no":
+        ids = (contract.yes_token_id, contract.no_token_id)
+    model = build_cross_encoder(cfg, tconfig, kernels, rt.is_first_stage, rt.is_last_stage, ids)
+    if load_hf:
+        missing = load_hf_weights(
+            model, cfg.model.hf_path, cfg, rt.tp_rank, rt.tp_size, rt.pp_rank, rt.pp_size,
+            padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by),
+        )
+        init_missing(model, missing, cfg.model.init_method_std)
+        if missing and rt.tp_rank == 0 and rt.dp_rank == 0:
+            logger.warning(f"{cfg.model.hf_path} holds no weights for {', '.join(missing)}: "
+                           "they start from a fresh initialisation")
+    sync_tied_output_layer(model)
+    model.to(rt.device)
+    ddp = wrap_model(model, tconfig, cfg.trainer.precision,
+                     cfg.parallel.use_distributed_optimizer)
+    return ddp, kernels
+
+
+def init_missing(model: torch.nn.Module, names: list[str], std: float) -> None:
+    """Initialise parameters an HF import did not fill, as HF does: N(0, std) weights, zero
+    biases. Seeded the same on every rank, so TP/DP replicas of a head agree."""
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name in sorted(names):
+            p = params[name]
+            if name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
