@@ -51,7 +51,7 @@ def _rng_object(rt: Runtime, state: Any) -> ShardedObject:
 
 
 def _capture_rng(device: torch.device) -> dict[str, Any]:
-    # The run's device decides, not the host: a CPU run on a CUDA machine has no CUDA stream.
+    # The run's device decides, not the host: a CPU run on a CUDA machine keeps no CUDA RNG state.
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),

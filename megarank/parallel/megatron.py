@@ -3,8 +3,9 @@ optimizer-state fixes its checkpoints need.
 
 Written for megatron-core 0.16.1 (tested; the version Python 3.11 resolves) and kept to what the
 ``>=0.16.1,<0.20`` range in pyproject.toml allows (the optimizer and checkpoint behaviour worked
-around below was also seen with 0.19.2). Everything that depends on how a given megatron-core release wraps, optimizes,
-fuses or checkpoints lives here, so that an upgrade is one file to read. What each piece is for:
+around below was also seen with 0.19.2). Everything that depends on how a given megatron-core
+release wraps, optimizes, fuses or checkpoints lives here, so that an upgrade is one file to
+read. What each piece is for:
 
 - :func:`wrap_model`, :func:`build_optimizer`, ``DTYPES``: Float16Module + DDP with the schedule
   hooks (``finalize_model_grads_func``, ``no_sync_func``, ``grad_scale_func``), megatron's Adam

@@ -11,28 +11,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch.multiprocessing
 from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
-
-HERE = Path(__file__).resolve().parent
-
-# Tests that start a program but live in files of this folder kept as they are; each has a copy
-# in the tier named here and is skipped in this one.
-MOVED = {
-    "test_config.py::test_train_rejects_bad_config_before_building":
-        "tests/scripts/test_train_launcher.py",
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        key = f"{item.path.name}::{item.originalname}"
-        if item.path.parent == HERE and key in MOVED:
-            item.add_marker(pytest.mark.skip(
-                reason=f"starts a program: runs in {MOVED[key]}, not in the fast tier"))
 
 
 def _refuse(what: str):

@@ -254,6 +254,8 @@ def test_training_steps_zero1_and_resume(runtime, tmp_path):
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0], losses  # one fixed batch: the loss must move down
     assert all(p.device.type == "cpu" for p in ddp.parameters())
+    # megatron DDP's grad buffers (allocated on torch.cuda.current_device()) are on the CPU too.
+    assert ddp.buffers and all(b.grad_data.device.type == "cpu" for b in ddp.buffers)
     states = [t for o in inner for s in o.optimizer.state.values() for t in s.values()
               if isinstance(t, torch.Tensor)]
     assert states and all(t.device.type == "cpu" for t in states)
