@@ -13,6 +13,7 @@ mid-save leaves a ``.partial`` directory that nothing ever loads.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -127,21 +128,136 @@ def save_model_checkpoint(path: str | Path, model: torch.nn.Module, rt: Runtime,
 
 def write_atomically(final: Path, state: dict[str, Any], meta: dict[str, Any], rt: Runtime,
                      extra_files: list[Path]) -> None:
-    """dist_checkpointing.save into ``final.partial``, then rename once every rank is done."""
+    """dist_checkpointing.save into ``final.partial``, then rename once every rank is done.
+
+    ``megarank.json`` (written last, by rank 0) records every file with its size, so a later
+    load can tell a complete checkpoint from a damaged one. A full disk stops with an error
+    naming the directory; what was complete before stays as it was.
+    """
     partial = final.parent / f"{final.name}.partial"
-    if rt.is_main:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+    try:
+        if rt.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        dist.barrier()
+        dist_checkpointing.save(state, str(partial))
+        dist.barrier()
+        if rt.is_main:
+            for f in extra_files:
+                shutil.copy(f, partial / f.name)
+            files = {str(p.relative_to(partial)): p.stat().st_size
+                     for p in sorted(partial.rglob("*")) if p.is_file()}
+            (partial / META_FILE).write_text(
+                json.dumps({**meta, "files": files}, indent=2, default=str))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # torch's CheckpointException derives from BaseException
+        # torch's writers do not always keep the errno: a device with (almost) nothing left
+        # after a failed write is taken as full too.
+        full = _disk_full(e) or shutil.disk_usage(final.parent).free < 2**20
+        if rt.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+        if full:
+            raise CheckpointError(
+                f"no space left on the device while writing {partial}: the checkpoint was not "
+                f"taken, and every earlier complete checkpoint is as it was ({e})") from e
+        raise
     dist.barrier()
-    dist_checkpointing.save(state, str(partial))
-    dist.barrier()
-    if rt.is_main:
-        for f in extra_files:
-            shutil.copy(f, partial / f.name)
-        (partial / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-    dist.barrier()
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    """ENOSPC anywhere in the chain: torch's checkpoint writers re-raise it as a RuntimeError
+    ("Worker failure: [Errno 28] No space left on device")."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if f"[Errno {errno.ENOSPC}]" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, or one on disk is damaged (named in the message)."""
+
+
+def checkpoint_bytes(path: str | Path) -> int:
+    """Bytes of a checkpoint on disk, as its megarank.json records them."""
+    return sum(json.loads((Path(path) / META_FILE).read_text()).get("files", {}).values())
+
+
+def verify_checkpoint(path: str | Path) -> list[str]:
+    """What is wrong with a checkpoint's files, by file: missing, or not the size written.
+
+    Empty when every file recorded at save time is there with its size (checkpoints written
+    before sizes were recorded are taken as they are).
+    """
+    path = Path(path)
+    if not (path / META_FILE).is_file():
+        return [f"{path / META_FILE} is missing (the save never completed)"]
+    files = json.loads((path / META_FILE).read_text()).get("files")
+    problems = []
+    for name, size in (files or {}).items():
+        f = path / name
+        if not f.is_file():
+            problems.append(f"{f} is missing")
+        elif f.stat().st_size != size:
+            problems.append(f"{f} has {f.stat().st_size} bytes, {size} were written "
+                            "(truncated or overwritten)")
+    return problems
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """The complete checkpoints under a run's ``checkpoints/``, newest step first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial")
+             and (p / META_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def resumable_checkpoint(root: str | Path) -> tuple[Path | None, list[str]]:
+    """(the newest checkpoint whose files are intact, notes on the newer ones passed over).
+
+    ``latest`` is tried first; when its files are damaged (or it names nothing complete), each
+    older complete checkpoint in turn. Every file check, no process group needed.
+    """
+    root = Path(root)
+    notes: list[str] = []
+    try:
+        first = latest_checkpoint(root)
+    except FileNotFoundError as e:
+        first, notes = None, [str(e)]
+    candidates = ([first] if first is not None else []) + [
+        p for p in complete_checkpoints(root) if p != first]
+    if first is None and not candidates:
+        return None, notes
+    for path in candidates:
+        problems = verify_checkpoint(path)
+        if not problems:
+            return path, notes
+        notes.append(f"{path.name} is damaged: " + "; ".join(problems))
+    return None, notes
+
+
+def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints (never the one ``latest``
+    names); returns what was deleted. Rank 0 only."""
+    root = Path(root)
+    keep = set(complete_checkpoints(root)[:keep_last])
+    latest = latest_checkpoint(root)
+    if latest is not None:
+        keep.add(latest)
+    removed = [p for p in complete_checkpoints(root) if p not in keep]
+    for p in removed:
+        # Rename first, so an interrupted delete never leaves something that looks complete.
+        doomed = p.with_name(p.name + ".deleting")
+        os.replace(p, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    return removed
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -158,25 +274,35 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any, scheduler: Any,
                     rt: Runtime) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and RNG from ``path``; return the saved train state."""
+    """Restore model, optimizer, scheduler and RNG from ``path``; return the saved train state.
+
+    The model and optimizer reshard to any TP/PP/DP layout. The RNG states are per rank of the
+    saved layout: in another layout they are not restored (dropout streams start from the seed
+    there), and the returned state says so under ``"rng_restored"``.
+    """
     path = Path(path)
     if not (path / META_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a complete megarank checkpoint (no {META_FILE})")
+    saved = json.loads((path / META_FILE).read_text()).get("layout", {})
+    same_layout = (saved.get("tp"), saved.get("pp"), saved.get("dp")) == (
+        rt.tp_size, rt.pp_size, rt.dp_size)
     prepare_optimizer_for_load(optimizer)
     model_sd = _unwrap(model).sharded_state_dict()
     template = {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                   metadata=optimizer_sharding_metadata()),
-        "rng": _rng_object(rt, None),
     }
+    if same_layout:
+        template["rng"] = _rng_object(rt, None)
     loaded = _load(path, template)
     _unwrap(model).load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
     separate_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
-    _restore_rng(loaded["rng"], rt.device)
-    return dict(loaded["train_state"])
+    if same_layout:
+        _restore_rng(loaded["rng"], rt.device)
+    return {**loaded["train_state"], "rng_restored": same_layout}
 
 
 def load_model_weights(path: str | Path, model: torch.nn.Module) -> Path:
@@ -189,7 +315,11 @@ def load_model_weights(path: str | Path, model: torch.nn.Module) -> Path:
 
 
 def _load(path: Path, template: dict[str, Any]) -> dict[str, Any]:
-    """dist_checkpointing.load, with a mismatch between checkpoint and config said plainly."""
+    """dist_checkpointing.load, with damaged files and a mismatch between checkpoint and config
+    said plainly (the files are checked first, so a truncated one is named as such)."""
+    problems = verify_checkpoint(path)
+    if problems:
+        raise CheckpointError(f"{path} is damaged: " + "; ".join(problems))
     try:
         return dist_checkpointing.load(template, str(path))
     except (KeyboardInterrupt, SystemExit):

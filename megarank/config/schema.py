@@ -47,6 +47,30 @@ class ModelConfig:
     """``rope`` (decoders) or ``learned_absolute`` (BERT)."""
     rotary_base: float = 10000.0
     """RoPE theta."""
+    rope_scaling: str | None = None
+    """RoPE frequency scaling: None (plain RoPE) or ``llama3`` (Llama 3.1/3.2/3.3: long
+    wavelengths divided by rope_scaling_factor, a smooth blend between the two bands)."""
+    rope_scaling_factor: float = 8.0
+    """``llama3`` scaling: the factor long-wavelength frequencies are divided by (HF ``factor``)."""
+    rope_low_freq_factor: float = 1.0
+    """``llama3`` scaling: wavelengths above original_max_position_embeddings / this are scaled."""
+    rope_high_freq_factor: float = 4.0
+    """``llama3`` scaling: wavelengths below original_max_position_embeddings / this are kept."""
+    rope_original_max_position_embeddings: int = 8192
+    """``llama3`` scaling: the context length the model was pre-trained with before scaling."""
+    sliding_window: int | None = None
+    """Decoders: the HF model's attention window (Mistral); megarank attends over the whole
+    sequence, which is the same while data.max_length <= sliding_window (validate() checks it)."""
+    position_offset: int = 0
+    """Encoders: the position id of the first token. RoBERTa and XLM-RoBERTa: pad_token_id + 1
+    (fairseq keeps the rows below for padding), so data.max_length may use
+    max_position_embeddings - position_offset positions."""
+    encoder_head: str = "bert"
+    """Encoders' classifier on the first token: ``bert`` (BertPooler dense + tanh, dropout,
+    classifier) or ``roberta`` (RobertaClassificationHead: dropout, dense, tanh, dropout,
+    out_proj)."""
+    classifier_dropout: float | None = None
+    """Dropout in the classifier head; None: hidden_dropout (HF's rule for classifier_dropout)."""
     normalization: str = "RMSNorm"
     """``RMSNorm`` or ``LayerNorm``."""
     layernorm_epsilon: float = 1e-6
@@ -76,7 +100,8 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     """Decoders: the LM output layer is the input embedding (matters for the yes/no head)."""
     hf_model_type: str | None = None
-    """HF ``model_type`` this backbone corresponds to (bert, llama, qwen2, qwen3); set by import."""
+    """HF ``model_type`` this backbone corresponds to (bert, roberta, xlm-roberta, llama,
+    mistral, qwen2, qwen3); set by import. It picks the weight-name table of conversion."""
     init_from: str | None = None
     """A megarank checkpoint directory whose model weights start this run (any layout)."""
     hf_path: str | None = None
@@ -184,7 +209,16 @@ class TrainerConfig:
     output_dir: str | None = None
     """Run directory (config, checkpoints, metrics.jsonl); None: runs/<date>-<time>-<model>-<task>."""
     resume: bool = False
-    """Continue from the latest checkpoint in output_dir (model, optimizer, scheduler, sampler, RNG)."""
+    """Continue from the latest checkpoint in output_dir (model, optimizer, scheduler, sampler,
+    RNG). A checkpoint whose files do not match what was written (truncated, missing) is
+    reported by file, and the newest earlier complete one is taken instead, said in the log."""
+    keep_last: int | None = None
+    """Keep only the newest N complete checkpoints (older ones are deleted after each save);
+    None keeps every one."""
+    max_nonfinite_steps: int = 3
+    """A step whose loss or gradients are not finite is skipped (no update) and counted; after
+    this many in a row the run stops with an error, its last good checkpoint intact. A
+    checkpoint is never written from non-finite weights or right after a non-finite step."""
     seed: int = 1234
     """Seeds weights, data order, group sampling and dropout."""
     device: str = "auto"

@@ -94,6 +94,20 @@ def validate(cfg: Any, world_size: int) -> Derived:
          "parallel.tensor_model_parallel_size", tp)
     if m.family == "bert" and m.position_embedding_type != "learned_absolute":
         errors.append("model.position_embedding_type must be 'learned_absolute' for model.family bert")
+    _choice(errors, "model.encoder_head", m.encoder_head, ("bert", "roberta"))
+    if m.rope_scaling is not None:
+        _choice(errors, "model.rope_scaling", m.rope_scaling, ("llama3",))
+        if m.family != "gpt":
+            errors.append(f"model.rope_scaling ({m.rope_scaling!r}) needs model.family gpt")
+        if not m.rope_high_freq_factor > m.rope_low_freq_factor > 0:
+            errors.append(f"model.rope_high_freq_factor ({m.rope_high_freq_factor}) must be > "
+                          f"model.rope_low_freq_factor ({m.rope_low_freq_factor}) > 0")
+    if m.position_offset < 0 or (m.position_offset and m.family != "bert"):
+        errors.append(f"model.position_offset ({m.position_offset}) must be >= 0, and 0 unless "
+                      "model.family is bert")
+    if m.sliding_window is not None and cfg.data.max_length > m.sliding_window:
+        errors.append(f"data.max_length ({cfg.data.max_length}) must be <= model.sliding_window "
+                      f"({m.sliding_window}): megarank attends over the whole sequence")
 
     # World and batch layout.
     dp = 0
@@ -152,10 +166,11 @@ def validate(cfg: Any, world_size: int) -> Derived:
     if p.use_distributed_optimizer and tr.precision == "fp16":
         errors.append("parallel.use_distributed_optimizer with trainer.precision fp16 is not "
                       "supported; use bf16")
-    if cfg.data.max_length > m.max_position_embeddings:
+    if cfg.data.max_length > m.max_position_embeddings - m.position_offset:
+        offset = f" - model.position_offset ({m.position_offset})" if m.position_offset else ""
         errors.append(
             f"data.max_length ({cfg.data.max_length}) must be <= "
-            f"model.max_position_embeddings ({m.max_position_embeddings})"
+            f"model.max_position_embeddings ({m.max_position_embeddings}){offset}"
         )
     if cfg.data.max_query_length >= cfg.data.max_length:
         errors.append(
@@ -168,11 +183,27 @@ def validate(cfg: Any, world_size: int) -> Derived:
     for name in ("eval_interval", "save_interval"):
         if getattr(tr, name) < 0:
             errors.append(f"trainer.{name} ({getattr(tr, name)}) must be >= 0 (0 turns it off)")
-    if o.warmup_steps < 0 or o.warmup_steps > tr.max_steps:
+    if o.warmup_steps < 0 or (o.warmup_steps and o.warmup_steps >= tr.max_steps):
+        # megatron's scheduler asserts warmup < decay steps, deep inside the first step.
         errors.append(
-            f"optim.warmup_steps ({o.warmup_steps}) must be between 0 and trainer.max_steps "
+            f"optim.warmup_steps ({o.warmup_steps}) must be >= 0 and < trainer.max_steps "
             f"({tr.max_steps})"
         )
+    if not o.lr > 0:
+        errors.append(f"optim.lr ({o.lr}) must be positive")
+    if not 0 <= o.min_lr <= o.lr:
+        errors.append(f"optim.min_lr ({o.min_lr}) must be between 0 and optim.lr ({o.lr})")
+    if o.weight_decay < 0:
+        errors.append(f"optim.weight_decay ({o.weight_decay}) must be >= 0")
+    if not (0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1):
+        errors.append(f"optim.adam_beta1 ({o.adam_beta1}) and optim.adam_beta2 "
+                      f"({o.adam_beta2}) must be in [0, 1)")
+    if o.clip_grad < 0:
+        errors.append(f"optim.clip_grad ({o.clip_grad}) must be >= 0 (0 turns clipping off)")
+    if tr.keep_last is not None and tr.keep_last < 1:
+        errors.append(f"trainer.keep_last ({tr.keep_last}) must be >= 1, or null to keep all")
+    if tr.max_nonfinite_steps < 1:
+        errors.append(f"trainer.max_nonfinite_steps ({tr.max_nonfinite_steps}) must be >= 1")
 
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))

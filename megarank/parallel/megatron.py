@@ -212,3 +212,27 @@ def apply_optimizer_fixes() -> bool:
     if not getattr(current, "keeps_adam_step", False):
         cls._set_main_param_and_optimizer_states = _keep_adam_step(current)
     return True
+
+
+def grads_are_finite(model: DistributedDataParallel) -> bool:
+    """Whether this rank's gradient buffers hold only finite values (before the optimizer step).
+
+    megatron's DDP keeps every gradient in a few flat buffers (``grad_data``); fp32 and bf16
+    optimizers step whatever is there (only fp16's loss scaler checks), so a NaN would reach the
+    weights. Read once per step, one reduction per buffer.
+    """
+    buffers = list(getattr(model, "buffers", [])) + list(
+        getattr(model, "expert_parallel_buffers", []))
+    if buffers:
+        return all(bool(torch.isfinite(b.grad_data).all()) for b in buffers)
+    return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters()
+               if p.grad is not None)
+
+
+def weights_are_finite(model: torch.nn.Module) -> bool:
+    """Whether every rank's weights are finite (one all-reduce): checked before each save."""
+    bad = any(not bool(torch.isfinite(p).all()) for p in model.parameters())
+    device = next(model.parameters()).device
+    flag = torch.tensor([float(bad)], device=device if device.type == "cuda" else "cpu")
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return not bool(flag.item())

@@ -10,19 +10,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import DictConfig, OmegaConf
 
 from megarank.checkpoint.contract import write_contract
 from megarank.checkpoint.dist import (
+    CheckpointError,
+    checkpoint_bytes,
     latest_checkpoint,
     load_checkpoint,
     load_model_weights,
+    prune_checkpoints,
+    resumable_checkpoint,
     save_checkpoint,
 )
 from megarank.eval.rerank import HeldOutEval
 from megarank.models.build import padded_vocab_size
-from megarank.parallel.megatron import build_optimizer
+from megarank.parallel.megatron import build_optimizer, weights_are_finite
 from megarank.parallel.runtime import Runtime
 from megarank.stage import Stage, build_stage
 from megarank.training.flops import mfu, peak_tflops
@@ -31,22 +36,29 @@ from megarank.training.setup import build_data, resolve_output_dir
 from megarank.training.step import StepCounters, make_forward_step, reduce_step_stats, train_step
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+class NonFiniteError(RuntimeError):
+    """Training stopped: too many steps in a row had a non-finite loss or gradient."""
+
+
+def train(cfg: DictConfig, poison_steps: frozenset[int] = frozenset()) -> dict[str, Any]:
     """Train a cross-encoder as configured; return the final record (step, loss, eval metrics).
 
     In this process for a world of one, or on every rank under torchrun; the process group is
-    shut down on return.
+    shut down on return. ``poison_steps``: fault injection for tests (those steps' scores are
+    made NaN).
     """
     tr = cfg.trainer
-    # Validation needs the HF geometry, and a resumed run loads its checkpoint instead of the
-    # HF weights: look for the checkpoint first (a file check, no process group needed yet).
-    ckpt_root = Path(tr.output_dir) / "checkpoints" if tr.output_dir else None
-    resuming = bool(tr.resume and ckpt_root is not None and latest_checkpoint(ckpt_root))
-    with build_stage(cfg, load_hf=not resuming) as stage:
-        return _train(stage)
+    # A resumed run loads its checkpoint instead of the HF weights: pick the checkpoint first
+    # (file checks only, no process group needed yet).
+    resume_from, notes = None, []
+    if tr.resume and tr.output_dir:
+        resume_from, notes = resumable_checkpoint(Path(tr.output_dir) / "checkpoints")
+    with build_stage(cfg, load_hf=resume_from is None) as stage:
+        return _train(stage, resume_from, notes, poison_steps)
 
 
-def _train(stage: Stage) -> dict[str, Any]:
+def _train(stage: Stage, latest: Path | None, resume_notes: list[str],
+           poison_steps: frozenset[int]) -> dict[str, Any]:
     cfg, derived, rt, model = stage.cfg, stage.derived, stage.rt, stage.model
     tr = cfg.trainer
     setup_logging(rt, cfg.logging.level)
@@ -56,11 +68,12 @@ def _train(stage: Stage) -> dict[str, Any]:
     if rt.is_main:
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
 
-    latest = latest_checkpoint(ckpt_root) if tr.resume else None
     optimizer, scheduler = build_optimizer(cfg, model)
     state = {"step": 0, "consumed_samples": 0}
+    rng_restored = True
     if latest is not None:
         state = load_checkpoint(latest, model, optimizer, scheduler, rt)
+        rng_restored = state.pop("rng_restored")
     elif cfg.model.init_from:
         load_model_weights(cfg.model.init_from, model)
     if rt.is_main:
@@ -87,13 +100,22 @@ def _train(stage: Stage) -> dict[str, Any]:
         f"{padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by)}); "
         f"{len(dataset)} training groups from {cfg.data.train_path}; output in {out}"
     )
+    for note in resume_notes:
+        log.write(f"passed over for resuming: {note}")
     if latest is not None:
-        log.write(f"resumed from {latest} at step {state['step']}")
+        log.write(f"resumed from {latest} at step {state['step']}" + (
+            "" if rng_restored else "; its layout differs from this run's, so the per-rank RNG "
+            "states (dropout) start from the seed"))
+    elif tr.resume and resume_notes:
+        raise CheckpointError(f"trainer.resume=true but no checkpoint under {ckpt_root} is "
+                              "intact: " + " | ".join(resume_notes))
     elif tr.resume:
         log.write(f"trainer.resume=true but {ckpt_root} holds no checkpoint: starting fresh")
 
     counters = StepCounters(model=cfg.model, head=cfg.task.head)
-    forward_step = make_forward_step(cfg.task, rt.device, counters)
+    current = {"step": state["step"]}
+    forward_step = make_forward_step(cfg.task, rt.device, counters,
+                                     lambda: current["step"] in poison_steps)
     forward_backward = get_forward_backward_func()
     window = Window(pairs_per_step=tr.global_batch_size * cfg.task.group_size,
                     world_size=rt.world_size, device_name=device_name(rt.device))
@@ -105,10 +127,27 @@ def _train(stage: Stage) -> dict[str, Any]:
         if due and evaluator is not None:
             record.update({f"eval/{k}": v for k, v in evaluator.run(model, rt).items()})
 
-    def maybe_save(step: int, final: bool) -> None:
-        if (tr.save_interval and step % tr.save_interval == 0) or (final and tr.save_final):
-            path = save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, rt, meta)
-            log.write(f"saved {path}")
+    health = {"skipped": 0, "in_a_row": 0}
+
+    def maybe_save(step: int, final: bool, record: dict[str, Any]) -> None:
+        if not ((tr.save_interval and step % tr.save_interval == 0) or (final and tr.save_final)):
+            return
+        # Never a checkpoint right after a skipped step, nor of weights that are not finite:
+        # `latest` must always hold weights that still give a finite loss.
+        if health["in_a_row"] or not weights_are_finite(model):
+            log.write(f"step {step}: not saving (the last step was not finite); the last good "
+                      f"checkpoint stays {latest_checkpoint(ckpt_root)}")
+            return
+        t0 = time.perf_counter()
+        path = save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, rt, meta)
+        record.update(save_s=time.perf_counter() - t0)
+        if rt.is_main:
+            record.update(save_bytes=checkpoint_bytes(path))
+            if tr.keep_last is not None:
+                for old in prune_checkpoints(ckpt_root, tr.keep_last):
+                    log.write(f"trainer.keep_last={tr.keep_last}: deleted {old.name}")
+        dist.barrier()
+        log.write(f"saved {path} in {record['save_s']:.1f} s")
 
     if tr.eval_at_start and evaluator is not None:
         log.log({"step": state["step"], **{f"eval/{k}": v
@@ -119,13 +158,21 @@ def _train(stage: Stage) -> dict[str, Any]:
         maybe_evaluate(last, record, final=True)
         if len(record) > 1:
             log.log(record)
-        maybe_save(last, final=True)
+        maybe_save(last, final=True, record=record)
     for step in range(state["step"] + 1, last + 1):
         counters.reset()
-        losses, grad_norm, lr = train_step(
+        current["step"] = step
+        losses, grad_norm, lr, updated = train_step(
             forward_backward, forward_step, batches, model, optimizer, scheduler,
             derived.num_microbatches, cfg.data.max_length, derived.pairs_per_micro_batch,
         )
+        if updated:
+            health["in_a_row"] = 0
+        else:
+            health["skipped"] += 1
+            health["in_a_row"] += 1
+            log.write(f"step {step}: non-finite loss or gradient; update skipped "
+                      f"({health['in_a_row']} in a row, {health['skipped']} in all)")
         stats = reduce_step_stats(losses, counters, rt, stop.requested)
         window.add(stats)
         state = {"step": step, "consumed_samples": state["consumed_samples"] + tr.global_batch_size}
@@ -135,13 +182,23 @@ def _train(stage: Stage) -> dict[str, Any]:
         if stats["stop"]:
             log.write(f"stop requested ({stop.name}): saving at step {step} and exiting")
         record = {"step": step}
-        if step % tr.log_interval == 0 or final:
+        if step % tr.log_interval == 0 or final or not updated:
             record.update(window.flush(), lr=lr, grad_norm=grad_norm,
-                          consumed_samples=state["consumed_samples"])
+                          consumed_samples=state["consumed_samples"],
+                          skipped_steps=health["skipped"])
+        if health["in_a_row"] >= tr.max_nonfinite_steps:
+            log.log(record)
+            log.close()
+            stop.restore()
+            raise NonFiniteError(
+                f"step {step}: {health['in_a_row']} steps in a row with a non-finite loss or "
+                f"gradient (trainer.max_nonfinite_steps={tr.max_nonfinite_steps}); stopping. "
+                f"The last good checkpoint is {latest_checkpoint(ckpt_root)}; lower optim.lr "
+                "or check the data")
         maybe_evaluate(step, record, final)
+        maybe_save(step, final or stats["stop"], record)
         if len(record) > 1:
             log.log(record)
-        maybe_save(step, final or stats["stop"])
         if stats["stop"]:
             break
     stop.restore()

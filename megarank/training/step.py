@@ -8,7 +8,7 @@ data-parallel ranks, so the gradient is that of the mean over every group of the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megarank.data.collate import PairBatch
+from megarank.parallel.megatron import grads_are_finite
 from megarank.parallel.runtime import Runtime
 from megarank.training.flops import step_flops
 from megarank.training.losses import group_loss
@@ -62,8 +63,13 @@ def _loss_func(group_size: int, task: Any, teacher: torch.Tensor | None,
     return loss, {"loss": loss.detach().clone()}
 
 
-def make_forward_step(task: Any, device: torch.device, counters: StepCounters):
-    """The ``forward_step_func`` for megatron's pipeline schedules (training)."""
+def make_forward_step(task: Any, device: torch.device, counters: StepCounters,
+                      poisoned: Callable[[], bool] | None = None):
+    """The ``forward_step_func`` for megatron's pipeline schedules (training).
+
+    ``poisoned``: fault injection for tests; while it returns True the scores are made NaN, as a
+    diverging run's would be.
+    """
 
     def forward_step(data_iterator: Iterator[PairBatch], model: torch.nn.Module):
         batch = next(data_iterator)
@@ -71,6 +77,8 @@ def make_forward_step(task: Any, device: torch.device, counters: StepCounters):
         batch = batch.to(device, non_blocking=True)
         scores = model(batch.input_ids, batch.attention_mask, batch.token_type_ids,
                        batch.pool_index)
+        if poisoned is not None and poisoned():
+            scores = scores * float("nan")
         return scores, partial(_loss_func, batch.group_size, task, batch.teacher_scores)
 
     return forward_step
@@ -78,11 +86,13 @@ def make_forward_step(task: Any, device: torch.device, counters: StepCounters):
 
 def train_step(forward_backward, forward_step, data: Iterator[PairBatch], model, optimizer,
                scheduler, num_microbatches: int, seq_length: int,
-               pairs_per_micro_batch: int) -> tuple[list[dict], float, float]:
+               pairs_per_micro_batch: int) -> tuple[list[dict], float, float, bool]:
     """One optimizer step over ``num_microbatches`` micro-batches.
 
-    Returns the loss dicts of the last stage's micro-batches, the gradient norm, and the learning
-    rate the step used.
+    When any rank's loss or gradients are not finite the update is skipped on every rank (the
+    weights, the Adam state and the LR schedule stay as they were) and the gradient norm is NaN.
+    Returns the loss dicts of the last stage's micro-batches, the gradient norm, the learning
+    rate the step used, and whether the update was applied.
     """
     model.zero_grad_buffer()
     optimizer.zero_grad()
@@ -92,9 +102,21 @@ def train_step(forward_backward, forward_step, data: Iterator[PairBatch], model,
         micro_batch_size=pairs_per_micro_batch, forward_only=False,
     )
     lr = optimizer.param_groups[0]["lr"]
+    if not _finite_everywhere(losses, model):
+        return losses, float("nan"), lr, False
     _, grad_norm, _ = optimizer.step()
     scheduler.step(increment=1)
-    return losses, float(grad_norm) if grad_norm is not None else float("nan"), lr
+    return losses, float(grad_norm) if grad_norm is not None else float("nan"), lr, True
+
+
+def _finite_everywhere(losses: list[dict], model: Any) -> bool:
+    """Whether every rank's losses and gradients are finite (one all-reduce)."""
+    bad = any(not bool(torch.isfinite(d["loss"]).all()) for d in losses)
+    bad = bad or not grads_are_finite(model)
+    device = next(model.parameters()).device
+    flag = torch.tensor([float(bad)], device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return not bool(flag.item())
 
 
 def reduce_step_stats(losses: list[dict], counters: StepCounters, rt: Runtime,

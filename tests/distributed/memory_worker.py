@@ -117,7 +117,7 @@ def measure_optimizer(overrides: list[str]) -> dict:
         _, batches = build_data(stage.cfg, stage.rt, stage.collator, 0)
         forward_step = make_forward_step(stage.cfg.task, stage.rt.device, StepCounters())
         d = stage.derived
-        _, grad_norm, _ = train_step(get_forward_backward_func(), forward_step, batches,
+        _, grad_norm, _, _ = train_step(get_forward_backward_func(), forward_step, batches,
                                      stage.model, optimizer, scheduler, d.num_microbatches,
                                      stage.cfg.data.max_length, d.pairs_per_micro_batch)
         row = optimizer_state_bytes(optimizer, stage.model)

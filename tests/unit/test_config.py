@@ -78,6 +78,12 @@ def test_yaml_typo_fails_at_compose(tmp_path, monkeypatch):
         (["parallel=tp2_pp2"], 6, ["world size (6)", "parallel.tensor_model_parallel_size (2)"]),
         (["task=listwise", "task.group_size=1"], 1, ["task.group_size (1)", "listwise"]),
         (["task=pairwise", "task.group_size=1"], 1, ["task.group_size (1)", "pairwise"]),
+        # Both used to fail only after the model was built: in megatron's scheduler and in Adam.
+        (["trainer.max_steps=10", "optim.warmup_steps=10"], 1,
+         ["optim.warmup_steps (10)", "trainer.max_steps (10)"]),
+        (["optim.lr=-1"], 1, ["optim.lr (-1.0) must be positive"]),
+        (["trainer.keep_last=0"], 1, ["trainer.keep_last (0)"]),
+        (["trainer.max_nonfinite_steps=0"], 1, ["trainer.max_nonfinite_steps (0)"]),
         (["parallel.sequence_parallel=true"], 1, ["parallel.sequence_parallel"]),
         (["model.num_query_groups=3"], 1, ["model.num_query_groups"]),
         (["data.max_length=1024"], 1, ["data.max_length (1024)", "model.max_position_embeddings"]),
