@@ -59,32 +59,42 @@ def synthetic_batches(n: int, groups: int, group_size: int, seq: int, vocab: int
 def run(args, head: str, full_vocab: bool) -> dict:
     """Train ``args.steps`` steps; return the measured row."""
     import megarank.models.build as build
-    from megarank.config import compose, validate
+    from megarank.config import compose
     from megarank.models.heads import YesNoHead
-    from megarank.parallel.runtime import init_runtime
-    from megarank.training.flops import mfu
-    from megarank.training.setup import build_model, build_optimizer
-    from megarank.training.step import StepCounters, make_forward_step, train_step
+    from megarank.stage import build_stage
 
     overrides = [f"model={args.model}", f"task.head={head}", f"task.group_size={args.group_size}",
                  f"trainer.precision={args.precision}", f"data.max_length={args.seq}",
                  f"trainer.micro_batch_size={args.micro_groups}",
                  f"trainer.global_batch_size={args.micro_groups * args.micro_batches}",
                  f"trainer.max_steps={args.steps + args.warmup}", f"trainer.kernels={args.kernels}",
-                 f"trainer.recompute={args.recompute}"]
-    cfg = compose(overrides)
-    d = validate(cfg, 1)
-    rt = init_runtime(1, 1, 1234, "auto")
+                 f"trainer.recompute={args.recompute}",
+                 # The data is synthetic: the tokenizer only names the yes/no rows of the head,
+                 # so the shipped one serves (a hub tokenizer needs a network the GPU may lack).
+                 f"model.tokenizer={args.tokenizer}"]
     build.YesNoHead = _full_vocab_head_class() if full_vocab else YesNoHead
     try:
-        model, kernels = build_model(cfg, rt, None, answer_ids=(9454, 2152))
+        # Validates the config for this world (WORLD_SIZE) and brings up the runtime; random
+        # weights (no model.hf_path).
+        stage = build_stage(compose(overrides), load_hf=False, device=args.device)
     finally:
         build.YesNoHead = YesNoHead
-    optimizer, scheduler = build_optimizer(cfg, model)
-    counters = StepCounters(model=cfg.model, head=head)
-    fwd = make_forward_step(cfg.task, rt.device, counters)
+    with stage:
+        return measure(args, stage, full_vocab)
+
+
+def measure(args, stage, full_vocab: bool) -> dict:
+    """Time ``args.warmup`` + ``args.steps`` training steps of ``stage`` on synthetic batches."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megarank.parallel.megatron import build_optimizer
+    from megarank.training.flops import mfu
+    from megarank.training.step import StepCounters, make_forward_step, train_step
+
+    cfg, d, rt, model = stage.cfg, stage.derived, stage.rt, stage.model
+    optimizer, scheduler = build_optimizer(cfg, model)
+    counters = StepCounters(model=cfg.model, head=cfg.task.head)
+    fwd = make_forward_step(cfg.task, rt.device, counters)
     fb = get_forward_backward_func()
     batches = iter(synthetic_batches((args.steps + args.warmup) * d.num_microbatches,
                                      args.micro_groups, args.group_size, args.seq,
@@ -113,13 +123,13 @@ def run(args, head: str, full_vocab: bool) -> dict:
     name = torch.cuda.get_device_name() if cuda else "cpu"
     m = mfu(achieved, name) if cuda else None
     return {
-        "head": "full-vocab output layer" if full_vocab else head,
-        "kernels": kernels.name, "step_s": step,
+        "head": "full-vocab output layer" if full_vocab else cfg.task.head,
+        "kernels": stage.kernels.name, "step_s": step,
         "pairs_per_s": d.pairs_per_micro_batch * d.num_microbatches / step,
         "tokens_per_s": statistics.median(tok / t for tok, t in zip(tokens, times, strict=True)),
         "tflops": achieved / 1e12, "mfu": f"{m[0]:.1%} (peak {m[1]})" if m else "n/a",
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
-        "device": name, "reason": kernels.reason,
+        "device": name, "reason": stage.kernels.reason,
     }
 
 
@@ -136,13 +146,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--kernels", default="auto")
     ap.add_argument("--recompute", default="none")
+    ap.add_argument("--device", default=None, choices=("auto", "cuda", "cpu"),
+                    help="default: the config's trainer.device (auto: CUDA when present)")
+    ap.add_argument("--tokenizer", default="${asset:tokenizers/bert-uncased}",
+                    help="only names the yes/no rows; default: the tokenizer megarank ships")
     ap.add_argument("--smoke", action="store_true", help="tiny model, CPU, fp32: check the script")
     args = ap.parse_args()
     if args.smoke:
         args.model, args.precision, args.seq, args.steps, args.warmup = "gpt_tiny", "fp32", 64, 2, 1
-        args.micro_batches = 2
+        args.micro_batches, args.device = 2, "cpu"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from megarank.parallel.runtime import shutdown
 
     rows = []
     for head, full in (("classifier", False), ("yes_no", False), ("yes_no", True)):
@@ -151,7 +164,6 @@ def main() -> None:
         except torch.OutOfMemoryError as e:  # the full-vocab layer may not fit: that is a result
             rows.append({"head": f"{head}{' full-vocab' if full else ''}", "error": str(e)[:80]})
         finally:
-            shutdown()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     print(f"\n{args.model}, {args.precision}, seq {args.seq}, {args.micro_groups} groups x "

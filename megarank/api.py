@@ -16,6 +16,7 @@ importing a command never hides a function.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,35 +101,41 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path, overrides: Sequence[str
     cfg, _ = saved_config(hf_dir, overrides)
     out_path = Path(out).resolve()
     with build_stage(cfg, device="cpu") as stage:
-        # The contract goes in with the weights, so the checkpoint is never complete without it.
-        contract = out_path.parent / f".{out_path.name}.{CONTRACT_FILE}"
+        # The contract goes in with the weights (under its own name, recorded in megarank.json),
+        # so the checkpoint is never complete without it.
+        staging = out_path.parent / f".{out_path.name}.contract"
         if stage.rt.is_main:
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            contract.write_text(stage.contract.to_json())
-        save_model_checkpoint(
-            out_path, stage.model, stage.rt,
-            meta={"config": OmegaConf.to_container(stage.cfg, resolve=True),
-                  "source": str(hf_dir), "layout": stage.derived.__dict__},
-            extra_files=[contract],
-        )
-        if stage.rt.is_main:
-            (out_path / contract.name).rename(out_path / CONTRACT_FILE)
-            contract.unlink(missing_ok=True)
+            staging.mkdir(parents=True, exist_ok=True)
+            (staging / CONTRACT_FILE).write_text(stage.contract.to_json())
+        try:
+            save_model_checkpoint(
+                out_path, stage.model, stage.rt,
+                meta={"config": OmegaConf.to_container(stage.cfg, resolve=True),
+                      "source": str(hf_dir), "layout": stage.derived.__dict__},
+                extra_files=[staging / CONTRACT_FILE],
+            )
+        finally:
+            if stage.rt.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
     return out_path
 
 
 def convert_to_hf(checkpoint: str | Path, out: str | Path, *, as_classifier: bool = False,
-                  max_shard_mb: int = 5120) -> Path:
+                  max_shard_mb: int = 5120, best: bool = False) -> Path:
     """Export a megarank checkpoint or run directory (any layout) as an HF model directory.
 
+    ``best``: a run directory's best checkpoint (``trainer.keep_best``) instead of its latest.
     Runs in one process: the checkpoint is resharded into a single-process fp32 model, then
     written as safetensors shards of at most ``max_shard_mb``.
     """
+    from megarank.checkpoint.dist import resolve_checkpoint
     from megarank.checkpoint.export import export_hf
     from megarank.stage import open_stage, world_size
 
     if world_size() != 1:
         raise RuntimeError("convert_to_hf runs in one process (not under torchrun)")
+    if best:
+        checkpoint = resolve_checkpoint(checkpoint, "best")
     with open_stage(checkpoint, ["parallel=tp1_pp1", "trainer.precision=fp32"], device="cpu",
                     require_contract=False) as stage:
         c = stage.contract

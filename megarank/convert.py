@@ -1,7 +1,7 @@
 """Convert between Hugging Face models and megarank checkpoints.
 
     megarank convert from-hf --hf DIR --out CKPT [hydra overrides, e.g. parallel=tp2_pp2 task.head=yes_no]
-    megarank convert to-hf --ckpt CKPT_OR_RUN_DIR --out DIR [--as-classifier]
+    megarank convert to-hf --ckpt CKPT_OR_RUN_DIR --out DIR [--as-classifier] [--best]
 
 from-hf reads each rank's shard of the weights straight from the HF files (run it under torchrun
 to import into a TP/PP layout; megarank checkpoints load into any layout either way). to-hf runs in
@@ -31,6 +31,8 @@ def main() -> None:
     q.add_argument("--out", required=True, help="HF model directory to write")
     q.add_argument("--max-shard-mb", type=int, default=5120,
                    help="split model.safetensors into shards of at most this size, with an index")
+    q.add_argument("--best", action="store_true",
+                   help="a run directory's best checkpoint (trainer.keep_best), not its latest")
     q.add_argument("--as-classifier", action="store_true",
                    help="yes/no head: export *ForSequenceClassification, score = w_yes - w_no")
     args = parser.parse_args()
@@ -39,7 +41,7 @@ def main() -> None:
     else:
         try:
             path = convert_to_hf(args.ckpt, args.out, as_classifier=args.as_classifier,
-                                 max_shard_mb=args.max_shard_mb)
+                                 max_shard_mb=args.max_shard_mb, best=args.best)
         except RuntimeError as e:  # under torchrun
             raise SystemExit(f"megarank convert to-hf: {e}") from None
     if int(os.environ.get("RANK", "0")) == 0:

@@ -36,6 +36,8 @@ from megarank.parallel.runtime import Runtime
 
 META_FILE = "megarank.json"
 LATEST = "latest"
+BEST = "best"
+"""A JSON marker: the checkpoint with the best held-out metric so far (``trainer.keep_best``)."""
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -244,13 +246,16 @@ def resumable_checkpoint(root: str | Path) -> tuple[Path | None, list[str]]:
 
 
 def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` complete checkpoints (never the one ``latest``
-    names); returns what was deleted. Rank 0 only."""
+    """Delete all but the newest ``keep_last`` complete checkpoints (never the ones ``latest``
+    and ``best`` name); returns what was deleted. Rank 0 only."""
     root = Path(root)
     keep = set(complete_checkpoints(root)[:keep_last])
     latest = latest_checkpoint(root)
     if latest is not None:
         keep.add(latest)
+    best = best_checkpoint(root)
+    if best is not None:
+        keep.add(best["path"])
     removed = [p for p in complete_checkpoints(root) if p not in keep]
     for p in removed:
         # Rename first, so an interrupted delete never leaves something that looks complete.
@@ -260,16 +265,46 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
     return removed
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or the latest complete one of a run directory."""
+def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
+    """A checkpoint directory, or a run directory's latest (``which="latest"``) or best
+    (``which="best"``, see ``trainer.keep_best``) complete checkpoint."""
     path = Path(path)
     if (path / META_FILE).is_file():
         return path
-    latest = latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else None
+    root = path / "checkpoints"
+    if which == "best":
+        best = best_checkpoint(root)
+        if best is None:
+            raise FileNotFoundError(f"{root / BEST}: no best checkpoint was marked (train with "
+                                    "trainer.keep_best=METRIC and evaluation on)")
+        return best["path"]
+    latest = latest_checkpoint(root) if root.is_dir() else None
     if latest is None:
         raise FileNotFoundError(f"{path} is neither a megarank checkpoint nor a run directory "
                                 "with one")
     return latest
+
+
+def best_checkpoint(root: str | Path) -> dict[str, Any] | None:
+    """The ``best`` marker of a run's checkpoints/ folder (checkpoint path, metric, value,
+    step), or None when nothing was marked."""
+    marker = Path(root) / BEST
+    if not marker.is_file():
+        return None
+    best = json.loads(marker.read_text())
+    path = Path(root) / best["checkpoint"]
+    if not (path / META_FILE).is_file():
+        raise FileNotFoundError(f"{marker} names {path.name}, which is not a complete megarank "
+                                f"checkpoint (no {META_FILE})")
+    return {**best, "path": path}
+
+
+def mark_best(root: str | Path, checkpoint: Path, metric: str, value: float, step: int) -> None:
+    """Point the ``best`` marker at ``checkpoint`` (atomically; rank 0)."""
+    tmp = Path(root) / f"{BEST}.tmp"
+    tmp.write_text(json.dumps({"checkpoint": checkpoint.name, "metric": metric, "value": value,
+                               "step": step}))
+    os.replace(tmp, Path(root) / BEST)
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any, scheduler: Any,

@@ -213,8 +213,12 @@ class TrainerConfig:
     RNG). A checkpoint whose files do not match what was written (truncated, missing) is
     reported by file, and the newest earlier complete one is taken instead, said in the log."""
     keep_last: int | None = None
-    """Keep only the newest N complete checkpoints (older ones are deleted after each save);
-    None keeps every one."""
+    """Keep only the newest N complete checkpoints (older ones are deleted after each save;
+    the best one is kept too); None keeps every one."""
+    keep_best: str | None = None
+    """A held-out metric (``NDCG@10``, ``MRR@10`` or ``Recall@10``): each evaluation that
+    improves it saves a checkpoint and marks it ``checkpoints/best``, which keep_last never
+    deletes and ``megarank convert to-hf --best`` exports."""
     max_nonfinite_steps: int = 3
     """A step whose loss or gradients are not finite is skipped (no update) and counted; after
     this many in a row the run stops with an error, its last good checkpoint intact. A

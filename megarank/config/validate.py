@@ -21,6 +21,10 @@ class ConfigError(ValueError):
     """An invalid configuration; the message names the fields."""
 
 
+EVAL_METRICS = ("MRR@10", "NDCG@10", "Recall@10")
+"""What training's held-out evaluation measures (megarank.eval.rerank.HeldOutEval)."""
+
+
 @dataclass(frozen=True)
 class Derived:
     """Sizes computed from the config and the world size."""
@@ -202,6 +206,11 @@ def validate(cfg: Any, world_size: int) -> Derived:
         errors.append(f"optim.clip_grad ({o.clip_grad}) must be >= 0 (0 turns clipping off)")
     if tr.keep_last is not None and tr.keep_last < 1:
         errors.append(f"trainer.keep_last ({tr.keep_last}) must be >= 1, or null to keep all")
+    if tr.keep_best is not None:
+        _choice(errors, "trainer.keep_best", tr.keep_best, EVAL_METRICS)
+        if not cfg.data.eval_collection or not (tr.eval_interval or tr.eval_at_end):
+            errors.append("trainer.keep_best needs evaluation: data.eval_collection and "
+                          "trainer.eval_interval (or trainer.eval_at_end)")
     if tr.max_nonfinite_steps < 1:
         errors.append(f"trainer.max_nonfinite_steps ({tr.max_nonfinite_steps}) must be >= 1")
 

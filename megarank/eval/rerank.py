@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from megarank.config.validate import EVAL_METRICS as METRICS
 from megarank.data.beir import (
     Collection,
     candidates,
@@ -27,9 +28,6 @@ from megarank.data.ranking import Qrels, Run, build_run
 from megarank.eval.metrics import mean_metrics
 from megarank.eval.scorer import PairScorer
 from megarank.parallel.runtime import Runtime
-
-METRICS = ("MRR@10", "NDCG@10", "Recall@10")
-"""What training's held-out evaluation logs."""
 
 
 @dataclass

@@ -17,10 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 from megarank.checkpoint.contract import write_contract
 from megarank.checkpoint.dist import (
     CheckpointError,
+    best_checkpoint,
     checkpoint_bytes,
     latest_checkpoint,
     load_checkpoint,
     load_model_weights,
+    mark_best,
     prune_checkpoints,
     resumable_checkpoint,
     save_checkpoint,
@@ -128,9 +130,18 @@ def _train(stage: Stage, latest: Path | None, resume_notes: list[str],
             record.update({f"eval/{k}": v for k, v in evaluator.run(model, rt).items()})
 
     health = {"skipped": 0, "in_a_row": 0}
+    marked = best_checkpoint(ckpt_root) if tr.keep_best else None
+    best = {"value": marked["value"] if marked else None}
+
+    def improved(record: dict[str, Any]) -> bool:
+        """Whether this step's evaluation beats the best so far (trainer.keep_best)."""
+        value = record.get(f"eval/{tr.keep_best}") if tr.keep_best else None
+        return value is not None and (best["value"] is None or value > best["value"])
 
     def maybe_save(step: int, final: bool, record: dict[str, Any]) -> None:
-        if not ((tr.save_interval and step % tr.save_interval == 0) or (final and tr.save_final)):
+        new_best = improved(record)
+        due = (tr.save_interval and step % tr.save_interval == 0) or (final and tr.save_final)
+        if not (due or new_best):
             return
         # Never a checkpoint right after a skipped step, nor of weights that are not finite:
         # `latest` must always hold weights that still give a finite loss.
@@ -141,6 +152,11 @@ def _train(stage: Stage, latest: Path | None, resume_notes: list[str],
         t0 = time.perf_counter()
         path = save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, rt, meta)
         record.update(save_s=time.perf_counter() - t0)
+        if new_best:
+            best["value"] = record[f"eval/{tr.keep_best}"]
+            if rt.is_main:
+                mark_best(ckpt_root, path, tr.keep_best, best["value"], step)
+            log.write(f"best {tr.keep_best} so far ({best['value']:.4f}): {path.name}")
         if rt.is_main:
             record.update(save_bytes=checkpoint_bytes(path))
             if tr.keep_last is not None:

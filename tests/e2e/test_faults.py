@@ -126,3 +126,27 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path):
         assert meta["step"] >= 1 and good.name == f"step_{meta['step']:07d}"
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_keep_best_marks_and_keeps_the_best_checkpoint(tmp_path):
+    import megarank
+    from megarank.checkpoint.dist import best_checkpoint
+    from megarank.config.schema import ASSETS
+
+    out = tmp_path / "run"
+    _train(out, "trainer.max_steps=6", "trainer.eval_interval=2", "trainer.keep_best=NDCG@10",
+           "trainer.keep_last=1", "trainer.save_final=true", "optim.lr=5e-3",
+           f"data.eval_collection={ASSETS / 'collections/cranfield'}", "data.eval_top_k=5",
+           "data.eval_max_queries=20")
+    evals = {r["step"]: r["eval/NDCG@10"] for r in read_metrics(out) if "eval/NDCG@10" in r}
+    assert sorted(evals) == [2, 4, 6]
+    best_step = max(evals, key=lambda s: (evals[s], -s))  # the first of equal bests
+    best = best_checkpoint(out / "checkpoints")
+    assert best["step"] == best_step and best["value"] == evals[best_step]
+    kept = {p.name for p in complete_checkpoints(out / "checkpoints")}
+    assert kept == {"step_0000006", best["path"].name}  # keep_last=1 never drops the best
+    hf = megarank.convert_to_hf(out, tmp_path / "hf", best=True)
+    assert json.loads((hf / "scoring.json").read_text())["pooling"] == "cls"
+    with pytest.raises(Exception, match="trainer.keep_best needs evaluation"):
+        _train(tmp_path / "x", "trainer.keep_best=NDCG@10", "trainer.eval_interval=0",
+               "trainer.eval_at_end=false")

@@ -1,13 +1,22 @@
-"""The GPU benchmark must run as is on the next GPU lent: its --smoke mode runs the same code
-path (model build, optimizer, synthetic batches, timing, FLOP accounting, the full-vocab head
-variant) on a tiny model on the CPU and prints the table."""
+"""The benchmark scripts must run as they are when someone next measures with them.
+
+The GPU benchmark's --smoke mode runs the same code path (stage build, optimizer, synthetic
+batches, timing, FLOP accounting, the full-vocab head variant) on a tiny model on the CPU and
+prints the table. The sentence-transformers comparison's --smoke mode runs the whole comparison
+at toy sizes (both trainings, the export, every model's evaluation, the teacher row) and its
+checks must hold: the same groups, tokens and learning rates in both tools.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import subprocess
 import sys
 
-from tests.conftest import REPO
+import pytest
+
+from tests.conftest import REPO, data_dir
 
 
 def test_gpu_decoder_benchmark_smoke():
@@ -20,3 +29,40 @@ def test_gpu_decoder_benchmark_smoke():
     assert heads == ["classifier", "yes_no", "full-vocab output layer"]
     for r in rows[1:]:
         assert float(r.split("|")[3]) > 0  # pairs/s
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("accelerate", "datasets")),
+                    reason="needs sentence-transformers[train]")
+def test_vs_sentence_transformers_benchmark_smoke(tmp_path):
+    # Distillation exercises the most: teacher scores in the groups and the teacher row.
+    records = [json.loads(line) for line in
+               (data_dir("cranfield") / "train_triplets.jsonl").read_text().splitlines()[:8]]
+    triplets = tmp_path / "distill.jsonl"
+    triplets.write_text("".join(json.dumps({
+        **r, "pos_scores": [0.8] * len(r["pos"]),
+        "neg_scores": [0.5 - 0.01 * i for i in range(len(r["neg"]))]}) + "\n" for r in records))
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/vs_sentence_transformers.py", "--smoke", "--loss", "distill",
+         "--triplets", str(triplets), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| system | pairs/s whole run")
+    names = [r.split("|")[1].strip() for r in rows[1:]]
+    assert names == ["megarank tp1 (DP2)", "sentence-transformers",
+                     "teacher: all-MiniLM-L6-v2 bi-encoder cosine (not trained here)",
+                     "BM25 top-3 (first stage)"]
+    report = json.loads((out / "results.json").read_text())
+    checks = report["checks"]
+    assert checks["dp2_same_groups_per_step"] is True
+    assert checks["train_token_mismatches"] == 0 and checks["train_pairs"] == 16
+    assert checks["eval_token_mismatches tp1"] == 0 and checks["eval_token_mismatches st"] == 0
+    assert checks["eval_pairs"] == 12  # 2 queries x top 3, two collections
+    assert checks["lr_max_abs_diff tp1 vs st"] < 1e-12
+    assert checks["metrics_cross_check_max_abs_diff"] < 1e-9
+    for key in ("tp1", "st"):
+        r = report["rows"][key]
+        assert len(r["loss"]) == 2 and r["pairs_per_s_whole"] > 0
+        assert 0 <= r["cranfield"]["NDCG@10"] <= 1
