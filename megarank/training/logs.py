@@ -24,6 +24,17 @@ def setup_logging(rt: Runtime, level: str = "INFO") -> None:
     logger.propagate = False
 
 
+def _drop_partial_line(path: Path) -> None:
+    """A run killed mid-write (kill -9, a node lost) can leave half a JSON line at the end of
+    metrics.jsonl; cut it off before a resumed run appends, so every line stays one record."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 class MetricsLog:
     """The run's metric record: one JSON object a line, a tqdm bar, and optional W&B (rank 0)."""
 
@@ -34,7 +45,9 @@ class MetricsLog:
         self.wandb = None
         if not self.active:
             return
-        self.file = open(output_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        path = output_dir / "metrics.jsonl"
+        _drop_partial_line(path)
+        self.file = open(path, "a", buffering=1)  # noqa: SIM115
         if progress_bar:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                             file=sys.stderr)

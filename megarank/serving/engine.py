@@ -1,0 +1,162 @@
+"""The served model: a saved megarank model, scored as its contract says, behind the batcher.
+
+The model comes from :func:`megarank.api.load_scorer` (a checkpoint, a run directory or an HF
+export, its ``scoring.json`` checked against what its config would build, refused when they
+disagree). Pairs are tokenized by the stage's pair collator and scored by
+:func:`megarank.eval.scorer.score_batches`, the code ``megarank score`` and ``megarank evaluate``
+run, so a served score is the score those commands give.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megarank.api import Scorer, load_scorer
+from megarank.data.collate import PairBatch
+from megarank.eval.scorer import score_batches
+from megarank.serving.batcher import DynamicBatcher
+from megarank.stage import build_collator, world_size
+
+RELEVANCE = ("raw", "sigmoid")
+"""What ``relevance_score`` reports: the model's raw score, or its sigmoid."""
+
+PROBE = ("what is a boundary layer?", "The boundary layer is the thin layer of fluid near a wall.")
+
+
+def default_threads() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeLimits:
+    """What one server accepts and how it batches."""
+
+    max_batch_tokens: int = 16384
+    """Padded tokens per forward pass (rows x width)."""
+    max_wait_ms: float = 5.0
+    """How long the first waiting request waits for others to share its forward pass."""
+    max_documents: int = 1000
+    """Documents per rerank request (pairs per score request)."""
+    max_body_bytes: int = 16 * 1024 * 1024
+    """Request body size."""
+
+
+class RerankEngine:
+    """A saved model, loaded once, scoring pairs through a :class:`DynamicBatcher`."""
+
+    def __init__(self, scorer: Scorer, *, limits: ServeLimits = ServeLimits(),
+                 max_length: int | None = None, relevance: str = "raw",
+                 name: str | None = None, source: str | Path | None = None,
+                 tokenizer_threads: int = 1) -> None:
+        if relevance not in RELEVANCE:
+            raise ValueError(f"relevance must be one of {', '.join(RELEVANCE)}, got {relevance!r}")
+        stage = scorer.stage
+        self.scorer, self.stage, self.limits, self.relevance = scorer, stage, limits, relevance
+        self.source = str(source) if source is not None else None
+        self.name = name or (Path(source).resolve().name if source is not None else "megarank")
+        contract = stage.contract
+        self.collator = stage.collator
+        if max_length is not None and max_length != contract.max_length:
+            if max_length > contract.max_length:
+                raise ValueError(f"--max-length ({max_length}) is longer than the model's "
+                                 f"scoring contract allows ({contract.max_length})")
+            # A shorter cut, by the contract's own rule: query first, then the document.
+            shorter = dataclasses.replace(contract, max_length=max_length)
+            try:
+                self.collator = build_collator(stage.cfg, shorter, stage.tokenizer)
+            except ValueError as e:
+                raise ValueError(f"--max-length {max_length}: {e}") from e
+        self.max_length = self.collator.max_length
+        if limits.max_batch_tokens < self.max_length:
+            raise ValueError(f"--max-batch-tokens ({limits.max_batch_tokens}) must hold one "
+                             f"sequence of max length {self.max_length}")
+        if limits.max_documents < 1:
+            raise ValueError(f"--max-documents must be >= 1, got {limits.max_documents}")
+        device = stage.rt.device
+
+        def on_thread_start() -> None:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+
+        self.batcher = DynamicBatcher(
+            self._score, self.collator.encode_pairs, pad_id=self.collator.pad_id,
+            pad_to_multiple_of=self.collator.pad_to_multiple_of,
+            max_batch_tokens=limits.max_batch_tokens, max_wait_ms=limits.max_wait_ms,
+            tokenizer_threads=tokenizer_threads, on_thread_start=on_thread_start)
+
+    @classmethod
+    def load(cls, model: str | Path, overrides: Sequence[str] = (), *,
+             device: str | None = None, **kwargs: Any) -> RerankEngine:
+        """Load ``model`` (checkpoint, run directory or HF export) in this process, a world of
+        one, and build its engine; the process group is shut down if that fails."""
+        if world_size() != 1:
+            raise RuntimeError("megarank serve runs the model in one process (not under "
+                               "torchrun)")
+        scorer = load_scorer(model, overrides, device=device)
+        try:
+            return cls(scorer, source=model, **kwargs)
+        except BaseException:
+            scorer.close()
+            raise
+
+    def _score(self, batch: PairBatch) -> torch.Tensor:
+        return score_batches(self.stage.model, self.stage.rt, [batch])
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def warm_up(self) -> list[float]:
+        """Score one probe pair before serving (the first forward pass is the slow one)."""
+        return self.batcher.score_now([PROBE])
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    def stop(self) -> None:
+        self.batcher.stop()
+
+    def close(self) -> None:
+        """Stop the batcher and shut down the model's process group."""
+        self.batcher.stop()
+        self.scorer.close()
+
+    # -------------------------------------------------------------------------------- scores
+    async def score(self, pairs: list[tuple[str, str]]) -> tuple[list[float], int]:
+        """(relevance scores of ``pairs`` in order, real tokens scored)."""
+        raw, tokens = await self.batcher.submit(pairs)
+        if self.relevance == "sigmoid":
+            return [sigmoid(s) for s in raw], tokens
+        return raw, tokens
+
+    def info(self) -> dict[str, Any]:
+        """The model and the limits it is served with (start-up line, ``/health``)."""
+        c = self.stage.contract
+        rt = self.stage.rt
+        return {
+            "model": self.name, "source": self.source, "family": c.family, "head": c.head,
+            "pooling": c.pooling, "max_length": self.max_length,
+            "contract_max_length": c.max_length, "max_query_length": c.max_query_length,
+            "relevance_score": self.relevance, "device": str(rt.device),
+            "precision": str(self.stage.cfg.trainer.precision),
+            "threads": torch.get_num_threads(),
+            "max_batch_tokens": self.limits.max_batch_tokens,
+            "max_wait_ms": self.limits.max_wait_ms, "max_documents": self.limits.max_documents,
+            "max_body_bytes": self.limits.max_body_bytes,
+        }
+
+
+def sigmoid(x: float) -> float:
+    """1 / (1 + e^-x), without overflow."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
