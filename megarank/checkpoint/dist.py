@@ -13,11 +13,13 @@ mid-save leaves a ``.partial`` directory that nothing ever loads.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import random
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +97,15 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: Any,
                     scheduler: Any, train_state: dict[str, Any], rt: Runtime,
-                    meta: dict[str, Any]) -> Path:
-    """Write a complete training checkpoint of ``step`` under ``root``; collective."""
+                    meta: dict[str, Any], async_queue: Any = None,
+                    on_complete: Callable[[Path], None] | None = None) -> Path:
+    """Write a complete training checkpoint of ``step`` under ``root``; collective.
+
+    With ``async_queue`` (megatron's ``AsyncCallsQueue``) the tensors are handed to a writer
+    process and this returns at once; the checkpoint becomes complete (renamed, ``latest``
+    moved, ``on_complete`` called) when the queue finalizes it. Without, all that happens
+    before it returns.
+    """
     root = Path(root)
     model_sd = _unwrap(model).sharded_state_dict()
     state = {
@@ -109,13 +118,19 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     }
     final = root / checkpoint_name(step)
     contract = root.parent / "scoring.json"  # the scoring contract travels with every checkpoint
+
+    def complete() -> None:
+        if rt.is_main:
+            tmp = root / f"{LATEST}.tmp"
+            tmp.write_text(final.name)
+            os.replace(tmp, root / LATEST)
+        dist.barrier()
+        if on_complete is not None:
+            on_complete(final)
+
     write_atomically(final, state, {**meta, "step": step, "train_state": dict(train_state)}, rt,
-                     extra_files=[contract] if contract.is_file() else [])
-    if rt.is_main:
-        tmp = root / f"{LATEST}.tmp"
-        tmp.write_text(final.name)
-        os.replace(tmp, root / LATEST)
-    dist.barrier()
+                     extra_files=[contract] if contract.is_file() else [],
+                     async_queue=async_queue, then=complete)
     return final
 
 
@@ -129,30 +144,54 @@ def save_model_checkpoint(path: str | Path, model: torch.nn.Module, rt: Runtime,
 
 
 def write_atomically(final: Path, state: dict[str, Any], meta: dict[str, Any], rt: Runtime,
-                     extra_files: list[Path]) -> None:
+                     extra_files: list[Path], async_queue: Any = None,
+                     then: Callable[[], None] | None = None) -> None:
     """dist_checkpointing.save into ``final.partial``, then rename once every rank is done.
 
     ``megarank.json`` (written last, by rank 0) records every file with its size, so a later
     load can tell a complete checkpoint from a damaged one. A full disk stops with an error
-    naming the directory; what was complete before stays as it was.
+    naming the directory; what was complete before stays as it was. With ``async_queue`` the
+    write runs in megatron's writer process and the rename (then ``then``) happens when the
+    queue finalizes the request.
     """
     partial = final.parent / f"{final.name}.partial"
-    try:
+
+    def finish() -> None:
+        with _saving(final, partial, rt):
+            dist.barrier()
+            if rt.is_main:
+                for f in extra_files:
+                    shutil.copy(f, partial / f.name)
+                files = {str(p.relative_to(partial)): p.stat().st_size
+                         for p in sorted(partial.rglob("*")) if p.is_file()}
+                (partial / META_FILE).write_text(
+                    json.dumps({**meta, "files": files}, indent=2, default=str))
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(partial, final)
+            dist.barrier()
+        if then is not None:
+            then()
+
+    with _saving(final, partial, rt):
         if rt.is_main:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         dist.barrier()
-        dist_checkpointing.save(state, str(partial))
-        dist.barrier()
-        if rt.is_main:
-            for f in extra_files:
-                shutil.copy(f, partial / f.name)
-            files = {str(p.relative_to(partial)): p.stat().st_size
-                     for p in sorted(partial.rglob("*")) if p.is_file()}
-            (partial / META_FILE).write_text(
-                json.dumps({**meta, "files": files}, indent=2, default=str))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(partial, final)
+        if async_queue is None:
+            dist_checkpointing.save(state, str(partial))
+        else:
+            request = dist_checkpointing.save(state, str(partial), async_sharded_save=True)
+            request.add_finalize_fn(finish)
+            async_queue.schedule_async_request(request)
+            return
+    finish()
+
+
+@contextlib.contextmanager
+def _saving(final: Path, partial: Path, rt: Runtime) -> Iterator[None]:
+    """A failed save removes its partial directory; a full disk is said plainly."""
+    try:
+        yield
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # torch's CheckpointException derives from BaseException
@@ -166,7 +205,6 @@ def write_atomically(final: Path, state: dict[str, Any], meta: dict[str, Any], r
                 f"no space left on the device while writing {partial}: the checkpoint was not "
                 f"taken, and every earlier complete checkpoint is as it was ({e})") from e
         raise
-    dist.barrier()
 
 
 def _disk_full(e: BaseException | None) -> bool:

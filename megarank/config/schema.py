@@ -149,6 +149,20 @@ class TaskConfig:
     """yes_no head: the text of the positive answer token."""
     no_token: str = "no"
     """yes_no head: the text of the negative answer token."""
+    prompt_prefix: str | None = None
+    """Decoders: a chat prompt's text before the pair (a system turn and the start of the user
+    turn), tokenized on its own and never cut. Set, it replaces model.prompt_template by
+    prompt_prefix + prompt_pair + prompt_suffix (task=qwen3_reranker: Qwen3-Reranker's)."""
+    prompt_pair: str = "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
+    """Chat prompt: the pair text, {instruction}, {query} and {document} filled in, tokenized as
+    one text and cut at its end to fit data.max_length (the query first to
+    data.max_query_length)."""
+    prompt_suffix: str = ""
+    """Chat prompt: the text after the pair (end of the user turn, the assistant's opening),
+    tokenized on its own and never cut."""
+    instruction: str | None = None
+    """Chat prompt: the {instruction} of pairs whose record has none (a triplet's
+    "instruction" or FlagEmbedding's "prompt" field, a pairs file's "instruction")."""
 
 
 @dataclass
@@ -219,6 +233,10 @@ class TrainerConfig:
     """A held-out metric (``NDCG@10``, ``MRR@10`` or ``Recall@10``): each evaluation that
     improves it saves a checkpoint and marks it ``checkpoints/best``, which keep_last never
     deletes and ``megarank convert to-hf --best`` exports."""
+    async_save: bool = False
+    """Write checkpoints in megatron's background writer process: the step loop goes on while
+    a checkpoint is written, and it counts as complete (renamed, ``latest`` moved) only when
+    every rank's write has finished. One save is in flight at a time."""
     max_nonfinite_steps: int = 3
     """A step whose loss or gradients are not finite is skipped (no update) and counted; after
     this many in a row the run stops with an error, its last good checkpoint intact. A

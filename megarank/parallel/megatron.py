@@ -236,3 +236,13 @@ def weights_are_finite(model: torch.nn.Module) -> bool:
     flag = torch.tensor([float(bad)], device=device if device.type == "cuda" else "cpu")
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return not bool(flag.item())
+
+
+def async_save_queue() -> Any:
+    """megatron's queue of asynchronous checkpoint saves (``trainer.async_save``): the tensors
+    go to a writer process, and ``maybe_finalize_async_calls`` completes the saves whose writes
+    every rank has finished. The writer starts with multiprocessing's spawn method, so an entry
+    script must guard its main with ``if __name__ == "__main__"``."""
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    return AsyncCallsQueue()

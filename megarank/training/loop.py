@@ -29,7 +29,7 @@ from megarank.checkpoint.dist import (
 )
 from megarank.eval.rerank import HeldOutEval
 from megarank.models.build import padded_vocab_size
-from megarank.parallel.megatron import build_optimizer, weights_are_finite
+from megarank.parallel.megatron import async_save_queue, build_optimizer, weights_are_finite
 from megarank.parallel.runtime import Runtime
 from megarank.stage import Stage, build_stage
 from megarank.training.flops import mfu, peak_tflops
@@ -130,6 +130,7 @@ def _train(stage: Stage, latest: Path | None, resume_notes: list[str],
             record.update({f"eval/{k}": v for k, v in evaluator.run(model, rt).items()})
 
     health = {"skipped": 0, "in_a_row": 0}
+    queue = async_save_queue() if tr.async_save else None
     marked = best_checkpoint(ckpt_root) if tr.keep_best else None
     best = {"value": marked["value"] if marked else None}
 
@@ -150,20 +151,36 @@ def _train(stage: Stage, latest: Path | None, resume_notes: list[str],
                       f"checkpoint stays {latest_checkpoint(ckpt_root)}")
             return
         t0 = time.perf_counter()
-        path = save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, rt, meta)
-        record.update(save_s=time.perf_counter() - t0)
+        value = record.get(f"eval/{tr.keep_best}") if new_best else None
         if new_best:
-            best["value"] = record[f"eval/{tr.keep_best}"]
+            best["value"] = value  # taken now, so a later evaluation compares against it
+        # One save in flight at a time: the previous one completes before the next starts.
+        if queue is not None:
+            queue.maybe_finalize_async_calls(blocking=True)
+
+        def completed(path: Path) -> None:
+            # Runs when the checkpoint is complete: now (synchronous) or when the writer is
+            # done (trainer.async_save, from a later step's finalize).
+            done = {"save_total_s": time.perf_counter() - t0}
+            if new_best and rt.is_main:
+                mark_best(ckpt_root, path, tr.keep_best, value, step)
             if rt.is_main:
-                mark_best(ckpt_root, path, tr.keep_best, best["value"], step)
-            log.write(f"best {tr.keep_best} so far ({best['value']:.4f}): {path.name}")
-        if rt.is_main:
-            record.update(save_bytes=checkpoint_bytes(path))
-            if tr.keep_last is not None:
-                for old in prune_checkpoints(ckpt_root, tr.keep_last):
-                    log.write(f"trainer.keep_last={tr.keep_last}: deleted {old.name}")
-        dist.barrier()
-        log.write(f"saved {path} in {record['save_s']:.1f} s")
+                done["save_bytes"] = checkpoint_bytes(path)
+                if tr.keep_last is not None:
+                    for old in prune_checkpoints(ckpt_root, tr.keep_last):
+                        log.write(f"trainer.keep_last={tr.keep_last}: deleted {old.name}")
+            dist.barrier()
+            if queue is None:
+                record.update(done)
+            else:
+                log.log({"step": current["step"], "checkpoint": path.name, **done})
+            log.write(f"saved {path} in {done['save_total_s']:.1f} s" + (
+                f"; best {tr.keep_best} so far ({value:.4f})" if new_best else ""))
+
+        save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, rt, meta,
+                        async_queue=queue, on_complete=completed)
+        # The time the step loop waited for the save (all of it, unless it is asynchronous).
+        record.update(save_s=time.perf_counter() - t0)
 
     if tr.eval_at_start and evaluator is not None:
         log.log({"step": state["step"], **{f"eval/{k}": v
@@ -189,6 +206,8 @@ def _train(stage: Stage, latest: Path | None, resume_notes: list[str],
             health["in_a_row"] += 1
             log.write(f"step {step}: non-finite loss or gradient; update skipped "
                       f"({health['in_a_row']} in a row, {health['skipped']} in all)")
+        if queue is not None:
+            queue.maybe_finalize_async_calls(blocking=False)
         stats = reduce_step_stats(losses, counters, rt, stop.requested)
         window.add(stats)
         state = {"step": step, "consumed_samples": state["consumed_samples"] + tr.global_batch_size}
@@ -203,6 +222,9 @@ def _train(stage: Stage, latest: Path | None, resume_notes: list[str],
                           consumed_samples=state["consumed_samples"],
                           skipped_steps=health["skipped"])
         if health["in_a_row"] >= tr.max_nonfinite_steps:
+            if queue is not None:  # the last good save completes before the stop
+                queue.maybe_finalize_async_calls(blocking=True)
+                queue.close()
             log.log(record)
             log.close()
             stop.restore()
@@ -217,6 +239,9 @@ def _train(stage: Stage, latest: Path | None, resume_notes: list[str],
             log.log(record)
         if stats["stop"]:
             break
+    if queue is not None:
+        queue.maybe_finalize_async_calls(blocking=True)
+        queue.close()
     stop.restore()
     log.close()
     return record

@@ -150,3 +150,32 @@ def test_keep_best_marks_and_keeps_the_best_checkpoint(tmp_path):
     with pytest.raises(Exception, match="trainer.keep_best needs evaluation"):
         _train(tmp_path / "x", "trainer.keep_best=NDCG@10", "trainer.eval_interval=0",
                "trainer.eval_at_end=false")
+
+
+def test_async_save_writes_the_same_checkpoints_while_training_goes_on(tmp_path):
+    from megarank.checkpoint.dist import read_meta
+
+    sync, asyn = tmp_path / "sync", tmp_path / "async"
+    common = ["trainer.max_steps=6", "trainer.save_interval=2"]
+    _train(sync, *common)
+    _train(asyn, *common, "trainer.async_save=true")
+    assert losses_of(asyn) == losses_of(sync)
+    names = [p.name for p in complete_checkpoints(asyn / "checkpoints")]
+    assert names == ["step_0000006", "step_0000004", "step_0000002"]
+    assert not list((asyn / "checkpoints").glob("*.partial"))
+    assert latest_checkpoint(asyn / "checkpoints").name == "step_0000006"
+    for name in names:
+        assert verify_checkpoint(asyn / "checkpoints" / name) == []
+        assert read_meta(asyn / "checkpoints" / name)["files"].keys() == read_meta(
+            sync / "checkpoints" / name)["files"].keys()
+    done = [r for r in read_metrics(asyn) if "checkpoint" in r]
+    assert [r["checkpoint"] for r in done] == names[::-1]
+    assert all(r["save_total_s"] > 0 and r["save_bytes"] > 1_000_000 for r in done)
+    # an asynchronously written checkpoint resumes exactly
+    _train(asyn, "trainer.max_steps=8", "trainer.save_interval=2", "trainer.resume=true")
+    _train(sync, "trainer.max_steps=8", "trainer.save_interval=2", "trainer.resume=true")
+    assert losses_of(asyn) == losses_of(sync)
+
+
+def losses_of(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run) if "loss" in r]
