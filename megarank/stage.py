@@ -141,6 +141,7 @@ def saved_config(source: str | Path, overrides: Sequence[str] = ()) -> tuple[Dic
     apply_hf_config(cfg)
     # A template holds newlines and braces, which Hydra's override grammar does not carry.
     if (contract is not None and contract.prompt_template is not None
+            and contract.pair_format != "chat"  # a chat prompt's fields are the task's
             and not any(o.startswith("model.prompt_template=") for o in overrides)):
         cfg.model.prompt_template = contract.prompt_template
     return cfg, path
@@ -182,7 +183,8 @@ def build_collator(cfg: DictConfig, contract: ScoringContract, tokenizer: Any) -
         tokenizer, kind="encoder" if contract.family == "bert" else "decoder",
         max_length=contract.max_length, max_query_length=contract.max_query_length,
         template=contract.prompt_template, pad_to_multiple_of=cfg.data.pad_to_multiple_of,
-        pooling=contract.pooling,
+        pooling=contract.pooling, prefix=contract.prompt_prefix,
+        suffix=contract.prompt_suffix or "", instruction=contract.instruction,
     )
 
 

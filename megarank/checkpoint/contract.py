@@ -28,8 +28,12 @@ class ScoringContract:
     pooling: str
     """``cls`` (position 0) or ``last`` (the last non-padding token)."""
     pair_format: str
-    """``[CLS] query [SEP] document [SEP]`` (encoders) or the decoder prompt template."""
+    """``[CLS] query [SEP] document [SEP]`` (encoders), ``template`` (a decoder prompt template,
+    its pieces tokenized apart) or ``chat`` (prompt_prefix + the pair text tokenized whole +
+    prompt_suffix)."""
     prompt_template: str | None
+    """The decoder template; for ``chat``, the pair text with {instruction}, {query},
+    {document}."""
     max_length: int
     max_query_length: int
     truncation: str
@@ -37,6 +41,12 @@ class ScoringContract:
     pad_token_id: int | None
     yes_token_id: int | None
     no_token_id: int | None
+    prompt_prefix: str | None = None
+    """``chat``: the text before the pair, tokenized on its own, never cut."""
+    prompt_suffix: str | None = None
+    """``chat``: the text after the pair, tokenized on its own, never cut."""
+    instruction: str | None = None
+    """``chat``: the {instruction} of pairs that bring none."""
 
     def to_json(self) -> str:
         """The file's text."""
@@ -46,6 +56,10 @@ class ScoringContract:
 # The token each family's HF architecture scores: BERT's pooler reads [CLS] (position 0);
 # *ForSequenceClassification decoders and Qwen3-Reranker read the last real token.
 POOLING = {"bert": "cls", "gpt": "last"}
+
+
+CHAT_TRUNCATION = ("query to max_query_length (as text), then the pair text cut at its end to fit "
+                   "max_length; prompt_prefix and prompt_suffix are never cut")
 
 
 def answer_token_ids(tokenizer: Any, task: Any) -> tuple[int, int]:
@@ -64,20 +78,28 @@ def answer_token_ids(tokenizer: Any, task: Any) -> tuple[int, int]:
 def make_contract(cfg: Any, tokenizer: Any) -> ScoringContract:
     """The contract of a run with this config and tokenizer."""
     decoder = cfg.model.family == "gpt"
+    chat = decoder and cfg.task.prompt_prefix is not None
     yes = no = None
     if cfg.task.head == "yes_no":
         yes, no = answer_token_ids(tokenizer, cfg.task)
+    pair_format, template = "[CLS] query [SEP] document [SEP]", None
+    if chat:
+        pair_format, template = "chat", cfg.task.prompt_pair
+    elif decoder:
+        pair_format, template = "template", cfg.model.prompt_template
     return ScoringContract(
         format=FORMAT, family=cfg.model.family, head=cfg.task.head,
-        pooling=POOLING[cfg.model.family],
-        pair_format="template" if decoder else "[CLS] query [SEP] document [SEP]",
-        prompt_template=cfg.model.prompt_template if decoder else None,
+        pooling=POOLING[cfg.model.family], pair_format=pair_format, prompt_template=template,
         max_length=cfg.data.max_length, max_query_length=cfg.data.max_query_length,
-        truncation="query to max_query_length, then the document to fit max_length",
+        truncation=CHAT_TRUNCATION if chat else
+        "query to max_query_length, then the document to fit max_length",
         padding_side="right",
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
         else tokenizer.eos_token_id,
         yes_token_id=yes, no_token_id=no,
+        prompt_prefix=cfg.task.prompt_prefix if chat else None,
+        prompt_suffix=cfg.task.prompt_suffix if chat else None,
+        instruction=cfg.task.instruction if chat else None,
     )
 
 
@@ -93,7 +115,12 @@ def apply_contract(cfg: Any, contract: ScoringContract) -> None:
     cfg.task.head = contract.head
     cfg.data.max_length = contract.max_length
     cfg.data.max_query_length = contract.max_query_length
-    if contract.prompt_template is not None:
+    if contract.pair_format == "chat":
+        cfg.task.prompt_prefix = contract.prompt_prefix
+        cfg.task.prompt_pair = contract.prompt_template
+        cfg.task.prompt_suffix = contract.prompt_suffix
+        cfg.task.instruction = contract.instruction
+    elif contract.prompt_template is not None:
         cfg.model.prompt_template = contract.prompt_template
 
 
@@ -105,4 +132,6 @@ def read_contract(directory: str | Path) -> ScoringContract:
     data = json.loads(path.read_text())
     if data.get("format") != FORMAT:
         raise ValueError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}")
+    # An export's notes on how other libraries and servers score it (checkpoint/templates.py): not the contract.
+    data.pop("serving", None)
     return ScoringContract(**data)

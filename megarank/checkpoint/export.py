@@ -1,14 +1,16 @@
 """Write a Hugging Face model directory from a full (single-process) megarank model.
 
 The directory loads on its own: safetensors weights (sharded with an index past ``max_shard_bytes``),
-config.json, the tokenizer, and the scoring contract.
+config.json, the tokenizer, and the scoring contract. A decoder export also carries its prompt as a
+score template and vLLM's score-model fields (``templates.py``), for libraries and servers that do not read
+scoring.json.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,12 @@ from megarank.checkpoint.contract import FILE as CONTRACT_FILE
 from megarank.checkpoint.contract import ScoringContract
 from megarank.checkpoint.hf import ConversionError, iter_hf_tensors, read_hf_config
 from megarank.checkpoint.hf_mappings import EXPORT_ARCHITECTURES
+from megarank.checkpoint.templates import (
+    TEMPLATE_FILE,
+    score_template,
+    serving_notes,
+    vllm_fields,
+)
 
 
 def hf_model_type(model_cfg: Any) -> str:
@@ -26,7 +34,7 @@ def hf_model_type(model_cfg: Any) -> str:
     if model_cfg.hf_model_type:
         return model_cfg.hf_model_type
     if model_cfg.family == "bert":
-        return "bert"
+        return "xlm-roberta" if model_cfg.encoder_head == "roberta" else "bert"
     if model_cfg.qk_layernorm:
         return "qwen3"
     return "qwen2" if model_cfg.add_qkv_bias else "llama"
@@ -46,16 +54,25 @@ def hf_config_dict(cfg: Any, architecture: str, pad_token_id: int | None) -> dic
             num_attention_heads=m.num_attention_heads, intermediate_size=m.ffn_hidden_size,
             vocab_size=m.vocab_size, max_position_embeddings=m.max_position_embeddings,
         )
-        if mt == "bert":
+        if m.family == "bert":
             fields.update(layer_norm_eps=m.layernorm_epsilon, type_vocab_size=m.type_vocab_size,
-                          hidden_act="gelu")
+                          hidden_act="gelu", classifier_dropout=m.classifier_dropout)
+            if m.position_offset:
+                fields["pad_token_id"] = m.position_offset - 1  # RoBERTa's position rule
         else:
+            rope: dict[str, Any] = {"rope_type": "default", "rope_theta": m.rotary_base}
+            if m.rope_scaling == "llama3":
+                rope.update(rope_type="llama3", factor=m.rope_scaling_factor,
+                            low_freq_factor=m.rope_low_freq_factor,
+                            high_freq_factor=m.rope_high_freq_factor,
+                            original_max_position_embeddings=m.rope_original_max_position_embeddings)
             fields.update(
                 num_key_value_heads=m.num_query_groups or m.num_attention_heads,
                 rms_norm_eps=m.layernorm_epsilon, hidden_act="silu",
-                tie_word_embeddings=m.tie_word_embeddings,
-                rope_parameters={"rope_type": "default", "rope_theta": m.rotary_base},
+                tie_word_embeddings=m.tie_word_embeddings, rope_parameters=rope,
             )
+            if mt == "mistral":
+                fields["sliding_window"] = m.sliding_window
             if m.head_dim:
                 fields["head_dim"] = m.head_dim
         out = AutoConfig.for_model(mt, **fields).to_dict()
@@ -121,11 +138,29 @@ def export_hf(model: torch.nn.Module, cfg: Any, out_dir: str | Path, tokenizer: 
         (partial / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    (partial / "config.json").write_text(json.dumps(hf_config_dict(cfg, arch, pad), indent=2))
-    tokenizer.save_pretrained(partial)
+    config = hf_config_dict(cfg, arch, pad)
+    template = None
     if contract is not None:
-        # A yes/no head exported as a classifier scores through score.weight: say so.
-        (partial / CONTRACT_FILE).write_text(replace(contract, head=head).to_json())
+        config.update(vllm_fields(contract, tokenizer, head, mt))
+        template = score_template(contract, tokenizer.bos_token)
+    (partial / "config.json").write_text(json.dumps(config, indent=2))
+    if template is not None:
+        # The tokenizer carries the prompt too (tokenizer.apply_chat_template, CrossEncoder).
+        (partial / TEMPLATE_FILE).write_text(template)
+        saved, tokenizer.chat_template = tokenizer.chat_template, template
+        try:
+            tokenizer.save_pretrained(partial)
+        finally:
+            tokenizer.chat_template = saved
+    else:
+        tokenizer.save_pretrained(partial)
+    if contract is not None:
+        # A yes/no head exported as a classifier scores through score.weight: say so (and
+        # drop the answer tokens, which a classifier's contract has not).
+        exported = contract if head == contract.head else replace(
+            contract, head=head, yes_token_id=None, no_token_id=None)
+        record = {**asdict(exported), "serving": serving_notes(exported, head, arch)}
+        (partial / CONTRACT_FILE).write_text(json.dumps(record, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
     return out

@@ -1,9 +1,10 @@
 """Hugging Face conversion: HF config -> model config, HF weights -> any layout, model -> HF files.
 
 Import is per rank and streaming: each rank reads, one tensor at a time, only the HF tensors its
-own parameters are made of, fuses them (QKV, gate/up) and keeps its tensor-parallel slice. Export
-works from a single-process (tp1_pp1) model, which megatron's distributed checkpoints reshard
-into from any training layout.
+own parameters are made of, and of a tensor-parallel parameter only its slice (safetensors
+``get_slice``: the rows, or columns, of its query groups, of its gate and up halves, of its
+vocabulary range), then fuses them (QKV, gate/up). Export works from a single-process (tp1_pp1)
+model, which megatron's distributed checkpoints reshard into from any training layout.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from megarank.checkpoint.hf_mappings import RULES, Rule
+from megarank.checkpoint.hf_mappings import BASE_PREFIXES, Rule, rules_for
 
-SUPPORTED = ("bert", "llama", "qwen2", "qwen3")
+ENCODERS = ("bert", "roberta", "xlm-roberta")
+DECODERS = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = ENCODERS + DECODERS
 
 
 class ConversionError(ValueError):
@@ -40,15 +43,39 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _rope_theta(hf: dict[str, Any], where: str) -> float:
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling")
-    rope_type = params.get("rope_type") or (scaling or {}).get("rope_type") or (
-        scaling or {}).get("type")
-    if rope_type not in (None, "default"):
-        raise ConversionError(f"{where}: rope scaling {rope_type!r} is not supported (only plain "
-                              "RoPE is reproduced exactly)")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+# Llama 3.x frequency-dependent RoPE scaling: HF rope_parameters key -> ModelConfig field.
+_LLAMA3_ROPE = {
+    "factor": "rope_scaling_factor",
+    "low_freq_factor": "rope_low_freq_factor",
+    "high_freq_factor": "rope_high_freq_factor",
+    "original_max_position_embeddings": "rope_original_max_position_embeddings",
+}
+
+
+def _rope(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """ModelConfig RoPE fields of an HF decoder config: theta, and Llama 3.x scaling.
+
+    transformers 5 writes ``rope_parameters``; older configs ``rope_theta`` + ``rope_scaling``.
+    """
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {})
+    merged = {**scaling, **params}
+    rope_type = merged.get("rope_type") or merged.get("type") or "default"
+    theta = float(merged.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    partial = merged.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ConversionError(f"{where}: partial_rotary_factor {partial} is not supported "
+                              "(RoPE on the whole head only)")
+    if rope_type == "default":
+        return dict(rotary_base=theta, rope_scaling=None)
+    if rope_type == "llama3":
+        absent = [k for k in _LLAMA3_ROPE if k not in merged]
+        if absent:
+            raise ConversionError(f"{where}: rope_type 'llama3' without {', '.join(absent)}")
+        return dict(rotary_base=theta, rope_scaling="llama3",
+                    **{field: merged[k] for k, field in _LLAMA3_ROPE.items()})
+    raise ConversionError(f"{where}: rope scaling {rope_type!r} is not supported (plain RoPE and "
+                          "'llama3' are reproduced exactly)")
 
 
 def model_overrides_from_hf(hf_dir: str | Path) -> dict[str, Any]:
@@ -65,35 +92,55 @@ def model_overrides_from_hf(hf_dir: str | Path) -> dict[str, Any]:
         vocab_size=hf["vocab_size"], max_position_embeddings=hf["max_position_embeddings"],
         tokenizer=str(hf_dir), name=Path(hf_dir).name or mt,
     )
-    if mt == "bert":
+    if mt in ENCODERS:
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise ConversionError(f"{where}: position_embedding_type "
-                                  f"{hf['position_embedding_type']!r} is not supported")
+                                  f"{hf['position_embedding_type']!r} is not supported "
+                                  f"({mt}: absolute)")
         if hf.get("hidden_act", "gelu") != "gelu":
             raise ConversionError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported "
-                                  "(BERT: gelu)")
+                                  f"({mt}: gelu)")
+        if hf.get("is_decoder") or hf.get("add_cross_attention"):
+            raise ConversionError(f"{where}: is_decoder / add_cross_attention is not supported "
+                                  f"({mt} is imported as a bidirectional encoder)")
+        roberta = mt != "bert"
+        offset = 0
+        if roberta:
+            # fairseq's positions: pad_token_id + 1 for the first token, the rows below unused.
+            if hf.get("pad_token_id") is None:
+                raise ConversionError(f"{where}: {mt} without pad_token_id (its positions "
+                                      "start at pad_token_id + 1)")
+            offset = int(hf["pad_token_id"]) + 1
         return dict(
             common, family="bert", position_embedding_type="learned_absolute",
             normalization="LayerNorm", layernorm_epsilon=hf.get("layer_norm_eps", 1e-12),
             activation="gelu", gated_linear_unit=False, add_bias_linear=True, add_qkv_bias=True,
-            type_vocab_size=hf.get("type_vocab_size", 2),
+            type_vocab_size=hf.get("type_vocab_size", 2), position_offset=offset,
+            encoder_head="roberta" if roberta else "bert",
             hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
             attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-            num_query_groups=None, head_dim=None, qk_layernorm=False,
+            classifier_dropout=hf.get("classifier_dropout"),
+            num_query_groups=None, head_dim=None, qk_layernorm=False, rope_scaling=None,
+            sliding_window=None,
         )
     if hf.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported "
                               "(decoders: silu)")
     if hf.get("mlp_bias"):
         raise ConversionError(f"{where}: mlp_bias=true is not supported")
-    if mt in ("llama", "qwen3") and hf.get("attention_bias"):
+    if mt in ("llama", "mistral", "qwen3") and hf.get("attention_bias"):
         raise ConversionError(f"{where}: attention_bias=true (o_proj bias) is not supported")
     if hf.get("use_sliding_window"):
-        raise ConversionError(f"{where}: sliding-window attention is not supported")
+        raise ConversionError(f"{where}: use_sliding_window=true is not supported")
+    # Mistral applies `sliding_window` to every layer; up to that many tokens it is full causal
+    # attention, so it is kept and validate() holds data.max_length to it. (Qwen2 configs carry a
+    # sliding_window too, unused unless use_sliding_window.)
+    window = hf.get("sliding_window") if mt == "mistral" else None
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim")
     return dict(
-        common, family="gpt", position_embedding_type="rope", rotary_base=_rope_theta(hf, where),
+        common, family="gpt", position_embedding_type="rope", **_rope(hf, where),
+        sliding_window=window, position_offset=0, encoder_head="bert", classifier_dropout=None,
         normalization="RMSNorm", layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
         activation="silu", gated_linear_unit=True, add_bias_linear=False,
         add_qkv_bias=mt == "qwen2", qk_layernorm=mt == "qwen3",
@@ -118,10 +165,13 @@ def apply_hf_config(cfg: Any) -> None:
 
 
 class HFWeights:
-    """Lazy access to an HF model's tensors by name (safetensors, sharded or not)."""
+    """Lazy access to an HF model's tensors by name (safetensors, sharded or not), whole or a
+    slice along one dimension; ``bytes_read`` counts the tensor bytes handed out."""
 
     def __init__(self, hf_dir: str | Path) -> None:
         self.dir = Path(hf_dir)
+        self.bytes_read = 0
+        self._bin: dict[str, torch.Tensor] | None = None
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"
         if index.is_file():
@@ -139,15 +189,14 @@ class HFWeights:
         else:
             raise FileNotFoundError(f"{self.dir}: no model.safetensors(.index.json) or "
                                     "pytorch_model.bin")
-        # BertModel checkpoints (e.g. sentence-transformers) have no "bert." prefix.
-        self.prefix_fix = ""
-        if any(k.startswith("embeddings.") for k in self.files) and not any(
-                k.startswith("bert.") for k in self.files):
-            self.prefix_fix = "bert."
+        # BertModel / XLMRobertaModel checkpoints (e.g. sentence-transformers) have no "bert." /
+        # "roberta." prefix.
+        self.headless = any(k.startswith("embeddings.") for k in self.files) and not any(
+            k.startswith(BASE_PREFIXES) for k in self.files)
 
     def _key(self, name: str) -> str:
-        if self.prefix_fix and name.startswith(self.prefix_fix):
-            name = name[len(self.prefix_fix):]
+        if self.headless and name.startswith(BASE_PREFIXES):
+            name = name.split(".", 1)[1]
         if name not in self.files:
             # Checkpoints from the original TF BERT port name LayerNorm parameters gamma / beta.
             legacy = re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma", name)
@@ -159,15 +208,46 @@ class HFWeights:
     def __contains__(self, name: str) -> bool:
         return self._key(name) in self.files
 
-    def get(self, name: str) -> torch.Tensor:
-        """One tensor, read from disk now."""
+    def _present(self, name: str) -> str:
         key = self._key(name)
         if key not in self.files:
             raise KeyError(f"{self.dir}: no tensor {key!r}")
-        if self.files[key] is None:
-            return self._bin[key]
+        return key
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the weights were loaded whole (a pytorch_model.bin), so slicing saves nothing."""
+        return self._bin is not None
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, read from disk now."""
+        key = self._present(name)
+        if self._bin is not None:
+            t = self._bin[key]
+        else:
+            with safe_open(self.files[key], "pt") as f:
+                t = f.get_tensor(key)
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def shape(self, name: str) -> list[int]:
+        """A tensor's shape, from the file header (nothing read)."""
+        key = self._present(name)
+        if self._bin is not None:
+            return list(self._bin[key].shape)
         with safe_open(self.files[key], "pt") as f:
-            return f.get_tensor(key)
+            return list(f.get_slice(key).get_shape())
+
+    def get_part(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Indices [start, stop) of a tensor along ``dim``, reading only those from disk."""
+        key = self._present(name)
+        if self._bin is not None:
+            t = self._bin[key].narrow(dim, start, stop - start)
+        else:
+            with safe_open(self.files[key], "pt") as f:
+                t = f.get_slice(key)[(slice(None),) * dim + (slice(start, stop),)]
+        self.bytes_read += t.numel() * t.element_size()
+        return t
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,13 +277,18 @@ def to_megarank(rule: Rule, tensors: list[torch.Tensor], model: Any, padded_voca
         return torch.cat(tensors, dim=0)
     if rule.transform == "qkv":
         heads, groups, d = _qkv_geometry(model)
-        q, k, v = tensors
-        rest = q.shape[1:]
-        q = q.reshape(groups, heads // groups * d, *rest)
-        k = k.reshape(groups, d, *rest)
-        v = v.reshape(groups, d, *rest)
-        return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+        return _interleave_qkv(*tensors, groups, heads // groups, d)
     raise ValueError(f"unknown transform {rule.transform!r}")
+
+
+def _interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int,
+                    heads_per_group: int, d: int) -> torch.Tensor:
+    """HF q, k, v rows of ``groups`` query groups -> megatron's [group][q heads, k, v] rows."""
+    rest = q.shape[1:]
+    q = q.reshape(groups, heads_per_group * d, *rest)
+    k = k.reshape(groups, d, *rest)
+    v = v.reshape(groups, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
 
 
 def from_megarank(rule: Rule, full: torch.Tensor, model: Any) -> list[torch.Tensor]:
@@ -236,6 +321,44 @@ def tp_slice(full: torch.Tensor, param: torch.nn.Parameter, rule: Rule, tp_rank:
     return full.chunk(tp_size, dim)[tp_rank]
 
 
+def read_part(weights: HFWeights, rule: Rule, names: list[str], param: torch.nn.Parameter,
+              tp_rank: int, tp_size: int, model: Any, padded_vocab: int) -> torch.Tensor:
+    """This TP rank's part of ``rule``'s megarank tensor, reading only the HF slices it is made
+    of: equal to ``tp_slice(to_megarank(full tensors))``, without reading the full tensors."""
+    if tp_size == 1 or not getattr(param, "tensor_model_parallel", False) or weights.in_memory:
+        full = to_megarank(rule, [weights.get(n) for n in names], model, padded_vocab)
+        return tp_slice(full, param, rule, tp_rank, tp_size)
+    dim = param.partition_dim
+
+    def rank_range(size: int) -> tuple[int, int]:
+        step = size // tp_size
+        return tp_rank * step, (tp_rank + 1) * step
+
+    if rule.transform == "copy":
+        return weights.get_part(names[0], dim, *rank_range(weights.shape(names[0])[dim]))
+    if rule.transform == "vocab":
+        rows = weights.shape(names[0])[0]
+        if rows > padded_vocab:
+            raise ConversionError(f"{rule.hf[0]} has {rows} rows, more than the padded "
+                                  f"vocabulary ({padded_vocab})")
+        lo, hi = rank_range(padded_vocab)
+        part = weights.get_part(names[0], 0, min(lo, rows), min(hi, rows))
+        return torch.cat([part, part.new_zeros(hi - lo - part.shape[0], *part.shape[1:])])
+    if rule.transform == "gate_up":
+        # megatron's fc1 shard is [this rank's gate rows; this rank's up rows].
+        return torch.cat([weights.get_part(n, 0, *rank_range(weights.shape(n)[0]))
+                          for n in names])
+    if rule.transform == "qkv":
+        # A TP rank holds whole query groups: its q heads and their k and v, contiguous in each.
+        heads, groups, d = _qkv_geometry(model)
+        local, per_group = groups // tp_size, heads // groups
+        lo = tp_rank * local
+        q = weights.get_part(names[0], 0, lo * per_group * d, (lo + local) * per_group * d)
+        k, v = (weights.get_part(n, 0, lo * d, (lo + local) * d) for n in names[1:])
+        return _interleave_qkv(q, k, v, local, per_group, d)
+    raise ValueError(f"unknown transform {rule.transform!r}")
+
+
 # --------------------------------------------------------------------------------------------
 # Name matching
 # --------------------------------------------------------------------------------------------
@@ -247,9 +370,9 @@ def _compile(rules: tuple[Rule, ...]) -> list[tuple[re.Pattern, Rule]]:
             for r in rules]
 
 
-def match(name: str, family: str) -> tuple[Rule, int | None] | None:
-    """The rule for a (global) megarank parameter name, and its layer index."""
-    for pattern, rule in _compile(RULES[family]):
+def match(name: str, rules: tuple[Rule, ...]) -> tuple[Rule, int | None] | None:
+    """The rule of ``rules`` for a (global) megarank parameter name, and its layer index."""
+    for pattern, rule in _compile(rules):
         m = pattern.match(name)
         if m:
             return rule, int(m.group(1)) if m.groups() else None
@@ -275,23 +398,25 @@ def hf_names(rule: Rule, layer: int | None) -> list[str]:
 
 
 def load_hf_weights(module: torch.nn.Module, hf_dir: str | Path, cfg: Any, tp_rank: int,
-                    tp_size: int, pp_rank: int, pp_size: int, padded_vocab: int
-                    ) -> list[str]:
-    """Fill this rank's parameters from the HF model in ``hf_dir``.
+                    tp_size: int, pp_rank: int, pp_size: int, padded_vocab: int,
+                    weights: HFWeights | None = None) -> list[str]:
+    """Fill this rank's parameters from the HF model in ``hf_dir``, reading only their slices.
 
     Returns the names of parameters the HF files do not hold (e.g. a classifier on a BertModel
     checkpoint), which keep their initialisation. A backbone parameter without HF weights, or a
-    shape that disagrees with the config, is an error.
+    shape that disagrees with the config, is an error. ``weights``: an ``HFWeights`` of
+    ``hf_dir`` to read through (its ``bytes_read`` then tells how much this rank read).
     """
-    weights = HFWeights(hf_dir)
-    family = cfg.model.family
+    weights = weights if weights is not None else HFWeights(hf_dir)
+    rules = rules_for(cfg.model)
     offset = pp_rank * (cfg.model.num_layers // pp_size)
     missing: list[str] = []
     for local, param in module.named_parameters():
         name = global_name(local, offset)
-        found = match(name, family)
+        found = match(name, rules)
         if found is None:
-            raise ConversionError(f"no HF mapping for parameter {name}")
+            raise ConversionError(f"no HF mapping for parameter {name} "
+                                  f"(model_type {cfg.model.hf_model_type or cfg.model.family})")
         rule, layer = found
         names = hf_names(rule, layer)
         if rule.ours == "head.output_weight" and names[0] not in weights:
@@ -302,8 +427,7 @@ def load_hf_weights(module: torch.nn.Module, hf_dir: str | Path, cfg: Any, tp_ra
                 missing.append(name)
                 continue
             raise ConversionError(f"{hf_dir}: missing {absent[0]} (for {name})")
-        full = to_megarank(rule, [weights.get(n) for n in names], cfg.model, padded_vocab)
-        part = tp_slice(full, param, rule, tp_rank, tp_size)
+        part = read_part(weights, rule, names, param, tp_rank, tp_size, cfg.model, padded_vocab)
         if part.shape != param.shape:
             raise ConversionError(
                 f"{hf_dir}: {', '.join(names)} gives {name} shape {tuple(part.shape)} on this "
@@ -316,9 +440,11 @@ def load_hf_weights(module: torch.nn.Module, hf_dir: str | Path, cfg: Any, tp_ra
 
 def iter_hf_tensors(state: dict[str, torch.Tensor], cfg: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) pairs of a full single-process megarank state dict."""
+    rules = rules_for(cfg.model)
     for name, full in state.items():
-        found = match(name, cfg.model.family)
+        found = match(name, rules)
         if found is None:
-            raise ConversionError(f"no HF mapping for parameter {name}")
+            raise ConversionError(f"no HF mapping for parameter {name} "
+                                  f"(model_type {cfg.model.hf_model_type or cfg.model.family})")
         rule, layer = found
         yield from zip(hf_names(rule, layer), from_megarank(rule, full, cfg.model), strict=True)

@@ -51,6 +51,26 @@ def _choice(errors: list[str], name: str, value: Any, allowed: tuple[str, ...]) 
         errors.append(f"{name} ({value!r}) must be one of {', '.join(allowed)}")
 
 
+def chat_template_problem(template: str) -> str | None:
+    """What is wrong with a chat prompt's pair template, or None: it must hold {query} and
+    {document} once each, {instruction} at most once, and no other placeholder (it is filled
+    with str.format)."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        return f"not a format string ({e}): {template!r}"
+    for name in ("query", "document"):
+        if fields.count(name) != 1:
+            return f"template must contain {{{name}}} exactly once: {template!r}"
+    if [f for f in fields if f not in ("query", "document", "instruction")] or fields.count(
+            "instruction") > 1:
+        return (f"template may hold only {{instruction}} (at most once), {{query}} and "
+                f"{{document}}, got {fields}: {template!r}")
+    return None
+
+
 def validate(cfg: Any, world_size: int) -> Derived:
     """Check ``cfg`` (a composed TrainConfig) for ``world_size`` ranks; return the derived sizes.
 
@@ -156,6 +176,16 @@ def validate(cfg: Any, world_size: int) -> Derived:
         errors.append(f"task.teacher_temperature ({t.teacher_temperature}) must be positive")
     if t.distill_weight < 0:
         errors.append(f"task.distill_weight ({t.distill_weight}) must be >= 0")
+    if t.prompt_prefix is not None:
+        if m.family != "gpt":
+            errors.append(f"task.prompt_prefix (a chat prompt) needs a decoder (model.family "
+                          f"gpt), not {m.family!r}")
+        problem = chat_template_problem(t.prompt_pair)
+        if problem:
+            errors.append(f"task.prompt_pair: {problem}")
+        if "{instruction}" in t.prompt_pair and t.instruction is None:
+            errors.append("task.prompt_pair has {instruction}: task.instruction must be set "
+                          "(the default of records without one)")
 
     # Features that need something else.
     if p.sequence_parallel and tp < 2:

@@ -1,17 +1,25 @@
 """Turn groups (or arbitrary query/document pairs) into padded token tensors for the cross-encoder.
 
-Two layouts:
+Three layouts:
 - "encoder" (BERT-like): the tokenizer's own pair template, e.g. ``[CLS] q [SEP] d [SEP]`` with
   token types 0 / 1; the pooled position is 0 ([CLS]).
 - "decoder" (GPT-like): a text template with ``{query}`` and ``{document}``, BOS in front when the
   tokenizer has one, no CLS/SEP, token types all 0; the pooled position is the last real token.
+- "decoder" with a chat prompt (``prefix`` set; Qwen3-Reranker): ``prefix + pair + suffix``,
+  where the prefix (system turn, start of the user turn) and the suffix (end of the user turn,
+  the assistant's opening) are tokenized on their own and never cut, and the pair text, the
+  template with ``{instruction}``, ``{query}`` and ``{document}`` filled in, is tokenized as ONE
+  text and cut at its end to fit max_length. This is the Qwen3-Reranker model card's rule, token
+  for token; no BOS (the prefix is the whole start).
 
 Truncation cuts the query to max_query_length tokens, then cuts the DOCUMENT so the whole
 sequence fits max_length; special tokens and template text are never cut. Queries, documents and
 template pieces are tokenized separately (one batched fast-tokenizer call per piece, on the
 training hot path) and the ids concatenated, so truncation is exact in tokens. For BPE tokenizers
 the tokens at a piece boundary may differ from tokenizing the joined string; for the encoder
-layout the result equals ``tokenizer(q, d)`` whenever nothing is truncated.
+layout the result equals ``tokenizer(q, d)`` whenever nothing is truncated. (The chat layout
+tokenizes its pair text whole, as the model it reproduces was trained; a query longer than
+max_query_length is cut as text, at the end of its last kept token.)
 """
 
 from __future__ import annotations
@@ -22,10 +30,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from megarank.config.validate import chat_template_problem
 from megarank.data.groups import Group
 
 DEFAULT_DECODER_TEMPLATE = "Query: {query}\nDocument: {document}\nRelevant:"
 """The decoder prompt used when `template` is None."""
+
+Pair = tuple[str, str] | tuple[str, str, str | None]
+"""(query, document) or (query, document, instruction); None: the collator's instruction."""
 
 _KINDS = ("encoder", "decoder")
 _POOLINGS = ("cls", "last")
@@ -132,6 +144,14 @@ def _derive_pair_layout(tokenizer) -> _PairLayout:
     return layout
 
 
+def check_chat_template(template: str) -> None:
+    """Raise ValueError unless ``template`` is a valid chat pair template (see
+    megarank.config.validate.chat_template_problem)."""
+    problem = chat_template_problem(template)
+    if problem:
+        raise ValueError(problem)
+
+
 def _split_template(template: str) -> tuple[list[str], list[str]]:
     """Split a template into its literal pieces and the placeholder order between them.
 
@@ -160,6 +180,9 @@ class PairCollator:
         template: str | None = None,
         pad_to_multiple_of: int = 1,
         pooling: str | None = None,
+        prefix: str | None = None,
+        suffix: str = "",
+        instruction: str | None = None,
     ) -> None:
         """Configure the collator.
 
@@ -176,11 +199,18 @@ class PairCollator:
             pooling: the position the head scores, ``cls`` (0) or ``last`` (the last real
                 token); None: ``cls`` for encoders, ``last`` for decoders. A scoring contract's
                 ``pooling`` is passed here, so the contract decides what is scored.
+            prefix: decoders: a chat prompt's text before the pair (e.g. Qwen3-Reranker's system
+                turn and ``<|im_start|>user\n``); setting it selects the chat layout, in which
+                ``template`` is the pair text (with ``{instruction}``, ``{query}``,
+                ``{document}``) tokenized whole.
+            suffix: chat layout: the text after the pair (``<|im_end|>\n<|im_start|>assistant``
+                ...), never cut.
+            instruction: chat layout: the ``{instruction}`` of pairs that bring none.
         """
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
-        if kind == "encoder" and template is not None:
-            raise ValueError("template is only used with kind='decoder'")
+        if kind == "encoder" and (template is not None or prefix is not None):
+            raise ValueError("template and prefix are only used with kind='decoder'")
         pooling = pooling or ("cls" if kind == "encoder" else "last")
         if pooling not in _POOLINGS:
             raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}")
@@ -200,10 +230,23 @@ class PairCollator:
         self.max_query_length = max_query_length
         self.pad_to_multiple_of = pad_to_multiple_of
         self.template = None
+        self.chat = prefix is not None
+        self.instruction = instruction
         if kind == "encoder":
             self._layout = _derive_pair_layout(tokenizer)
             fixed = self._layout.num_special
             pad_id = tokenizer.pad_token_id
+        elif self.chat:
+            if template is None:
+                raise ValueError("a chat prompt (prefix) needs its pair template")
+            check_chat_template(template)
+            self.template = template
+            self._prefix = self._plain([prefix])[0] if prefix else []
+            self._suffix = self._plain([suffix])[0] if suffix else []
+            fixed = len(self._prefix) + len(self._suffix)
+            pad_id = tokenizer.pad_token_id
+            if pad_id is None:
+                pad_id = tokenizer.eos_token_id
         else:
             self.template = DEFAULT_DECODER_TEMPLATE if template is None else template
             pieces, self._order = _split_template(self.template)
@@ -249,18 +292,58 @@ class PairCollator:
         ids = ids + parts[self._order[1]] + self._pieces[2]
         return ids, [0] * len(ids)
 
+    def _cut_queries(self, queries: Sequence[str]) -> list[str]:
+        """Chat layout: each query as text, cut after its max_query_length-th token."""
+        enc = self.tokenizer(list(queries), add_special_tokens=False,
+                             return_offsets_mapping=True)
+        return [q if len(offsets) <= self.max_query_length else
+                q[: offsets[self.max_query_length - 1][1]]
+                for q, offsets in zip(queries, enc["offset_mapping"], strict=True)]
+
+    def _chat_rows(self, queries: Sequence[str], docs: Sequence[str],
+                   query_of_row: Sequence[int],
+                   instructions: Sequence[str | None]) -> list[tuple[list[int], list[int]]]:
+        """Chat layout: prefix + the pair text (one tokenization, cut at its end) + suffix."""
+        cut = self._cut_queries(queries)
+        texts = []
+        for q, d, instruction in zip(query_of_row, docs, instructions, strict=True):
+            if instruction is None:
+                instruction = self.instruction
+            if instruction is None and "{instruction}" in self.template:
+                raise ValueError("the chat template has {instruction} but neither the pair nor "
+                                 "the collator gives one")
+            texts.append(self.template.format(instruction=instruction, query=cut[q],
+                                              document=d))
+        budget = self.max_length - self._fixed
+        if getattr(self.tokenizer, "truncation_side", "right") == "right":
+            pair_ids = self._plain(texts, budget)
+        else:  # the rule cuts the END of the pair text, whatever the tokenizer's default
+            pair_ids = [ids[:budget] for ids in self._plain(texts)]
+        rows = []
+        for p in pair_ids:
+            ids = self._prefix + p + self._suffix
+            rows.append((ids, [0] * len(ids)))
+        return rows
+
     def _encode(
         self,
         queries: Sequence[str],
         docs: Sequence[str],
         query_of_row: Sequence[int],
         group_size: int,
+        instructions: Sequence[str | None] | None = None,
     ) -> PairBatch:
-        """Encode rows whose query is queries[query_of_row[i]] and document docs[i]."""
-        query_ids = self._plain(queries, self.max_query_length)
-        # The longest any document can usefully be: the query may be as short as 0 tokens.
-        doc_ids = self._plain(docs, self.max_length - self._fixed)
-        rows = [self._assemble(query_ids[q], d) for q, d in zip(query_of_row, doc_ids, strict=True)]
+        """Encode rows whose query is queries[query_of_row[i]] and document docs[i]
+        (instructions[i]: chat layout only)."""
+        if self.chat:
+            rows = self._chat_rows(queries, docs, query_of_row,
+                                   instructions or [None] * len(docs))
+        else:
+            query_ids = self._plain(queries, self.max_query_length)
+            # The longest any document can usefully be: the query may be as short as 0 tokens.
+            doc_ids = self._plain(docs, self.max_length - self._fixed)
+            rows = [self._assemble(query_ids[q], d)
+                    for q, d in zip(query_of_row, doc_ids, strict=True)]
         lengths = np.array([len(ids) for ids, _ in rows], dtype=np.int64)  # [N]
         multiple = self.pad_to_multiple_of
         width = -(-int(lengths.max()) // multiple) * multiple
@@ -298,7 +381,9 @@ class PairCollator:
         # Each query is tokenized once per group, not once per document.
         docs = [d for g in groups for d in g.docs]
         query_of_row = [i for i in range(len(groups)) for _ in range(group_size)]
-        batch = self._encode([g.query for g in groups], docs, query_of_row, group_size)
+        instructions = [g.instruction for g in groups for _ in range(group_size)]
+        batch = self._encode([g.query for g in groups], docs, query_of_row, group_size,
+                             instructions)
         # Scores only when every group has them: a loss that needs them checks every record at
         # start (training/setup.build_data); one that does not ignores them.
         if all(g.teacher is not None for g in groups):
@@ -306,12 +391,17 @@ class PairCollator:
             batch = replace(batch, teacher_scores=torch.tensor(teacher, dtype=torch.float32))
         return batch
 
-    def encode_pairs(self, pairs: list[tuple[str, str]]) -> PairBatch:
-        """Encode arbitrary (query, document) pairs (evaluation); group_size is 1."""
+    def encode_pairs(self, pairs: Sequence[Pair]) -> PairBatch:
+        """Encode arbitrary (query, document) pairs (evaluation); group_size is 1. A third
+        element is the pair's instruction (chat layout; None: the collator's)."""
         if not pairs:
             raise ValueError("cannot encode an empty list of pairs")
         # Reranking evaluation scores many candidates per query: tokenize each query once.
         query_slot: dict[str, int] = {}
-        query_of_row = [query_slot.setdefault(q, len(query_slot)) for q, _ in pairs]
-        docs = [d for _, d in pairs]
-        return self._encode(list(query_slot), docs, query_of_row, group_size=1)
+        query_of_row = [query_slot.setdefault(p[0], len(query_slot)) for p in pairs]
+        docs = [p[1] for p in pairs]
+        instructions = [p[2] if len(p) > 2 else None for p in pairs]
+        if any(i is not None for i in instructions) and not self.chat:
+            raise ValueError("pairs carry instructions, but this model's prompt has no "
+                             "{instruction} (only a chat prompt, e.g. task=qwen3_reranker, does)")
+        return self._encode(list(query_slot), docs, query_of_row, 1, instructions)

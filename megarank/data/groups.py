@@ -53,6 +53,8 @@ class Group:
     teacher: tuple[float, ...] | None = None
     """Teacher scores of `docs` (from the record's pos_scores/neg_scores) for distillation;
     None when the record has none."""
+    instruction: str | None = None
+    """The record's instruction (chat prompts' {instruction}); None: the task's default."""
 
 
 def _check_group_size(group_size: int) -> None:
@@ -149,7 +151,7 @@ def make_group(record: TripletRecord, index: int, group_size: int, seed: int, ep
         negative_scores = record.neg_scores or ()
         teacher = (record.pos_scores[p], *(negative_scores[int(i)] for i in picked))
     return Group(query=record.query, docs=(positive, *negatives), record_index=index,
-                 teacher=teacher)
+                 teacher=teacher, instruction=record.instruction)
 
 
 class GroupDataset:

@@ -5,7 +5,8 @@ One JSON object a line::
     {"query": str, "pos": [str, ...], "neg": [str, ...], "pos_scores": [...], "neg_scores": [...]}
 
 `neg` may be missing (read as empty); the score lists are optional and kept for distillation;
-any other key (FlagEmbedding's "prompt", "type", ...) is ignored. Every problem is reported as
+an optional "instruction" (or FlagEmbedding's "prompt") string fills a chat prompt's
+{instruction} (task=qwen3_reranker); any other key ("type", ...) is ignored. Every problem is reported as
 `DataFormatError("path:lineno: ...")`: a bad row is never dropped silently, because a silently
 shorter training set shows up only as a worse model weeks later.
 """
@@ -49,6 +50,8 @@ class TripletRecord:
     """Teacher scores for `neg` (same length); None when absent."""
     source: str
     """Where the record came from, ``"path:lineno"``, for error messages further down."""
+    instruction: str | None = None
+    """The record's "instruction" (or FlagEmbedding's "prompt"); None when absent."""
 
 
 def _string_list(obj: dict[str, Any], key: str, fail: _Fail) -> tuple[str, ...]:
@@ -82,6 +85,15 @@ def _scores(
     return tuple(float(v) for v in value)
 
 
+def _instruction(obj: dict[str, Any], fail: _Fail) -> str | None:
+    """obj["instruction"] (or FlagEmbedding's "prompt"), a string, or None when absent."""
+    key = "instruction" if obj.get("instruction") is not None else "prompt"
+    value = obj.get(key)
+    if value is not None and not isinstance(value, str):
+        fail(f"'{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
 def _parse_record(obj: Any, path: Path, lineno: int) -> TripletRecord:
     """Validate one decoded JSON value and turn it into a TripletRecord."""
 
@@ -102,6 +114,7 @@ def _parse_record(obj: Any, path: Path, lineno: int) -> TripletRecord:
         fail("'pos' is empty: a training record needs at least one positive")
     neg = _string_list(obj, "neg", fail) if obj.get("neg") is not None else ()
     return TripletRecord(
+        instruction=_instruction(obj, fail),
         query=query,
         pos=pos,
         neg=neg,
@@ -154,8 +167,9 @@ def read_triplets(path: str | Path, max_records: int | None = None) -> list[Trip
     return records
 
 
-def read_pairs(path: str | Path) -> list[tuple[str, str]]:
-    """(query, document) pairs from JSONL ``{"query", "document"}`` lines; errors name the file
+def read_pairs(path: str | Path) -> list[tuple[str, str]] | list[tuple[str, str, str | None]]:
+    """(query, document) pairs from JSONL ``{"query", "document"}`` lines, with a third element,
+    the line's "instruction" (None where absent), when any line has one; errors name the file
     and line."""
     pairs = []
     with open(path) as f:
@@ -164,7 +178,11 @@ def read_pairs(path: str | Path) -> list[tuple[str, str]]:
                 continue
             try:
                 row = json.loads(line)
-                pairs.append((str(row["query"]), str(row["document"])))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                instruction = row.get("instruction")
+                pair = (str(row["query"]), str(row["document"]))
+                pairs.append(pair if instruction is None else (*pair, str(instruction)))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise ValueError(f"{path}:{n}: expected {{\"query\", \"document\"}}: {e}") from e
+    if any(len(p) == 3 for p in pairs):
+        pairs = [p if len(p) == 3 else (*p, None) for p in pairs]
     return pairs

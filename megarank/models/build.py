@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megarank.models.cross_encoder import CrossEncoder
-from megarank.models.decoder import DecoderBackbone
+from megarank.models.decoder import DecoderBackbone, Llama3RopeScaling
 from megarank.models.encoder import BertBackbone
 from megarank.models.heads import ClassifierHead, YesNoHead
 from megarank.models.specs import KernelChoice, bert_layer_spec, gpt_layer_spec
@@ -81,12 +81,17 @@ def build_cross_encoder(cfg, tconfig: TransformerConfig, kernels: KernelChoice,
     if m.family == "bert":
         backbone = BertBackbone(
             tconfig, bert_layer_spec(kernels.name), vocab, m.max_position_embeddings,
-            m.type_vocab_size, pre_process, post_process,
+            m.type_vocab_size, pre_process, post_process, m.position_offset,
         )
     else:
+        scaling = None
+        if m.rope_scaling == "llama3":
+            scaling = Llama3RopeScaling(m.rope_scaling_factor, m.rope_low_freq_factor,
+                                        m.rope_high_freq_factor,
+                                        m.rope_original_max_position_embeddings)
         backbone = DecoderBackbone(
             tconfig, gpt_layer_spec(m.normalization, m.qk_layernorm, kernels.name), vocab,
-            m.max_position_embeddings, m.rotary_base, pre_process, post_process,
+            m.max_position_embeddings, m.rotary_base, pre_process, post_process, scaling,
         )
     yes_no = cfg.task.head == "yes_no"
     head = None
@@ -94,7 +99,8 @@ def build_cross_encoder(cfg, tconfig: TransformerConfig, kernels: KernelChoice,
         tied = backbone.embedding.word_embeddings if (m.tie_word_embeddings and pre_process) else None
         head = YesNoHead(tconfig, vocab, *answer_ids, tied_embedding=tied)
     elif post_process:
-        head = ClassifierHead(tconfig, with_pooler=m.family == "bert")
+        head = ClassifierHead(tconfig, with_pooler=m.family == "bert", layout=m.encoder_head,
+                              dropout=m.classifier_dropout)
     return CrossEncoder(tconfig, backbone, head, tied=yes_no and m.tie_word_embeddings)
 
 

@@ -33,8 +33,17 @@ class CrossEncoder(MegatronModule):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: dict | None = None):
-        """As MegatronModule's, with a tied LM output layer saved as a copy of the embedding."""
+        """As MegatronModule's, with a tied LM output layer saved as a copy of the embedding, and
+        Transformer Engine's fused-norm parameters under the local spec's names (checkpoints
+        move between kernels)."""
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        from megarank.models.specs import canonical_name
+
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        for value in sd.values():
+            if isinstance(value, ShardedTensor):
+                value.key = canonical_name(value.key)
         key = f"{prefix}head.output_weight"
         if self.share_embeddings_and_output_weights and key in sd and not self.pre_process:
             from megatron.core import parallel_state as ps

@@ -7,6 +7,9 @@ pair from one hidden state, so the backbone here is GPTModel's embedding + RoPE 
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from megatron.core.models.common.embeddings.language_model_embedding import (
     LanguageModelEmbedding,
@@ -18,12 +21,36 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
+@dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.x RoPE scaling (HF ``rope_type: llama3``): frequencies whose wavelength exceeds
+    ``original_max_positions / low_freq_factor`` are divided by ``factor``, those below
+    ``original_max_positions / high_freq_factor`` kept, and the band between blended smoothly."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_positions: int
+
+    def __call__(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        """Scaled inverse frequencies [d/2], computed as transformers' _compute_llama3_parameters."""
+        low_wavelen = self.original_max_positions / self.low_freq_factor
+        high_wavelen = self.original_max_positions / self.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / self.factor, inv_freq)
+        smooth = (self.original_max_positions / wavelen - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+
+
 class DecoderBackbone(MegatronModule):
     """Token embedding (first stage) + causal layers of this stage + final norm (last stage)."""
 
     def __init__(self, config: TransformerConfig, layer_spec: ModuleSpec, vocab_size: int,
                  max_positions: int, rotary_base: float, pre_process: bool,
-                 post_process: bool) -> None:
+                 post_process: bool, rope_scaling: Llama3RopeScaling | None = None) -> None:
         super().__init__(config=config)
         self.pre_process, self.post_process = pre_process, post_process
         if pre_process:
@@ -35,6 +62,10 @@ class DecoderBackbone(MegatronModule):
             kv_channels=config.kv_channels, rotary_percent=1.0, rotary_base=rotary_base,
             use_cpu_initialization=config.use_cpu_initialization,
         )
+        if rope_scaling is not None:
+            # megatron's own rope_scaling fixes the band limits at Llama 3.1's (1, 4, 8192);
+            # Llama 3.2/3.3 and scaled fine-tunes set their own.
+            self.rotary_pos_emb.inv_freq = rope_scaling(self.rotary_pos_emb.inv_freq)
         self.decoder = TransformerBlock(
             config, layer_spec, pre_process=pre_process, post_process=post_process
         )

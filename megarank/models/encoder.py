@@ -1,4 +1,6 @@
-"""A BERT encoder on megatron-core parallel layers that reproduces Hugging Face ``BertModel``.
+"""A BERT encoder on megatron-core parallel layers that reproduces Hugging Face ``BertModel``
+(and ``RobertaModel`` / ``XLMRobertaModel``: the same layers, positions offset by
+pad_token_id + 1).
 
 HF BERT is post-LayerNorm (norm after each residual add), with learned absolute positions,
 token-type embeddings and an embedding LayerNorm. megatron-core's BertModel is pre-LayerNorm, so the
@@ -57,8 +59,10 @@ class BertEmbeddings(MegatronModule):
     """word (vocab-parallel) + position + token type -> LayerNorm -> dropout, as HF BertEmbeddings."""
 
     def __init__(self, config: TransformerConfig, vocab_size: int, max_positions: int,
-                 type_vocab_size: int) -> None:
+                 type_vocab_size: int, position_offset: int = 0) -> None:
         super().__init__(config=config)
+        # RoBERTa / XLM-R: the first token's position id is pad_token_id + 1.
+        self.position_offset = position_offset
         self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
             vocab_size, config.hidden_size, init_method=config.init_method, config=config
         )
@@ -74,7 +78,9 @@ class BertEmbeddings(MegatronModule):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
         """input_ids, token_type_ids [b, s] -> [s, b, h]."""
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        # Right padding: real tokens are positions 0..n-1 of their row, so this equals HF RoBERTa's
+        # cumulative count of non-padding tokens on every real token (padding is masked).
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device) + self.position_offset
         x = (
             self.word_embeddings(input_ids)
             + self.position_embeddings(positions)[None]
@@ -93,11 +99,12 @@ class BertBackbone(MegatronModule):
 
     def __init__(self, config: TransformerConfig, layer_spec: ModuleSpec, vocab_size: int,
                  max_positions: int, type_vocab_size: int, pre_process: bool,
-                 post_process: bool) -> None:
+                 post_process: bool, position_offset: int = 0) -> None:
         super().__init__(config=config)
         self.pre_process, self.post_process = pre_process, post_process
         if pre_process:
-            self.embeddings = BertEmbeddings(config, vocab_size, max_positions, type_vocab_size)
+            self.embeddings = BertEmbeddings(config, vocab_size, max_positions, type_vocab_size,
+                                             position_offset)
         # Post-LN layers end in a norm already: no final LayerNorm (HF has none either).
         self.encoder = TransformerBlock(
             config, layer_spec, post_layer_norm=False, pre_process=pre_process,

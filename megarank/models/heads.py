@@ -19,15 +19,20 @@ def pool(hidden: torch.Tensor, pool_index: torch.Tensor) -> torch.Tensor:
 class ClassifierHead(MegatronModule):
     """Score = Linear(pooled) with one output, as HF ``*ForSequenceClassification(num_labels=1)``.
 
-    Encoders first run BERT's pooler (dense + tanh on [CLS]) and dropout, as HF BERT does; decoder
-    classifiers (Llama/Qwen ``score``) have no pooler and no bias.
+    Encoders first run a dense + tanh on the first token: BERT's pooler, then dropout
+    (``bert``), or RobertaClassificationHead's dropout, dense, tanh, dropout (``roberta``);
+    decoder classifiers (Llama/Qwen ``score``) have no pooler and no bias.
     """
 
-    def __init__(self, config: TransformerConfig, with_pooler: bool) -> None:
+    def __init__(self, config: TransformerConfig, with_pooler: bool, layout: str = "bert",
+                 dropout: float | None = None) -> None:
         super().__init__(config=config)
+        if layout not in ("bert", "roberta"):
+            raise ValueError(f"classifier layout must be bert or roberta, got {layout!r}")
         h = config.hidden_size
         self.pooler = torch.nn.Linear(h, h) if with_pooler else None
-        self.dropout = torch.nn.Dropout(config.hidden_dropout)
+        self.dropout_first = with_pooler and layout == "roberta"
+        self.dropout = torch.nn.Dropout(config.hidden_dropout if dropout is None else dropout)
         self.score = torch.nn.Linear(h, 1, bias=with_pooler)
         if config.perform_initialization:
             for lin in (self.pooler, self.score):
@@ -43,6 +48,8 @@ class ClassifierHead(MegatronModule):
                 hidden, tensor_parallel_output_grad=False
             )
         x = pool(hidden, pool_index)
+        if self.dropout_first:
+            x = self.dropout(x)
         if self.pooler is not None:
             x = torch.tanh(self.pooler(x))
         return self.score(self.dropout(x)).squeeze(-1)

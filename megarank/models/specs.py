@@ -123,6 +123,25 @@ def bert_layer_spec(kernels: str) -> ModuleSpec:
     )
 
 
+# Transformer Engine's spec fuses each decoder pre-norm into the linear after it; its parameter
+# is then named after that linear. Checkpoints are written with the local spec's names, so a
+# checkpoint (training, resume, model.init_from) loads whichever kernels wrote or read it.
+TE_FUSED_NORMS: dict[str, str] = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
+
+
+def canonical_name(name: str) -> str:
+    """A parameter or checkpoint key with TE's fused-norm name replaced by the local spec's."""
+    for te, local in TE_FUSED_NORMS.items():
+        if name.endswith("." + te):
+            return name[: -len(te)] + local
+    return name
+
+
 def layer_norm_class(normalization: str) -> type:
     """megatron's local norm implementation (apex-fused when apex is present, torch otherwise)."""
     return LocalSpecProvider().layer_norm(rms_norm=normalization == "RMSNorm", for_qk=False)

@@ -1,7 +1,12 @@
-"""Tiny random-weight Hugging Face models (BERT, Llama, Qwen2, Qwen3) saved as model directories."""
+"""Tiny random-weight Hugging Face models saved as model directories: BERT, RoBERTa and
+XLM-RoBERTa (with tokenizers of their own kind, trained here in seconds), Llama (plain and with
+Llama 3 RoPE scaling), Mistral, Qwen2 and Qwen3."""
 
 from __future__ import annotations
 
+import functools
+import json
+import string
 from pathlib import Path
 
 import torch
@@ -18,20 +23,87 @@ VOCAB = 30528
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
               intermediate_size=96, max_position_embeddings=128, pad_token_id=0)
 
+# RoBERTa-style encoders: their own tokenizers (<s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4), a
+# model vocabulary with a few spare rows, and 128 usable positions after the pad_token_id + 1
+# offset.
+ENC_TOKENS = 1000
+ENC_VOCAB = 1003
+ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+ROBERTA_COMMON = dict(COMMON, vocab_size=ENC_VOCAB, max_position_embeddings=130, pad_token_id=1,
+                      bos_token_id=0, eos_token_id=2, type_vocab_size=1, layer_norm_eps=1e-5,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+ROBERTA_KINDS = ("xlm_roberta", "roberta")
+
+# Llama 3 RoPE scaling with its band limits moved to this model's scale, so that the head's 8
+# frequencies fall in all three bands (kept, blended, divided by the factor).
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def _training_text() -> list[str]:
+    """Cranfield's documents (shipped), in lower and title case, to train tiny tokenizers on."""
+    from megarank.config.schema import ASSETS
+
+    path = ASSETS / "collections" / "cranfield" / "corpus.jsonl"
+    texts = [json.loads(line)["text"] for line in path.read_text().splitlines()[:400]]
+    return texts + [t.title() for t in texts[:100]]
+
+
+@functools.cache
+def encoder_tokenizer(kind: str):
+    """An XLM-R tokenizer (SentencePiece-style Unigram, as bge-reranker's) or a RoBERTa one
+    (byte-level BPE) with ENC_TOKENS tokens, trained on Cranfield."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import RobertaTokenizer, XLMRobertaTokenizer
+
+    if kind == "xlm_roberta":
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.train_from_iterator(_training_text(), trainers.UnigramTrainer(
+            vocab_size=ENC_TOKENS, special_tokens=ROBERTA_SPECIALS, unk_token="<unk>",
+            initial_alphabet=list(string.printable)))
+        vocab = json.loads(tok.to_str())["model"]["vocab"]
+        return XLMRobertaTokenizer(vocab=[tuple(v) for v in vocab])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(_training_text(), trainers.BpeTrainer(
+        vocab_size=ENC_TOKENS, special_tokens=ROBERTA_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    model = json.loads(tok.to_str())["model"]
+    return RobertaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
+
 
 def make_config(kind: str):
-    """The HF config of a tiny model of ``kind``: bert, llama, qwen2, qwen3 (+ _tied)."""
-    from transformers import BertConfig, LlamaConfig, Qwen2Config, Qwen3Config
+    """The HF config of a tiny model of ``kind``: bert, xlm_roberta, roberta, llama, llama3,
+    mistral, qwen2, qwen3 (+ _tied)."""
+    from transformers import (
+        BertConfig,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+        Qwen3Config,
+        RobertaConfig,
+        XLMRobertaConfig,
+    )
 
     tied = kind.endswith("_tied")
     kind = kind.removesuffix("_tied")
     if kind == "bert":
         return BertConfig(**COMMON, type_vocab_size=2, hidden_dropout_prob=0.0,
                           attention_probs_dropout_prob=0.0)
+    if kind == "xlm_roberta":
+        return XLMRobertaConfig(**ROBERTA_COMMON)
+    if kind == "roberta":
+        return RobertaConfig(**ROBERTA_COMMON)
     decoder = dict(COMMON, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=tied,
                    rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
     if kind == "llama":
         return LlamaConfig(**decoder)
+    if kind == "llama3":
+        return LlamaConfig(**dict(decoder, rope_parameters=dict(LLAMA3_ROPE)))
+    if kind == "mistral":
+        # A window longer than any test sequence: full causal attention, as megarank computes.
+        return MistralConfig(**decoder, sliding_window=128)
     if kind == "qwen2":
         return Qwen2Config(**decoder)
     if kind == "qwen3":
@@ -58,18 +130,94 @@ def save_tiny(kind: str, root: Path, causal_lm: bool = False, seed: int = 0) -> 
                 p.add_(0.1 * torch.randn_like(p))
     out = root / f"{kind}{'_lm' if causal_lm else ''}"
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(out)
+    if kind in ROBERTA_KINDS:
+        encoder_tokenizer(kind).save_pretrained(out)
+    else:
+        AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(out)
     return out
 
 
-def random_batch(n: int = 6, max_len: int = 24, seed: int = 1) -> dict[str, torch.Tensor]:
-    """Right-padded ids of mixed lengths (no real token is the pad id 0), with segments."""
+def random_batch(n: int = 6, max_len: int = 24, seed: int = 1,
+                 kind: str = "bert") -> dict[str, torch.Tensor]:
+    """Right-padded ids of mixed lengths for a model of ``kind``: no real token is the pad id
+    (0, or 1 for RoBERTa-style encoders, whose ids stay within their tokenizer and whose token
+    types are all 0); BERT gets two segments."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(5, max_len + 1, (n,), generator=g)
     lengths[0] = max_len
-    ids = torch.randint(1000, TOKENS, (n, max_len), generator=g)
+    roberta = kind in ROBERTA_KINDS
+    low, high, pad = (5, ENC_TOKENS, 1) if roberta else (1000, TOKENS, 0)
+    ids = torch.randint(low, high, (n, max_len), generator=g)
     mask = (torch.arange(max_len)[None] < lengths[:, None]).long()
-    ids = ids * mask
+    ids = torch.where(mask.bool(), ids, pad)
     types = ((torch.arange(max_len)[None] >= (lengths // 2)[:, None]).long()) * mask
+    if kind != "bert":
+        types = torch.zeros_like(types)
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
             "last": lengths - 1}
+
+
+def hf_inputs(kind: str, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keyword arguments an HF model of ``kind`` takes for ``batch``."""
+    kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if kind == "bert":
+        kw["token_type_ids"] = batch["token_type_ids"]
+    return kw
+
+
+# Qwen3's chat template, reduced to what a reranker prompt uses: turns, the generation prompt, and
+# the empty think block Qwen3 writes when thinking is off (Qwen3-Reranker's suffix).
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+
+
+@functools.cache
+def chat_tokenizer():
+    """A Qwen2Tokenizer (Qwen3's class: byte-level BPE, Qwen's pre-tokenizer, no BOS) trained
+    on Cranfield, with Qwen's special tokens (<|endoftext|>, <|im_start|>, <|im_end|>), <think>
+    and </think>, "yes" and "no" as single tokens, and a Qwen-style chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    text = _training_text() + ["yes", "no", "yes no"] * 50  # "yes"/"no" alone: one token each
+    tok.train_from_iterator(text, trainers.BpeTrainer(
+        vocab_size=2000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    model = json.loads(tok.to_str())["model"]
+    qwen = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
+    qwen.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    qwen.add_tokens(["<think>", "</think>"])
+    qwen.chat_template = QWEN_CHAT_TEMPLATE
+    return qwen
+
+
+def save_qwen3_reranker(root: Path, seed: int = 0) -> Path:
+    """A tiny random Qwen3ForCausalLM (tied embeddings, as Qwen3-Reranker-0.6B) with the
+    chat-style tokenizer, saved as a model directory."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    tok = chat_tokenizer()
+    cfg = Qwen3Config(vocab_size=len(tok) + 5, hidden_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                      intermediate_size=96, max_position_embeddings=512, rms_norm_eps=1e-6,
+                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                      rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith("embed_tokens.weight"):
+                p.mul_(10.0)  # yes/no logits far enough apart that p(yes) is not always 1/2
+    out = root / "qwen3_reranker"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -1,5 +1,7 @@
 """Parity with transformers: megarank models built from HF directories score a padded batch of
-mixed lengths exactly as the HF models do (fp32, 1e-5), in tp1_pp1, tp2_pp1 and tp1_pp2."""
+mixed lengths exactly as the HF models do (fp32, 1e-5), in tp1_pp1, tp2_pp1 and tp1_pp2: BERT,
+XLM-RoBERTa and RoBERTa (positions offset by pad_token_id + 1, RobertaClassificationHead),
+Llama, Llama with Llama 3 RoPE scaling, Mistral, Qwen2 and Qwen3."""
 
 from __future__ import annotations
 
@@ -8,11 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from tests.conftest import run_module
-from tests.parity.hf_tiny import random_batch, save_tiny
+from tests.parity.hf_tiny import hf_inputs, random_batch, save_tiny
 
 pytestmark = pytest.mark.distributed
 
-CLASSIFIERS = ["bert", "llama", "qwen2", "qwen3"]
+CLASSIFIERS = ["bert", "llama", "qwen2", "qwen3", "xlm_roberta", "roberta", "llama3", "mistral"]
 YES_NO = ["qwen3", "llama_tied"]  # an untied and a tied LM head
 
 
@@ -27,10 +29,20 @@ def setup(tmp_path_factory):
         for kind in CLASSIFIERS:
             d = save_tiny(kind, root)
             hf = AutoModelForSequenceClassification.from_pretrained(d).eval()
-            kw = {"token_type_ids": batch["token_type_ids"]} if kind == "bert" else {}
-            refs.append(hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           **kw).logits[:, 0])
-            jobs.append(f"{d}|classifier|{batch_file}")
+            kind_batch = random_batch(kind=kind)
+            kind_file = root / f"batch_{kind}.pt"
+            torch.save(kind_batch, kind_file)
+            refs.append(hf(**hf_inputs(kind, kind_batch)).logits[:, 0])
+            jobs.append(f"{d}|classifier|{kind_file}")
+            if kind in ("xlm_roberta", "roberta"):
+                # The offset matters: positions from 0 would score otherwise.
+                plain = torch.arange(kind_batch["input_ids"].shape[1])[None]
+                unshifted = hf(**hf_inputs(kind, kind_batch), position_ids=plain).logits[:, 0]
+                assert (unshifted - refs[-1]).abs().max() > 1e-3, kind
+        # Same weights as the llama classifier (same seed and shapes): only the RoPE scaling
+        # differs, and it changes the scores well past the tolerance.
+        llama, llama3 = refs[CLASSIFIERS.index("llama")], refs[CLASSIFIERS.index("llama3")]
+        assert (llama - llama3).abs().max() > 1e-4
         for kind in YES_NO:
             d = save_tiny(kind, root, causal_lm=True)
             tok = AutoTokenizer.from_pretrained(d)

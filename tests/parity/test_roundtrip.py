@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from tests.conftest import run_module
-from tests.parity.hf_tiny import random_batch, save_tiny
+from tests.parity.hf_tiny import hf_inputs, random_batch, save_tiny
 
 pytestmark = pytest.mark.distributed
 
@@ -21,6 +21,10 @@ pytestmark = pytest.mark.distributed
     ("bert", False, "classifier"),
     ("llama_tied", True, "yes_no"),
     ("qwen2", False, "classifier"),
+    ("xlm_roberta", False, "classifier"),
+    ("roberta", False, "classifier"),
+    ("llama3", False, "classifier"),
+    ("mistral", False, "classifier"),
 ])
 def test_hf_megarank_hf_is_bitwise(kind, causal_lm, head, tmp_path):
     src = save_tiny(kind, tmp_path, causal_lm=causal_lm)
@@ -40,14 +44,13 @@ def test_hf_megarank_hf_is_bitwise(kind, causal_lm, head, tmp_path):
     assert (out / "scoring.json").is_file() and (out / "tokenizer.json").is_file()
 
     cls = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
-    batch = random_batch()
-    kw = {"token_type_ids": batch["token_type_ids"]} if kind == "bert" else {}
+    inputs = hf_inputs(kind, random_batch(kind=kind))
     with torch.no_grad():
-        x = cls.from_pretrained(src)(input_ids=batch["input_ids"],
-                                     attention_mask=batch["attention_mask"], **kw).logits
-        y = cls.from_pretrained(out)(input_ids=batch["input_ids"],
-                                     attention_mask=batch["attention_mask"], **kw).logits
+        x = cls.from_pretrained(src)(**inputs).logits
+        y = cls.from_pretrained(out)(**inputs).logits
     assert torch.equal(x, y)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == json.loads((src / "config.json").read_text())["model_type"]
 
 
 def test_yes_no_exported_as_classifier_gives_identical_scores(tmp_path):

@@ -33,8 +33,8 @@ def test_supported_config_maps_fields(llama):
 
 @pytest.mark.parametrize("changes, words", [
     ({"model_type": "gpt2"}, ["model_type 'gpt2' is not supported"]),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
-     ["rope scaling 'llama3'"]),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}},
+     ["rope scaling 'yarn'"]),
     ({"hidden_act": "gelu_pytorch_tanh"}, ["hidden_act 'gelu_pytorch_tanh'"]),
     ({"attention_bias": True}, ["attention_bias"]),
     ({"mlp_bias": True}, ["mlp_bias"]),
