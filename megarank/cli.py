@@ -14,6 +14,7 @@ COMMANDS = {
     "score": "megarank.score",
     "evaluate": "megarank.evaluate",
     "mine": "megarank.mine",
+    "plan": "megarank.plan",
     "serve": "megarank.serve",
 }
 
