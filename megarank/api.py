@@ -121,28 +121,33 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path, overrides: Sequence[str
 
 
 def convert_to_hf(checkpoint: str | Path, out: str | Path, *, as_classifier: bool = False,
-                  max_shard_mb: int = 5120, best: bool = False) -> Path:
+                  max_shard_mb: int = 5120, best: bool = False,
+                  dtype: str | None = None) -> Path:
     """Export a megarank checkpoint or run directory (any layout) as an HF model directory.
 
-    ``best``: a run directory's best checkpoint (``trainer.keep_best``) instead of its latest.
-    Runs in one process: the checkpoint is resharded into a single-process fp32 model, then
-    written as safetensors shards of at most ``max_shard_mb``.
+    Streams: no model is built; each tensor is read from the checkpoint when its turn comes and
+    the safetensors shards (at most ``max_shard_mb``) are written as they fill, so memory stays
+    near one shard plus the largest tensor whatever the model's size. ``dtype``: ``bf16``,
+    ``fp16`` or ``fp32`` (default: as stored). ``best``: a run directory's best checkpoint
+    (``trainer.keep_best``) instead of its latest. One process, no process group.
     """
     from megarank.checkpoint.dist import resolve_checkpoint
     from megarank.checkpoint.export import export_hf
-    from megarank.stage import open_stage, world_size
+    from megarank.checkpoint.stream import CheckpointTensors
+    from megarank.parallel.megatron import DTYPES
+    from megarank.stage import saved_contract, world_size
 
     if world_size() != 1:
         raise RuntimeError("convert_to_hf runs in one process (not under torchrun)")
-    if best:
-        checkpoint = resolve_checkpoint(checkpoint, "best")
-    with open_stage(checkpoint, ["parallel=tp1_pp1", "trainer.precision=fp32"], device="cpu",
-                    require_contract=False) as stage:
-        c = stage.contract
-        ids = (c.yes_token_id, c.no_token_id) if c.head == "yes_no" else None
-        return export_hf(stage.model.module, stage.cfg, out, stage.tokenizer, c,
-                         as_classifier=as_classifier, answer_ids=ids,
-                         max_shard_bytes=max_shard_mb * 1024**2)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    path = resolve_checkpoint(checkpoint, "best" if best else "latest")
+    cfg, tokenizer, contract = saved_contract(path)
+    ids = (contract.yes_token_id, contract.no_token_id) if contract.head == "yes_no" else None
+    return export_hf(CheckpointTensors(path), cfg, out, tokenizer, contract,
+                     as_classifier=as_classifier, answer_ids=ids,
+                     max_shard_bytes=max_shard_mb * 1024**2,
+                     dtype=DTYPES[dtype] if dtype else None)
 
 
 def evaluate_model(model: str | Path, collection: str | Path | RerankTask, *,

@@ -5,7 +5,8 @@
 
 from-hf reads each rank's shard of the weights straight from the HF files (run it under torchrun
 to import into a TP/PP layout; megarank checkpoints load into any layout either way). to-hf runs in
-one process: the checkpoint is resharded into a single-process model, then written as HF files.
+one process and streams: it reads one tensor at a time from the checkpoint (any layout) and writes
+each safetensors shard as it fills, without building the model.
 This is ``megarank.convert_from_hf`` / ``megarank.convert_to_hf`` on the command line.
 """
 
@@ -31,6 +32,8 @@ def main() -> None:
     q.add_argument("--out", required=True, help="HF model directory to write")
     q.add_argument("--max-shard-mb", type=int, default=5120,
                    help="split model.safetensors into shards of at most this size, with an index")
+    q.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="cast the weights (default: as stored); sets config.json torch_dtype")
     q.add_argument("--best", action="store_true",
                    help="a run directory's best checkpoint (trainer.keep_best), not its latest")
     q.add_argument("--as-classifier", action="store_true",
@@ -41,7 +44,8 @@ def main() -> None:
     else:
         try:
             path = convert_to_hf(args.ckpt, args.out, as_classifier=args.as_classifier,
-                                 max_shard_mb=args.max_shard_mb, best=args.best)
+                                 max_shard_mb=args.max_shard_mb, best=args.best,
+                                 dtype=args.dtype)
         except RuntimeError as e:  # under torchrun
             raise SystemExit(f"megarank convert to-hf: {e}") from None
     if int(os.environ.get("RANK", "0")) == 0:

@@ -32,7 +32,7 @@ from megarank.checkpoint.contract import (
 )
 from megarank.checkpoint.dist import META_FILE, load_model_weights, read_meta, resolve_checkpoint
 from megarank.checkpoint.hf import apply_hf_config, load_hf_weights
-from megarank.config import Derived, compose, from_saved, validate
+from megarank.config import Derived, check_mandatory, compose, from_saved, validate
 from megarank.data.collate import PairCollator
 from megarank.models.build import (
     build_cross_encoder,
@@ -92,6 +92,7 @@ def build_stage(cfg: DictConfig, *, load_hf: bool = True, expect: ScoringContrac
     ``trainer.device``. On any error the runtime is shut down before it propagates.
     """
     apply_hf_config(cfg)
+    check_mandatory(cfg)
     if expect is not None:
         apply_contract(cfg, expect)
     derived = validate(cfg, world_size())
@@ -163,6 +164,22 @@ def open_stage(source: str | Path, overrides: Sequence[str] = (), *, device: str
     if is_checkpoint(source):
         return build_stage(cfg, load_hf=False, expect=expect, device=device, checkpoint=path)
     return build_stage(cfg, expect=expect, device=device)
+
+
+def saved_contract(checkpoint: str | Path) -> tuple[DictConfig, Any, ScoringContract]:
+    """(config, tokenizer, scoring contract) of a checkpoint, without building its model:
+    its ``scoring.json`` when it has one (checked against what its config derives), else the
+    derived contract."""
+    cfg, path = saved_config(checkpoint)
+    expect = read_contract(path) if (path / CONTRACT_FILE).is_file() else None
+    if expect is not None:
+        apply_contract(cfg, expect)
+    tokenizer = build_tokenizer(cfg)
+    contract = make_contract(cfg, tokenizer)
+    if expect is not None and contract != expect:
+        raise ValueError(f"{path}/{CONTRACT_FILE} does not match how this model would score: "
+                         f"saved {expect}, derived {contract}")
+    return cfg, tokenizer, contract
 
 
 def build_tokenizer(cfg: DictConfig) -> Any:

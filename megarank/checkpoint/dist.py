@@ -356,8 +356,9 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any, sc
     path = Path(path)
     if not (path / META_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a complete megarank checkpoint (no {META_FILE})")
-    saved = json.loads((path / META_FILE).read_text()).get("layout", {})
-    same_layout = (saved.get("tp"), saved.get("pp"), saved.get("dp")) == (
+    saved = json.loads((path / META_FILE).read_text()).get("layout") or {}
+    # A checkpoint that does not record its layout is taken to be this run's.
+    same_layout = not saved or (saved.get("tp"), saved.get("pp"), saved.get("dp")) == (
         rt.tp_size, rt.pp_size, rt.dp_size)
     prepare_optimizer_for_load(optimizer)
     model_sd = _unwrap(model).sharded_state_dict()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -84,14 +85,15 @@ def hf_config_dict(cfg: Any, architecture: str, pad_token_id: int | None) -> dic
     return out
 
 
-def _export_tensors(params: dict[str, torch.Tensor], cfg: Any, as_classifier: bool,
-                    answer_ids: tuple[int, int] | None, embed: torch.Tensor | None):
-    """HF (name, tensor) pairs; the yes/no head becomes lm_head or a score row."""
-    head_weight = params.pop("head.output_weight", None)
-    yield from iter_hf_tensors(params, cfg)
+def _export_tensors(params: Mapping[str, torch.Tensor], cfg: Any, as_classifier: bool,
+                    answer_ids: tuple[int, int] | None):
+    """HF (name, tensor) pairs, each tensor read from ``params`` only when its turn comes; the
+    yes/no head becomes lm_head or a score row."""
+    head = "head.output_weight"
+    yield from iter_hf_tensors(((n, params[n]) for n in params if n != head), cfg)
     if cfg.task.head != "yes_no":
         return
-    w = head_weight if head_weight is not None else embed
+    w = params[head] if head in params else params["backbone.embedding.word_embeddings.weight"]
     if as_classifier:
         # logit(yes) - logit(no) = (w_yes - w_no) . h: one row, same scores.
         yield "score.weight", (w[answer_ids[0]] - w[answer_ids[1]])[None].clone()
@@ -99,11 +101,61 @@ def _export_tensors(params: dict[str, torch.Tensor], cfg: Any, as_classifier: bo
         yield "lm_head.weight", w[: cfg.model.vocab_size]
 
 
-def export_hf(model: torch.nn.Module, cfg: Any, out_dir: str | Path, tokenizer: Any,
-              contract: ScoringContract | None, as_classifier: bool = False,
-              answer_ids: tuple[int, int] | None = None,
-              max_shard_bytes: int = 5 * 1024**3) -> Path:
-    """Write ``model`` (a single-process, tp1_pp1 megarank model) as an HF model directory."""
+class _ShardWriter:
+    """safetensors shards of at most ``max_bytes``, each written as soon as it is full; an
+    index when there is more than one (names follow HF's model-0000i-of-0000n)."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory, self.max_bytes = directory, max_bytes
+        self.shard: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.written: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.shard and self.size + nbytes > self.max_bytes:
+            self._flush()
+        # A view of a larger tensor (a slice of a fused QKV or gate/up, the vocabulary rows of a
+        # padded embedding) is copied, or it would keep the whole source alive in the shard.
+        whole = tensor.is_contiguous() and tensor.untyped_storage().nbytes() == nbytes
+        self.shard[name] = tensor if whole else tensor.contiguous().clone()
+        self.size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        path = self.directory / f"shard-{len(self.written) + 1:05d}.safetensors"
+        save_file(self.shard, path, metadata={"format": "pt"})
+        self.written.append((path, list(self.shard)))
+        self.shard, self.size = {}, 0
+
+    def close(self) -> None:
+        if self.shard or not self.written:
+            self._flush()
+        if len(self.written) == 1:
+            self.written[0][0].rename(self.directory / "model.safetensors")
+            return
+        weight_map = {}
+        n = len(self.written)
+        for i, (path, names) in enumerate(self.written, 1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            path.rename(self.directory / final)
+            weight_map.update(dict.fromkeys(names, final))
+        (self.directory / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2))
+
+
+def export_hf(params: Mapping[str, torch.Tensor], cfg: Any, out_dir: str | Path,
+              tokenizer: Any, contract: ScoringContract | None, as_classifier: bool = False,
+              answer_ids: tuple[int, int] | None = None, max_shard_bytes: int = 5 * 1024**3,
+              dtype: torch.dtype | None = None) -> Path:
+    """Write a single-process megarank model's tensors as an HF model directory.
+
+    ``params``: parameter name -> full tensor, e.g. a :class:`~megarank.checkpoint.stream.
+    CheckpointTensors` that reads each one from a checkpoint when it is asked for. Shards are
+    written as they fill, so at most about one shard plus the tensors being merged is held.
+    ``dtype`` casts every tensor (default: as stored) and sets config.json's ``torch_dtype``.
+    """
     out = Path(out_dir)
     partial = out.parent / f"{out.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
@@ -115,30 +167,15 @@ def export_hf(model: torch.nn.Module, cfg: Any, out_dir: str | Path, tokenizer: 
         raise ConversionError(f"cannot export model_type {mt} with a {head} head")
     arch = EXPORT_ARCHITECTURES[key]
 
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    embed = params.get("backbone.embedding.word_embeddings.weight")
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in _export_tensors(params, cfg, as_classifier, answer_ids, embed):
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor.contiguous().clone()
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], partial / "model.safetensors", metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, partial / fname, metadata={"format": "pt"})
-            weight_map.update({k: fname for k in shard})
-        total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
-        (partial / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    writer = _ShardWriter(partial, max_shard_bytes)
+    stored_dtype = None
+    for name, tensor in _export_tensors(params, cfg, as_classifier, answer_ids):
+        stored_dtype = stored_dtype or tensor.dtype
+        writer.add(name, tensor if dtype is None else tensor.to(dtype))
+    writer.close()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     config = hf_config_dict(cfg, arch, pad)
+    config["torch_dtype"] = str(dtype or stored_dtype).removeprefix("torch.")
     template = None
     if contract is not None:
         config.update(vllm_fields(contract, tokenizer, head, mt))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -438,10 +438,11 @@ def load_hf_weights(module: torch.nn.Module, hf_dir: str | Path, cfg: Any, tp_ra
     return missing
 
 
-def iter_hf_tensors(state: dict[str, torch.Tensor], cfg: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) pairs of a full single-process megarank state dict."""
+def iter_hf_tensors(items: Iterable[tuple[str, torch.Tensor]],
+                    cfg: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) pairs of a full single-process megarank model's (name, tensor) pairs."""
     rules = rules_for(cfg.model)
-    for name, full in state.items():
+    for name, full in items:
         found = match(name, rules)
         if found is None:
             raise ConversionError(f"no HF mapping for parameter {name} "

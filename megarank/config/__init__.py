@@ -7,12 +7,13 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from megarank.config.schema import register
-from megarank.config.validate import ConfigError, Derived, validate
+from megarank.config.validate import ConfigError, Derived, check_mandatory, validate
 
 # The Hydra config tree ships inside the package (package data), so an installed wheel has it too.
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-__all__ = ["CONF_DIR", "ConfigError", "Derived", "compose", "from_saved", "register", "validate"]
+__all__ = ["CONF_DIR", "ConfigError", "Derived", "check_mandatory", "compose", "from_saved",
+           "register", "validate"]
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:

@@ -71,6 +71,23 @@ def chat_template_problem(template: str) -> str | None:
     return None
 
 
+def check_mandatory(cfg: Any) -> None:
+    """Fields a preset leaves to the user (``???``), named before anything reads them (what a
+    run needs; ``validate`` alone also serves planning, which needs no data)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(cfg, DictConfig):
+        return
+    if cfg.model.name == "hf" and not cfg.model.hf_path:
+        raise ConfigError("invalid configuration:\n  - model=hf needs model.hf_path (a Hugging "
+                          "Face model directory; its config.json gives the architecture)")
+    missing = [f"{group}.{key}" for group in cfg for key in cfg[group]
+               if isinstance(cfg[group], DictConfig) and OmegaConf.is_missing(cfg[group], key)]
+    if missing:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(
+            f"{name} must be set (e.g. {name}=...)" for name in missing))
+
+
 def validate(cfg: Any, world_size: int) -> Derived:
     """Check ``cfg`` (a composed TrainConfig) for ``world_size`` ranks; return the derived sizes.
 

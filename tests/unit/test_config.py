@@ -131,3 +131,16 @@ def test_gpu_path_options_are_validated(overrides, world, fields):
         validate(cfg, world_size=world)
     for f in fields:
         assert f in str(err.value), str(err.value)
+
+
+def test_fields_left_to_the_user_are_named():
+    from megarank.config import check_mandatory
+    from megarank.stage import build_stage
+
+    with pytest.raises(ConfigError, match="model=hf needs model.hf_path"):
+        check_mandatory(compose(["model=hf"]))
+    with pytest.raises(ConfigError, match=r"data.train_path must be set"):
+        build_stage(compose(["data=custom"]))  # before any process group exists
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()

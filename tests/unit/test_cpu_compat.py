@@ -267,7 +267,7 @@ def test_training_steps_zero1_and_resume(runtime, tmp_path):
 
     ddp2, optimizer2, scheduler2 = _stage(cfg, runtime)
     assert load_checkpoint(ckpts / "step_0000004", ddp2, optimizer2, scheduler2,
-                           runtime) == {"step": 4}
+                           runtime) == {"step": 4, "rng_restored": True}
     # Every parameter holds its own Adam step after the load.
     steps = [s["step"] for o in getattr(optimizer2, "chained_optimizers", [optimizer2])
              for s in o.optimizer.state.values()]

@@ -106,7 +106,7 @@ def test_hf_import_and_export_with_te_names(te_spec, models, kind):
                                    atol=1e-5, rtol=0)
         # export: back to HF's names, bitwise
         state = {n: p.detach() for n, p in stage.model.module.named_parameters()}
-        exported = dict(iter_hf_tensors(state, stage.cfg))
+        exported = dict(iter_hf_tensors(state.items(), stage.cfg))
     original = load_file(models[kind] / "model.safetensors")
     assert sorted(exported) == sorted(original)
     for name, tensor in original.items():
