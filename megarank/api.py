@@ -129,25 +129,34 @@ def convert_to_hf(checkpoint: str | Path, out: str | Path, *, as_classifier: boo
     the safetensors shards (at most ``max_shard_mb``) are written as they fill, so memory stays
     near one shard plus the largest tensor whatever the model's size. ``dtype``: ``bf16``,
     ``fp16`` or ``fp32`` (default: as stored). ``best``: a run directory's best checkpoint
-    (``trainer.keep_best``) instead of its latest. One process, no process group.
+    (``trainer.keep_best``) instead of its latest. In one process, or under torchrun on every
+    rank (e.g. a training job's), each rank converting and writing its share of the tensors.
     """
+    import torch
+
     from megarank.checkpoint.dist import resolve_checkpoint
     from megarank.checkpoint.export import export_hf
     from megarank.checkpoint.stream import CheckpointTensors
     from megarank.parallel.megatron import DTYPES
+    from megarank.parallel.runtime import init_distributed
     from megarank.stage import saved_contract, world_size
 
-    if world_size() != 1:
-        raise RuntimeError("convert_to_hf runs in one process (not under torchrun)")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     path = resolve_checkpoint(checkpoint, "best" if best else "latest")
     cfg, tokenizer, contract = saved_contract(path)
     ids = (contract.yes_token_id, contract.no_token_id) if contract.head == "yes_no" else None
-    return export_hf(CheckpointTensors(path), cfg, out, tokenizer, contract,
-                     as_classifier=as_classifier, answer_ids=ids,
-                     max_shard_bytes=max_shard_mb * 1024**2,
-                     dtype=DTYPES[dtype] if dtype else None)
+    owns_group = world_size() > 1 and not torch.distributed.is_initialized()
+    if owns_group:  # under torchrun: the ranks share the work (gloo, the export is CPU work)
+        init_distributed(torch.device("cpu"))
+    try:
+        return export_hf(CheckpointTensors(path), cfg, out, tokenizer, contract,
+                         as_classifier=as_classifier, answer_ids=ids,
+                         max_shard_bytes=max_shard_mb * 1024**2,
+                         dtype=DTYPES[dtype] if dtype else None)
+    finally:
+        if owns_group:
+            torch.distributed.destroy_process_group()
 
 
 def evaluate_model(model: str | Path, collection: str | Path | RerankTask, *,

@@ -4,9 +4,10 @@
     megarank convert to-hf --ckpt CKPT_OR_RUN_DIR --out DIR [--as-classifier] [--best]
 
 from-hf reads each rank's shard of the weights straight from the HF files (run it under torchrun
-to import into a TP/PP layout; megarank checkpoints load into any layout either way). to-hf runs in
-one process and streams: it reads one tensor at a time from the checkpoint (any layout) and writes
-each safetensors shard as it fills, without building the model.
+to import into a TP/PP layout; megarank checkpoints load into any layout either way). to-hf
+streams: it reads one tensor at a time from the checkpoint (any layout) and writes each
+safetensors shard as it fills, without building the model; under torchrun the ranks share the
+tensors.
 This is ``megarank.convert_from_hf`` / ``megarank.convert_to_hf`` on the command line.
 """
 
@@ -42,12 +43,8 @@ def main() -> None:
     if args.cmd == "from-hf":
         path = convert_from_hf(args.hf, args.out, args.overrides)
     else:
-        try:
-            path = convert_to_hf(args.ckpt, args.out, as_classifier=args.as_classifier,
-                                 max_shard_mb=args.max_shard_mb, best=args.best,
-                                 dtype=args.dtype)
-        except RuntimeError as e:  # under torchrun
-            raise SystemExit(f"megarank convert to-hf: {e}") from None
+        path = convert_to_hf(args.ckpt, args.out, as_classifier=args.as_classifier,
+                             max_shard_mb=args.max_shard_mb, best=args.best, dtype=args.dtype)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {path}")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -86,12 +86,12 @@ def hf_config_dict(cfg: Any, architecture: str, pad_token_id: int | None) -> dic
 
 
 def _export_tensors(params: Mapping[str, torch.Tensor], cfg: Any, as_classifier: bool,
-                    answer_ids: tuple[int, int] | None):
+                    answer_ids: tuple[int, int] | None, with_head: bool = True):
     """HF (name, tensor) pairs, each tensor read from ``params`` only when its turn comes; the
-    yes/no head becomes lm_head or a score row."""
+    yes/no head (``with_head``) becomes lm_head or a score row."""
     head = "head.output_weight"
     yield from iter_hf_tensors(((n, params[n]) for n in params if n != head), cfg)
-    if cfg.task.head != "yes_no":
+    if cfg.task.head != "yes_no" or not with_head:
         return
     w = params[head] if head in params else params["backbone.embedding.word_embeddings.weight"]
     if as_classifier:
@@ -105,12 +105,11 @@ class _ShardWriter:
     """safetensors shards of at most ``max_bytes``, each written as soon as it is full; an
     index when there is more than one (names follow HF's model-0000i-of-0000n)."""
 
-    def __init__(self, directory: Path, max_bytes: int) -> None:
-        self.directory, self.max_bytes = directory, max_bytes
+    def __init__(self, directory: Path, max_bytes: int, prefix: str = "") -> None:
+        self.directory, self.max_bytes, self.prefix = directory, max_bytes, prefix
         self.shard: dict[str, torch.Tensor] = {}
         self.size = 0
-        self.written: list[tuple[Path, list[str]]] = []
-        self.total = 0
+        self.written: list[tuple[Path, list[str], int]] = []
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
@@ -121,28 +120,80 @@ class _ShardWriter:
         whole = tensor.is_contiguous() and tensor.untyped_storage().nbytes() == nbytes
         self.shard[name] = tensor if whole else tensor.contiguous().clone()
         self.size += nbytes
-        self.total += nbytes
 
     def _flush(self) -> None:
-        path = self.directory / f"shard-{len(self.written) + 1:05d}.safetensors"
+        path = self.directory / f"{self.prefix}shard-{len(self.written) + 1:05d}.safetensors"
         save_file(self.shard, path, metadata={"format": "pt"})
-        self.written.append((path, list(self.shard)))
+        self.written.append((path, list(self.shard), self.size))
         self.shard, self.size = {}, 0
 
-    def close(self) -> None:
-        if self.shard or not self.written:
+    def close(self) -> list[tuple[str, list[str], int]]:
+        """Write what is left; return (file name, tensor names, tensor bytes) of every shard."""
+        if self.shard:
             self._flush()
-        if len(self.written) == 1:
-            self.written[0][0].rename(self.directory / "model.safetensors")
-            return
-        weight_map = {}
-        n = len(self.written)
-        for i, (path, names) in enumerate(self.written, 1):
-            final = f"model-{i:05d}-of-{n:05d}.safetensors"
-            path.rename(self.directory / final)
-            weight_map.update(dict.fromkeys(names, final))
-        (self.directory / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2))
+        return [(p.name, names, size) for p, names, size in self.written]
+
+
+class _Every(Mapping[str, torch.Tensor]):
+    """Every ``world``-th parameter of ``params`` from ``rank`` on (all of them for one rank),
+    read only when asked for; the rest stay reachable by name (the yes/no head's rows)."""
+
+    def __init__(self, params: Mapping[str, torch.Tensor], rank: int, world: int) -> None:
+        self.params = params
+        self.names = [n for i, n in enumerate(params) if i % world == rank]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.params[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.params
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _gather(written: list[Any], world: int) -> list[Any]:
+    """Every rank's shards, rank 0's first (the order of the parameters' split)."""
+    if world == 1:
+        return written
+    import torch.distributed as dist
+
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, written)
+    return [shard for rank_shards in everyone for shard in rank_shards]
+
+
+def _name_shards(directory: Path, written: list[tuple[str, list[str], int]],
+                 total: int) -> None:
+    """Give the shards (of every rank, in order) HF's names, with an index past one."""
+    if len(written) == 1:
+        (directory / written[0][0]).rename(directory / "model.safetensors")
+        return
+    weight_map = {}
+    for i, (name, tensors, _) in enumerate(written, 1):
+        final = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+        (directory / name).rename(directory / final)
+        weight_map.update(dict.fromkeys(tensors, final))
+    (directory / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
 def export_hf(params: Mapping[str, torch.Tensor], cfg: Any, out_dir: str | Path,
@@ -155,11 +206,16 @@ def export_hf(params: Mapping[str, torch.Tensor], cfg: Any, out_dir: str | Path,
     CheckpointTensors` that reads each one from a checkpoint when it is asked for. Shards are
     written as they fill, so at most about one shard plus the tensors being merged is held.
     ``dtype`` casts every tensor (default: as stored) and sets config.json's ``torch_dtype``.
+    With a process group (torchrun) every rank converts and writes its share of the tensors
+    and rank 0 completes the directory; the call is then collective.
     """
     out = Path(out_dir)
     partial = out.parent / f"{out.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    rank, world = _rank_and_world()
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    _barrier(world)
     mt = hf_model_type(cfg.model)
     head = "classifier" if (cfg.task.head == "classifier" or as_classifier) else "yes_no"
     key = (mt, head)
@@ -167,12 +223,20 @@ def export_hf(params: Mapping[str, torch.Tensor], cfg: Any, out_dir: str | Path,
         raise ConversionError(f"cannot export model_type {mt} with a {head} head")
     arch = EXPORT_ARCHITECTURES[key]
 
-    writer = _ShardWriter(partial, max_shard_bytes)
+    # Under torchrun each rank converts every world-th parameter into shards of its own; rank 0
+    # then names them all in order and writes the rest.
+    writer = _ShardWriter(partial, max_shard_bytes, prefix=f"rank{rank:05d}-")
+    mine = _Every(params, rank, world)
     stored_dtype = None
-    for name, tensor in _export_tensors(params, cfg, as_classifier, answer_ids):
+    for name, tensor in _export_tensors(mine, cfg, as_classifier, answer_ids, rank == 0):
         stored_dtype = stored_dtype or tensor.dtype
         writer.add(name, tensor if dtype is None else tensor.to(dtype))
-    writer.close()
+    written = _gather(writer.close(), world)
+    if rank != 0:
+        _barrier(world)
+        return out
+    stored_dtype = stored_dtype or next(iter(params.values())).dtype
+    _name_shards(partial, written, sum(size for _, _, size in written))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     config = hf_config_dict(cfg, arch, pad)
     config["torch_dtype"] = str(dtype or stored_dtype).removeprefix("torch.")
@@ -200,4 +264,5 @@ def export_hf(params: Mapping[str, torch.Tensor], cfg: Any, out_dir: str | Path,
         (partial / CONTRACT_FILE).write_text(json.dumps(record, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
+    _barrier(world)  # the other ranks return once the directory is complete
     return out

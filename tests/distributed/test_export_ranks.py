@@ -1,0 +1,44 @@
+"""to-hf under torchrun: the ranks share the tensors and write the same HF directory, tensor for
+tensor, as one process does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import run_module, run_train
+
+pytestmark = pytest.mark.distributed
+
+
+def _tensors(hf):
+    index = hf / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    out = {}
+    for f in files:
+        out.update(load_file(hf / f))
+    return out, len(files)
+
+
+def test_export_on_two_ranks_equals_one_process(tmp_path):
+    run = tmp_path / "run"
+    run_train(["model=gpt_tiny", "task=listwise", "task.head=yes_no", "task.group_size=2",
+               "trainer.max_steps=2", "trainer.global_batch_size=2", "trainer.micro_batch_size=2",
+               "trainer.eval_at_end=false", "data.max_length=32", "data.max_query_length=8",
+               "data.max_records=4", f"trainer.output_dir={run}"])
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["to-hf", "--ckpt", run, "--max-shard-mb", "1"]
+    run_module("megarank.convert", [*args, "--out", one])
+    run_module("megarank.convert", [*args, "--out", two], nproc=2)
+    a, shards_a = _tensors(one)
+    b, shards_b = _tensors(two)
+    assert a.keys() == b.keys() and "lm_head.weight" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert shards_b >= shards_a > 2
+    for name in ("config.json", "scoring.json", "tokenizer.json"):
+        assert (one / name).read_text() == (two / name).read_text(), name
+    assert not list(tmp_path.glob("*.partial"))
+    assert not list(two.glob("rank*"))  # every rank's shard got its HF name
