@@ -99,10 +99,7 @@ def build_stage(cfg: DictConfig, *, load_hf: bool = True, expect: ScoringContrac
     rt = init_runtime(derived.tp, derived.pp, cfg.trainer.seed, device or cfg.trainer.device)
     try:
         tokenizer = build_tokenizer(cfg)
-        contract = make_contract(cfg, tokenizer)
-        if expect is not None and contract != expect:
-            raise ValueError(f"the saved scoring contract does not match how this model would "
-                             f"score: saved {expect}, derived {contract}")
+        contract = checked_contract(cfg, tokenizer, expect)
         weights = None
         if checkpoint is None and load_hf and cfg.model.hf_path:
             weights = str(cfg.model.hf_path)
@@ -175,11 +172,17 @@ def saved_contract(checkpoint: str | Path) -> tuple[DictConfig, Any, ScoringCont
     if expect is not None:
         apply_contract(cfg, expect)
     tokenizer = build_tokenizer(cfg)
+    return cfg, tokenizer, checked_contract(cfg, tokenizer, expect)
+
+
+def checked_contract(cfg: DictConfig, tokenizer: Any,
+                     expect: ScoringContract | None) -> ScoringContract:
+    """The contract ``cfg`` and ``tokenizer`` derive; it must equal a saved one (``expect``)."""
     contract = make_contract(cfg, tokenizer)
     if expect is not None and contract != expect:
-        raise ValueError(f"{path}/{CONTRACT_FILE} does not match how this model would score: "
-                         f"saved {expect}, derived {contract}")
-    return cfg, tokenizer, contract
+        raise ValueError(f"the saved scoring contract does not match how this model would "
+                         f"score: saved {expect}, derived {contract}")
+    return contract
 
 
 def build_tokenizer(cfg: DictConfig) -> Any:

@@ -219,14 +219,15 @@ def grads_are_finite(model: DistributedDataParallel) -> bool:
 
     megatron's DDP keeps every gradient in a few flat buffers (``grad_data``); fp32 and bf16
     optimizers step whatever is there (only fp16's loss scaler checks), so a NaN would reach the
-    weights. Read once per step, one reduction per buffer.
+    weights. One reduction per buffer and a single host sync per step.
     """
     buffers = list(getattr(model, "buffers", [])) + list(
         getattr(model, "expert_parallel_buffers", []))
-    if buffers:
-        return all(bool(torch.isfinite(b.grad_data).all()) for b in buffers)
-    return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters()
-               if p.grad is not None)
+    grads = [b.grad_data for b in buffers] or [p.grad for p in model.parameters()
+                                                if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def weights_are_finite(model: torch.nn.Module) -> bool:

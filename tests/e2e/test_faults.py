@@ -147,7 +147,9 @@ def test_keep_best_marks_and_keeps_the_best_checkpoint(tmp_path):
     assert kept == {"step_0000006", best["path"].name}  # keep_last=1 never drops the best
     hf = megarank.convert_to_hf(out, tmp_path / "hf", best=True)
     assert json.loads((hf / "scoring.json").read_text())["pooling"] == "cls"
-    with pytest.raises(Exception, match="trainer.keep_best needs evaluation"):
+    from megarank.config import ConfigError
+
+    with pytest.raises(ConfigError, match="trainer.keep_best needs evaluation"):
         _train(tmp_path / "x", "trainer.keep_best=NDCG@10", "trainer.eval_interval=0",
                "trainer.eval_at_end=false")
 
