@@ -23,7 +23,7 @@ from safetensors import safe_open
 import megarank
 from megarank.config.schema import ASSETS
 from megarank.data.triplets import read_triplets
-from tests.parity.hf_tiny import chat_tokenizer, save_tiny
+from tests.parity.hf_tiny import save_qwen3_reranker, save_tiny
 
 TRIPLETS = ASSETS / "collections" / "cranfield" / "train_triplets.jsonl"
 LR = 1e-4
@@ -38,34 +38,10 @@ CPU = ["parallel=tp1_pp1", "parallel.sequence_parallel=false", "trainer.device=c
        f"data.train_path={TRIPLETS}"]
 
 
-def save_qwen3_reranker_untied(root: Path) -> Path:
-    """A tiny random Qwen3ForCausalLM with its own LM output layer, as Qwen3-Reranker-8B has."""
-    from transformers import AutoModelForCausalLM, Qwen3Config
-
-    tok = chat_tokenizer()
-    cfg = Qwen3Config(vocab_size=len(tok) + 5, hidden_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=24,
-                      intermediate_size=96, max_position_embeddings=512, rms_norm_eps=1e-6,
-                      tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-                      rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-            elif name.endswith("lm_head.weight"):
-                p.mul_(3.0)  # yes/no logits apart enough to rank by, small enough for bf16
-    out = root / "qwen3_reranker_untied"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 # preset -> (tiny model writer, overrides it needs: the chat prompt takes ~70 tokens)
 MODELS = {
-    "qwen3_reranker_8b": (save_qwen3_reranker_untied, ["data.max_length=192"]),
+    "qwen3_reranker_8b": (lambda root: save_qwen3_reranker(root, tied=False),
+                          ["data.max_length=192"]),
     "qwen2p5_7b_classifier": (lambda root: save_tiny("qwen2", root), []),
     "llama3_8b_classifier": (lambda root: save_tiny("llama3", root), []),
 }

@@ -197,16 +197,17 @@ def chat_tokenizer():
     return qwen
 
 
-def save_qwen3_reranker(root: Path, seed: int = 0) -> Path:
-    """A tiny random Qwen3ForCausalLM (tied embeddings, as Qwen3-Reranker-0.6B) with the
-    chat-style tokenizer, saved as a model directory."""
+def save_qwen3_reranker(root: Path, seed: int = 0, tied: bool = True) -> Path:
+    """A tiny random Qwen3ForCausalLM with the chat-style tokenizer, saved as a model directory:
+    tied embeddings as Qwen3-Reranker-0.6B, or (``tied=False``) its own LM output layer as
+    Qwen3-Reranker-8B."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     tok = chat_tokenizer()
     cfg = Qwen3Config(vocab_size=len(tok) + 5, hidden_size=64, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=24,
                       intermediate_size=96, max_position_embeddings=512, rms_norm_eps=1e-6,
-                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=tied, pad_token_id=tok.pad_token_id,
                       eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
                       rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
     torch.manual_seed(seed)
@@ -215,9 +216,11 @@ def save_qwen3_reranker(root: Path, seed: int = 0) -> Path:
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
-            elif name.endswith("embed_tokens.weight"):
+            elif tied and name.endswith("embed_tokens.weight"):
                 p.mul_(10.0)  # yes/no logits far enough apart that p(yes) is not always 1/2
-    out = root / "qwen3_reranker"
+            elif not tied and name.endswith("lm_head.weight"):
+                p.mul_(3.0)  # yes/no logits apart enough to rank by, small enough for bf16
+    out = root / ("qwen3_reranker" if tied else "qwen3_reranker_untied")
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
