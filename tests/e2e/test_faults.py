@@ -173,6 +173,8 @@ def test_async_save_writes_the_same_checkpoints_while_training_goes_on(tmp_path)
     done = [r for r in read_metrics(asyn) if "checkpoint" in r]
     assert [r["checkpoint"] for r in done] == names[::-1]
     assert all(r["save_total_s"] > 0 and r["save_bytes"] > 1_000_000 for r in done)
+    # Training went on: steps 2 and 4 became complete only at a later step's finalize.
+    assert all(r["step"] > int(r["checkpoint"][-7:]) for r in done[:2]), done
     # an asynchronously written checkpoint resumes exactly
     _train(asyn, "trainer.max_steps=8", "trainer.save_interval=2", "trainer.resume=true")
     _train(sync, "trainer.max_steps=8", "trainer.save_interval=2", "trainer.resume=true")
