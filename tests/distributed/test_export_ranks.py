@@ -37,7 +37,9 @@ def test_export_on_two_ranks_equals_one_process(tmp_path):
     b, shards_b = _tensors(two)
     assert a.keys() == b.keys() and "lm_head.weight" in a
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert shards_b >= shards_a > 2
+    # Each rank fills shards of its own (the last of each partly), so two ranks that shared the
+    # work write one more shard than one process: 4 vs 3 for this model at 1 MB.
+    assert shards_b > shards_a > 2, (shards_a, shards_b)
     for name in ("config.json", "scoring.json", "tokenizer.json"):
         assert (one / name).read_text() == (two / name).read_text(), name
     assert not list(tmp_path.glob("*.partial"))
