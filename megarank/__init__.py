@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Scorer", "compose_config", "convert_from_hf", "convert_to_hf", "evaluate_model",
-           "load_scorer", "mine_triplets", "train_model"]
+__all__ = ["Scorer", "compare_runs", "compose_config", "convert_from_hf", "convert_to_hf",
+           "evaluate_model", "load_scorer", "mine_triplets", "train_model"]
 
 
 def __getattr__(name: str) -> Any:

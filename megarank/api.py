@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the heavy imports (megatron-core, transformers) wait for th
     from omegaconf import DictConfig
 
     from megarank.data.mining import MineStats
+    from megarank.data.prepared import PrepareStats
     from megarank.eval.rerank import RerankTask
     from megarank.stage import Stage
 
@@ -89,18 +90,35 @@ def load_scorer(model: str | Path, overrides: Sequence[str] = (), *, device: str
     return Scorer(open_stage(model, overrides, device=device), batch_size)
 
 
-def convert_from_hf(hf_dir: str | Path, out: str | Path, overrides: Sequence[str] = ()) -> Path:
+def convert_from_hf(hf_dir: str | Path, out: str | Path, overrides: Sequence[str] = (), *,
+                    adapter: str | Path | None = None) -> Path:
     """Import an HF model directory as a megarank checkpoint (under torchrun each rank reads only
-    its shard of the weights, in the layout ``overrides`` ask for)."""
+    its shard of the weights, in the layout ``overrides`` ask for).
+
+    ``adapter``: a PEFT LoRA adapter directory for ``hf_dir``; the checkpoint is then a LoRA
+    checkpoint (adapters and head) whose base is ``hf_dir``.
+    """
     from omegaconf import OmegaConf
 
     from megarank.checkpoint.contract import FILE as CONTRACT_FILE
     from megarank.checkpoint.dist import save_model_checkpoint
     from megarank.stage import build_stage, saved_config
 
-    cfg, _ = saved_config(hf_dir, overrides)
+    lora: list[str] = []
+    if adapter is not None:
+        from megarank.checkpoint.adapters import adapter_targets, read_adapter
+
+        _, lora = read_adapter(adapter)
+        probe, _ = saved_config(hf_dir, overrides)
+        targets = ",".join(adapter_targets(adapter, probe))
+        lora = ["peft=lora", *lora, f"peft.targets=[{targets}]"]
+    cfg, _ = saved_config(hf_dir, [*lora, *overrides])
     out_path = Path(out).resolve()
     with build_stage(cfg, device="cpu") as stage:
+        if adapter is not None:
+            from megarank.checkpoint.adapters import load_adapter
+
+            load_adapter(adapter, stage.model, stage.cfg, whole_model=stage.rt.pp_size == 1)
         # The contract goes in with the weights (under its own name, recorded in megarank.json),
         # so the checkpoint is never complete without it.
         staging = out_path.parent / f".{out_path.name}.contract"
@@ -122,7 +140,7 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path, overrides: Sequence[str
 
 def convert_to_hf(checkpoint: str | Path, out: str | Path, *, as_classifier: bool = False,
                   max_shard_mb: int = 5120, best: bool = False,
-                  dtype: str | None = None) -> Path:
+                  dtype: str | None = None, adapter: bool = False) -> Path:
     """Export a megarank checkpoint or run directory (any layout) as an HF model directory.
 
     Streams: no model is built; each tensor is read from the checkpoint when its turn comes and
@@ -131,6 +149,9 @@ def convert_to_hf(checkpoint: str | Path, out: str | Path, *, as_classifier: boo
     ``fp16`` or ``fp32`` (default: as stored). ``best``: a run directory's best checkpoint
     (``trainer.keep_best``) instead of its latest. In one process, or under torchrun on every
     rank (e.g. a training job's), each rank converting and writing its share of the tensors.
+
+    A LoRA checkpoint is exported merged (``W + (alpha / r) * B A``, with its base read from
+    where training read it), or with ``adapter`` as a PEFT adapter directory for that base.
     """
     import torch
 
@@ -146,11 +167,25 @@ def convert_to_hf(checkpoint: str | Path, out: str | Path, *, as_classifier: boo
     path = resolve_checkpoint(checkpoint, "best" if best else "latest")
     cfg, tokenizer, contract = saved_contract(path)
     ids = (contract.yes_token_id, contract.no_token_id) if contract.head == "yes_no" else None
+    tensors: Any = CheckpointTensors(path)
+    lora = cfg.peft.method != "none"
+    if adapter and not lora:
+        raise ValueError(f"{path}: --adapter needs a LoRA checkpoint (peft.method lora), this "
+                         "one trained every weight")
+    if adapter:
+        from megarank.checkpoint.adapters import export_adapter
+
+        return export_adapter(tensors, cfg, out, tokenizer, contract,
+                              dtype=DTYPES[dtype] if dtype else None)
+    if lora:
+        from megarank.checkpoint.adapters import MergedTensors
+
+        tensors = MergedTensors(tensors, cfg)
     owns_group = world_size() > 1 and not torch.distributed.is_initialized()
     if owns_group:  # under torchrun: the ranks share the work (gloo, the export is CPU work)
         init_distributed(torch.device("cpu"))
     try:
-        return export_hf(CheckpointTensors(path), cfg, out, tokenizer, contract,
+        return export_hf(tensors, cfg, out, tokenizer, contract,
                          as_classifier=as_classifier, answer_ids=ids,
                          max_shard_bytes=max_shard_mb * 1024**2,
                          dtype=DTYPES[dtype] if dtype else None)
@@ -163,7 +198,7 @@ def evaluate_model(model: str | Path, collection: str | Path | RerankTask, *,
                    run: str | Path | None = None, split: str | None = None, top_k: int = 100,
                    depth: int | None = None, out_dir: str | Path | None = None,
                    batch_size: int = 64, overrides: Sequence[str] = (),
-                   verbose: bool = False) -> dict[str, Any]:
+                   verbose: bool = False, teacher: str | Path | None = None) -> dict[str, Any]:
     """Rerank a first-stage run's top ``top_k`` for a collection's judged queries and measure it
     against the first stage (ir-measures, cross-checked by megarank's metrics).
 
@@ -171,14 +206,30 @@ def evaluate_model(model: str | Path, collection: str | Path | RerankTask, *,
     checked (then ``run``, ``split``, ``top_k`` and ``depth`` are the task's). Every input is
     checked before the model is built. Rank 0 writes ``out_dir`` (run.megarank.trec,
     metrics.json) and with ``verbose`` prints the table. Returns the metrics.json record.
+
+    ``teacher``: a sentence-transformers model directory whose cosine similarity ranks the same
+    candidates as a third row (and run.teacher.trec), scored on rank 0 before the model is built.
     """
-    from megarank.eval.report import format_table, summarise, write_report
+    import os
+
+    from megarank.eval.report import (
+        check_teacher,
+        format_table,
+        summarise,
+        teacher_run,
+        write_report,
+    )
     from megarank.eval.rerank import RerankTask, prepare, rerank
     from megarank.stage import open_stage
     from megarank.training.logs import logger, setup_logging
 
     task = collection if isinstance(collection, RerankTask) else prepare(
         collection, run, split, top_k, depth)
+    teacher_ranked = None
+    if teacher is not None:
+        check_teacher(teacher)
+        if os.environ.get("RANK", "0") == "0":  # the row is rank 0's to print and write
+            teacher_ranked = teacher_run(task, teacher, batch_size, progress=verbose)
     with open_stage(model, overrides) as stage:
         rt = stage.rt
         setup_logging(rt)
@@ -189,16 +240,50 @@ def evaluate_model(model: str | Path, collection: str | Path | RerankTask, *,
             logger.info(f"{len(task.empty)} judged queries have no candidate in "
                         f"{task.run_path}: they count as 0 in both rows")
         reranked = rerank(task, stage.model, rt, stage.collator, batch_size)
-        result = summarise(task, reranked, str(model))
+        result = summarise(task, reranked, str(model), teacher_ranked,
+                           None if teacher is None else str(teacher))
         if rt.is_main:
             if result["cross_check_max_abs_diff"] > 1e-9:
                 logger.warning("ir-measures and megarank's metrics disagree by "
                                f"{result['cross_check_max_abs_diff']:.3g}")
             if out_dir is not None:
-                write_report(out_dir, reranked, task.qrels, result)
+                write_report(out_dir, reranked, task.qrels, result, teacher_ranked)
             if verbose:
                 print(format_table(result), flush=True)
         return result
+
+
+def prepare_data(inputs: Sequence[str | Path], out: str | Path, overrides: Sequence[str] = (),
+                 progress: bool = True) -> PrepareStats:
+    """Tokenize triplet JSONL ``inputs`` once, with the tokenizer and truncation that the config
+    ``overrides`` (``model=...``, ``data.max_length=...``) give, into the prepared dataset
+    directory ``out`` (written atomically), which training takes as ``data.train_path=OUT``.
+    No model and no process group is built. See ``megarank.data.prepared``."""
+    from megarank.checkpoint.hf import apply_hf_config
+    from megarank.config import validate
+    from megarank.data.prepared import prepare
+    from megarank.stage import build_collator, build_tokenizer, checked_contract
+
+    cfg = compose_config(overrides)
+    apply_hf_config(cfg)
+    validate(cfg, 1)
+    tokenizer = build_tokenizer(cfg)
+    collator = build_collator(cfg, checked_contract(cfg, tokenizer, None), tokenizer)
+    return prepare(inputs, out, collator, progress)
+
+
+def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path,
+                 names: Sequence[str] | None = None, *, verbose: bool = False) -> dict[str, Path]:
+    """Several runs' training loss and evaluation metrics over steps, side by side: writes
+    ``comparison.csv``, ``comparison.md`` and ``comparison.png`` into ``out_dir`` (see
+    ``megarank.eval.compare``); with ``verbose`` prints the per-run summary. Returns the paths."""
+    from megarank.eval.compare import load_runs, summary_markdown, write_comparison
+
+    runs = load_runs(run_dirs, names)
+    paths = write_comparison(runs, out_dir)
+    if verbose:
+        print(summary_markdown(runs), flush=True)
+    return paths
 
 
 def mine_triplets(collection: str | Path, out: str | Path, *, split: str | None = None,
@@ -212,15 +297,16 @@ def mine_triplets(collection: str | Path, out: str | Path, *, split: str | None 
     checkpoint or export at ``model``, whose scores become teacher scores) or ``dense`` (by a
     sentence-transformers embedder's cosine). See ``megarank.data.mining`` for the rules.
     """
-    from megarank.data.mining import RETRIEVERS, dense_rescorer, mine
+    from megarank.data.mining import RETRIEVERS, dense_rescorer, mine, process_group
 
     if retriever not in RETRIEVERS:
         raise ValueError(f"--retriever must be one of {', '.join(RETRIEVERS)}, got {retriever!r}")
     if retriever != "bm25" and model is None:
         raise ValueError(f"--retriever {retriever} needs --model MODEL_DIR")
-    if retriever == "dense":
-        return mine(collection, out, split, dense_rescorer(model, batch_size, progress), depth,
-                    skip_top, negatives, margin, seed, progress)
+    if retriever == "dense":  # under torchrun: BM25 on rank 0, each text embedded once
+        with process_group():
+            return mine(collection, out, split, dense_rescorer(model, batch_size, progress),
+                        depth, skip_top, negatives, margin, seed, progress)
     if retriever == "bm25":
         return mine(collection, out, split, None, depth, skip_top, negatives, margin, seed,
                     progress)

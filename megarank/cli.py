@@ -14,8 +14,10 @@ COMMANDS = {
     "score": "megarank.score",
     "evaluate": "megarank.evaluate",
     "mine": "megarank.mine",
+    "prepare": "megarank.prepare",
     "plan": "megarank.plan",
     "serve": "megarank.serve",
+    "compare": "megarank.compare",
 }
 
 

@@ -1,7 +1,7 @@
 """Convert between Hugging Face models and megarank checkpoints.
 
     megarank convert from-hf --hf DIR --out CKPT [hydra overrides, e.g. parallel=tp2_pp2 task.head=yes_no]
-    megarank convert to-hf --ckpt CKPT_OR_RUN_DIR --out DIR [--as-classifier] [--best]
+    megarank convert to-hf --ckpt CKPT_OR_RUN_DIR --out DIR [--as-classifier] [--best] [--adapter]
 
 from-hf reads each rank's shard of the weights straight from the HF files (run it under torchrun
 to import into a TP/PP layout; megarank checkpoints load into any layout either way). to-hf
@@ -27,6 +27,8 @@ def main() -> None:
     p = sub.add_parser("from-hf", help="HF model directory -> megarank checkpoint")
     p.add_argument("--hf", required=True, help="HF model directory (safetensors)")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--adapter", default=None,
+                   help="a PEFT LoRA adapter directory for --hf: import a LoRA checkpoint")
     p.add_argument("overrides", nargs="*", help="Hydra overrides (parallel=..., task.head=...)")
     q = sub.add_parser("to-hf", help="megarank checkpoint -> HF model directory")
     q.add_argument("--ckpt", required=True, help="checkpoint directory or run directory")
@@ -39,12 +41,16 @@ def main() -> None:
                    help="a run directory's best checkpoint (trainer.keep_best), not its latest")
     q.add_argument("--as-classifier", action="store_true",
                    help="yes/no head: export *ForSequenceClassification, score = w_yes - w_no")
+    q.add_argument("--adapter", action="store_true",
+                   help="LoRA checkpoint: write a PEFT adapter directory (adapter_config.json + "
+                        "adapter_model.safetensors) for its base, not the merged model")
     args = parser.parse_args()
     if args.cmd == "from-hf":
-        path = convert_from_hf(args.hf, args.out, args.overrides)
+        path = convert_from_hf(args.hf, args.out, args.overrides, adapter=args.adapter)
     else:
         path = convert_to_hf(args.ckpt, args.out, as_classifier=args.as_classifier,
-                             max_shard_mb=args.max_shard_mb, best=args.best, dtype=args.dtype)
+                             max_shard_mb=args.max_shard_mb, best=args.best, dtype=args.dtype,
+                             adapter=args.adapter)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {path}")
 

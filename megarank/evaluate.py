@@ -2,7 +2,7 @@
 
     megarank evaluate --model MODEL_DIR --collection BEIR_DIR [--run FIRST_STAGE.trec]
         [--split test] [--top-k 100] [--depth D] [--out OUT_DIR] [--batch-size 64]
-        [hydra overrides]
+        [--teacher EMBEDDER_DIR] [hydra overrides]
 
 MODEL_DIR is a megarank run or checkpoint directory (any TP/PP layout: pass e.g.
 ``parallel=tp2_pp1`` and run under torchrun) or an exported HF directory with scoring.json. The
@@ -11,7 +11,10 @@ judged queries of the split (all judged queries when the collection has no split
 With ``--depth D`` (> k), the first stage's ranks k+1..D stay in the reranked run below the
 reranked top k, in their first-stage order, so recall at D is the first stage's while only k
 pairs per query are scored. OUT_DIR gets run.megarank.trec and metrics.json; rank 0 prints
-first stage vs megarank.
+first stage vs megarank. With ``--teacher EMBEDDER_DIR`` (a sentence-transformers model
+directory, e.g. the all-MiniLM-L6-v2 the main job distils) the teacher's cosine similarity ranks
+the same candidates as a third row, so BM25 / megarank / teacher is one command for any
+BEIR-layout collection; OUT_DIR then also gets run.teacher.trec.
 
 Both rows are computed by ir-measures on the same queries and candidates, in megarank's one
 ranking order (``megarank.data.ranking``: a tie never favours a relevant document), which is also
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 
 from megarank.api import evaluate_model
+from megarank.eval.report import check_teacher
 from megarank.eval.rerank import prepare
 
 
@@ -41,15 +45,19 @@ def main() -> None:
                          "the top k keep their first-stage order under the reranked ones")
     ap.add_argument("--out", default=None, help="folder for run.megarank.trec and metrics.json")
     ap.add_argument("--batch-size", type=int, default=64, help="pairs per forward pass")
+    ap.add_argument("--teacher", default=None,
+                    help="sentence-transformers model directory: its cosine ranking as a row")
     ap.add_argument("overrides", nargs="*", help="hydra overrides, e.g. parallel=tp2_pp1")
     args = ap.parse_args()
     try:
         # Input errors are the user's to fix: one line naming the file, not a traceback.
         task = prepare(args.collection, args.run, args.split, args.top_k, args.depth)
+        if args.teacher is not None:
+            check_teacher(args.teacher)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"megarank evaluate: {e}") from None
     evaluate_model(args.model, task, out_dir=args.out, batch_size=args.batch_size,
-                   overrides=args.overrides, verbose=True)
+                   overrides=args.overrides, verbose=True, teacher=args.teacher)
 
 
 if __name__ == "__main__":

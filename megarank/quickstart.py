@@ -97,6 +97,11 @@ def main() -> None:
                     help="BM25 documents kept per query; ranks top-k+1..depth stay below the "
                          "reranked ones, so Recall@depth is BM25's")
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--peft", default="none", choices=("none", "lora"),
+                    help="train LoRA adapters (and the head) instead of every weight")
+    ap.add_argument("--lora-rank", type=int, default=16, help="--peft lora: rank (alpha = 2 x rank)")
+    ap.add_argument("--keep-data", action="store_true",
+                    help="reuse OUT's mined triplets and imported encoder when they are there")
     args = ap.parse_args()
 
     out = Path(args.out).resolve()
@@ -112,6 +117,9 @@ def main() -> None:
     extra = ["--model", embedder] if args.retriever == "dense" else []
     for name in COLLECTIONS:
         path = out / "data" / f"{name}_train_{args.retriever}.jsonl"
+        if args.keep_data and path.is_file():
+            mined.append(path.read_text(encoding="utf-8"))
+            continue
         timings[f"mine {name}"] = _run([
             "megarank.mine", "--collection", str(ASSETS / "collections" / name), "--split",
             "train", "--retriever", args.retriever, *extra, "--negatives", str(args.negatives),
@@ -121,9 +129,10 @@ def main() -> None:
 
     # 2. Import the pretrained encoder as a megarank checkpoint.
     hf_dir, preset = MODELS[args.model]
-    timings["import"] = _run(["megarank.convert", "from-hf", "--hf", _package(hf_dir), "--out",
-                              str(out / "imported"), f"data.max_length={args.max_length}"],
-                             log=out / "import.log")
+    if not (args.keep_data and (out / "imported" / "megarank.json").is_file()):
+        timings["import"] = _run(["megarank.convert", "from-hf", "--hf", _package(hf_dir), "--out",
+                                  str(out / "imported"), f"data.max_length={args.max_length}"],
+                                 log=out / "import.log")
 
     # 3. Train with torchrun: data parallel over gloo ranks.
     warmup = max(1, args.steps // 10)
@@ -139,6 +148,8 @@ def main() -> None:
         f"optim.warmup_steps={warmup}", "optim.decay_style=linear",
         "trainer.log_interval=10", "trainer.progress_bar=false",
         f"trainer.output_dir={out / 'train'}",
+        *([] if args.peft == "none" else [f"peft={args.peft}", f"peft.rank={args.lora_rank}",
+                                          f"peft.alpha={2 * args.lora_rank}"]),
     ], nproc=args.nproc, log=out / "train.log")
 
     # 4. Export to Hugging Face.

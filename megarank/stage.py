@@ -40,11 +40,17 @@ from megarank.models.build import (
     sync_tied_output_layer,
     transformer_config,
 )
+from megarank.models.lora import add_adapters
 from megarank.models.specs import KernelChoice, check_kernel_support, select_kernels
 from megarank.parallel.megatron import wrap_model
 from megarank.parallel.runtime import Runtime, init_runtime, shutdown
 
 logger = logging.getLogger("megarank")  # the run's logger (training/logs.py sets it up)
+
+
+def peft_enabled(cfg: DictConfig) -> bool:
+    """Whether the run trains adapters (``peft.method`` lora or qlora) instead of every weight."""
+    return cfg.get("peft") is not None and cfg.peft.method != "none"
 
 
 def world_size() -> int:
@@ -101,9 +107,13 @@ def build_stage(cfg: DictConfig, *, load_hf: bool = True, expect: ScoringContrac
         tokenizer = build_tokenizer(cfg)
         contract = checked_contract(cfg, tokenizer, expect)
         weights = None
-        if checkpoint is None and load_hf and cfg.model.hf_path:
+        # A LoRA checkpoint holds adapters and head; its base comes from where training read it.
+        base_elsewhere = checkpoint is not None and peft_enabled(cfg)
+        if cfg.model.hf_path and ((checkpoint is None and load_hf) or base_elsewhere):
             weights = str(cfg.model.hf_path)
         model, kernels = build_model(cfg, rt, contract, load_hf=weights is not None)
+        if base_elsewhere and cfg.model.init_from:
+            load_model_weights(cfg.model.init_from, model, part="base")
         if checkpoint is not None:
             weights = str(load_model_weights(checkpoint, model))
         collator = build_collator(cfg, contract, tokenizer)
@@ -216,6 +226,9 @@ def build_model(cfg: DictConfig, rt: Runtime, contract: ScoringContract,
     part of the layout. The yes/no head's token ids come from the contract.
     """
     kernels = select_kernels(cfg.trainer.kernels, rt.device)
+    if peft_enabled(cfg) and kernels.name == "te":
+        kernels = KernelChoice("local", "peft: LoRA adapters run on megatron's local layers "
+                                        "(TE fuses each norm into the linear the adapter reads)")
     check_kernel_support(cfg.parallel.sequence_parallel, kernels)
     tconfig = transformer_config(cfg, rt.device, kernels.name)
     ids = None
@@ -228,10 +241,17 @@ def build_model(cfg: DictConfig, rt: Runtime, contract: ScoringContract,
             padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by),
         )
         init_missing(model, missing, cfg.model.init_method_std)
+        params = dict(model.named_parameters())
+        for name in missing:  # not in the base: a LoRA checkpoint must hold them
+            params[name].not_in_base = True
         if missing and rt.tp_rank == 0 and rt.dp_rank == 0:
             logger.warning(f"{cfg.model.hf_path} holds no weights for {', '.join(missing)}: "
                            "they start from a fresh initialisation")
     sync_tied_output_layer(model)
+    if peft_enabled(cfg):
+        # Before DDP: it allocates gradient buffers for what still trains.
+        add_adapters(model, cfg, rt.tp_rank, rt.tp_size)
+        model.frozen_base_external = bool(cfg.model.hf_path or cfg.model.init_from)
     model.to(rt.device)
     ddp = wrap_model(model, tconfig, cfg.trainer.precision,
                      cfg.parallel.use_distributed_optimizer)

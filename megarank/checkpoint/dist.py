@@ -29,6 +29,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megarank.models.lora import ADAPTER
 from megarank.parallel.megatron import (
     optimizer_sharding_metadata,
     prepare_optimizer_for_load,
@@ -45,6 +46,40 @@ BEST = "best"
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside megatron's DDP wrapper (which does not forward sharded_state_dict)."""
     return getattr(model, "module", model)
+
+
+def _innermost(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def model_state(model: torch.nn.Module, part: str = "saved") -> dict[str, Any]:
+    """The model's sharded state dict, or the part of it a checkpoint holds.
+
+    With LoRA over a base that lives elsewhere (``model.hf_path`` or ``model.init_from``: the
+    model's ``frozen_base_external``), a checkpoint holds only what trains (adapters, head):
+    ``part="saved"``; ``part="base"`` is everything but the adapters, read from that base.
+    Otherwise both are the whole model.
+    """
+    sd = _unwrap(model).sharded_state_dict()
+    inner = _innermost(model)
+    if not getattr(inner, "frozen_base_external", False):
+        return sd
+    if part == "saved":
+        keep = {id(p) for p in inner.parameters()
+                if p.requires_grad or getattr(p, "not_in_base", False)}
+    else:
+        keep = {id(p) for n, p in inner.named_parameters() if f".{ADAPTER}." not in n}
+    # ShardedTensor, or a ShardedTensorFactory (megatron's split of a gated fc1): both hold the
+    # parameter as ``data``; objects (extra state) carry no weights and stay.
+    return {k: v for k, v in sd.items()
+            if not isinstance(getattr(v, "data", None), torch.Tensor) or id(v.data) in keep}
+
+
+def _whole(model: torch.nn.Module) -> bool:
+    """Whether a checkpoint of ``model`` holds all of its weights (strict loading)."""
+    return not getattr(_innermost(model), "frozen_base_external", False)
 
 
 def _rng_object(rt: Runtime, state: Any) -> ShardedObject:
@@ -107,7 +142,7 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     before it returns.
     """
     root = Path(root)
-    model_sd = _unwrap(model).sharded_state_dict()
+    model_sd = model_state(model)
     state = {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd,
@@ -137,7 +172,7 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
 def save_model_checkpoint(path: str | Path, model: torch.nn.Module, rt: Runtime,
                           meta: dict[str, Any], extra_files: list[Path] = ()) -> Path:
     """Write the model weights alone (e.g. an HF import) as a megarank checkpoint; collective."""
-    state = {"model": _unwrap(model).sharded_state_dict()}
+    state = {"model": model_state(model)}
     write_atomically(Path(path), state, {**meta, "step": 0, "train_state": None}, rt,
                      extra_files=list(extra_files))
     return Path(path)
@@ -361,7 +396,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any, sc
     same_layout = not saved or (saved.get("tp"), saved.get("pp"), saved.get("dp")) == (
         rt.tp_size, rt.pp_size, rt.dp_size)
     prepare_optimizer_for_load(optimizer)
-    model_sd = _unwrap(model).sharded_state_dict()
+    model_sd = model_state(model)
     template = {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True,
@@ -370,7 +405,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any, sc
     if same_layout:
         template["rng"] = _rng_object(rt, None)
     loaded = _load(path, template)
-    _unwrap(model).load_state_dict(loaded["model"])
+    _unwrap(model).load_state_dict(loaded["model"], strict=_whole(model))
     optimizer.load_state_dict(loaded["optimizer"])
     separate_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
@@ -379,12 +414,14 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any, sc
     return {**loaded["train_state"], "rng_restored": same_layout}
 
 
-def load_model_weights(path: str | Path, model: torch.nn.Module) -> Path:
-    """Load only the model weights of a checkpoint (any TP/PP layout) into ``model``."""
+def load_model_weights(path: str | Path, model: torch.nn.Module, part: str = "saved") -> Path:
+    """Load only the model weights of a checkpoint (any TP/PP layout) into ``model``:
+    ``part="saved"`` what a checkpoint of this model holds, ``"base"`` the frozen base of a
+    LoRA model from a full-model checkpoint (see :func:`model_state`)."""
     path = resolve_checkpoint(path)
-    model_sd = _unwrap(model).sharded_state_dict()
+    model_sd = model_state(model, part)
     loaded = _load(path, {"model": model_sd})
-    _unwrap(model).load_state_dict(loaded["model"])
+    _unwrap(model).load_state_dict(loaded["model"], strict=_whole(model))
     return path
 
 

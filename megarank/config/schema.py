@@ -128,12 +128,16 @@ class TaskConfig:
     """What the scores are trained towards."""
 
     loss: str = MISSING
-    """``listwise`` (softmax CE over the group), ``pairwise`` (hinge), ``pointwise`` (BCE), or
-    ``distill`` (KL divergence to the teacher scores alone)."""
+    """``listwise`` (softmax CE over the group), ``pairwise`` (hinge), ``pointwise`` (BCE),
+    ``distill`` (KL divergence to the teacher scores alone), ``margin_mse`` (MSE between the
+    student's and the teacher's positive-minus-negative margins), ``ranknet`` (pairwise logistic
+    over every ordered pair), ``lambdarank`` (RankNet weighted by each pair's NDCG change) or
+    ``listnet`` (cross-entropy between top-one softmaxes); see megarank/training/losses.py."""
     group_size: int = 8
     """Documents per query in a training group: 1 positive + group_size-1 negatives."""
     temperature: float = 1.0
-    """Listwise: scores are divided by this before the softmax."""
+    """Listwise, listnet, ranknet, lambdarank: scores are divided by this (before the softmax,
+    or inside RankNet's logistic)."""
     margin: float = 1.0
     """Pairwise: hinge margin between the positive and each negative."""
     distill_weight: float = 0.0
@@ -141,7 +145,18 @@ class TaskConfig:
     softmax(scores)), added to the loss; > 0 (or loss ``distill``) needs ``pos_scores`` and
     ``neg_scores`` on every training record."""
     teacher_temperature: float = 1.0
-    """Teacher scores are divided by this before their softmax (0.05 for cosine similarities)."""
+    """Teacher scores are divided by this before their softmax (0.05 for cosine similarities);
+    margin_mse divides the teacher's margins by it; listnet with target labels divides the
+    labels by it."""
+    target: str = "labels"
+    """ranknet, lambdarank, listnet: the order they learn, ``labels`` (the positive above its
+    negatives) or ``teacher`` (the teacher scores' order; needs pos_scores/neg_scores)."""
+    hard_weight: float = 1.0
+    """Weight of the loss named by ``loss``; with distill_weight the total is hard_weight *
+    L(loss) + distill_weight * L(distill_term), a mixed hard-label + distillation loss."""
+    distill_term: str = "kl"
+    """What distill_weight adds: ``kl`` (the distill loss), ``margin_mse``, or ``ranknet`` /
+    ``lambdarank`` / ``listnet`` on the teacher's order."""
     head: str = "classifier"
     """``classifier`` (a linear score on the pooled state, HF *ForSequenceClassification) or
     ``yes_no`` (decoders: logit("yes") - logit("no") at the last token, as Qwen3-Reranker)."""
@@ -172,7 +187,8 @@ class DataConfig:
     name: str = MISSING
     """Short name used in logs."""
     train_path: str = MISSING
-    """Triplet JSONL in the FlagEmbedding form {"query", "pos": [...], "neg": [...]}."""
+    """Triplet JSONL in the FlagEmbedding form {"query", "pos": [...], "neg": [...]}, or a
+    directory ``megarank prepare`` wrote from such files (tokenized once, memory-mapped)."""
     max_records: int | None = None
     """Read only the first N records (None: all)."""
     max_length: int = 128
@@ -181,6 +197,9 @@ class DataConfig:
     """Tokens kept of the query before the document is fitted."""
     pad_to_multiple_of: int = 8
     """Dynamic padding per micro-batch is rounded up to this."""
+    prefetch_steps: int = 2
+    """Steps of micro-batches made ahead on a background thread while a step runs; 0: each is
+    made when the step asks for it. The wait shows as ``data_wait_s`` in metrics.jsonl."""
     eval_collection: str | None = None
     """A BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels.tsv, split.json); None: no eval."""
     eval_run: str | None = None
@@ -299,6 +318,33 @@ class LoggingConfig:
 
 
 @dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning: LoRA adapters on megatron's parallel linears.
+
+    ``none`` trains every weight. ``lora`` freezes the backbone and trains, on each target linear,
+    ``W x + (alpha / rank) * B A x`` with one (A, B) pair per Hugging Face projection (q, k, v of a
+    fused QKV; gate and up of a fused fc1), so adapters convert to and from PEFT exactly.
+    ``qlora`` is LoRA over a base stored 4-bit (NF4, bitsandbytes).
+    """
+
+    method: str = "none"
+    """``none``, ``lora`` or ``qlora``."""
+    rank: int = 16
+    """LoRA rank r."""
+    alpha: float = 32.0
+    """LoRA alpha; the update is scaled by alpha / rank (PEFT's rule)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    targets: list[str] = field(
+        default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+    """megatron linears that get adapters, in every layer (decoders and encoders name them
+    alike): linear_qkv, linear_proj, linear_fc1, linear_fc2."""
+    train_head: bool = True
+    """Train the scoring head (classifier, and an encoder's pooler) with the adapters. A yes/no
+    head reads the vocabulary's rows and stays frozen."""
+
+
+@dataclass
 class TrainConfig:
     """A whole run: one node of each group."""
 
@@ -309,6 +355,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
 
 
 GROUPS: dict[str, type] = {
@@ -319,6 +366,7 @@ GROUPS: dict[str, type] = {
     "trainer": TrainerConfig,
     "optim": OptimConfig,
     "logging": LoggingConfig,
+    "peft": PeftConfig,
 }
 
 

@@ -7,11 +7,15 @@ parallel.tensor_model_parallel_size (5)``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 FAMILIES = ("gpt", "bert")
-LOSSES = ("listwise", "pairwise", "pointwise", "distill")
+LOSSES = ("listwise", "pairwise", "pointwise", "distill", "margin_mse", "ranknet", "lambdarank",
+          "listnet")
+"""megarank.training.losses.LOSSES (the config layer imports nothing above it)."""
+DISTILL_TERMS = ("kl", "margin_mse", "ranknet", "lambdarank", "listnet")
 DECAY_STYLES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -86,6 +90,47 @@ def check_mandatory(cfg: Any) -> None:
     if missing:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(
             f"{name} must be set (e.g. {name}=...)" for name in missing))
+
+
+PEFT_METHODS = ("none", "lora", "qlora")
+PEFT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+def _check_peft(errors: list[str], cfg: Any) -> None:
+    """The peft group: rank, alpha, dropout, targets, and what adapters cannot run with."""
+    pe = cfg.get("peft")
+    if pe is None:
+        return
+    _choice(errors, "peft.method", pe.method, PEFT_METHODS)
+    if pe.method == "none":
+        return
+    if pe.rank < 1:
+        errors.append(f"peft.rank ({pe.rank}) must be >= 1")
+    if not pe.alpha > 0:
+        errors.append(f"peft.alpha ({pe.alpha}) must be positive")
+    if not 0 <= pe.dropout < 1:
+        errors.append(f"peft.dropout ({pe.dropout}) must be in [0, 1)")
+    targets = list(pe.targets)
+    if not targets:
+        errors.append(f"peft.targets is empty: name some of {', '.join(PEFT_TARGETS)}")
+    for t in targets:
+        if t not in PEFT_TARGETS:
+            errors.append(f"peft.targets: {t!r} is not a megatron linear of the model; choose "
+                          f"from {', '.join(PEFT_TARGETS)}")
+    if len(set(targets)) != len(targets):
+        errors.append(f"peft.targets ({targets}) names a linear twice")
+    if cfg.parallel.sequence_parallel:
+        errors.append("peft.method lora/qlora with parallel.sequence_parallel is not supported: "
+                      "the adapters read the full sequence")
+    if cfg.trainer.kernels == "te":
+        errors.append("peft.method lora/qlora runs on megatron's local layers: Transformer "
+                      "Engine fuses the norm into the linear and hides its input from the "
+                      "adapter (set trainer.kernels=auto or local)")
+    if pe.method == "qlora" and not cfg.model.hf_path:
+        errors.append("peft.method qlora quantizes the base as it is read from a Hugging Face "
+                      "model: set model.hf_path")
+    if pe.method == "qlora" and cfg.trainer.precision == "fp16":
+        errors.append("peft.method qlora computes in bf16 or fp32 (trainer.precision), not fp16")
 
 
 def validate(cfg: Any, world_size: int) -> Derived:
@@ -182,8 +227,20 @@ def validate(cfg: Any, world_size: int) -> Derived:
                     f"trainer.micro_batch_size ({tr.micro_batch_size}) * data-parallel size ({dp})"
                 )
 
+    # Data.
+    if cfg.data.prefetch_steps < 0:
+        errors.append(f"data.prefetch_steps ({cfg.data.prefetch_steps}) must be >= 0")
+    try:
+        train_path = str(cfg.data.train_path)
+    except Exception:  # missing: check_mandatory names it
+        train_path = ""
+    if train_path and os.path.isdir(train_path) and not os.path.isfile(
+            os.path.join(train_path, "meta.json")):
+        errors.append(f"data.train_path ({train_path}) is a directory but not a complete "
+                      "prepared dataset (no meta.json); build one with `megarank prepare`")
+
     # Task.
-    if t.loss in ("listwise", "pairwise", "distill") and t.group_size < 2:
+    if t.loss != "pointwise" and t.group_size < 2:
         errors.append(f"task.group_size ({t.group_size}) must be >= 2 for task.loss {t.loss}")
     if t.group_size < 1:
         errors.append(f"task.group_size ({t.group_size}) must be >= 1")
@@ -193,6 +250,12 @@ def validate(cfg: Any, world_size: int) -> Derived:
         errors.append(f"task.teacher_temperature ({t.teacher_temperature}) must be positive")
     if t.distill_weight < 0:
         errors.append(f"task.distill_weight ({t.distill_weight}) must be >= 0")
+    _choice(errors, "task.target", t.target, ("labels", "teacher"))
+    _choice(errors, "task.distill_term", t.distill_term, DISTILL_TERMS)
+    if t.hard_weight < 0:
+        errors.append(f"task.hard_weight ({t.hard_weight}) must be >= 0")
+    if t.hard_weight == 0 and t.distill_weight == 0:
+        errors.append("task.hard_weight and task.distill_weight are both 0: nothing to train")
     if t.prompt_prefix is not None:
         if m.family != "gpt":
             errors.append(f"task.prompt_prefix (a chat prompt) needs a decoder (model.family "
@@ -260,6 +323,8 @@ def validate(cfg: Any, world_size: int) -> Derived:
                           "trainer.eval_interval (or trainer.eval_at_end)")
     if tr.max_nonfinite_steps < 1:
         errors.append(f"trainer.max_nonfinite_steps ({tr.max_nonfinite_steps}) must be >= 1")
+
+    _check_peft(errors, cfg)
 
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))

@@ -24,8 +24,11 @@ max_query_length is cut as text, at the end of its last kept token.)
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -339,11 +342,68 @@ class PairCollator:
             rows = self._chat_rows(queries, docs, query_of_row,
                                    instructions or [None] * len(docs))
         else:
-            query_ids = self._plain(queries, self.max_query_length)
-            # The longest any document can usefully be: the query may be as short as 0 tokens.
-            doc_ids = self._plain(docs, self.max_length - self._fixed)
-            rows = [self._assemble(query_ids[q], d)
-                    for q, d in zip(query_of_row, doc_ids, strict=True)]
+            return self.encode_tokens(self.tokenize_queries(queries),
+                                      self.tokenize_documents(docs), query_of_row, group_size)
+        return self._pad(rows, group_size)
+
+    @property
+    def pretokenizable(self) -> bool:
+        """Whether queries and documents are tokenized apart (encoder and plain decoder
+        layouts), so each text's ids can be computed once and stored (``megarank prepare``).
+        The chat layout tokenizes each pair's text whole and is not."""
+        return not self.chat
+
+    def tokenize_queries(self, queries: Sequence[str]) -> list[list[int]]:
+        """Each query's ids as a pair holds them: no specials, cut to max_query_length."""
+        return self._plain(queries, self.max_query_length)
+
+    def tokenize_documents(self, docs: Sequence[str]) -> list[list[int]]:
+        """Each document's ids, cut to the most any pair can hold (the query may be as short as
+        0 tokens); a pair cuts them further to fit its query."""
+        return self._plain(docs, self.max_length - self._fixed)
+
+    def token_settings(self) -> dict[str, Any]:
+        """What decides the ids of `tokenize_queries` / `tokenize_documents`: the tokenizer
+        (name, class, size and a hash of its full definition) and the truncation settings. A
+        prepared dataset records this and is refused by a collator whose settings differ."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            spec = json.loads(backend.to_str())
+            # Truncation and padding are call-time state (this collator changes them per call).
+            spec.pop("truncation", None)
+            spec.pop("padding", None)
+            text = json.dumps(spec, sort_keys=True)
+        else:
+            text = json.dumps(sorted(self.tokenizer.get_vocab().items()))
+        return {
+            "tokenizer": str(getattr(self.tokenizer, "name_or_path", "")),
+            "tokenizer_class": type(self.tokenizer).__name__,
+            "tokenizer_size": len(self.tokenizer),
+            "tokenizer_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            "kind": self.kind,
+            "template": self.template,
+            "max_length": self.max_length,
+            "max_query_length": self.max_query_length,
+            "document_tokens": self.max_length - self._fixed,
+        }
+
+    def encode_tokens(self, query_ids: Sequence[Sequence[int]], doc_ids: Sequence[Sequence[int]],
+                      query_of_row: Sequence[int], group_size: int,
+                      teacher: Sequence[float] | None = None) -> PairBatch:
+        """The batch of rows whose query is query_ids[query_of_row[i]] and document doc_ids[i],
+        from ids of `tokenize_queries` / `tokenize_documents` (text pairs go through the same
+        assembly); ``teacher``: the rows' teacher scores."""
+        if self.chat:
+            raise ValueError("the chat layout tokenizes each pair whole: encode its texts")
+        rows = [self._assemble(list(query_ids[q]), list(d))
+                for q, d in zip(query_of_row, doc_ids, strict=True)]
+        batch = self._pad(rows, group_size)
+        if teacher is not None:
+            batch = replace(batch, teacher_scores=torch.tensor(teacher, dtype=torch.float32))
+        return batch
+
+    def _pad(self, rows: list[tuple[list[int], list[int]]], group_size: int) -> PairBatch:
+        """Right-pad assembled (ids, token types) rows into a PairBatch."""
         lengths = np.array([len(ids) for ids, _ in rows], dtype=np.int64)  # [N]
         multiple = self.pad_to_multiple_of
         width = -(-int(lengths.max()) // multiple) * multiple

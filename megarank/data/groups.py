@@ -104,6 +104,20 @@ def _sample_negatives(rng: np.random.Generator, num_neg: int, need: int) -> np.n
     return pool[rng.choice(pool.size, size=need, replace=False)]
 
 
+def draw_group(num_pos: int, num_neg: int, index: int, group_size: int, seed: int,
+               epoch: int) -> tuple[int, np.ndarray]:
+    """Which positive and which negatives sample (`index`, `epoch`) takes: (positive index,
+    [group_size - 1] negative indices). The one definition of a group's draw, shared by text
+    records (`make_group`) and prepared datasets (megarank.data.prepared), so both give the
+    same groups for the same seed."""
+    rng = np.random.default_rng([_GROUP_STREAM, seed, epoch, index])
+    p = int(rng.integers(num_pos))
+    need = group_size - 1
+    if not need:
+        return p, np.zeros(0, dtype=np.int64)
+    return p, _sample_negatives(rng, num_neg, need)
+
+
 def make_group(record: TripletRecord, index: int, group_size: int, seed: int, epoch: int) -> Group:
     """Form the group of `record` for sample (`index`, `epoch`), deterministically.
 
@@ -133,19 +147,14 @@ def make_group(record: TripletRecord, index: int, group_size: int, seed: int, ep
             f"{record.source}: record has no negatives, cannot form a group of "
             f"group_size={group_size}"
         )
-    rng = np.random.default_rng([_GROUP_STREAM, seed, epoch, index])
-    p = int(rng.integers(len(record.pos)))
+    if need and len(record.neg) < need:
+        _warn_short_once(
+            f"{record.source}: {len(record.neg)} negatives for group_size - 1 = {need}; "
+            "sampling with replacement (warned once per process; check_records counts them all)"
+        )
+    p, picked = draw_group(len(record.pos), len(record.neg), index, group_size, seed, epoch)
     positive = record.pos[p]
-    negatives: tuple[str, ...] = ()
-    picked = np.zeros(0, dtype=np.int64)
-    if need:
-        if len(record.neg) < need:
-            _warn_short_once(
-                f"{record.source}: {len(record.neg)} negatives for group_size - 1 = {need}; "
-                "sampling with replacement (warned once per process; check_records counts them all)"
-            )
-        picked = _sample_negatives(rng, len(record.neg), need)
-        negatives = tuple(record.neg[int(i)] for i in picked)
+    negatives = tuple(record.neg[int(i)] for i in picked)
     teacher = None
     if record.pos_scores is not None and (record.neg_scores is not None or not need):
         negative_scores = record.neg_scores or ()

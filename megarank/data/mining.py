@@ -30,7 +30,8 @@ import json
 import os
 import sys
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,13 +169,21 @@ def mine(collection: str | Path, out: str | Path, split: str | None = None,
             positives[q] = pos
         else:
             stats.skipped_no_positive.append(q)
-    index = BM25Index(coll.corpus, progress and _is_main())
     ranked: dict[str, list[tuple[str, float]]] = {}
     pos_scores: dict[str, dict[str, float]] = {}
-    for q in tqdm(positives, desc="bm25", unit="query", disable=not (progress and _is_main()),
-                  file=sys.stderr):
-        ranked[q], all_scores = index.top(coll.queries[q], depth)
-        pos_scores[q] = {d: float(all_scores[index.position[d]]) for d in positives[q]}
+    rank, world = _rank_world()
+    if rank == 0:  # under a process group the index is built once, on rank 0, and shared
+        index = BM25Index(coll.corpus, progress and _is_main())
+        for q in tqdm(positives, desc="bm25", unit="query", disable=not (progress and _is_main()),
+                      file=sys.stderr):
+            ranked[q], all_scores = index.top(coll.queries[q], depth)
+            pos_scores[q] = {d: float(all_scores[index.position[d]]) for d in positives[q]}
+    if world > 1:
+        import torch.distributed as dist
+
+        shared = [(ranked, pos_scores)]
+        dist.broadcast_object_list(shared, src=0)
+        ranked, pos_scores = shared[0]
     if rescore is not None:
         keys = _pairs_to_score(ranked, positives)
         ranked, pos_scores = _resorted(ranked, positives,
@@ -203,7 +212,8 @@ def mine(collection: str | Path, out: str | Path, split: str | None = None,
 
 def dense_rescorer(model_dir: str | Path, batch_size: int = 64, progress: bool = True) -> Rescorer:
     """Cosine similarity under a sentence-transformers embedding model (a bi-encoder such as
-    all-MiniLM-L6-v2), as FlagEmbedding mines with an embedder."""
+    all-MiniLM-L6-v2), as FlagEmbedding mines with an embedder. Under a process group each
+    text is embedded once, by one rank (see `embed_once`)."""
     from sentence_transformers import SentenceTransformer
 
     # device=None: sentence-transformers picks CUDA when there is one.
@@ -211,16 +221,78 @@ def dense_rescorer(model_dir: str | Path, batch_size: int = 64, progress: bool =
 
     def encode(texts: list[str]) -> np.ndarray:
         return embedder.encode(texts, batch_size=batch_size, normalize_embeddings=True,
-                               convert_to_numpy=True, show_progress_bar=progress and _is_main())
+                               convert_to_numpy=True, show_progress_bar=False)
 
     def rescore(coll: Collection, keys: list[tuple[str, str]]) -> list[float]:
         docids = list(dict.fromkeys(d for _, d in keys))
         qids = list(dict.fromkeys(q for q, _ in keys))
-        doc_vecs = dict(zip(docids, encode([coll.corpus[d] for d in docids]), strict=True))
-        query_vecs = dict(zip(qids, encode([coll.queries[q] for q in qids]), strict=True))
+        doc_vecs = dict(zip(docids, embed_once([coll.corpus[d] for d in docids], encode,
+                                               batch_size, progress, "embed documents"),
+                            strict=True))
+        query_vecs = dict(zip(qids, embed_once([coll.queries[q] for q in qids], encode,
+                                               batch_size, progress, "embed queries"),
+                              strict=True))
         return [float(query_vecs[q] @ doc_vecs[d]) for q, d in keys]
 
     return rescore
+
+
+def embed_once(texts: list[str], encode: Callable[[list[str]], np.ndarray], batch_size: int,
+               progress: bool = False, desc: str = "embed") -> np.ndarray:
+    """[len(texts), dim] embeddings, each text embedded once across the ranks.
+
+    The texts are cut into batches by length (longest first, ties by position: similar lengths
+    pad little) and the batches dealt round robin to the ranks, which all-gather the results.
+    One process embeds the very same batches, so its output is identical to any number of
+    ranks' (a batch's padding can change an embedding in its last bits; the batches never
+    change). Without a process group this process embeds them all.
+    """
+    order = sorted(range(len(texts)), key=lambda i: (-len(texts[i]), i))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rank, world = _rank_world()
+    mine = {b: encode([texts[i] for i in batches[b]])
+            for b in tqdm(range(rank, len(batches), world), desc=desc, unit="batch",
+                          disable=not (progress and _is_main()), file=sys.stderr)}
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list[dict[int, np.ndarray]] = [{} for _ in range(world)]
+        dist.all_gather_object(gathered, mine)
+        mine = {b: v for part in gathered for b, v in part.items()}
+    if not texts:
+        return np.zeros((0, 0), dtype=np.float32)
+    out = np.empty((len(texts), mine[0].shape[1]), dtype=mine[0].dtype)
+    for b, rows in enumerate(batches):
+        out[rows] = mine[b]
+    return out
+
+
+def _rank_world() -> tuple[int, int]:
+    """(rank, world size) of the process group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextmanager
+def process_group() -> Iterator[None]:
+    """A gloo process group for the block under torchrun (WORLD_SIZE > 1) when none is up, so
+    mining's ranks share the work; nothing in a plain process."""
+    import torch
+    import torch.distributed as dist
+
+    from megarank.parallel.runtime import init_distributed
+
+    owns = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if owns:
+        init_distributed(torch.device("cpu"))
+    try:
+        yield
+    finally:
+        if owns:
+            dist.destroy_process_group()
 
 
 def _pairs_to_score(ranked: dict[str, list[tuple[str, float]]],

@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -135,15 +135,27 @@ def read_triplets(path: str | Path, max_records: int | None = None) -> list[Trip
         FileNotFoundError: `path` does not exist.
         DataFormatError: a malformed line or a file with no records (``"path:lineno: ..."``).
     """
+    return list(iter_triplets(path, max_records))
+
+
+def iter_triplets(path: str | Path, max_records: int | None = None,
+                  on_line: Callable[[int], None] | None = None) -> Iterator[TripletRecord]:
+    """The records of `read_triplets`, one at a time (a file of any size in constant memory).
+
+    `on_line(nbytes)` is called after every line read (progress reporting). Errors are those of
+    `read_triplets`, raised when the generator reaches the bad line.
+    """
     path = Path(path)
     if max_records is not None and max_records < 1:
         raise ValueError(f"max_records must be >= 1 or None, got {max_records}")
     if not path.is_file():
         raise FileNotFoundError(errno.ENOENT, "triplet file not found", str(path))
-    records: list[TripletRecord] = []
+    count = 0
     lineno = 0
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            if on_line is not None:
+                on_line(len(raw))
             # Decode per line so that a bad byte is reported with its line number; utf-8-sig on
             # line 1 strips the BOM some Windows editors write.
             try:
@@ -158,13 +170,13 @@ def read_triplets(path: str | Path, max_records: int | None = None) -> list[Trip
                 raise DataFormatError(
                     path, lineno, f"malformed JSON: {e.msg} (column {e.colno})"
                 ) from e
-            records.append(_parse_record(obj, path, lineno))
-            if max_records is not None and len(records) >= max_records:
-                break
-    if not records:
+            yield _parse_record(obj, path, lineno)
+            count += 1
+            if max_records is not None and count >= max_records:
+                return
+    if not count:
         # Line 1 is where the first record was expected; keeps the "path:lineno: " contract.
         raise DataFormatError(path, 1, f"file holds no records ({lineno} lines, all blank)")
-    return records
 
 
 def read_pairs(path: str | Path) -> list[tuple[str, str]] | list[tuple[str, str, str | None]]:

@@ -1,5 +1,7 @@
 """The evaluation report: the first stage and the reranked run measured by ir-measures on the same
-queries, megarank's own metrics as a cross-check, the table, and the files.
+queries, megarank's own metrics as a cross-check, the table, and the files. With a teacher (a
+sentence-transformers bi-encoder, the one ``megarank mine --retriever dense`` takes its teacher
+scores from), its ranking of the same candidates is a third row.
 
 Both rows are measured on the order of ``megarank.data.ranking.rank_documents`` (equal scores
 pessimistically: a tie never favours a relevant document), and the TREC run written ranks by
@@ -17,11 +19,12 @@ from typing import Any
 import ir_measures
 
 from megarank.data.beir import write_trec_run
-from megarank.data.ranking import Qrels, Run, ranks_as_scores
+from megarank.data.ranking import Qrels, Run, build_run, ranks_as_scores
 from megarank.eval.metrics import mean_metrics
-from megarank.eval.rerank import RerankTask
+from megarank.eval.rerank import RerankTask, with_tail
 
 RUN_FILE, METRICS_FILE, RUN_TAG = "run.megarank.trec", "metrics.json", "megarank"
+TEACHER_RUN_FILE, TEACHER_TAG = "run.teacher.trec", "teacher"
 
 # ir-measures name -> megarank.eval.metrics name (cross-check) and table heading.
 _OWN_NAME = {"nDCG": "NDCG", "RR": "MRR", "R": "Recall", "AP": "MAP"}
@@ -54,10 +57,40 @@ def compute_metrics(run: Run, qrels: Qrels, top_k: int) -> tuple[dict[str, float
     return table, gap
 
 
-def summarise(task: RerankTask, reranked: Run, model: str) -> dict[str, Any]:
-    """The metrics.json record: both rows, the inputs, and the query accounting."""
+def check_teacher(teacher: str | Path) -> Path:
+    """The teacher's directory, or ValueError naming it: a sentence-transformers model directory
+    (a name that is not a directory would be looked up on a model hub)."""
+    path = Path(teacher)
+    if not path.is_dir():
+        raise ValueError(f"--teacher {teacher}: not a directory (a sentence-transformers model "
+                         "directory, e.g. all-MiniLM-L6-v2)")
+    return path
+
+
+def teacher_run(task: RerankTask, teacher: str | Path, batch_size: int = 64,
+                progress: bool = False) -> Run:
+    """The task's candidates ranked by the teacher: the cosine similarity of a
+    sentence-transformers bi-encoder (``megarank.data.mining.dense_rescorer``, the scores the
+    main job distils), with the first stage's tail kept below them as for the model."""
+    from megarank.data.mining import dense_rescorer
+
+    keys = task.pairs()
+    scores = dense_rescorer(check_teacher(teacher), batch_size, progress)(
+        task.collection, keys) if keys else []
+    return with_tail(build_run(keys, scores, task.candidates), task.tail)
+
+
+def summarise(task: RerankTask, reranked: Run, model: str, teacher: Run | None = None,
+              teacher_model: str | None = None) -> dict[str, Any]:
+    """The metrics.json record: the first stage's and the model's rows (and the teacher's when
+    given), the inputs, and the query accounting."""
     first, gap_first = compute_metrics(task.first_stage, task.qrels, task.depth)
     mega, gap_mega = compute_metrics(reranked, task.qrels, task.depth)
+    extra: dict[str, Any] = {}
+    gap_teacher = 0.0
+    if teacher is not None:
+        extra["teacher"], gap_teacher = compute_metrics(teacher, task.qrels, task.depth)
+        extra["teacher_model"] = teacher_model
     return {
         "model": model,
         "collection": str(task.collection.root),
@@ -73,7 +106,8 @@ def summarise(task: RerankTask, reranked: Run, model: str) -> dict[str, Any]:
         "pairs": sum(len(d) for d in task.candidates.values()),
         "first_stage": first,
         "megarank": mega,
-        "cross_check_max_abs_diff": max(gap_first, gap_mega),
+        **extra,
+        "cross_check_max_abs_diff": max(gap_first, gap_mega, gap_teacher),
     }
 
 
@@ -84,21 +118,30 @@ def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     os.replace(tmp, path)
 
 
-def write_report(out_dir: str | Path, reranked: Run, qrels: Qrels, result: dict[str, Any]) -> None:
-    """``run.megarank.trec`` (ranked by the rule the metrics use), then ``metrics.json``."""
+def write_report(out_dir: str | Path, reranked: Run, qrels: Qrels, result: dict[str, Any],
+                 teacher: Run | None = None) -> None:
+    """``run.megarank.trec`` (ranked by the rule the metrics use), ``run.teacher.trec`` with a
+    teacher, then ``metrics.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # The run file first: whatever happens next, the scores are kept.
+    # The run files first: whatever happens next, the scores are kept.
     _write_atomic(out / RUN_FILE, lambda p: write_trec_run(reranked, p, RUN_TAG, qrels))
+    if teacher is not None:
+        _write_atomic(out / TEACHER_RUN_FILE,
+                      lambda p: write_trec_run(teacher, p, TEACHER_TAG, qrels))
     _write_atomic(out / METRICS_FILE, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """First stage vs megarank as a plain-text table, with the query accounting under it."""
+    """First stage vs megarank (vs the teacher, when measured) as a plain-text table, with the
+    query accounting under it."""
     cols = list(result["first_stage"])
     header = [_renamed(c, _HEADING) for c in cols]
     rows = {f"first stage ({Path(result['first_stage_run']).name})": result["first_stage"],
             "megarank": result["megarank"]}
+    if "teacher" in result:
+        teacher = Path(result["teacher_model"])
+        rows[f"teacher ({teacher.parent.name}/{teacher.name})"] = result["teacher"]
     width = max(len(n) for n in rows) + 2
     lines = ["".ljust(width) + "".join(h.rjust(10) for h in header)]
     for name, m in rows.items():

@@ -31,7 +31,7 @@ from megarank.eval.rerank import HeldOutEval
 from megarank.models.build import padded_vocab_size
 from megarank.parallel.megatron import async_save_queue, build_optimizer, weights_are_finite
 from megarank.parallel.runtime import Runtime
-from megarank.stage import Stage, build_stage
+from megarank.stage import Stage, build_stage, peft_enabled
 from megarank.training.flops import mfu, peak_tflops
 from megarank.training.logs import MetricsLog, setup_logging
 from megarank.training.setup import build_data, resolve_output_dir
@@ -73,11 +73,12 @@ def _train(stage: Stage, latest: Path | None, resume_notes: list[str],
     optimizer, scheduler = build_optimizer(cfg, model)
     state = {"step": 0, "consumed_samples": 0}
     rng_restored = True
+    if cfg.model.init_from and (latest is None or peft_enabled(cfg)):
+        # A LoRA run's checkpoints hold adapters and head: its base always comes from here.
+        load_model_weights(cfg.model.init_from, model, part="base")
     if latest is not None:
         state = load_checkpoint(latest, model, optimizer, scheduler, rt)
         rng_restored = state.pop("rng_restored")
-    elif cfg.model.init_from:
-        load_model_weights(cfg.model.init_from, model)
     if rt.is_main:
         write_contract(out, stage.contract)
 
@@ -123,6 +124,9 @@ def _train(stage: Stage, latest: Path | None, resume_notes: list[str],
                     world_size=rt.world_size, device_name=device_name(rt.device))
     stop = StopSignal()
     meta = {"config": resolved, "layout": derived.__dict__}
+    if peft_enabled(cfg):
+        # The frozen base a LoRA checkpoint needs beside it (absent: the checkpoint holds it).
+        meta["base_weights"] = cfg.model.init_from or cfg.model.hf_path
 
     def maybe_evaluate(step: int, record: dict[str, Any], final: bool) -> None:
         due = (tr.eval_interval and step % tr.eval_interval == 0) or (final and tr.eval_at_end)
@@ -210,6 +214,7 @@ def _train(stage: Stage, latest: Path | None, resume_notes: list[str],
             queue.maybe_finalize_async_calls(blocking=False)
         stats = reduce_step_stats(losses, counters, rt, stop.requested)
         window.add(stats)
+        window.data_wait += batches.take_wait()
         state = {"step": step, "consumed_samples": state["consumed_samples"] + tr.global_batch_size}
         log.advance()
 
@@ -228,6 +233,7 @@ def _train(stage: Stage, latest: Path | None, resume_notes: list[str],
             log.log(record)
             log.close()
             stop.restore()
+            batches.close()
             raise NonFiniteError(
                 f"step {step}: {health['in_a_row']} steps in a row with a non-finite loss or "
                 f"gradient (trainer.max_nonfinite_steps={tr.max_nonfinite_steps}); stopping. "
@@ -243,6 +249,7 @@ def _train(stage: Stage, latest: Path | None, resume_notes: list[str],
         queue.maybe_finalize_async_calls(blocking=True)
         queue.close()
     stop.restore()
+    batches.close()
     log.close()
     return record
 
@@ -259,6 +266,8 @@ class Window:
     real_tokens: float = 0.0
     padded_tokens: float = 0.0
     flops: float = 0.0
+    data_wait: float = 0.0
+    """Seconds the steps waited for their micro-batches (the background prefetch's misses)."""
     t0: float = field(default_factory=time.perf_counter)
 
     def add(self, stats: dict[str, float]) -> None:
@@ -280,6 +289,7 @@ class Window:
             "padded_tokens_per_s": self.padded_tokens / elapsed,
             "padding_fraction": 1.0 - self.real_tokens / max(self.padded_tokens, 1.0),
             "tflops_per_device": per_gpu / 1e12,
+            "data_wait_s": self.data_wait / self.steps,
         }
         if self.device_name is not None:
             found = mfu(per_gpu, self.device_name)

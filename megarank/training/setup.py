@@ -3,6 +3,7 @@ directory and this data-parallel rank's stream of micro-batches."""
 
 from __future__ import annotations
 
+import copy
 import datetime
 from pathlib import Path
 
@@ -12,9 +13,18 @@ from omegaconf import DictConfig
 from megarank.config.validate import ConfigError
 from megarank.data.collate import PairCollator
 from megarank.data.groups import GroupDataset
+from megarank.data.prefetch import Prefetcher
+from megarank.data.prepared import (
+    TokenGroupDataset,
+    collate_token_groups,
+    is_prepared,
+    load_jsonl,
+    open_prepared,
+)
 from megarank.data.sampler import GroupSampler
 from megarank.data.triplets import read_triplets
 from megarank.parallel.runtime import Runtime
+from megarank.training.losses import needs_teacher as _needs_teacher
 
 
 def resolve_output_dir(cfg: DictConfig, rt: Runtime) -> Path:
@@ -33,23 +43,52 @@ def resolve_output_dir(cfg: DictConfig, rt: Runtime) -> Path:
 
 
 def build_data(cfg: DictConfig, rt: Runtime, collator: PairCollator, consumed_samples: int):
-    """The training groups and an endless iterator of this DP rank's micro-batches."""
-    records = read_triplets(cfg.data.train_path, cfg.data.max_records)
-    if cfg.task.loss == "distill" or cfg.task.distill_weight > 0:
-        for r in records:
-            if r.pos_scores is None or (r.neg and r.neg_scores is None):
-                raise ConfigError(
-                    f"{r.source}: record has no teacher scores (pos_scores/neg_scores), which "
-                    f"task.loss={cfg.task.loss} with task.distill_weight={cfg.task.distill_weight} "
-                    "needs; mine them with `megarank mine --retriever dense|model`")
-    dataset = GroupDataset(records, cfg.task.group_size, cfg.trainer.seed)
+    """The training groups and an endless iterator of this DP rank's micro-batches (a
+    `Prefetcher`: ``data.prefetch_steps`` steps of them are made ahead on a background thread).
+
+    ``data.train_path`` is a prepared dataset directory (``megarank prepare``; memory-mapped) or
+    a triplet JSONL, which is prepared in memory the same way, so both give the same batches.
+    Only the chat layout (task=qwen3_reranker), which tokenizes each pair whole, takes JSONL
+    records as text.
+    """
+    path = Path(cfg.data.train_path)
+    group_size, seed = cfg.task.group_size, cfg.trainer.seed
+    needs_teacher = _needs_teacher(cfg.task.loss, cfg.task.target, cfg.task.distill_weight)
+    if is_prepared(path) or collator.pretokenizable:
+        data = open_prepared(path) if is_prepared(path) else load_jsonl(
+            path, collator, cfg.data.max_records)
+        data.check_settings(collator)
+        dataset = TokenGroupDataset(data, group_size, seed, cfg.data.max_records)
+        missing = dataset.first_without_teacher() if needs_teacher else None
+
+        def collate(items):
+            return collate_token_groups(collator, data, (dataset[i, e] for i, e in items))
+    else:
+        records = read_triplets(path, cfg.data.max_records)
+        missing = next((r.source for r in records if r.pos_scores is None
+                        or (r.neg and r.neg_scores is None)), None) if needs_teacher else None
+        dataset = None
+        # The worker thread tokenizes with its own tokenizer: the loop's evaluation uses this
+        # one meanwhile, and a call sets the tokenizer's truncation state.
+        text_collator = copy.deepcopy(collator) if cfg.data.prefetch_steps else collator
+
+        def collate(items):
+            return text_collator([dataset[i, e] for i, e in items])
+    if missing is not None:
+        raise ConfigError(
+            f"{missing}: record has no teacher scores (pos_scores/neg_scores), which "
+            f"task.loss={cfg.task.loss} with task.distill_weight={cfg.task.distill_weight} "
+            "needs; mine them with `megarank mine --retriever dense|model`")
+    if dataset is None:
+        dataset = GroupDataset(records, group_size, seed)
     sampler = GroupSampler(
-        len(dataset), cfg.trainer.micro_batch_size, rt.dp_rank, rt.dp_size, cfg.trainer.seed,
+        len(dataset), cfg.trainer.micro_batch_size, rt.dp_rank, rt.dp_size, seed,
         consumed_samples=consumed_samples,
     )
 
     def micro_batches():
         for items in sampler:
-            yield collator([dataset[i, e] for i, e in items])
+            yield collate(items)
 
-    return dataset, micro_batches()
+    num_microbatches = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * rt.dp_size)
+    return dataset, Prefetcher(micro_batches(), cfg.data.prefetch_steps * num_microbatches)

@@ -57,7 +57,8 @@ def _loss_func(group_size: int, task: Any, teacher: torch.Tensor | None,
         teacher = teacher.view(-1, group_size)
     per_group = group_loss(scores.float().view(-1, group_size), task.loss, task.temperature,
                            task.margin, teacher, task.distill_weight,
-                           task.teacher_temperature)  # [B]
+                           task.teacher_temperature, target=task.target,
+                           hard_weight=task.hard_weight, distill_term=task.distill_term)  # [B]
     loss = per_group.mean()
     # megatron divides `loss` in place by num_microbatches: report a detached copy.
     return loss, {"loss": loss.detach().clone()}

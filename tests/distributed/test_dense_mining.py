@@ -1,0 +1,69 @@
+"""``megarank mine --retriever dense`` under torchrun: every text is embedded once across the
+ranks, the BM25 index is built once, and the triplets are byte-identical to one process's."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from megarank.data.beir import candidates, load_collection, read_trec_run
+from tests.conftest import data_dir, run_module
+
+pytestmark = pytest.mark.distributed
+
+ROOT = data_dir("cranfield")
+
+
+def _small_collection(tmp_path, n_queries=8, depth=40):
+    """A BEIR folder of `n_queries` Cranfield train queries over their shipped BM25 top `depth`
+    and their judged documents: a few hundred documents, embedded in seconds."""
+    coll = load_collection(ROOT)
+    run = read_trec_run(ROOT / "run.bm25.trec")
+    qids = coll.split_qids("train")[:n_queries]
+    keep = {d for q in qids for d in candidates(run, q, depth)} | {
+        d for q in qids for d in coll.qrels[q]}
+    root = tmp_path / "small"
+    root.mkdir()
+    with open(ROOT / "corpus.jsonl") as src, open(root / "corpus.jsonl", "w") as dst:
+        dst.writelines(line for line in src if json.loads(line)["_id"] in keep)
+    with open(root / "queries.jsonl", "w") as f:
+        f.writelines(json.dumps({"_id": q, "text": coll.queries[q]}) + "\n" for q in qids)
+    with open(root / "qrels.tsv", "w") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        f.writelines(f"{q}\t{d}\t{r}\n" for q in qids for d, r in coll.qrels[q].items())
+    (root / "split.json").write_text(json.dumps({"train": qids, "test": []}))
+    return root, {coll.queries[q] for q in qids}
+
+
+def _mine(tmp_path, root, name, nproc):
+    out, report = tmp_path / f"{name}.jsonl", tmp_path / name
+    report.mkdir()
+    run_module("tests.distributed.dense_mining_worker", [root, out, report], nproc=nproc,
+               timeout=600)
+    ranks = [json.loads((report / f"rank{r}.json").read_text()) for r in range(nproc)]
+    return out, ranks
+
+
+def test_dense_mining_embeds_each_document_once_across_two_ranks(tmp_path):
+    root, queries = _small_collection(tmp_path)
+    one_out, (one,) = _mine(tmp_path, root, "one", 1)
+    two_out, ranks = _mine(tmp_path, root, "two", 2)
+
+    def docs(report):
+        return [t for t in report["texts"] if t not in queries]
+
+    single = Counter(docs(one))
+    assert len(single) > 40 and max(single.values()) == 1  # one process: each text once
+    per_rank = [Counter(docs(r)) for r in ranks]
+    assert all(len(c) > 0.3 * len(single) for c in per_rank)  # both ranks did a share
+    assert not set(per_rank[0]) & set(per_rank[1])            # no text embedded twice
+    assert per_rank[0] + per_rank[1] == single                # and every text by someone
+    all_queries = Counter(t for r in ranks for t in r["texts"] if t in queries)
+    assert set(all_queries) == queries and max(all_queries.values()) == 1
+    # BM25: indexed once, on rank 0.
+    assert [r["indexes"] for r in ranks] == [one["indexes"], []]
+    assert two_out.read_bytes() == one_out.read_bytes()
+    rows = [json.loads(line) for line in one_out.read_text().splitlines()]
+    assert len(rows) == 8 and all(len(r["neg_scores"]) == 6 for r in rows)
