@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 import statistics
 import time
 
@@ -56,8 +58,8 @@ def synthetic_batches(n: int, groups: int, group_size: int, seq: int, vocab: int
     return out
 
 
-def run(args, head: str, full_vocab: bool) -> dict:
-    """Train ``args.steps`` steps; return the measured row."""
+def run(args, head: str, full_vocab: bool, extra: tuple[str, ...] = ()) -> dict:
+    """Train ``args.steps`` steps; return the measured row. ``extra``: more overrides (LoRA)."""
     import megarank.models.build as build
     from megarank.config import compose
     from megarank.models.heads import YesNoHead
@@ -71,12 +73,13 @@ def run(args, head: str, full_vocab: bool) -> dict:
                  f"trainer.recompute={args.recompute}",
                  # The data is synthetic: the tokenizer only names the yes/no rows of the head,
                  # so the shipped one serves (a hub tokenizer needs a network the GPU may lack).
-                 f"model.tokenizer={args.tokenizer}"]
+                 f"model.tokenizer={args.tokenizer}", *extra]
     build.YesNoHead = _full_vocab_head_class() if full_vocab else YesNoHead
     try:
         # Validates the config for this world (WORLD_SIZE) and brings up the runtime; random
         # weights (no model.hf_path).
-        stage = build_stage(compose(overrides), load_hf=False, device=args.device)
+        stage = build_stage(compose(overrides), load_hf=any("hf_path" in o for o in extra),
+                            device=args.device)
     finally:
         build.YesNoHead = YesNoHead
     with stage:
@@ -151,6 +154,9 @@ def main() -> None:
     ap.add_argument("--tokenizer", default="${asset:tokenizers/bert-uncased}",
                     help="only names the yes/no rows; default: the tokenizer megarank ships")
     ap.add_argument("--smoke", action="store_true", help="tiny model, CPU, fp32: check the script")
+    ap.add_argument("--lora", action="store_true",
+                    help="also LoRA r=16 and QLoRA r=16 (NF4 through bitsandbytes) rows, "
+                         "classifier head; QLoRA's base is written as a random HF directory")
     args = ap.parse_args()
     if args.smoke:
         args.model, args.precision, args.seq, args.steps, args.warmup = "gpt_tiny", "fp32", 64, 2, 1
@@ -158,9 +164,25 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     rows = []
-    for head, full in (("classifier", False), ("yes_no", False), ("yes_no", True)):
+    cases = [("classifier", False, ()), ("yes_no", False, ()), ("yes_no", True, ())]
+    if args.lora:
+        import tempfile
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from benchmarks.lora_memory import _random_hf
+
+        tmp = tempfile.mkdtemp()
+        hf = _random_hf(args, Path(tmp))
+        cases += [("classifier", False, ("peft=lora", "peft.rank=16", "peft.alpha=32")),
+                  ("classifier", False, ("peft=qlora", "peft.rank=16", "peft.alpha=32",
+                                         "model=hf", f"model.hf_path={hf}",
+                                         f"model.tokenizer={args.tokenizer}"))]
+    for head, full, extra in cases:
         try:
-            rows.append(run(args, head, full))
+            row = run(args, head, full, extra)
+            if extra:
+                row["head"] = f"{head} + {extra[0].split('=')[1]} r=16"
+            rows.append(row)
         except torch.OutOfMemoryError as e:  # the full-vocab layer may not fit: that is a result
             rows.append({"head": f"{head}{' full-vocab' if full else ''}", "error": str(e)[:80]})
         finally:

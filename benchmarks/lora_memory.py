@@ -142,7 +142,7 @@ def main() -> None:
     for name, r in rows:
         state = r["grads"] + r["optimizer"]
         print(f"| {name} | {r['trainable']:,} ({r['trainable'] / ref['params']:.2%} of full) | "
-              f"{r['grads'] / gib:.3f} | {r['optimizer'] / gib:.3f} | {r['weights'] / gib:.3f} | "
+              f"{r['grads'] / gib:.4f} | {r['optimizer'] / gib:.4f} | {r['weights'] / gib:.4f} | "
               f"{r['peak_rss'] / gib:.2f} | {r['step_s']:.2f} | "
               f"{state / (ref['grads'] + ref['optimizer']):.4f} | "
               f"{r['peak_rss'] / ref['peak_rss']:.3f} |")

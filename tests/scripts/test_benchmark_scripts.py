@@ -20,15 +20,29 @@ from tests.conftest import REPO, data_dir
 
 
 def test_gpu_decoder_benchmark_smoke():
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_decoder.py", "--smoke"], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_decoder.py", "--smoke", "--lora"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| head | step s | pairs/s")
     heads = [r.split("|")[1].strip() for r in rows[1:]]
-    assert heads == ["classifier", "yes_no", "full-vocab output layer"]
+    assert heads == ["classifier", "yes_no", "full-vocab output layer",
+                     "classifier + lora r=16", "classifier + qlora r=16"]
     for r in rows[1:]:
         assert float(r.split("|")[3]) > 0  # pairs/s
+
+
+def test_lora_memory_benchmark_smoke():
+    proc = subprocess.run([sys.executable, "benchmarks/lora_memory.py", "--smoke"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
+    assert [r[1].strip() for r in rows] == ["full fine-tune", "LoRA r=16", "LoRA r=64",
+                                            "QLoRA r=16"]
+    state = [float(r[8]) for r in rows]  # gradient + optimizer bytes against full fine-tuning
+    assert state[0] == 1.0 and 0 < state[1] < state[2] < 0.5 and state[3] == state[1]
+    weights = [float(r[5]) for r in rows]
+    assert weights[3] < weights[1]  # the 4-bit base
 
 
 @pytest.mark.distributed

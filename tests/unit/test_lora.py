@@ -231,3 +231,40 @@ def test_qlora_stores_the_base_4bit_and_trains(tmp_path):
     with megarank.load_scorer(run) as scorer:  # the base re-read and re-quantized, then adapters
         again = torch.tensor(scorer.score(pairs))
     assert (again - scores["qlora"]).abs().max() > 1e-4  # trained
+
+
+def test_qwen3_reranker_lora_adapter_scores_as_peft(tmp_path):
+    # The yes/no head (score = logit(yes) - logit(no) at the last token) with LoRA: the head is
+    # the vocabulary and stays frozen; the adapter loads onto the HF causal LM.
+    from transformers import AutoModelForCausalLM
+
+    from tests.parity.hf_tiny import save_qwen3_reranker
+
+    base_dir = save_qwen3_reranker(tmp_path)
+    run = tmp_path / "run"
+    _train(run, base_dir, 4, extra=["task=qwen3_reranker", "task.group_size=4",
+                                    "data.max_length=192", "data.max_query_length=24"])
+    pairs = _pairs(6)
+    with megarank.load_scorer(run) as scorer:
+        trained = torch.tensor(scorer.score(pairs))
+        batch = scorer.stage.collator.encode_pairs(pairs)
+        yes, no = scorer.stage.contract.yes_token_id, scorer.stage.contract.no_token_id
+    held = set(CheckpointTensors(run / "checkpoints" / "step_0000004"))
+    assert held and all(".lora." in n for n in held)  # nothing of the head or vocabulary
+
+    def yes_no(model):
+        with torch.no_grad():
+            logits = model.eval()(input_ids=batch.input_ids,
+                                  attention_mask=batch.attention_mask).logits
+        last = logits[torch.arange(len(pairs)), batch.pool_index]
+        return (last[:, yes] - last[:, no]).float()
+
+    base_scores = yes_no(AutoModelForCausalLM.from_pretrained(base_dir))
+    assert (trained - base_scores).abs().max() > 1e-3
+    adapter = megarank.convert_to_hf(run, tmp_path / "adapter", adapter=True)
+    assert json.loads((adapter / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter)
+    torch.testing.assert_close(yes_no(peft_model), trained, atol=TOL, rtol=0)
+    merged = megarank.convert_to_hf(run, tmp_path / "merged")
+    torch.testing.assert_close(yes_no(AutoModelForCausalLM.from_pretrained(merged)), trained,
+                               atol=TOL, rtol=0)
