@@ -92,6 +92,7 @@ def _train(stage: Stage, latest: Path | None, resume_notes: list[str],
 
     log = MetricsLog(rt, out, tr.max_steps, state["step"], tr.progress_bar, cfg.logging, resolved)
     n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.write(
         f"world {derived.world_size} = tp {derived.tp} x pp {derived.pp} x dp {derived.dp}; "
         f"{derived.num_microbatches} micro-batches of {tr.micro_batch_size} groups x "
@@ -99,7 +100,8 @@ def _train(stage: Stage, latest: Path | None, resume_notes: list[str],
     )
     log.write(describe_fusions(model, optimizer, rt))
     log.write(
-        f"model {cfg.model.name}: {n_params:,} parameters on this rank (padded vocab "
+        f"model {cfg.model.name}: {n_params:,} parameters on this rank, {n_trainable:,} "
+        f"trained{'' if cfg.peft.method == 'none' else ' (' + cfg.peft.method + ')'} (padded vocab "
         f"{padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by)}); "
         f"{len(dataset)} training groups from {cfg.data.train_path}; output in {out}"
     )

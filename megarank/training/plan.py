@@ -281,6 +281,38 @@ def layer_params(m: Any, tp: int) -> int:
     return n
 
 
+def adapter_params(cfg: Any, tp: int) -> int:
+    """LoRA parameters of one layer on one TP rank (``peft``): per HF projection, A [r, in] and
+    B [out, r], the column-parallel B and row-parallel A split over TP."""
+    from megarank.models.lora import PARALLEL, projections
+
+    r, total = int(cfg.peft.rank), 0
+    for target in cfg.peft.targets:
+        parts, _ = projections(target, cfg.model)
+        for p in parts:
+            if PARALLEL[target] == "column":
+                total += r * p.in_features + p.out_features // tp * r
+            else:
+                total += r * p.in_features // tp + p.out_features * r
+    return total
+
+
+def linear_weights(m: Any, tp: int) -> int:
+    """Weights (not biases) of one layer's four linears on one TP rank: what QLoRA stores 4-bit."""
+    h, nq, nkv, d, ffn = _geometry(m)
+    fc1 = ffn * (2 if m.gated_linear_unit else 1)
+    return (h * (nq + 2 * nkv) * d + nq * d * h + h * fc1 + ffn * h) // tp
+
+
+def head_params(cfg: Any) -> int:
+    """Trainable head parameters of the last stage (the classifier; a yes/no head is the
+    vocabulary)."""
+    m, h = cfg.model, int(cfg.model.hidden_size)
+    if cfg.task.head == "yes_no":
+        return 0
+    return h * h + h + h + 1 if m.family == "bert" else h
+
+
 def stage_params(cfg: Any, tp: int, pp: int, stage: int) -> int:
     """Parameters of pipeline stage ``stage`` on one of its TP ranks, as megarank builds it."""
     m = cfg.model
@@ -615,9 +647,20 @@ def plan_memory(cfg: Any, world_size: int, device: str | None = None) -> MemoryP
         in_flight = min(d.num_microbatches, d.pp - r)
         outputs = 0 if r == d.pp - 1 else int(in_flight * sequences * length * hs * width)
         params = stage_params(cfg, d.tp, d.pp, r)
-        optim = params * (8 if tr.precision == "fp32" else 12)
+        weights, trained = params * width, params
+        if cfg.peft.method != "none":
+            # LoRA: the base is frozen; adapters (and the classifier head) train.
+            adapters = layers * adapter_params(cfg, d.tp)
+            trained = adapters + (head_params(cfg) if r == d.pp - 1 and cfg.peft.train_head
+                                  else 0)
+            params += adapters
+            weights = params * width
+            if cfg.peft.method == "qlora":  # NF4: two weights a byte, in place of `width`
+                base = layers * linear_weights(m, d.tp)
+                weights -= base * width - base // 2
+        optim = trained * (8 if tr.precision == "fp32" else 12)
         stages.append(StagePlan(
-            stage=r, layers=layers, params=params, weights=params * width, grads=params * FP32,
+            stage=r, layers=layers, params=params, weights=weights, grads=trained * FP32,
             optim_plain=optim, optim_distributed=int(math.ceil(optim / d.dp)),
             saved_per_micro_batch=saved, working_set=working, in_flight=in_flight,
             pipeline_outputs=outputs,

@@ -72,6 +72,26 @@ def test_model_state_equals_the_tensors(planned_and_measured):
     assert per_param == (18 if plan.precision == "bf16" else 16), name
 
 
+@pytest.mark.parametrize("name, overrides", [
+    ("gpt-lora-bf16", ["model=gpt_tiny", "peft=lora", "peft.rank=8", "trainer.precision=bf16"]),
+    ("bert-lora", ["model=bert_tiny", "peft=lora", "peft.rank=4",
+                   "peft.targets=[linear_qkv,linear_fc2]"]),
+])
+def test_lora_model_state_equals_the_tensors(name, overrides):
+    # Gradients and optimizer state for the adapters and head only; the frozen base's weights.
+    cfg = [*SHAPE, *overrides]
+    plan = plan_memory(compose(cfg), 1, device="cpu")
+    with build_stage(compose(cfg), load_hf=False) as stage:
+        m = measure_stage(stage)
+    s = plan.stages[0]
+    assert (s.params, s.weights, s.grads, s.optim_plain) == (
+        m.params, m.weights, m.grads, m.optimizer), name
+    assert m.grads < 0.2 * m.weights * (4 / 2 if "bf16" in name else 1), name
+    # Activations: the frozen linears keep less than full fine-tuning's; the plan counts full
+    # fine-tuning's terms, an upper bound here.
+    assert m.saved <= s.saved_per_micro_batch[plan.recompute], name
+
+
 def test_activations_within_their_tolerance(planned_and_measured):
     name, plan, m = planned_and_measured
     s, mode = plan.stages[0], plan.recompute
