@@ -238,3 +238,25 @@ def test_embed_once_embeds_each_text_once_in_length_batches():
     assert sorted(seen) == sorted(texts) and len(calls) == 7
     assert [len(b[0]) for b in calls] == sorted((len(b[0]) for b in calls), reverse=True)
     np.testing.assert_array_equal(out, encode(texts))
+
+
+def test_chat_prompts_read_jsonl_as_text_and_cannot_be_prepared(tmp_path):
+    from tests.parity.hf_tiny import save_qwen3_reranker
+
+    hf = save_qwen3_reranker(tmp_path / "q3r")
+    overrides = ["model=hf", f"model.hf_path={hf}", "task=qwen3_reranker", "task.group_size=4",
+                 "data.max_length=128", "trainer.micro_batch_size=2",
+                 "trainer.global_batch_size=2", f"data.train_path={CRANFIELD}"]
+    cfg, collator = _collator(overrides)
+    assert not collator.pretokenizable
+    with pytest.raises(PreparedError, match="chat prompt"):
+        prepare([CRANFIELD], tmp_path / "prep", collator, progress=False)
+    assert not (tmp_path / "prep").exists()
+    records = read_triplets(CRANFIELD)
+    reference = GroupDataset(records, 4, cfg.trainer.seed)
+    sampler = iter(GroupSampler(len(records), 2, 0, 1, cfg.trainer.seed))
+    _, batches = build_data(cfg, _runtime(0, 1), collator, 0)  # prefetched, own tokenizer copy
+    for _ in range(5):
+        want = collator([reference[i, e] for i, e in next(sampler)])
+        assert torch.equal(want.input_ids, next(batches).input_ids)
+    batches.close()
