@@ -61,7 +61,8 @@ class Scorer:
 
         self.stage = stage
         """The model stage: config, runtime, tokenizer, contract, collator, model."""
-        self._scorer = PairScorer(stage.collator, batch_size)
+        d = stage.cfg.data  # FirstP or MaxP (data.passages)
+        self._scorer = PairScorer(stage.collator, batch_size, d.passages, d.passage_stride)
 
     def score(self, pairs: Sequence[tuple[str, str]], progress: bool = False) -> list[float]:
         """The score of every (query text, document text) pair, in order."""
@@ -239,7 +240,8 @@ def evaluate_model(model: str | Path, collection: str | Path | RerankTask, *,
         if task.empty:
             logger.info(f"{len(task.empty)} judged queries have no candidate in "
                         f"{task.run_path}: they count as 0 in both rows")
-        reranked = rerank(task, stage.model, rt, stage.collator, batch_size)
+        reranked = rerank(task, stage.model, rt, stage.collator, batch_size,
+                          passages=stage.cfg.data.passages, stride=stage.cfg.data.passage_stride)
         result = summarise(task, reranked, str(model), teacher_ranked,
                            None if teacher is None else str(teacher))
         if rt.is_main:

@@ -12,6 +12,7 @@ format is described in ``megarank.data.prepared``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megarank.api import prepare_data
@@ -26,6 +27,9 @@ def main() -> None:
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("overrides", nargs="*", help="hydra overrides for the model and data")
     args = ap.parse_args()
+    # Texts are tokenized in batches of thousands: the fast tokenizer spreads each batch over
+    # every core (its Rust thread pool) unless told otherwise. This process forks nothing.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     try:
         stats = prepare_data(args.input, args.out, args.overrides, not args.no_progress)
     except (ValueError, OSError) as e:

@@ -197,6 +197,12 @@ class DataConfig:
     """Tokens kept of the query before the document is fitted."""
     pad_to_multiple_of: int = 8
     """Dynamic padding per micro-batch is rounded up to this."""
+    passages: str = "first"
+    """How evaluation and scoring read a document longer than a pair holds: ``first`` (FirstP:
+    its first data.max_length tokens) or ``max`` (MaxP: windows of it, each scored with the
+    query, the best window's score is the document's). Training reads the first window."""
+    passage_stride: int | None = None
+    """MaxP: tokens between window starts; None: half a window."""
     prefetch_steps: int = 2
     """Steps of micro-batches made ahead on a background thread while a step runs; 0: each is
     made when the step asks for it. The wait shows as ``data_wait_s`` in metrics.jsonl."""

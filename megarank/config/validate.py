@@ -228,6 +228,12 @@ def validate(cfg: Any, world_size: int) -> Derived:
                 )
 
     # Data.
+    _choice(errors, "data.passages", cfg.data.passages, ("first", "max"))
+    if cfg.data.passage_stride is not None and cfg.data.passage_stride < 1:
+        errors.append(f"data.passage_stride ({cfg.data.passage_stride}) must be >= 1")
+    if cfg.data.passages == "max" and cfg.task.prompt_prefix is not None:
+        errors.append("data.passages=max needs query and document tokenized apart; a chat "
+                      "prompt (task.prompt_prefix) tokenizes each pair whole")
     if cfg.data.prefetch_steps < 0:
         errors.append(f"data.prefetch_steps ({cfg.data.prefetch_steps}) must be >= 0")
     try:

@@ -362,6 +362,14 @@ class PairCollator:
         0 tokens); a pair cuts them further to fit its query."""
         return self._plain(docs, self.max_length - self._fixed)
 
+    def full_documents(self, docs: Sequence[str]) -> list[list[int]]:
+        """Each document's ids, uncut (for MaxP windows)."""
+        return self._plain(docs)
+
+    def document_budget(self, query_ids: Sequence[int]) -> int:
+        """The most document tokens a pair with this query holds."""
+        return self.max_length - self._fixed - len(query_ids)
+
     def token_settings(self) -> dict[str, Any]:
         """What decides the ids of `tokenize_queries` / `tokenize_documents`: the tokenizer
         (name, class, size and a hash of its full definition) and the truncation settings. A

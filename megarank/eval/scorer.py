@@ -49,15 +49,61 @@ def score_batches(model: torch.nn.Module, rt: Runtime, batches: list[PairBatch])
     return out.cpu()
 
 
-class PairScorer:
-    """Tokenizes pairs with a collator and scores them, identically on every rank."""
+def windows(ids: list[int], size: int, stride: int) -> list[list[int]]:
+    """``ids`` cut into windows of ``size`` tokens, one starting every ``stride`` tokens, the
+    last one ending at the end (one window, possibly empty, when ``ids`` fits)."""
+    if len(ids) <= size:
+        return [ids]
+    starts = list(range(0, len(ids) - size + 1, stride))
+    if starts[-1] + size < len(ids):
+        starts.append(len(ids) - size)
+    return [ids[s:s + size] for s in starts]
 
-    def __init__(self, collator: PairCollator, batch_size: int) -> None:
+
+class PairScorer:
+    """Tokenizes pairs with a collator and scores them, identically on every rank.
+
+    ``passages="max"`` (MaxP) scores every window of a long document with its query and keeps
+    the best; ``"first"`` (FirstP) scores the first window only (the collator's truncation).
+    """
+
+    def __init__(self, collator: PairCollator, batch_size: int, passages: str = "first",
+                 stride: int | None = None) -> None:
+        if passages not in ("first", "max"):
+            raise ValueError(f"passages must be first or max, got {passages!r}")
+        if passages == "max" and not collator.pretokenizable:
+            raise ValueError("passages=max needs query and document tokenized apart; a chat "
+                             "prompt tokenizes each pair whole")
         self.collator, self.batch_size = collator, batch_size
+        self.passages, self.stride = passages, stride
 
     def score(self, model: torch.nn.Module, rt: Runtime,
               pairs: list[tuple[str, str]]) -> torch.Tensor:
         """Scores [len(pairs)] (float32, CPU) of (query text, document text) pairs."""
+        if self.passages == "max":
+            return self._max_over_windows(model, rt, pairs)
         batches = [self.collator.encode_pairs(pairs[i:i + self.batch_size])
                    for i in range(0, len(pairs), self.batch_size)]
         return score_batches(model, rt, batches)
+
+    def _max_over_windows(self, model: torch.nn.Module, rt: Runtime,
+                          pairs: list[tuple[str, str]]) -> torch.Tensor:
+        c = self.collator
+        slot: dict[str, int] = {}
+        query_of_pair = [slot.setdefault(p[0], len(slot)) for p in pairs]
+        query_ids = c.tokenize_queries(list(slot))
+        rows, owner = [], []  # (query, window) rows, and the pair each belongs to
+        for i, (q, doc) in enumerate(zip(query_of_pair, c.full_documents([p[1] for p in pairs]),
+                                         strict=True)):
+            size = c.document_budget(query_ids[q])
+            for w in windows(doc, size, self.stride or max(1, size // 2)):
+                rows.append((q, w))
+                owner.append(i)
+        batches = []
+        for i in range(0, len(rows), self.batch_size):
+            part = rows[i:i + self.batch_size]
+            batches.append(c.encode_tokens(query_ids, [w for _, w in part],
+                                           [q for q, _ in part], 1))
+        scores = score_batches(model, rt, batches)
+        best = torch.full((len(pairs),), float("-inf"))
+        return best.scatter_reduce(0, torch.tensor(owner), scores, reduce="amax")

@@ -25,6 +25,7 @@ def test_quickstart_reduced(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "cranfield BM25" in proc.stdout and "cisi megarank" in proc.stdout
+    assert "cisi teacher" in proc.stdout
 
     # mined with the dense retriever: every record carries the teacher scores distill trains on
     records = read_triplets(out / "data" / "train_triplets.jsonl")
@@ -36,6 +37,11 @@ def test_quickstart_reduced(tmp_path):
     lines = (out / "train" / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(x)["step"] for x in lines]
     assert steps[-1] == 4
+    # LoRA (the default): the run's checkpoint holds adapters and head, its base the import
+    from megarank.checkpoint.stream import CheckpointTensors
+
+    held = set(CheckpointTensors(out / "train" / "checkpoints" / latest))
+    assert held and all(".lora." in n or n.startswith("head.") for n in held)
     weights = load_file(out / "hf" / "model.safetensors")
     assert "classifier.weight" in weights
     for f in ("config.json", "tokenizer.json", "scoring.json"):
@@ -49,7 +55,9 @@ def test_quickstart_reduced(tmp_path):
         assert metrics["pairs"] <= 5 * metrics["queries"]["evaluated"]
         assert all(len(d) <= 100 for d in run.values()) and metrics["depth"] == 100
         assert metrics["megarank"]["R@100"] == metrics["first_stage"]["R@100"]
-        for row in ("BM25", "megarank"):
+        # the teacher ranks the same candidates (its run file beside megarank's)
+        assert (out / "eval" / name / "run.teacher.trec").is_file()
+        for row in ("BM25", "megarank", "teacher"):
             m = results["table"][f"{name} {row}"]
             assert set(m) == {"NDCG@10", "MRR@10", "Recall@100"}
             assert all(0.0 <= v <= 1.0 for v in m.values())

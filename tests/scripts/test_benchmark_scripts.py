@@ -80,3 +80,14 @@ def test_vs_sentence_transformers_benchmark_smoke(tmp_path):
         r = report["rows"][key]
         assert len(r["loss"]) == 2 and r["pairs_per_s_whole"] > 0
         assert 0 <= r["cranfield"]["NDCG@10"] <= 1
+
+
+def test_data_scale_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/data_scale.py", "--smoke", "--repeats",
+                           "1", "--steps", "3", "--workdir", str(tmp_path / "w")], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [
+        ("200", "prepared"), ("200", "JSONL"), ("2,000", "prepared"), ("2,000", "JSONL")]
+    assert all(float(r[6]) > 0 for r in rows)  # start-up seconds
