@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up on a fresh machine, then run the test suite (CPU, gloo): everything, ~27 minutes on 2
-# cores; `bash launch/test.sh tests/unit` is the fast tier (in-process only, ~1 minute).
+# Set up on a fresh machine, then run the test suite (CPU, gloo): everything, ~37 minutes on 2
+# cores; `bash launch/test.sh tests/unit` is the fast tier (in-process only, ~2-3 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
