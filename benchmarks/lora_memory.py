@@ -41,7 +41,6 @@ def _overrides(args) -> list[str]:
 
 def worker(args, extra: list[str], hf_dir: str | None) -> dict:
     """One row: build, measure one step, time ``args.steps`` more."""
-    import torch
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megarank.config import compose

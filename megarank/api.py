@@ -161,7 +161,7 @@ def convert_to_hf(checkpoint: str | Path, out: str | Path, *, as_classifier: boo
     from megarank.checkpoint.stream import CheckpointTensors
     from megarank.parallel.megatron import DTYPES
     from megarank.parallel.runtime import init_distributed
-    from megarank.stage import saved_contract, world_size
+    from megarank.stage import peft_enabled, saved_contract, world_size
 
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -169,7 +169,7 @@ def convert_to_hf(checkpoint: str | Path, out: str | Path, *, as_classifier: boo
     cfg, tokenizer, contract = saved_contract(path)
     ids = (contract.yes_token_id, contract.no_token_id) if contract.head == "yes_no" else None
     tensors: Any = CheckpointTensors(path)
-    lora = cfg.peft.method != "none"
+    lora = peft_enabled(cfg)
     if adapter and not lora:
         raise ValueError(f"{path}: --adapter needs a LoRA checkpoint (peft.method lora), this "
                          "one trained every weight")

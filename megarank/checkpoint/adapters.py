@@ -243,8 +243,11 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], list[str]]:
 
 def adapter_targets(adapter_dir: str | Path, cfg: Any) -> list[str]:
     """The megatron linears (peft.targets) an adapter's HF modules belong to."""
+    from safetensors import safe_open
+
     rules = [r for r in rules_for(cfg.model) if r.ours.endswith(".weight")]
-    keys = load_file(Path(adapter_dir) / ADAPTER_WEIGHTS)
+    with safe_open(Path(adapter_dir) / ADAPTER_WEIGHTS, framework="pt") as f:
+        keys = list(f.keys())  # the names only: no tensor is read
     targets: set[str] = set()
     for key in keys:
         if ".lora_A." not in key:
@@ -272,11 +275,10 @@ def load_adapter(adapter_dir: str | Path, model: torch.nn.Module, cfg: Any,
     parts). Projections the adapter does not cover keep B = 0. ``whole_model``: this stage is
     the whole model (no pipeline split), so every tensor of the adapter must find its place.
     Returns the HF keys used."""
+    from megarank.checkpoint.dist import innermost
     from megarank.models.lora import adapters
 
-    inner = model
-    while hasattr(inner, "module"):
-        inner = inner.module
+    inner = innermost(model)
     tensors = load_file(Path(adapter_dir) / ADAPTER_WEIGHTS)
     rules = rules_for(cfg.model)
     used: list[str] = []

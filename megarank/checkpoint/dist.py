@@ -48,7 +48,8 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def _innermost(model: torch.nn.Module) -> torch.nn.Module:
+def innermost(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP and Float16Module (the CrossEncoder stage)."""
     while hasattr(model, "module"):
         model = model.module
     return model
@@ -63,7 +64,7 @@ def model_state(model: torch.nn.Module, part: str = "saved") -> dict[str, Any]:
     Otherwise both are the whole model.
     """
     sd = _unwrap(model).sharded_state_dict()
-    inner = _innermost(model)
+    inner = innermost(model)
     if not getattr(inner, "frozen_base_external", False):
         return sd
     if part == "saved":
@@ -79,7 +80,7 @@ def model_state(model: torch.nn.Module, part: str = "saved") -> dict[str, Any]:
 
 def _whole(model: torch.nn.Module) -> bool:
     """Whether a checkpoint of ``model`` holds all of its weights (strict loading)."""
-    return not getattr(_innermost(model), "frozen_base_external", False)
+    return not getattr(innermost(model), "frozen_base_external", False)
 
 
 def _rng_object(rt: Runtime, state: Any) -> ShardedObject:

@@ -191,24 +191,22 @@ def _with_adapter_state(linear: torch.nn.Module, adapter: LoraAdapter):
     return sharded_state_dict
 
 
-def transformer_layers(model: torch.nn.Module) -> Iterator[tuple[str, int, torch.nn.Module]]:
-    """(stage-local name, global index, layer) of this stage's transformer layers."""
-    backbone = model.backbone
-    block = backbone.decoder if hasattr(backbone, "decoder") else backbone.encoder
-    block_name = "backbone.decoder" if hasattr(backbone, "decoder") else "backbone.encoder"
-    for i, layer in enumerate(block.layers):
-        yield f"{block_name}.layers.{i}", layer.layer_number - 1, layer
+def transformer_layers(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+    """(global name, layer) of this stage's transformer layers: the name carries the layer's
+    index in the whole model (``backbone.decoder.layers.5`` on a later pipeline stage)."""
+    name = "decoder" if hasattr(model.backbone, "decoder") else "encoder"
+    for layer in getattr(model.backbone, name).layers:
+        yield f"backbone.{name}.layers.{layer.layer_number - 1}", layer
 
 
 def adapters(model: torch.nn.Module) -> Iterator[tuple[str, str, LoraAdapter]]:
     """(global linear name, target, adapter) of every adapter on this stage."""
-    for _, index, layer in transformer_layers(model):
-        block = "backbone.decoder" if hasattr(model.backbone, "decoder") else "backbone.encoder"
+    for layer_name, layer in transformer_layers(model):
         for target, owner in _OWNER.items():
             linear = getattr(getattr(layer, owner), target, None)
             adapter = getattr(linear, ADAPTER, None) if linear is not None else None
             if isinstance(adapter, LoraAdapter):
-                yield f"{block}.layers.{index}.{owner}.{target}", target, adapter
+                yield f"{layer_name}.{owner}.{target}", target, adapter
 
 
 def add_adapters(model: torch.nn.Module, cfg: Any, tp_rank: int, tp_size: int) -> int:
@@ -225,15 +223,14 @@ def add_adapters(model: torch.nn.Module, cfg: Any, tp_rank: int, tp_size: int) -
     groups = m.num_query_groups or heads
     geometry = (groups, heads // groups, m.head_dim or m.hidden_size // heads)
     dtype = next(model.parameters()).dtype
-    for _, index, layer in transformer_layers(model):
-        block = "backbone.decoder" if hasattr(model.backbone, "decoder") else "backbone.encoder"
+    for layer_name, layer in transformer_layers(model):
         for target in pe.targets:
             owner = getattr(layer, _OWNER[target])
             linear = getattr(owner, target)
             parts, layout = projections(target, m)
             adapter = LoraAdapter(PARALLEL[target], parts, layout, pe.rank, pe.alpha,
                                   pe.dropout, tp_rank, tp_size, geometry, dtype)
-            name = f"{block}.layers.{index}.{_OWNER[target]}.{target}"
+            name = f"{layer_name}.{_OWNER[target]}.{target}"
             for i, p in enumerate(parts):
                 a = initial_a(f"{name}.{ADAPTER}.a{i}", (pe.rank, p.in_features),
                               cfg.trainer.seed)
@@ -268,7 +265,6 @@ class QuantizedWeight(torch.nn.Module):
         packed, self.quant_state = bnbf.quantize_4bit(weight.detach().float().contiguous(),
                                                       blocksize=64, quant_type="nf4")
         self.register_buffer("packed", packed, persistent=False)
-        self.shape = tuple(weight.shape)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         import bitsandbytes as bnb
@@ -308,7 +304,7 @@ def quantize_base(model: torch.nn.Module) -> int:
         raise ValueError("peft.method=qlora stores the base 4-bit through bitsandbytes, which is "
                          "not installed (pip install 'megarank[qlora]')")
     total = 0
-    for _, _, layer in transformer_layers(model):
+    for _, layer in transformer_layers(model):
         for target, owner in _OWNER.items():
             linear = getattr(getattr(layer, owner), target, None)
             if linear is None or getattr(linear, "weight", None) is None:

@@ -102,7 +102,7 @@ def _train(stage: Stage, latest: Path | None, resume_notes: list[str],
     log.write(describe_fusions(model, optimizer, rt))
     log.write(
         f"model {cfg.model.name}: {n_params:,} parameters on this rank, {n_trainable:,} "
-        f"trained{'' if cfg.peft.method == 'none' else ' (' + cfg.peft.method + ')'} (padded vocab "
+        f"trained{' (' + cfg.peft.method + ')' if peft_enabled(cfg) else ''} (padded vocab "
         f"{padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by)}); "
         f"{len(dataset)} training groups from {cfg.data.train_path}; output in {out}"
     )
