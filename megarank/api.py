@@ -292,12 +292,16 @@ def mine_triplets(collection: str | Path, out: str | Path, *, split: str | None 
                   retriever: str = "bm25", model: str | Path | None = None, depth: int = 100,
                   skip_top: int = 0, negatives: int = 15, margin: float | None = None,
                   seed: int = 0, batch_size: int = 64, overrides: Sequence[str] = (),
-                  progress: bool = True) -> MineStats:
+                  progress: bool = True, pseudo_queries: int = 0,
+                  fuse_bm25: float = 0.0) -> MineStats:
     """Write FlagEmbedding triplets with hard negatives for a collection's judged queries.
 
     ``retriever``: ``bm25`` (candidates as they are), ``model`` (re-sorted by a megarank
     checkpoint or export at ``model``, whose scores become teacher scores) or ``dense`` (by a
-    sentence-transformers embedder's cosine). See ``megarank.data.mining`` for the rules.
+    sentence-transformers embedder's cosine). ``pseudo_queries``: also that many documents'
+    first sentences as queries, labelled by that teacher; ``fuse_bm25``: the weight of BM25 in a
+    fused teacher. See ``megarank.data.mining`` for the
+    rules.
     """
     from megarank.data.mining import RETRIEVERS, dense_rescorer, mine, process_group
 
@@ -308,10 +312,11 @@ def mine_triplets(collection: str | Path, out: str | Path, *, split: str | None 
     if retriever == "dense":  # under torchrun: BM25 on rank 0, each text embedded once
         with process_group():
             return mine(collection, out, split, dense_rescorer(model, batch_size, progress),
-                        depth, skip_top, negatives, margin, seed, progress)
+                        depth, skip_top, negatives, margin, seed, progress, pseudo_queries,
+                        fuse_bm25)
     if retriever == "bm25":
         return mine(collection, out, split, None, depth, skip_top, negatives, margin, seed,
-                    progress)
+                    progress, pseudo_queries, fuse_bm25)
     scorer: Scorer | None = None
 
     def rescore(coll: Any, keys: list[tuple[str, str]]) -> list[float]:
@@ -322,7 +327,7 @@ def mine_triplets(collection: str | Path, out: str | Path, *, split: str | None 
 
     try:
         return mine(collection, out, split, rescore, depth, skip_top, negatives, margin, seed,
-                    progress)
+                    progress, pseudo_queries, fuse_bm25)
     finally:
         if scorer is not None:
             scorer.close()

@@ -2,14 +2,17 @@
 
     megarank mine --collection BEIR_DIR --out triplets.jsonl [--split train]
         [--retriever bm25|model|dense] [--model MODEL_DIR] [--depth 100] [--skip-top 0]
-        [--negatives 15] [--margin none|FLOAT] [--seed 0] [--batch-size 64] [hydra overrides]
+        [--negatives 15] [--margin none|FLOAT] [--seed 0] [--batch-size 64]
+        [--pseudo-queries N] [--fuse-bm25 W] [hydra overrides]
 
 Candidates are BM25's top ``depth``, re-sorted by a megarank reranker (``--retriever model``,
 under torchrun in any layout) or by a sentence-transformers embedder's cosine (``--retriever
 dense``); skip the top ``skip-top``, drop judged positives (and with ``--margin`` near-positives)
 and draw ``negatives`` per query, deterministically by seed. The model and dense retrievers
 write their scores as FlagEmbedding's ``pos_scores``/``neg_scores`` (teacher scores for
-``task.loss=distill``). The rules are in ``megarank.data.mining``; this is
+``task.loss=distill``). ``--pseudo-queries N`` adds N documents' first sentences (titles) as
+queries, each labelled by that teacher with its source document left out; ``--fuse-bm25 W``
+mixes BM25 into the teacher's scores (weight W, per query, on the teacher's scale). The rules are in ``megarank.data.mining``; this is
 ``megarank.mine_triplets`` on the command line.
 """
 
@@ -58,6 +61,11 @@ def main() -> None:
                     help="drop candidates scoring above (lowest positive - margin); none: off")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=64, help="pairs per forward pass (model)")
+    ap.add_argument("--pseudo-queries", type=int, default=0,
+                    help="also this many documents' first sentences as queries, labelled by the "
+                         "teacher (--retriever dense|model); 0: judged queries only")
+    ap.add_argument("--fuse-bm25", type=float, default=0.0,
+                    help="weight of BM25 in a fused teacher (0: the teacher alone)")
     ap.add_argument("overrides", nargs="*", help="hydra overrides for the model")
     args = ap.parse_args()
     try:
@@ -65,12 +73,15 @@ def main() -> None:
                               retriever=args.retriever, model=args.model, depth=args.depth,
                               skip_top=args.skip_top, negatives=args.negatives,
                               margin=args.margin, seed=args.seed, batch_size=args.batch_size,
-                              overrides=args.overrides)
+                              overrides=args.overrides, pseudo_queries=args.pseudo_queries,
+                              fuse_bm25=args.fuse_bm25)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"megarank mine: {e}") from None
     _note(f"wrote {stats.written} triplets to {args.out}; skipped "
           f"{len(stats.skipped_no_positive)} queries without a relevant document; "
-          f"{len(stats.short)} have fewer than {args.negatives} negatives")
+          f"{len(stats.short)} have fewer than {args.negatives} negatives"
+          + (f"; {stats.pseudo_written} of the triplets are pseudo-queries' "
+             f"({len(stats.skipped_pseudo)} had no candidate)" if args.pseudo_queries else ""))
 
 
 if __name__ == "__main__":

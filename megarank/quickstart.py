@@ -94,6 +94,9 @@ def main() -> None:
     ap.add_argument("--retriever", default="dense", choices=("dense", "bm25"),
                     help="how the triplets are mined (dense also writes the teacher scores)")
     ap.add_argument("--negatives", type=int, default=31, help="negatives mined per query")
+    ap.add_argument("--pseudo-queries", type=int, default=0,
+                    help="per collection, this many documents' titles as extra training "
+                         "queries, labelled by the teacher (megarank mine --pseudo-queries)")
     ap.add_argument("--embedder", default=EMBEDDER,
                     help="the dense retriever/teacher: a sentence-transformers model directory, "
                          "or a path inside an installed package")
@@ -109,6 +112,10 @@ def main() -> None:
                     help="lora (default): train LoRA adapters and the head, the encoder frozen; "
                          "none: fine-tune every weight")
     ap.add_argument("--lora-rank", type=int, default=16, help="--peft lora: rank (alpha = 2 x rank)")
+    ap.add_argument("--fuse-bm25", type=float, default=0.0,
+                    help="weight of BM25 in the teacher's scores (megarank mine --fuse-bm25)")
+    ap.add_argument("--no-teacher", action="store_true",
+                    help="leave out the teacher's row (saves its embedding time)")
     ap.add_argument("--keep-data", action="store_true",
                     help="reuse OUT's mined triplets and imported encoder when they are there")
     args = ap.parse_args()
@@ -121,13 +128,21 @@ def main() -> None:
 
     if args.loss == "distill" and args.retriever != "dense":
         ap.error("--loss distill needs the teacher scores of --retriever dense")
+    if (args.pseudo_queries or args.fuse_bm25) and args.retriever != "dense":
+        ap.error("--pseudo-queries and --fuse-bm25 need the teacher of --retriever dense")
     # 1. Triplets: both collections' train splits, mined, then one file.
     triplets = out / "data" / "train_triplets.jsonl"
     mined = []
     embedder = args.embedder if Path(args.embedder).is_dir() else _package(args.embedder)
     extra = ["--model", embedder] if args.retriever == "dense" else []
+    if args.pseudo_queries:
+        extra += ["--pseudo-queries", str(args.pseudo_queries)]
+    if args.fuse_bm25:
+        extra += ["--fuse-bm25", str(args.fuse_bm25)]
+    pseudo = (f"_pseudo{args.pseudo_queries}" if args.pseudo_queries else "") + (
+        f"_fuse{args.fuse_bm25}" if args.fuse_bm25 else "")
     for name in COLLECTIONS:
-        path = out / "data" / f"{name}_train_{args.retriever}.jsonl"
+        path = out / "data" / f"{name}_train_{args.retriever}{pseudo}.jsonl"
         if args.keep_data and path.is_file():
             mined.append(path.read_text(encoding="utf-8"))
             continue
@@ -173,7 +188,8 @@ def main() -> None:
         timings[f"evaluate {name}"] = _run([
             "megarank.evaluate", "--model", str(out / "hf"), "--collection",
             str(ASSETS / "collections" / name), "--split", "test", "--top-k", str(args.top_k),
-            "--depth", str(max(args.depth, args.top_k)), "--teacher", embedder,
+            "--depth", str(max(args.depth, args.top_k)),
+            *([] if args.no_teacher else ["--teacher", embedder]),
             "--out", str(out / "eval" / name),
         ], nproc=args.nproc, log=out / f"evaluate_{name}.log")
         results[name] = json.loads((out / "eval" / name / "metrics.json").read_text())

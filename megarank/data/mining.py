@@ -17,6 +17,22 @@ embedder). Then, in rank order:
 4. ``negatives`` of what is left are drawn without replacement by a numpy Generator seeded from
    ``(seed, query id)``, so one query's draw does not depend on the others, and kept in rank order.
 
+**Pseudo-queries** (``pseudo=N``, ``--pseudo-queries N``; needs a teacher, i.e. the model
+or dense retriever): ~150 judged training queries are few, and the corpus holds thousands of
+unjudged documents. N documents are drawn (seeded), and each one's first sentence (its title, in a
+titled collection) becomes a query, the inverse-cloze way. The source document itself is left out
+of its candidates, since it contains its own title and would teach nothing but copying. The
+teacher's best remaining candidate is the positive, and the negatives are drawn from the rest as
+above, all with the teacher's scores: the GPL recipe (a teacher labels in-domain pseudo-queries)
+with the title as the query generator. Only documents are read, never the collection's queries or
+judgements, so every split's queries stay unseen.
+
+**A fused teacher** (``fuse_bm25=w``, ``--fuse-bm25 w``): the teacher's score of each candidate
+becomes a mix of its own and BM25's, per query, as a retriever ensemble fuses them: both are
+standardised over the query's scored documents, mixed as (1 - w) z_teacher + w z_bm25, and put
+back on the teacher's scale (its mean and spread over those documents), so that
+``task.teacher_temperature`` keeps its meaning. Candidates are then sorted by the fused score.
+
 The output is FlagEmbedding JSONL ``{"query", "pos", "neg"}`` (plus ``pos_scores``/``neg_scores``
 with the model's scores for ``--retriever model|dense``: teacher scores for ``task.loss=distill``
 or ``task.distill_weight``), written atomically; the same inputs and seed
@@ -26,8 +42,10 @@ data.eval_collection=BEIR_DIR``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import sys
 import zlib
 from collections.abc import Callable, Iterator
@@ -106,6 +124,48 @@ class MineStats:
     """Queries without a document judged relevant: no triplet."""
     short: list[str] = field(default_factory=list)
     """Queries written with fewer negatives than asked for."""
+    pseudo_written: int = 0
+    """Of ``written``, the pseudo-queries' triplets."""
+    skipped_pseudo: list[str] = field(default_factory=list)
+    """Pseudo-queries without any candidate besides their source document: no triplet."""
+
+
+PSEUDO_PREFIX = "pseudo:"
+"""Query id of the pseudo-query made from document d: ``pseudo:<d>``."""
+PSEUDO_MIN_WORDS, PSEUDO_MAX_WORDS = 3, 32
+_SENTENCE_END = re.compile(r"(?<=[.?!])\s+")
+
+
+def first_sentence(text: str) -> str:
+    """A document's first sentence (its title, for a titled collection's ``document_text``),
+    without end punctuation, cut to ``PSEUDO_MAX_WORDS`` words."""
+    sentence = _SENTENCE_END.split(text.strip(), maxsplit=1)[0].strip().rstrip(" .?!")
+    return " ".join(sentence.split()[:PSEUDO_MAX_WORDS])
+
+
+def pseudo_queries(corpus: dict[str, str], n: int, seed: int) -> dict[str, tuple[str, str]]:
+    """{pseudo qid: (query text, source docid)} for ``n`` documents drawn without replacement by
+    a Generator seeded from ``seed`` (all of them when the corpus has no more), in corpus order.
+
+    A first sentence of under ``PSEUDO_MIN_WORDS`` words, or one met before, makes no query,
+    so there can be fewer than ``n``.
+    """
+    if n < 0:
+        raise ValueError(f"--pseudo-queries must be >= 0, got {n}")
+    docids = list(corpus)
+    if n < len(docids):
+        chosen = np.random.default_rng([seed, zlib.crc32(b"pseudo-queries")]).choice(
+            len(docids), size=n, replace=False)
+        docids = [docids[i] for i in sorted(chosen.tolist())]
+    out: dict[str, tuple[str, str]] = {}
+    seen: set[str] = set()
+    for d in docids:
+        text = first_sentence(corpus[d])
+        if len(text.split()) < PSEUDO_MIN_WORDS or text.lower() in seen:
+            continue
+        seen.add(text.lower())
+        out[PSEUDO_PREFIX + d] = (text, d)
+    return out
 
 
 def _query_rng(seed: int, qid: str) -> np.random.Generator:
@@ -150,18 +210,35 @@ def split_queries(coll: Collection, split: str | None) -> list[str]:
 def mine(collection: str | Path, out: str | Path, split: str | None = None,
          rescore: Rescorer | None = None, depth: int = 100, skip_top: int = 0,
          negatives: int = 15, margin: float | None = None, seed: int = 0,
-         progress: bool = True) -> MineStats:
+         progress: bool = True, pseudo: int = 0, fuse_bm25: float = 0.0) -> MineStats:
     """Write the triplet file ``out`` (rank 0) and return what happened to the queries.
 
     Candidates are BM25's top ``depth``; with ``rescore`` (a reranker's or an embedder's scores)
     the candidates and positives are re-sorted by its scores, which are written as
-    ``pos_scores``/``neg_scores``.
+    ``pos_scores``/``neg_scores``. ``pseudo``: that many pseudo-queries' triplets follow the
+    judged queries' (see the module docstring). ``fuse_bm25``: the weight of BM25 in a fused
+    teacher (module docstring).
     """
     if depth < 1 or skip_top < 0 or negatives < 1:
         raise ValueError(f"need depth >= 1, skip-top >= 0, negatives >= 1; got {depth}, "
                          f"{skip_top}, {negatives}")
+    if not 0.0 <= fuse_bm25 <= 1.0:
+        raise ValueError(f"--fuse-bm25 must be in [0, 1], got {fuse_bm25}")
+    if fuse_bm25 and rescore is None:
+        raise ValueError("--fuse-bm25 mixes BM25 into a teacher's scores: --retriever dense or "
+                         "--retriever model")
+    if pseudo and rescore is None:
+        raise ValueError("--pseudo-queries needs a teacher to label them: --retriever dense or "
+                         "--retriever model")
     coll = load_collection(collection)
     qids = split_queries(coll, split)
+    made = pseudo_queries(coll.corpus, pseudo, seed) if pseudo else {}
+    if clash := sorted(set(made) & set(coll.queries)):
+        raise ValueError(f"{coll.root / 'queries.jsonl'}: query id {clash[0]!r} is taken by a "
+                         "pseudo-query's id; rename it or mine without --pseudo-queries")
+    if made:
+        coll = dataclasses.replace(coll, queries={**coll.queries,
+                                                  **{p: t for p, (t, _) in made.items()}})
     stats = MineStats()
     positives = {}
     for q in qids:
@@ -178,6 +255,10 @@ def mine(collection: str | Path, out: str | Path, split: str | None = None,
                       file=sys.stderr):
             ranked[q], all_scores = index.top(coll.queries[q], depth)
             pos_scores[q] = {d: float(all_scores[index.position[d]]) for d in positives[q]}
+        for p, (text, src) in made.items():  # the source and its copies are no candidates
+            top, _ = index.top(text, depth + 1)
+            ranked[p] = [(d, s) for d, s in top
+                         if d != src and coll.corpus[d] != coll.corpus[src]][:depth]
     if world > 1:
         import torch.distributed as dist
 
@@ -185,9 +266,19 @@ def mine(collection: str | Path, out: str | Path, split: str | None = None,
         dist.broadcast_object_list(shared, src=0)
         ranked, pos_scores = shared[0]
     if rescore is not None:
-        keys = _pairs_to_score(ranked, positives)
-        ranked, pos_scores = _resorted(ranked, positives,
-                                       build_run(keys, rescore(coll, keys), ranked))
+        unlabelled = {**positives, **dict.fromkeys(made, [])}
+        keys = _pairs_to_score(ranked, unlabelled)
+        scores = rescore(coll, keys)
+        if fuse_bm25:
+            bm25 = {q: {**dict(ranked[q]), **pos_scores.get(q, {})} for q in ranked}
+            scores = fused_scores(keys, scores, [bm25[q][d] for q, d in keys], fuse_bm25)
+        ranked, pos_scores = _resorted(ranked, unlabelled, build_run(keys, scores, ranked))
+    for p in made:  # the teacher's best candidate is the pseudo-query's positive
+        if not ranked[p]:
+            stats.skipped_pseudo.append(p)
+            continue
+        (best, score), ranked[p] = ranked[p][0], ranked[p][1:]
+        positives[p], pos_scores[p] = [best], {best: score}
     rows = []
     for q, pos in positives.items():
         negs = select_negatives(ranked[q], pos_scores[q], coll.corpus, q, skip_top=skip_top,
@@ -201,6 +292,7 @@ def mine(collection: str | Path, out: str | Path, split: str | None = None,
             row["neg_scores"] = [s for _, s in negs]
         rows.append(json.dumps(row, ensure_ascii=False) + "\n")
     stats.written = len(rows)
+    stats.pseudo_written = sum(1 for q in positives if q in made)
     if _is_main():
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -208,6 +300,23 @@ def mine(collection: str | Path, out: str | Path, split: str | None = None,
         tmp.write_text("".join(rows), encoding="utf-8")
         os.replace(tmp, out)
     return stats
+
+
+def fused_scores(keys: list[tuple[str, str]], teacher: list[float], bm25: list[float],
+                 weight: float) -> list[float]:
+    """Per query: mean_t + std_t * ((1 - weight) z(teacher) + weight z(bm25)), z standardising
+    over that query's keys; a query whose scores are all equal adds nothing to the mix."""
+    rows: dict[str, list[int]] = {}
+    for i, (q, _) in enumerate(keys):
+        rows.setdefault(q, []).append(i)
+    t, b = np.asarray(teacher, dtype=np.float64), np.asarray(bm25, dtype=np.float64)
+    out = t.copy()
+    for idx in rows.values():
+        tq, bq = t[idx], b[idx]
+        zt = (tq - tq.mean()) / tq.std() if tq.std() > 0 else np.zeros_like(tq)
+        zb = (bq - bq.mean()) / bq.std() if bq.std() > 0 else np.zeros_like(bq)
+        out[idx] = tq.mean() + tq.std() * ((1.0 - weight) * zt + weight * zb)
+    return out.tolist()
 
 
 def dense_rescorer(model_dir: str | Path, batch_size: int = 64, progress: bool = True) -> Rescorer:

