@@ -81,7 +81,7 @@ def main() -> None:
           f"{len(stats.skipped_no_positive)} queries without a relevant document; "
           f"{len(stats.short)} have fewer than {args.negatives} negatives"
           + (f"; {stats.pseudo_written} of the triplets are pseudo-queries' "
-             f"({len(stats.skipped_pseudo)} had no candidate)" if args.pseudo_queries else ""))
+             f"({len(stats.skipped_pseudo)} had under two candidates)" if args.pseudo_queries else ""))
 
 
 if __name__ == "__main__":

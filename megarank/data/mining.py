@@ -127,7 +127,8 @@ class MineStats:
     pseudo_written: int = 0
     """Of ``written``, the pseudo-queries' triplets."""
     skipped_pseudo: list[str] = field(default_factory=list)
-    """Pseudo-queries without any candidate besides their source document: no triplet."""
+    """Pseudo-queries with fewer than two candidates besides their source document (a positive
+    and a negative): no triplet."""
 
 
 PSEUDO_PREFIX = "pseudo:"
@@ -274,7 +275,7 @@ def mine(collection: str | Path, out: str | Path, split: str | None = None,
             scores = fused_scores(keys, scores, [bm25[q][d] for q, d in keys], fuse_bm25)
         ranked, pos_scores = _resorted(ranked, unlabelled, build_run(keys, scores, ranked))
     for p in made:  # the teacher's best candidate is the pseudo-query's positive
-        if not ranked[p]:
+        if len(ranked[p]) < 2:  # and at least one other is its negative
             stats.skipped_pseudo.append(p)
             continue
         (best, score), ranked[p] = ranked[p][0], ranked[p][1:]

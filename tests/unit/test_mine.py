@@ -232,3 +232,29 @@ def test_fused_teacher_is_the_zscore_mix_on_the_teachers_scale(tmp_path, coll):
     with pytest.raises(ValueError, match="--fuse-bm25 must be in"):
         mine_triplets(root, tmp_path / "x.jsonl", retriever="dense", model=embedder,
                       fuse_bm25=1.5, progress=False)
+
+
+def test_a_pseudo_query_needs_a_positive_and_a_negative_besides_its_source(tmp_path):
+    from megarank.data.mining import mine
+
+    root = tmp_path / "coll"
+    root.mkdir()
+    docs = {"0": ("Privacy and the library", "who reads what"),
+            "1": ("Shock waves in nozzles", "nozzle flow"),
+            "2": ("Flow in a nozzle", "shock waves at the throat"),
+            "3": ("Nozzle shock structure", "waves in nozzle flow")}
+    (root / "corpus.jsonl").write_text("".join(
+        json.dumps({"_id": d, "title": t, "text": x}) + "\n" for d, (t, x) in docs.items()))
+    (root / "queries.jsonl").write_text(json.dumps({"_id": "a", "text": "nozzle"}) + "\n")
+    (root / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\na\t1\t1\n")
+    out = tmp_path / "t.jsonl"
+    # a stand-in teacher: longer documents score higher
+    stats = mine(root, out, rescore=lambda c, keys: [float(len(c.corpus[d])) for _, d in keys],
+                 negatives=2, pseudo=4, progress=False)
+    # "Privacy and the library" shares words with no other document: no candidate, no triplet
+    assert stats.skipped_pseudo == ["pseudo:0"]
+    assert stats.written == 1 + 3 and stats.pseudo_written == 3
+    rows = read_triplets(out)
+    assert [r.query for r in rows[1:]] == ["Shock waves in nozzles", "Flow in a nozzle",
+                                           "Nozzle shock structure"]
+    assert all(len(r.pos) == 1 and r.neg for r in rows[1:])
