@@ -1,5 +1,6 @@
 """The README's main job in a reduced form: a real pretrained 2-layer BERT, a few steps, every
-step of the pipeline run, every output written and readable."""
+step of the pipeline run, every output written and readable; trained on Cranfield (judged and
+pseudo-queries) alone, so that CISI is evaluated unseen."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from megarank.data.beir import read_trec_run
+from megarank.data.beir import load_collection, read_trec_run
+from megarank.data.mining import first_sentence
 from megarank.data.triplets import read_triplets
-from tests.conftest import REPO
+from tests.conftest import REPO, data_dir
 
 pytestmark = pytest.mark.slow
 
@@ -21,16 +23,24 @@ def test_quickstart_reduced(tmp_path):
     out = tmp_path / "qs"
     proc = subprocess.run(
         [sys.executable, "-m", "megarank.quickstart", "--model", "bert_l2_h128", "--steps", "4",
-         "--top-k", "5", "--embedder", "cognition/model", "--out", str(out)],
+         "--top-k", "5", "--embedder", "cognition/model", "--pseudo-queries", "20",
+         "--train-on", "cranfield", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "cranfield BM25" in proc.stdout and "cisi megarank" in proc.stdout
     assert "cisi teacher" in proc.stdout
+    assert "never seen in training (neither queries nor documents): cisi" in proc.stdout
 
-    # mined with the dense retriever: every record carries the teacher scores distill trains on
+    # mined with the dense retriever: every record carries the teacher scores distill trains on;
+    # Cranfield's 112 judged train queries, then its pseudo-queries (titles), no CISI record
     records = read_triplets(out / "data" / "train_triplets.jsonl")
-    assert len(records) == 112 + 38
-    assert all(r.pos_scores and len(r.neg_scores) == len(r.neg) == 31 for r in records)
+    cranfield = load_collection(data_dir("cranfield"))
+    judged = [cranfield.queries[q] for q in cranfield.split_qids("train")]
+    assert [r.query for r in records[:112]] == judged and 15 <= len(records) - 112 <= 20
+    assert all(r.pos_scores and len(r.neg_scores) == len(r.neg) == 31 for r in records[:112])
+    titles = {first_sentence(text) for text in cranfield.corpus.values()}
+    assert all(r.query in titles and len(r.pos) == len(r.pos_scores) == 1 and r.neg
+               for r in records[112:])
     assert (out / "imported" / "megarank.json").is_file()
     latest = (out / "train" / "checkpoints" / "latest").read_text()
     assert latest == "step_0000004"
@@ -47,6 +57,7 @@ def test_quickstart_reduced(tmp_path):
     for f in ("config.json", "tokenizer.json", "scoring.json"):
         assert (out / "hf" / f).is_file()
     results = json.loads((out / "results.json").read_text())
+    assert results["unseen"] == ["cisi"]
     for name in ("cranfield", "cisi"):
         run = read_trec_run(out / "eval" / name / "run.megarank.trec")
         metrics = json.loads((out / "eval" / name / "metrics.json").read_text())
