@@ -115,6 +115,9 @@ def main() -> None:
                     help="BM25 documents kept per query; ranks top-k+1..depth stay below the "
                          "reranked ones, so Recall@depth is BM25's")
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=None,
+                    help="one seed for mining's draws and training (default: mine's 0 and "
+                         "trainer.seed's 1234)")
     ap.add_argument("--peft", default="lora", choices=("none", "lora"),
                     help="lora (default): train LoRA adapters and the head, the encoder frozen; "
                          "none: fine-tune every weight")
@@ -152,7 +155,8 @@ def main() -> None:
     if args.fuse_bm25:
         extra += ["--fuse-bm25", str(args.fuse_bm25)]
     pseudo = (f"_pseudo{args.pseudo_queries}" if args.pseudo_queries else "") + (
-        f"_fuse{args.fuse_bm25}" if args.fuse_bm25 else "")
+        f"_fuse{args.fuse_bm25}" if args.fuse_bm25 else "") + (
+        f"_seed{args.seed}" if args.seed is not None else "")
     for name in train_on:
         path = out / "data" / f"{name}_train_{args.retriever}{pseudo}.jsonl"
         if args.keep_data and path.is_file():
@@ -161,6 +165,7 @@ def main() -> None:
         timings[f"mine {name}"] = _run([
             "megarank.mine", "--collection", str(ASSETS / "collections" / name), "--split",
             "train", "--retriever", args.retriever, *extra, "--negatives", str(args.negatives),
+            *([] if args.seed is None else ["--seed", str(args.seed)]),
             "--out", str(path)], log=out / f"mine_{name}.log")
         mined.append(path.read_text(encoding="utf-8"))
     triplets.write_text("".join(mined), encoding="utf-8")
@@ -186,6 +191,7 @@ def main() -> None:
         f"optim.warmup_steps={warmup}", "optim.decay_style=linear",
         "trainer.log_interval=10", "trainer.progress_bar=false",
         f"trainer.output_dir={out / 'train'}",
+        *([] if args.seed is None else [f"trainer.seed={args.seed}"]),
         *([] if args.peft == "none" else [f"peft={args.peft}", f"peft.rank={args.lora_rank}",
                                           f"peft.alpha={2 * args.lora_rank}"]),
     ], nproc=args.nproc, log=out / "train.log")
