@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
-python -m pytest -q tests "$@"
+# No path given: pytest takes testpaths (tests/) from pyproject.toml; a path narrows the run.
+python -m pytest -q "$@"
