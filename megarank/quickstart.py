@@ -145,7 +145,7 @@ def main() -> None:
         args.pseudo_queries = 400 if args.retriever == "dense" else 0
     if (args.pseudo_queries or args.fuse_bm25) and args.retriever != "dense":
         ap.error("--pseudo-queries and --fuse-bm25 need the teacher of --retriever dense")
-    # 1. Triplets: both collections' train splits, mined, then one file.
+    # 1. Triplets: the --train-on collections' train splits, mined, then one file.
     triplets = out / "data" / "train_triplets.jsonl"
     mined = []
     embedder = args.embedder if Path(args.embedder).is_dir() else _package(args.embedder)
@@ -154,11 +154,12 @@ def main() -> None:
         extra += ["--pseudo-queries", str(args.pseudo_queries)]
     if args.fuse_bm25:
         extra += ["--fuse-bm25", str(args.fuse_bm25)]
-    pseudo = (f"_pseudo{args.pseudo_queries}" if args.pseudo_queries else "") + (
+    # what the mined file depends on beyond the retriever, so --keep-data never reuses another's
+    variant = (f"_pseudo{args.pseudo_queries}" if args.pseudo_queries else "") + (
         f"_fuse{args.fuse_bm25}" if args.fuse_bm25 else "") + (
         f"_seed{args.seed}" if args.seed is not None else "")
     for name in train_on:
-        path = out / "data" / f"{name}_train_{args.retriever}{pseudo}.jsonl"
+        path = out / "data" / f"{name}_train_{args.retriever}{variant}.jsonl"
         if args.keep_data and path.is_file():
             mined.append(path.read_text(encoding="utf-8"))
             continue
