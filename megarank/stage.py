@@ -207,14 +207,17 @@ def build_tokenizer(cfg: DictConfig) -> Any:
 
 
 def build_collator(cfg: DictConfig, contract: ScoringContract, tokenizer: Any) -> PairCollator:
-    """Pair tokenization as the scoring contract records it (only the batch padding multiple,
-    which changes no score, comes from the config)."""
+    """Pair tokenization as the scoring contract records it (from the config come only the
+    batch padding multiple and MaxP training's windows, which change no score)."""
+    d = cfg.data
     return PairCollator(
         tokenizer, kind="encoder" if contract.family == "bert" else "decoder",
         max_length=contract.max_length, max_query_length=contract.max_query_length,
         template=contract.prompt_template, pad_to_multiple_of=cfg.data.pad_to_multiple_of,
         pooling=contract.pooling, prefix=contract.prompt_prefix,
         suffix=contract.prompt_suffix or "", instruction=contract.instruction,
+        train_windows=d.train_passages if d.passages == "max" else 1,
+        window_stride=d.passage_stride,
     )
 
 

@@ -198,11 +198,15 @@ class DataConfig:
     pad_to_multiple_of: int = 8
     """Dynamic padding per micro-batch is rounded up to this."""
     passages: str = "first"
-    """How evaluation and scoring read a document longer than a pair holds: ``first`` (FirstP:
-    its first data.max_length tokens) or ``max`` (MaxP: windows of it, each scored with the
-    query, the best window's score is the document's). Training reads the first window."""
+    """How training, evaluation and scoring read a document longer than a pair holds:
+    ``first`` (FirstP: its first data.max_length tokens) or ``max`` (MaxP: windows of it, each
+    scored with the query, the best window's score is the document's; training's loss reads
+    that score, so the gradient goes to the best window)."""
     passage_stride: int | None = None
     """MaxP: tokens between window starts; None: half a window."""
+    train_passages: int = 4
+    """MaxP at training: a document is read as at most this many windows, its first ones (a
+    step costs up to this many times the pairs); evaluation and scoring read every window."""
     prefetch_steps: int = 2
     """Steps of micro-batches made ahead on a background thread while a step runs; 0: each is
     made when the step asks for it. The wait shows as ``data_wait_s`` in metrics.jsonl."""

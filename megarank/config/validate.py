@@ -231,6 +231,8 @@ def validate(cfg: Any, world_size: int) -> Derived:
     _choice(errors, "data.passages", cfg.data.passages, ("first", "max"))
     if cfg.data.passage_stride is not None and cfg.data.passage_stride < 1:
         errors.append(f"data.passage_stride ({cfg.data.passage_stride}) must be >= 1")
+    if cfg.data.train_passages < 1:
+        errors.append(f"data.train_passages ({cfg.data.train_passages}) must be >= 1")
     if cfg.data.passages == "max" and cfg.task.prompt_prefix is not None:
         errors.append("data.passages=max needs query and document tokenized apart; a chat "
                       "prompt (task.prompt_prefix) tokenizes each pair whole")

@@ -51,7 +51,8 @@ class PairBatch:
     """One micro-batch of (query, document) sequences, right-padded."""
 
     input_ids: torch.Tensor
-    """[N, T] long; N = groups * group_size, row-major by group (group 0's docs first)."""
+    """[N, T] long; N = D = groups * group_size documents, row-major by group (group 0's docs
+    first), unless ``windows`` maps documents to several rows each."""
     attention_mask: torch.Tensor
     """[N, T] long; 1 on real tokens, 0 on padding."""
     token_type_ids: torch.Tensor
@@ -63,8 +64,12 @@ class PairBatch:
     num_real_tokens: int
     """attention_mask.sum(), for tokens-per-second accounting."""
     teacher_scores: torch.Tensor | None = None
-    """[N] float32 teacher scores of the rows (distillation), or None unless every group has
-    them."""
+    """[D] float32 teacher scores of the documents (distillation), or None unless every group
+    has them."""
+    windows: torch.Tensor | None = None
+    """MaxP: [D, K] long, the rows holding each document's windows (-1 past its last), so a
+    document's score is its best window's (:func:`max_over_windows`); N rows then, not D. None:
+    one row a document (N = D = groups * group_size)."""
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PairBatch:
         """A copy with every tensor moved to `device`."""
@@ -76,7 +81,28 @@ class PairBatch:
             pool_index=self.pool_index.to(device, non_blocking=non_blocking),
             teacher_scores=None if self.teacher_scores is None
             else self.teacher_scores.to(device, non_blocking=non_blocking),
+            windows=None if self.windows is None
+            else self.windows.to(device, non_blocking=non_blocking),
         )
+
+
+def windows(ids: list[int], size: int, stride: int) -> list[list[int]]:
+    """``ids`` cut into windows of ``size`` tokens, one starting every ``stride`` tokens, the
+    last one ending at the end (one window, possibly empty, when ``ids`` fits)."""
+    if len(ids) <= size:
+        return [ids]
+    starts = list(range(0, len(ids) - size + 1, stride))
+    if starts[-1] + size < len(ids):
+        starts.append(len(ids) - size)
+    return [ids[s:s + size] for s in starts]
+
+
+def max_over_windows(scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """[D] each document's best window score (MaxP), from [N] row ``scores`` and the [D, K]
+    ``slots`` of a PairBatch's ``windows`` (-1: no window). Differentiable: the gradient goes to
+    the best window (split evenly between tied ones)."""
+    padded = torch.cat([scores, scores.new_full((1,), float("-inf"))])  # slot -1 reads -inf
+    return padded[slots].amax(dim=1)
 
 
 @dataclass(frozen=True)
@@ -186,6 +212,8 @@ class PairCollator:
         prefix: str | None = None,
         suffix: str = "",
         instruction: str | None = None,
+        train_windows: int = 1,
+        window_stride: int | None = None,
     ) -> None:
         """Configure the collator.
 
@@ -209,6 +237,10 @@ class PairCollator:
             suffix: chat layout: the text after the pair (``<|im_end|>\n<|im_start|>assistant``
                 ...), never cut.
             instruction: chat layout: the ``{instruction}`` of pairs that bring none.
+            train_windows: MaxP at training: a training group's document is read as up to this
+                many windows (its first ones; see :meth:`encode_windows`), so
+                :meth:`tokenize_documents` keeps enough of it; 1: its first window (FirstP).
+            window_stride: MaxP: tokens between window starts; None: half a window.
         """
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
@@ -221,6 +253,14 @@ class PairCollator:
             raise ValueError(f"max_query_length must be >= 1, got {max_query_length}")
         if pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+        if train_windows < 1:
+            raise ValueError(f"train_windows must be >= 1, got {train_windows}")
+        if window_stride is not None and window_stride < 1:
+            raise ValueError(f"window_stride must be >= 1, got {window_stride}")
+        if train_windows > 1 and prefix is not None:
+            raise ValueError("MaxP windows need query and document tokenized apart; a chat "
+                             "prompt tokenizes each pair whole")
+        self.train_windows, self.window_stride = train_windows, window_stride
         if max_length % pad_to_multiple_of:
             raise ValueError(
                 f"max_length ({max_length}) must be a multiple of pad_to_multiple_of "
@@ -273,6 +313,10 @@ class PairCollator:
                 f"({max_query_length}) and {fixed} special/template tokens"
             )
         self._fixed = fixed
+        # The most document tokens any pair holds (a query of 0 tokens); MaxP training reads up
+        # to train_windows windows of that size, each a stride after the last.
+        budget = max_length - fixed
+        self.document_tokens = budget + (train_windows - 1) * self.stride_for(budget)
 
     def _plain(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
         """Token ids of `texts` without special tokens, cut to `max_tokens` (one batched call)."""
@@ -359,8 +403,9 @@ class PairCollator:
 
     def tokenize_documents(self, docs: Sequence[str]) -> list[list[int]]:
         """Each document's ids, cut to the most any pair can hold (the query may be as short as
-        0 tokens); a pair cuts them further to fit its query."""
-        return self._plain(docs, self.max_length - self._fixed)
+        0 tokens), or under MaxP training to what its first ``train_windows`` windows cover; a
+        pair cuts them further to fit its query."""
+        return self._plain(docs, self.document_tokens)
 
     def full_documents(self, docs: Sequence[str]) -> list[list[int]]:
         """Each document's ids, uncut (for MaxP windows)."""
@@ -369,6 +414,56 @@ class PairCollator:
     def document_budget(self, query_ids: Sequence[int]) -> int:
         """The most document tokens a pair with this query holds."""
         return self.max_length - self._fixed - len(query_ids)
+
+    def stride_for(self, size: int, stride: int | None = None) -> int:
+        """MaxP: tokens between the starts of windows of ``size`` tokens (``stride``, else
+        window_stride, else half a window)."""
+        return stride or self.window_stride or max(1, size // 2)
+
+    def window_rows(self, query_ids: Sequence[Sequence[int]], doc_ids: Sequence[Sequence[int]],
+                    query_of_row: Sequence[int], max_windows: int | None = None,
+                    stride: int | None = None,
+                    ) -> tuple[list[int], list[list[int]], torch.Tensor]:
+        """MaxP: document i (ids ``doc_ids[i]``, query ``query_ids[query_of_row[i]]``) cut into
+        windows of the most tokens a pair with its query holds, one every :meth:`stride_for`
+        (``stride``) tokens, its first ``max_windows`` of them (None: all). Returns the query of each row,
+        the window ids of each row, and the [D, K] rows of each document (-1 past its last)."""
+        row_query: list[int] = []
+        row_ids: list[list[int]] = []
+        owned: list[range] = []
+        for q, doc in zip(query_of_row, doc_ids, strict=True):
+            size = self.document_budget(query_ids[q])
+            cut = windows(list(doc), size, self.stride_for(size, stride))[:max_windows]
+            owned.append(range(len(row_ids), len(row_ids) + len(cut)))
+            row_query += [q] * len(cut)
+            row_ids += cut
+        slots = torch.full((len(owned), max(len(r) for r in owned)), -1, dtype=torch.long)
+        for d, r in enumerate(owned):
+            slots[d, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return row_query, row_ids, slots
+
+    def encode_windows(self, query_ids: Sequence[Sequence[int]],
+                       doc_ids: Sequence[Sequence[int]], query_of_row: Sequence[int],
+                       group_size: int, teacher: Sequence[float] | None = None,
+                       max_windows: int | None = None) -> PairBatch:
+        """As :meth:`encode_tokens`, each document read as its windows (:meth:`window_rows`):
+        a row per window, and ``windows`` saying whose (MaxP)."""
+        row_query, row_ids, slots = self.window_rows(query_ids, doc_ids, query_of_row,
+                                                     max_windows)
+        batch = self.encode_tokens(query_ids, row_ids, row_query, group_size, teacher)
+        return replace(batch, windows=slots)
+
+    def encode_pair_windows(self, pairs: Sequence[Pair]) -> PairBatch:
+        """:meth:`encode_pairs` under MaxP: every window of each (uncut) document a row."""
+        if not pairs:
+            raise ValueError("cannot encode an empty list of pairs")
+        if not self.pretokenizable:
+            raise ValueError("MaxP windows need query and document tokenized apart; a chat "
+                             "prompt tokenizes each pair whole")
+        query_slot: dict[str, int] = {}
+        query_of_row = [query_slot.setdefault(p[0], len(query_slot)) for p in pairs]
+        return self.encode_windows(self.tokenize_queries(list(query_slot)),
+                                   self.full_documents([p[1] for p in pairs]), query_of_row, 1)
 
     def token_settings(self) -> dict[str, Any]:
         """What decides the ids of `tokenize_queries` / `tokenize_documents`: the tokenizer
@@ -392,7 +487,7 @@ class PairCollator:
             "template": self.template,
             "max_length": self.max_length,
             "max_query_length": self.max_query_length,
-            "document_tokens": self.max_length - self._fixed,
+            "document_tokens": self.document_tokens,
         }
 
     def encode_tokens(self, query_ids: Sequence[Sequence[int]], doc_ids: Sequence[Sequence[int]],

@@ -62,7 +62,8 @@ _SETTING_FIELDS = {
     "tokenizer_size": "model.tokenizer", "tokenizer_sha256": "model.tokenizer",
     "kind": "model.family", "template": "model.prompt_template", "max_length": "data.max_length",
     "max_query_length": "data.max_query_length",
-    "document_tokens": "data.max_length (less the pair's special tokens)",
+    "document_tokens": "data.max_length (less the pair's special tokens), and "
+                       "data.train_passages with data.passage_stride under data.passages=max",
 }
 
 
@@ -479,4 +480,7 @@ def collate_token_groups(collator: PairCollator, data: PreparedData,
     teacher = None
     if all(g.teacher is not None for g in groups):
         teacher = [s for g in groups for s in g.teacher]
+    if collator.train_windows > 1:  # MaxP: each document read as its first windows
+        return collator.encode_windows(query_ids, doc_ids, query_of_row, size, teacher,
+                                       collator.train_windows)
     return collator.encode_tokens(query_ids, doc_ids, query_of_row, size, teacher)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megarank.data.collate import PairBatch, PairCollator
+from megarank.data.collate import PairBatch, PairCollator, max_over_windows
 from megarank.parallel.runtime import Runtime
 
 
@@ -49,17 +49,6 @@ def score_batches(model: torch.nn.Module, rt: Runtime, batches: list[PairBatch])
     return out.cpu()
 
 
-def windows(ids: list[int], size: int, stride: int) -> list[list[int]]:
-    """``ids`` cut into windows of ``size`` tokens, one starting every ``stride`` tokens, the
-    last one ending at the end (one window, possibly empty, when ``ids`` fits)."""
-    if len(ids) <= size:
-        return [ids]
-    starts = list(range(0, len(ids) - size + 1, stride))
-    if starts[-1] + size < len(ids):
-        starts.append(len(ids) - size)
-    return [ids[s:s + size] for s in starts]
-
-
 class PairScorer:
     """Tokenizes pairs with a collator and scores them, identically on every rank.
 
@@ -92,18 +81,10 @@ class PairScorer:
         slot: dict[str, int] = {}
         query_of_pair = [slot.setdefault(p[0], len(slot)) for p in pairs]
         query_ids = c.tokenize_queries(list(slot))
-        rows, owner = [], []  # (query, window) rows, and the pair each belongs to
-        for i, (q, doc) in enumerate(zip(query_of_pair, c.full_documents([p[1] for p in pairs]),
-                                         strict=True)):
-            size = c.document_budget(query_ids[q])
-            for w in windows(doc, size, self.stride or max(1, size // 2)):
-                rows.append((q, w))
-                owner.append(i)
-        batches = []
-        for i in range(0, len(rows), self.batch_size):
-            part = rows[i:i + self.batch_size]
-            batches.append(c.encode_tokens(query_ids, [w for _, w in part],
-                                           [q for q, _ in part], 1))
-        scores = score_batches(model, rt, batches)
-        best = torch.full((len(pairs),), float("-inf"))
-        return best.scatter_reduce(0, torch.tensor(owner), scores, reduce="amax")
+        row_query, row_ids, windows = c.window_rows(
+            query_ids, c.full_documents([p[1] for p in pairs]), query_of_pair,
+            stride=self.stride)
+        batches = [c.encode_tokens(query_ids, row_ids[i:i + self.batch_size],
+                                   row_query[i:i + self.batch_size], 1)
+                   for i in range(0, len(row_ids), self.batch_size)]
+        return max_over_windows(score_batches(model, rt, batches), windows)

@@ -28,12 +28,14 @@ from typing import Any
 
 import torch
 
-from megarank.data.collate import PairBatch
+from megarank.data.collate import PairBatch, max_over_windows
 
 ScoreFn = Callable[[PairBatch], torch.Tensor]
 """Scores [N] (float32) of one batch of rows; the batcher calls it from the scoring thread."""
 EncodeFn = Callable[[list[tuple[str, str]]], PairBatch]
-"""(query, document) pairs -> their rows, in order (the model's pair collator)."""
+"""(query, document) pairs -> their rows, in order (the model's pair collator); under MaxP a
+pair's windows are its rows and the batch's ``windows`` says whose, and a pair's score is its
+best window's."""
 
 
 class ScoringError(RuntimeError):
@@ -186,7 +188,7 @@ class DynamicBatcher:
             request = _Request(batch, lengths, loop, loop.create_future())
             self._queue.put(request)
             scores = await request.future
-            return scores.tolist(), request.tokens
+            return _per_pair(scores, batch).tolist(), request.tokens
         finally:
             with self._lock:
                 self.in_flight -= 1
@@ -198,11 +200,11 @@ class DynamicBatcher:
             raise RuntimeError("score_now runs only before the scoring thread starts")
         batch = self.encode_fn(pairs)
         lengths = batch.attention_mask.sum(dim=1).tolist()
-        out = torch.zeros(len(pairs), dtype=torch.float32)
+        out = torch.zeros(len(lengths), dtype=torch.float32)
         for rows in pack_rows(lengths, self.max_batch_tokens, self.pad_to_multiple_of):
             sub = self._gather([(batch, lengths, r) for r in rows])
             out[rows] = self.score_fn(sub).float()
-        return out.tolist()
+        return _per_pair(out, batch).tolist()
 
     # --------------------------------------------------------------------------- the thread
     def _next(self, timeout: float | None) -> Any:
@@ -330,3 +332,8 @@ class DynamicBatcher:
         return PairBatch(input_ids=input_ids, attention_mask=attention_mask,
                          token_type_ids=token_types, pool_index=pool_index, group_size=1,
                          num_real_tokens=int(lens.sum()))
+
+
+def _per_pair(scores: torch.Tensor, batch: PairBatch) -> torch.Tensor:
+    """A request's scores per pair from its rows' scores (MaxP: each pair's best window)."""
+    return scores if batch.windows is None else max_over_windows(scores, batch.windows)

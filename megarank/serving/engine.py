@@ -89,8 +89,13 @@ class RerankEngine:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
 
+        # FirstP, or MaxP (data.passages=max): every window of a document a row, its best
+        # window's score the document's, as `megarank score` and `evaluate` score it.
+        self.passages = stage.cfg.data.passages
+        encode = (self.collator.encode_pair_windows if self.passages == "max"
+                  else self.collator.encode_pairs)
         self.batcher = DynamicBatcher(
-            self._score, self.collator.encode_pairs, pad_id=self.collator.pad_id,
+            self._score, encode, pad_id=self.collator.pad_id,
             pad_to_multiple_of=self.collator.pad_to_multiple_of,
             max_batch_tokens=limits.max_batch_tokens, max_wait_ms=limits.max_wait_ms,
             tokenizer_threads=tokenizer_threads, on_thread_start=on_thread_start)
@@ -143,7 +148,7 @@ class RerankEngine:
         rt = self.stage.rt
         return {
             "model": self.name, "source": self.source, "family": c.family, "head": c.head,
-            "pooling": c.pooling, "max_length": self.max_length,
+            "pooling": c.pooling, "passages": self.passages, "max_length": self.max_length,
             "contract_max_length": c.max_length, "max_query_length": c.max_query_length,
             "relevance_score": self.relevance, "device": str(rt.device),
             "precision": str(self.stage.cfg.trainer.precision),

@@ -202,11 +202,14 @@ class MemoryPlan:
     """Model FLOPs of one step, forward + backward, all GPUs (megarank.training.flops)."""
     recompute_flops: dict[str, float] = field(default_factory=dict)
     """FLOPs a step spends again recomputing, per recompute mode (not model FLOPs)."""
+    windows: int = 1
+    """Sequences a document is read as (MaxP at training: ``data.train_passages``, every
+    document planned at its most)."""
 
     @property
     def sequences(self) -> int:
-        """Sequences per micro-batch: groups x documents."""
-        return self.groups * self.documents
+        """Sequences per micro-batch: groups x documents x windows."""
+        return self.groups * self.documents * self.windows
 
     @property
     def largest(self) -> StagePlan:
@@ -620,7 +623,8 @@ def plan_memory(cfg: Any, world_size: int, device: str | None = None) -> MemoryP
     m, tr = cfg.model, cfg.trainer
     width = WIDTH[tr.precision]
     length = int(cfg.data.max_length)
-    sequences = d.pairs_per_micro_batch
+    windows = int(cfg.data.train_passages) if cfg.data.passages == "max" else 1
+    sequences = d.pairs_per_micro_batch * windows
     terms = layer_terms(cfg, d.tp, dev, length)
     per_layer = {mode: _sum(terms, mode, sequences, length) for mode in RECOMPUTE}
     core = per_layer["none"] - per_layer["selective"]
@@ -665,7 +669,7 @@ def plan_memory(cfg: Any, world_size: int, device: str | None = None) -> MemoryP
             saved_per_micro_batch=saved, working_set=working, in_flight=in_flight,
             pipeline_outputs=outputs,
         ))
-    seqs_per_step = int(tr.global_batch_size) * int(cfg.task.group_size)
+    seqs_per_step = int(tr.global_batch_size) * int(cfg.task.group_size) * windows
     flops = step_flops(m, length, seqs_per_step, head=cfg.task.head)
     fwd = forward_flops_breakdown(m, length, head=cfg.task.head)
     recompute_flops = {"none": 0.0, "selective": fwd["attention"] * seqs_per_step,
@@ -678,7 +682,7 @@ def plan_memory(cfg: Any, world_size: int, device: str | None = None) -> MemoryP
         groups=int(tr.micro_batch_size), documents=int(cfg.task.group_size), length=length,
         num_microbatches=d.num_microbatches, global_batch=int(tr.global_batch_size),
         total_params=total_params(cfg), stages=stages, layer_terms=terms, step_flops=flops,
-        recompute_flops=recompute_flops,
+        recompute_flops=recompute_flops, windows=windows,
     )
 
 
@@ -753,7 +757,8 @@ def format_plan(plan: MemoryPlan, gpu: str | None = None, headroom: float = HEAD
         f"layout: {plan.world_size} GPUs = TP {plan.tp} x PP {plan.pp} x DP {plan.dp}"
         f"{', sequence parallel' if plan.sequence_parallel else ''}; {plan.precision}; {zero}; "
         f"recompute {plan.recompute}; {kernels}",
-        f"micro-batch: {plan.groups} group(s) x {plan.documents} documents x {plan.length} "
+        f"micro-batch: {plan.groups} group(s) x {plan.documents} documents"
+        f"{f' x {plan.windows} windows (MaxP)' if plan.windows > 1 else ''} x {plan.length} "
         f"tokens = {plan.sequences * plan.length:,} tokens; {plan.num_microbatches} "
         f"micro-batches per step on each DP rank (global batch {plan.global_batch} groups)",
         "",

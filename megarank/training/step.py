@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megarank.data.collate import PairBatch
+from megarank.data.collate import PairBatch, max_over_windows
 from megarank.parallel.megatron import grads_are_finite
 from megarank.parallel.runtime import Runtime
 from megarank.training.flops import step_flops
@@ -52,7 +52,9 @@ class StepCounters:
 
 
 def _loss_func(group_size: int, task: Any, teacher: torch.Tensor | None,
-               scores: torch.Tensor) -> tuple[torch.Tensor, dict]:
+               windows: torch.Tensor | None, scores: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    if windows is not None:  # MaxP: a document's score is its best window's
+        scores = max_over_windows(scores.float(), windows)
     if teacher is not None:
         teacher = teacher.view(-1, group_size)
     per_group = group_loss(scores.float().view(-1, group_size), task.loss, task.temperature,
@@ -80,7 +82,8 @@ def make_forward_step(task: Any, device: torch.device, counters: StepCounters,
                        batch.pool_index)
         if poisoned is not None and poisoned():
             scores = scores * float("nan")
-        return scores, partial(_loss_func, batch.group_size, task, batch.teacher_scores)
+        return scores, partial(_loss_func, batch.group_size, task, batch.teacher_scores,
+                               batch.windows)
 
     return forward_step
 

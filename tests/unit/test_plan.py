@@ -282,3 +282,20 @@ def test_gpu_names_and_sizes():
         gpu_memory("Z100")
     assert math.isclose(fit(plan_memory(compose(["model=gpt_tiny"]), 1), "24GB",
                             headroom=0.5).usable, 12 * GIB)
+
+
+def test_maxp_training_plans_every_window():
+    """Under data.passages=max a document is up to data.train_passages sequences at training:
+    activations and FLOPs are planned at that many (its most); FirstP plans one."""
+    from megarank.config import ConfigError, validate
+
+    base = [*SHAPE, "model=bert_tiny"]
+    first = plan_memory(compose(base), 1, device="cpu")
+    maxp = plan_memory(compose([*base, "data.passages=max", "data.train_passages=3"]), 1, "cpu")
+    assert (first.windows, maxp.windows) == (1, 3) and maxp.sequences == 3 * first.sequences
+    assert maxp.step_flops == pytest.approx(3 * first.step_flops)
+    saved = [p.largest.saved_per_micro_batch["none"] for p in (first, maxp)]
+    assert saved[1] > 2.5 * saved[0]
+    assert "x 3 windows (MaxP)" in format_plan(maxp)
+    with pytest.raises(ConfigError, match="data.train_passages"):
+        validate(compose([*base, "data.train_passages=0"]), world_size=1)
