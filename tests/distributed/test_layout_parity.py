@@ -25,9 +25,21 @@ STEPS = 5
 
 @pytest.mark.parametrize("model", ["gpt_tiny", "bert_tiny"])
 def test_layouts_match_single_process(model, tmp_path):
+    _check_layouts(model, [], LAYOUTS, tmp_path)
+
+
+def test_maxp_training_layouts_match_single_process(tmp_path):
+    """MaxP at training: each micro-batch holds a varying number of window rows (Cranfield's
+    documents are longer than 64 tokens), which pipeline stages pass on with their shapes and
+    data-parallel ranks reduce per document."""
+    _check_layouts("bert_tiny", ["data.passages=max", "data.train_passages=3"],
+                   [("tp1_pp2", "tp1_pp2", 2), ("dp2", "tp1_pp1", 2)], tmp_path)
+
+
+def _check_layouts(model, extra, layouts, tmp_path):
     common = [f"model={model}", "task=listwise", "task.group_size=4", "trainer.global_batch_size=8",
               "trainer.micro_batch_size=2", "trainer.log_interval=1", "trainer.eval_at_end=false",
-              "trainer.save_final=false", "optim.lr=2e-3", "data.max_length=64"]
+              "trainer.save_final=false", "optim.lr=2e-3", "data.max_length=64", *extra]
     init = tmp_path / "init"
     # A wide initialisation makes scores (and so losses and gradients) far from trivial: with
     # std 0.02 every tiny-model score is ~0 and every loss ~ln(G), which proves little.
@@ -44,7 +56,7 @@ def test_layouts_match_single_process(model, tmp_path):
     # The losses must move from step to step, or equal losses would prove little.
     assert max(ref.values()) - min(ref.values()) > 0.01, ref
 
-    for name, parallel, nproc in LAYOUTS:
+    for name, parallel, nproc in layouts:
         out = tmp_path / name
         run_train([*common, f"parallel={parallel}", f"trainer.max_steps={STEPS}",
                    f"trainer.output_dir={out}", f"model.init_from={init}"], nproc=nproc)
