@@ -93,8 +93,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=240)
     ap.add_argument("--lr", type=float, default=None,
                     help="default: 1e-3 with --peft lora (LoRA's usual 10x), 1e-4 without")
-    ap.add_argument("--loss", default="distill", choices=("distill", "listwise"),
-                    help="distill: KL to the bi-encoder's scores; listwise: CE of the positive")
+    ap.add_argument("--loss", default="distill", choices=("distill", "listwise", "margin_mse"),
+                    help="distill: KL to the bi-encoder's scores; listwise: CE of the positive; "
+                         "margin_mse: the teacher's positive-negative margins (Hofstaetter et "
+                         "al.), in units of --teacher-temperature")
     ap.add_argument("--teacher-temperature", type=float, default=0.05)
     ap.add_argument("--retriever", default="dense", choices=("dense", "bm25"),
                     help="how the triplets are mined (dense also writes the teacher scores)")
@@ -139,8 +141,8 @@ def main() -> None:
     (out / "data").mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
-    if args.loss == "distill" and args.retriever != "dense":
-        ap.error("--loss distill needs the teacher scores of --retriever dense")
+    if args.loss in ("distill", "margin_mse") and args.retriever != "dense":
+        ap.error(f"--loss {args.loss} needs the teacher scores of --retriever dense")
     if args.pseudo_queries is None:
         args.pseudo_queries = 400 if args.retriever == "dense" else 0
     if (args.pseudo_queries or args.fuse_bm25) and args.retriever != "dense":
