@@ -102,6 +102,18 @@ def summarize(results: dict[str, dict]) -> dict[str, dict[str, float]]:
     return table
 
 
+def pooled(*records: dict) -> dict:
+    """One evaluate record of several query sets' records (each row's metrics averaged
+    weighted by its evaluated queries: the mean over all their queries)."""
+    counts = [r["queries"]["evaluated"] for r in records]
+    out: dict = {"queries": {"evaluated": sum(counts)}}
+    for row in ("first_stage", "megarank", "teacher"):
+        if all(row in r for r in records):
+            out[row] = {k: sum(n * r[row][k] for n, r in zip(counts, records, strict=True))
+                        / sum(counts) for k in records[0][row]}
+    return out
+
+
 def main() -> None:
     """CLI entry (``python -m megarank.quickstart``)."""
     ap = argparse.ArgumentParser(description=__doc__,
@@ -242,21 +254,26 @@ def main() -> None:
     timings["export"] = _run(["megarank.convert", "to-hf", "--ckpt", str(out / "train"), "--out",
                               str(out / "hf")], log=out / "export.log")
 
-    # 5. Evaluate the export on both test splits (reranking BM25's top k).
-    results = {}
-    for name in COLLECTIONS:
-        timings[f"evaluate {name}"] = _run([
+    # 5. Evaluate the export on both test splits (reranking BM25's top k); a collection never
+    # trained on has its train split evaluated too: all its judged queries are unseen.
+    unseen = [n for n in COLLECTIONS if n not in train_on]
+    results, train_splits = {}, {}
+    for name, split in [*((n, "test") for n in COLLECTIONS), *((n, "train") for n in unseen)]:
+        where = out / "eval" / (name if split == "test" else f"{name}_train")
+        timings[f"evaluate {name}" + ("" if split == "test" else " train")] = _run([
             "megarank.evaluate", "--model", str(out / "hf"), "--collection",
-            str(ASSETS / "collections" / name), "--split", "test", "--top-k", str(args.top_k),
+            str(ASSETS / "collections" / name), "--split", split, "--top-k", str(args.top_k),
             "--depth", str(max(args.depth, args.top_k)),
             *([] if args.no_teacher else ["--teacher", embedder]),
-            "--out", str(out / "eval" / name),
-        ], nproc=args.nproc, log=out / f"evaluate_{name}.log")
-        results[name] = json.loads((out / "eval" / name / "metrics.json").read_text())
+            "--out", str(where),
+        ], nproc=args.nproc, log=out / f"evaluate_{where.name}.log")
+        record = json.loads((where / "metrics.json").read_text())
+        (results if split == "test" else train_splits)[name] = record
 
     # 6. The table.
     table = summarize(results)
-    unseen = [n for n in COLLECTIONS if n not in train_on]
+    for name, train in train_splits.items():
+        table.update(summarize({f"{name} all": pooled(results[name], train)}))
     summary = {"settings": vars(args), "timings_s": timings, "table": table, "unseen": unseen,
                "queries": {n: r["queries"] for n, r in results.items()}}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -264,7 +281,8 @@ def main() -> None:
     for row, m in table.items():
         print(f"{row:22}" + "".join(f"{m[label]:12.4f}" for label, _ in METRICS))
     if unseen:
-        print(f"never seen in training (neither queries nor documents): {', '.join(unseen)}")
+        print(f"never seen in training (neither queries nor documents): {', '.join(unseen)}; "
+              "'<name> all': its test and train queries together")
     print("\ntimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     print(f"everything is under {out}")
 

@@ -72,3 +72,13 @@ def test_quickstart_reduced(tmp_path):
             m = results["table"][f"{name} {row}"]
             assert set(m) == {"NDCG@10", "MRR@10", "Recall@100"}
             assert all(0.0 <= v <= 1.0 for v in m.values())
+    # CISI was never trained on: its train split is evaluated too, and "cisi all" is the mean
+    # over its test and train queries (38 each), weighted by their counts.
+    test = json.loads((out / "eval" / "cisi" / "metrics.json").read_text())
+    train = json.loads((out / "eval" / "cisi_train" / "metrics.json").read_text())
+    assert train["split"] == "train" and not (out / "eval" / "cranfield_train").exists()
+    n, m = test["queries"]["evaluated"], train["queries"]["evaluated"]
+    for row, key in (("BM25", "first_stage"), ("megarank", "megarank"), ("teacher", "teacher")):
+        want = (n * test[key]["nDCG@10"] + m * train[key]["nDCG@10"]) / (n + m)
+        assert results["table"][f"cisi all {row}"]["NDCG@10"] == pytest.approx(want, abs=1e-12)
+    assert "cisi all megarank" in proc.stdout
