@@ -152,11 +152,19 @@ def model_overrides_from_hf(hf_dir: str | Path) -> dict[str, Any]:
 
 
 def apply_hf_config(cfg: Any) -> None:
-    """When ``model.hf_path`` is set, fill the model group from the HF config (in place)."""
+    """When ``model.hf_path`` is set, fill the model group from the HF config (in place). The
+    geometry is the checkpoint's; a dropout set in the config (not None) is kept, as
+    ``from_pretrained(..., hidden_dropout_prob=0)`` keeps it."""
     if not cfg.model.hf_path:
         return
     for key, value in model_overrides_from_hf(cfg.model.hf_path).items():
+        if key in _TRAINING_CHOICES and cfg.model[key] is not None:
+            continue
         cfg.model[key] = value
+
+
+_TRAINING_CHOICES = ("hidden_dropout", "attention_dropout", "classifier_dropout")
+"""Model fields an HF config only defaults: regularisation, not geometry."""
 
 
 # --------------------------------------------------------------------------------------------

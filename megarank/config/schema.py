@@ -87,10 +87,11 @@ class ModelConfig:
     """Norm on queries and keys per head (Qwen3)."""
     type_vocab_size: int = 2
     """Token-type (segment) embeddings, encoders only."""
-    hidden_dropout: float = 0.0
-    """Dropout after attention and MLP; 0 keeps runs bitwise comparable across layouts."""
-    attention_dropout: float = 0.0
-    """Dropout on attention probabilities."""
+    hidden_dropout: float | None = None
+    """Dropout after attention and MLP; None: model.hf_path's config.json's, else 0 (0 keeps
+    runs bitwise comparable across layouts). A value set here wins over the HF config's."""
+    attention_dropout: float | None = None
+    """Dropout on attention probabilities; None as for hidden_dropout."""
     init_method_std: float = 0.02
     """Std of the normal initialisation of weights."""
     tokenizer: str = str(ASSETS / "tokenizers" / "bert-uncased")

@@ -367,8 +367,8 @@ def layer_terms(cfg: Any, tp: int, device: str, length: int) -> list[Term]:
     rms = m.normalization == "RMSNorm"
     stats = 1 if rms else 2  # rstd, or mean and rstd
     composite = cpu and rms  # torch's CPU RMSNorm is composite: it also keeps the normalised x
-    math_path = cpu and float(m.attention_dropout) > 0  # SDPA's unfused path on the CPU
-    drop = float(m.hidden_dropout) > 0
+    math_path = cpu and float(m.attention_dropout or 0.0) > 0  # SDPA's unfused path on the CPU
+    drop = float(m.hidden_dropout or 0.0) > 0
     all_modes = RECOMPUTE
     t: list[Term] = []
 
@@ -522,7 +522,7 @@ def stage_terms(cfg: Any, tp: int, pp: int, stage: int, device: str) -> list[Ter
             # The embedding LayerNorm runs on the whole sequence, before the SP scatter.
             t.append(Term("embedding norm input", h, a, RECOMPUTE))
             t.append(Term("embedding norm statistics", 2, a if cpu else FP32, RECOMPUTE))
-        if float(m.hidden_dropout) > 0:
+        if float(m.hidden_dropout or 0.0) > 0:
             t.append(Term("embedding dropout mask", hs, mask_width, RECOMPUTE))
     if not bert:
         # The RoPE frequencies, one table per forward: kept by fused RoPE, and by full
@@ -551,7 +551,7 @@ def head_bytes(cfg: Any, sequences: int, device: str) -> int:
     m = cfg.model
     h, a = int(m.hidden_size), WIDTH[cfg.trainer.precision]
     mask_width = a if device == "cpu" else 1
-    p = float(m.hidden_dropout if m.classifier_dropout is None else m.classifier_dropout)
+    p = float((m.hidden_dropout if m.classifier_dropout is None else m.classifier_dropout) or 0.0)
     # A dropout keeps its mask, and its output becomes the next layer's saved input.
     dropped = h * (mask_width + a)
     if cfg.task.head == "yes_no":

