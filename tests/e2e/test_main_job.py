@@ -24,7 +24,7 @@ def test_quickstart_reduced(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "megarank.quickstart", "--model", "bert_l2_h128", "--steps", "4",
          "--top-k", "5", "--embedder", "cognition/model", "--pseudo-queries", "20",
-         "--train-on", "cranfield", "--out", str(out)],
+         "--web-pseudo-queries", "10", "--train-on", "cranfield", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "cranfield BM25" in proc.stdout and "cisi megarank" in proc.stdout
@@ -36,6 +36,11 @@ def test_quickstart_reduced(tmp_path):
     records = read_triplets(out / "data" / "train_triplets.jsonl")
     cranfield = load_collection(data_dir("cranfield"))
     judged = [cranfield.queries[q] for q in cranfield.split_qids("train")]
+    web = read_triplets(out / "data" / "web_pseudo10.jsonl")
+    # then the general-domain pseudo-queries (first sentences of the FlagEmbedding passages)
+    assert 5 <= len(web) <= 10
+    assert [r.query for r in records[-len(web):]] == [r.query for r in web]
+    records = records[:-len(web)]
     assert [r.query for r in records[:112]] == judged and 15 <= len(records) - 112 <= 20
     assert all(r.pos_scores and len(r.neg_scores) == len(r.neg) == 31 for r in records[:112])
     titles = {first_sentence(text) for text in cranfield.corpus.values()}
