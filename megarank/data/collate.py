@@ -426,8 +426,9 @@ class PairCollator:
                     ) -> tuple[list[int], list[list[int]], torch.Tensor]:
         """MaxP: document i (ids ``doc_ids[i]``, query ``query_ids[query_of_row[i]]``) cut into
         windows of the most tokens a pair with its query holds, one every :meth:`stride_for`
-        (``stride``) tokens, its first ``max_windows`` of them (None: all). Returns the query of each row,
-        the window ids of each row, and the [D, K] rows of each document (-1 past its last)."""
+        (``stride``) tokens, its first ``max_windows`` of them (None: all). Returns the query of
+        each row, the window ids of each row, and the [D, K] rows of each document (-1 past its
+        last)."""
         row_query: list[int] = []
         row_ids: list[list[int]] = []
         owned: list[range] = []

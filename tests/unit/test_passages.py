@@ -162,7 +162,8 @@ def test_maxp_training_batches_hold_every_window_of_a_document():
     batch = c.encode_windows([[7]], [kept, doc[:5]], [0, 0], 2, teacher=[0.5, 0.1],
                              max_windows=3)
     assert batch.windows.tolist() == [[0, 1, 2], [3, -1, -1]]
-    assert batch.input_ids.shape[0] == 4 and batch.teacher_scores.tolist() == pytest.approx([0.5, 0.1])
+    assert batch.input_ids.shape[0] == 4
+    assert batch.teacher_scores.tolist() == pytest.approx([0.5, 0.1])
     for row, start in enumerate((0, 6, 12)):
         assert batch.input_ids[row, 3:3 + budget].tolist() == kept[start:start + budget]
     scores = torch.tensor([0.1, 0.9, 0.3, -2.0], requires_grad=True)
