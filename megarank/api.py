@@ -62,7 +62,7 @@ class Scorer:
         self.stage = stage
         """The model stage: config, runtime, tokenizer, contract, collator, model."""
         d = stage.cfg.data  # FirstP or MaxP (data.passages)
-        self._scorer = PairScorer(stage.collator, batch_size, d.passages, d.passage_stride)
+        self._scorer = PairScorer(stage.collator, batch_size, d.passages)
 
     def score(self, pairs: Sequence[tuple[str, str]], progress: bool = False) -> list[float]:
         """The score of every (query text, document text) pair, in order."""
@@ -241,7 +241,7 @@ def evaluate_model(model: str | Path, collection: str | Path | RerankTask, *,
             logger.info(f"{len(task.empty)} judged queries have no candidate in "
                         f"{task.run_path}: they count as 0 in both rows")
         reranked = rerank(task, stage.model, rt, stage.collator, batch_size,
-                          passages=stage.cfg.data.passages, stride=stage.cfg.data.passage_stride)
+                          passages=stage.cfg.data.passages)
         result = summarise(task, reranked, str(model), teacher_ranked,
                            None if teacher is None else str(teacher))
         if rt.is_main:

@@ -415,18 +415,17 @@ class PairCollator:
         """The most document tokens a pair with this query holds."""
         return self.max_length - self._fixed - len(query_ids)
 
-    def stride_for(self, size: int, stride: int | None = None) -> int:
-        """MaxP: tokens between the starts of windows of ``size`` tokens (``stride``, else
-        window_stride, else half a window)."""
-        return stride or self.window_stride or max(1, size // 2)
+    def stride_for(self, size: int) -> int:
+        """MaxP: tokens between the starts of windows of ``size`` tokens (window_stride, else
+        half a window)."""
+        return self.window_stride or max(1, size // 2)
 
     def window_rows(self, query_ids: Sequence[Sequence[int]], doc_ids: Sequence[Sequence[int]],
                     query_of_row: Sequence[int], max_windows: int | None = None,
-                    stride: int | None = None,
                     ) -> tuple[list[int], list[list[int]], torch.Tensor]:
         """MaxP: document i (ids ``doc_ids[i]``, query ``query_ids[query_of_row[i]]``) cut into
         windows of the most tokens a pair with its query holds, one every :meth:`stride_for`
-        (``stride``) tokens, its first ``max_windows`` of them (None: all). Returns the query of
+        tokens, its first ``max_windows`` of them (None: all). Returns the query of
         each row, the window ids of each row, and the [D, K] rows of each document (-1 past its
         last)."""
         row_query: list[int] = []
@@ -434,7 +433,7 @@ class PairCollator:
         owned: list[range] = []
         for q, doc in zip(query_of_row, doc_ids, strict=True):
             size = self.document_budget(query_ids[q])
-            cut = windows(list(doc), size, self.stride_for(size, stride))[:max_windows]
+            cut = windows(list(doc), size, self.stride_for(size))[:max_windows]
             owned.append(range(len(row_ids), len(row_ids) + len(cut)))
             row_query += [q] * len(cut)
             row_ids += cut

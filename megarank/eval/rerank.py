@@ -144,12 +144,11 @@ def score_pairs(scorer: PairScorer, model: torch.nn.Module, rt: Runtime,
 
 
 def rerank(task: RerankTask, model: torch.nn.Module, rt: Runtime, collator: PairCollator,
-           batch_size: int = 64, progress: bool = True, passages: str = "first",
-           stride: int | None = None) -> Run:
+           batch_size: int = 64, progress: bool = True, passages: str = "first") -> Run:
     """The task's candidates scored by ``model``, with the first stage's tail kept below them
-    (the same run on every rank). ``passages``/``stride``: FirstP or MaxP (``PairScorer``)."""
+    (the same run on every rank). ``passages``: FirstP or MaxP (``PairScorer``)."""
     keys = task.pairs()
-    scores = score_pairs(PairScorer(collator, batch_size, passages, stride), model, rt,
+    scores = score_pairs(PairScorer(collator, batch_size, passages), model, rt,
                          task.texts(keys), "rerank", progress)
     return with_tail(build_run(keys, scores.tolist(), task.candidates), task.tail)
 
@@ -160,17 +159,16 @@ class HeldOutEval:
 
     def __init__(self, collection_dir: str, run_path: str | None, split: str, top_k: int,
                  max_queries: int | None, collator: PairCollator, batch_size: int,
-                 metrics: tuple[str, ...] = METRICS, passages: str = "first",
-                 stride: int | None = None) -> None:
+                 metrics: tuple[str, ...] = METRICS, passages: str = "first") -> None:
         self.task = prepare(collection_dir, run_path, split, top_k).restricted(max_queries)
         if not self.task.pairs():
             raise ValueError(f"{self.task.run_path}: no candidates for the {split} queries")
         self.collator, self.batch_size = collator, batch_size
         self.metrics = list(metrics)
-        self.passages, self.stride = passages, stride
+        self.passages = passages
 
     def run(self, model: torch.nn.Module, rt: Runtime) -> dict[str, float]:
         """Rerank and return the metrics (the same on every rank)."""
         reranked = rerank(self.task, model, rt, self.collator, self.batch_size, progress=False,
-                          passages=self.passages, stride=self.stride)
+                          passages=self.passages)
         return mean_metrics(reranked, self.task.qrels, self.metrics)

@@ -53,18 +53,18 @@ class PairScorer:
     """Tokenizes pairs with a collator and scores them, identically on every rank.
 
     ``passages="max"`` (MaxP) scores every window of a long document with its query and keeps
-    the best; ``"first"`` (FirstP) scores the first window only (the collator's truncation).
+    the best (windows as the collator cuts them: ``data.passage_stride``); ``"first"`` (FirstP)
+    scores the first window only (the collator's truncation).
     """
 
-    def __init__(self, collator: PairCollator, batch_size: int, passages: str = "first",
-                 stride: int | None = None) -> None:
+    def __init__(self, collator: PairCollator, batch_size: int, passages: str = "first") -> None:
         if passages not in ("first", "max"):
             raise ValueError(f"passages must be first or max, got {passages!r}")
         if passages == "max" and not collator.pretokenizable:
             raise ValueError("passages=max needs query and document tokenized apart; a chat "
                              "prompt tokenizes each pair whole")
         self.collator, self.batch_size = collator, batch_size
-        self.passages, self.stride = passages, stride
+        self.passages = passages
 
     def score(self, model: torch.nn.Module, rt: Runtime,
               pairs: list[tuple[str, str]]) -> torch.Tensor:
@@ -82,8 +82,7 @@ class PairScorer:
         query_of_pair = [slot.setdefault(p[0], len(slot)) for p in pairs]
         query_ids = c.tokenize_queries(list(slot))
         row_query, row_ids, windows = c.window_rows(
-            query_ids, c.full_documents([p[1] for p in pairs]), query_of_pair,
-            stride=self.stride)
+            query_ids, c.full_documents([p[1] for p in pairs]), query_of_pair)
         batches = [c.encode_tokens(query_ids, row_ids[i:i + self.batch_size],
                                    row_query[i:i + self.batch_size], 1)
                    for i in range(0, len(row_ids), self.batch_size)]

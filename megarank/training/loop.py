@@ -88,7 +88,7 @@ def _train(stage: Stage, latest: Path | None, resume_notes: list[str],
         evaluator = HeldOutEval(
             cfg.data.eval_collection, cfg.data.eval_run, cfg.data.eval_split,
             cfg.data.eval_top_k, cfg.data.eval_max_queries, stage.collator, tr.eval_batch_size,
-            passages=cfg.data.passages, stride=cfg.data.passage_stride,
+            passages=cfg.data.passages,
         )
 
     log = MetricsLog(rt, out, tr.max_steps, state["step"], tr.progress_bar, cfg.logging, resolved)
