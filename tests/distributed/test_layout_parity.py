@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import grad_norms, losses, run_train
+from tests.conftest import grad_norms, losses, read_metrics, run_train
 
 pytestmark = pytest.mark.distributed
 
@@ -32,8 +32,12 @@ def test_maxp_training_layouts_match_single_process(tmp_path):
     """MaxP at training: each micro-batch holds a varying number of window rows (Cranfield's
     documents are longer than 64 tokens), which pipeline stages pass on with their shapes and
     data-parallel ranks reduce per document."""
-    _check_layouts("bert_tiny", ["data.passages=max", "data.train_passages=3"],
-                   [("tp1_pp2", "tp1_pp2", 2), ("dp2", "tp1_pp1", 2)], tmp_path)
+    ref = _check_layouts("bert_tiny", ["data.passages=max", "data.train_passages=3"],
+                         [("tp1_pp2", "tp1_pp2", 2), ("dp2", "tp1_pp1", 2)], tmp_path)
+    # MaxP was on: more real tokens a step than its documents can hold at 64 tokens each.
+    for r in read_metrics(ref):
+        if "tokens_per_s" in r:
+            assert r["tokens_per_s"] > 64 * r["pairs_per_s"], r
 
 
 def _check_layouts(model, extra, layouts, tmp_path):
@@ -66,3 +70,4 @@ def _check_layouts(model, extra, layouts, tmp_path):
             assert got[step] == pytest.approx(ref[step], abs=1e-5), (name, step, got, ref)
             # The global gradient norm (reduced over TP/PP/DP by megatron) agrees too.
             assert gn[step] == pytest.approx(ref_gn[step], rel=1e-4), (name, step, gn, ref_gn)
+    return ref_dir
