@@ -197,36 +197,32 @@ def main() -> None:
     mined = []
     embedder = args.embedder if Path(args.embedder).is_dir() else _package(args.embedder)
     extra = ["--model", embedder] if args.retriever == "dense" else []
-    if args.pseudo_queries:
-        extra += ["--pseudo-queries", str(args.pseudo_queries)]
     if args.fuse_bm25:
         extra += ["--fuse-bm25", str(args.fuse_bm25)]
-    # what the mined file depends on beyond the retriever, so --keep-data never reuses another's
-    variant = (f"_pseudo{args.pseudo_queries}" if args.pseudo_queries else "") + (
-        f"_fuse{args.fuse_bm25}" if args.fuse_bm25 else "") + (
-        f"_seed{args.seed}" if args.seed is not None else "")
-    for name in train_on:
-        path = out / "data" / f"{name}_train_{args.retriever}{variant}.jsonl"
-        if args.keep_data and path.is_file():
-            mined.append(path.read_text(encoding="utf-8"))
-            continue
-        timings[f"mine {name}"] = _run([
-            "megarank.mine", "--collection", str(ASSETS / "collections" / name), "--split",
-            "train", "--retriever", args.retriever, *extra, "--negatives", str(args.negatives),
-            *([] if args.seed is None else ["--seed", str(args.seed)]),
-            "--out", str(path)], log=out / f"mine_{name}.log")
-        mined.append(path.read_text(encoding="utf-8"))
-    if args.web_pseudo_queries:
-        seeded = f"_seed{args.seed}" if args.seed is not None else ""
-        path = out / "data" / f"web_pseudo{args.web_pseudo_queries}{seeded}.jsonl"
+    seeded = f"_seed{args.seed}" if args.seed is not None else ""
+
+    def mine(name: str, collection: Path, path: Path, options: list[str]) -> None:
+        """``megarank mine`` of one collection to ``path`` (kept with --keep-data), appended."""
         if not (args.keep_data and path.is_file()):
-            web = passage_corpus(sorted(WEB_EXAMPLES.glob("*.jsonl")), out / "data" / "web")
-            timings["mine web"] = _run([
-                "megarank.mine", "--collection", str(web), "--retriever", "dense", "--model",
-                embedder, "--pseudo-queries", str(args.web_pseudo_queries), "--negatives",
-                str(args.negatives), *([] if args.seed is None else ["--seed", str(args.seed)]),
-                "--out", str(path)], log=out / "mine_web.log")
+            timings[f"mine {name}"] = _run([
+                "megarank.mine", "--collection", str(collection), "--retriever", args.retriever,
+                *options, "--negatives", str(args.negatives),
+                *([] if args.seed is None else ["--seed", str(args.seed)]),
+                "--out", str(path)], log=out / f"mine_{name}.log")
         mined.append(path.read_text(encoding="utf-8"))
+
+    # what a mined file depends on beyond the retriever, so --keep-data never reuses another's
+    pseudo = ["--pseudo-queries", str(args.pseudo_queries)] if args.pseudo_queries else []
+    variant = (f"_pseudo{args.pseudo_queries}" if args.pseudo_queries else "") + (
+        f"_fuse{args.fuse_bm25}" if args.fuse_bm25 else "") + seeded
+    for name in train_on:
+        mine(name, ASSETS / "collections" / name,
+             out / "data" / f"{name}_train_{args.retriever}{variant}.jsonl",
+             ["--split", "train", *extra, *pseudo])
+    if args.web_pseudo_queries:  # a corpus without queries: its pseudo-queries alone
+        mine("web", passage_corpus(sorted(WEB_EXAMPLES.glob("*.jsonl")), out / "data" / "web"),
+             out / "data" / f"web_pseudo{args.web_pseudo_queries}{seeded}.jsonl",
+             ["--model", embedder, "--pseudo-queries", str(args.web_pseudo_queries)])
     triplets.write_text("".join(mined), encoding="utf-8")
 
     # 2. Import the pretrained encoder as a megarank checkpoint.
