@@ -232,6 +232,9 @@ def build_model(cfg: DictConfig, rt: Runtime, contract: ScoringContract,
     if peft_enabled(cfg) and kernels.name == "te":
         kernels = KernelChoice("local", "peft: LoRA adapters run on megatron's local layers "
                                         "(TE fuses each norm into the linear the adapter reads)")
+    if cfg.data.packing and kernels.name == "te":
+        kernels = KernelChoice("local", "data.packing: packed rows attend through megarank's "
+                                        "varlen/SDPA core attention, not TE's")
     check_kernel_support(cfg.parallel.sequence_parallel, kernels)
     tconfig = transformer_config(cfg, rt.device, kernels.name)
     ids = None

@@ -198,6 +198,15 @@ class DataConfig:
     """Tokens kept of the query before the document is fitted."""
     pad_to_multiple_of: int = 8
     """Dynamic padding per micro-batch is rounded up to this."""
+    packing: bool = False
+    """Padding-free training: a micro-batch's pairs are laid end to end in one row, attention
+    kept inside each pair (flash varlen attention on CUDA, an exact unpacked SDPA elsewhere),
+    positions restarting per pair, each pair scored at its own token. Scores, losses and
+    gradients equal the padded micro-batch's; linears, norms and MLPs see no padding."""
+    packed_multiple: int = 64
+    """With data.packing: the packed row's width is rounded up to a multiple of this, so a run
+    sees few distinct shapes (kernel plans and allocator blocks are reused); the remainder is
+    one padding segment."""
     passages: str = "first"
     """How training, evaluation and scoring read a document longer than a pair holds:
     ``first`` (FirstP: its first data.max_length tokens) or ``max`` (MaxP: windows of it, each

@@ -285,6 +285,14 @@ def validate(cfg: Any, world_size: int) -> Derived:
             f"({cfg.data.pad_to_multiple_of}) divisible by parallel.tensor_model_parallel_size "
             f"({tp})"
         )
+    if cfg.data.packed_multiple < 1:
+        errors.append(f"data.packed_multiple ({cfg.data.packed_multiple}) must be >= 1")
+    elif (cfg.data.packing and p.sequence_parallel and tp > 0
+          and cfg.data.packed_multiple % tp != 0):
+        errors.append(
+            f"parallel.sequence_parallel with data.packing needs data.packed_multiple "
+            f"({cfg.data.packed_multiple}) divisible by parallel.tensor_model_parallel_size "
+            f"({tp})")
     if p.use_distributed_optimizer and tr.precision == "fp16":
         errors.append("parallel.use_distributed_optimizer with trainer.precision fp16 is not "
                       "supported; use bf16")

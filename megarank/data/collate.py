@@ -28,13 +28,16 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from megarank.config.validate import chat_template_problem
 from megarank.data.groups import Group
+
+if TYPE_CHECKING:
+    from megarank.data.packing import PackedPairs
 
 DEFAULT_DECODER_TEMPLATE = "Query: {query}\nDocument: {document}\nRelevant:"
 """The decoder prompt used when `template` is None."""
@@ -70,6 +73,28 @@ class PairBatch:
     """MaxP: [D, K] long, the rows holding each document's windows (-1 past its last), so a
     document's score is its best window's (:func:`max_over_windows`); N rows then, not D. None:
     one row a document (N = D = groups * group_size)."""
+    packed: PackedPairs | None = None
+    """Padding-free layout (megarank.data.packing): the N rows laid end to end in ONE row of
+    ``input_ids`` [1, T], ``pool_index`` positions in that row, attention kept inside each pair
+    by these segment boundaries. None: right-padded rows."""
+
+    @property
+    def num_rows(self) -> int:
+        """Sequences (pairs, or MaxP windows) in the micro-batch, packed or not."""
+        return self.pool_index.shape[0]
+
+    def pin_memory(self) -> PairBatch:
+        """A copy in page-locked host memory, so ``to(cuda, non_blocking=True)`` overlaps."""
+        return replace(
+            self, input_ids=self.input_ids.pin_memory(),
+            attention_mask=self.attention_mask.pin_memory(),
+            token_type_ids=self.token_type_ids.pin_memory(),
+            pool_index=self.pool_index.pin_memory(),
+            teacher_scores=None if self.teacher_scores is None
+            else self.teacher_scores.pin_memory(),
+            windows=None if self.windows is None else self.windows.pin_memory(),
+            packed=None if self.packed is None else self.packed.pin_memory(),
+        )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PairBatch:
         """A copy with every tensor moved to `device`."""
@@ -83,6 +108,8 @@ class PairBatch:
             else self.teacher_scores.to(device, non_blocking=non_blocking),
             windows=None if self.windows is None
             else self.windows.to(device, non_blocking=non_blocking),
+            packed=None if self.packed is None
+            else self.packed.to(device, non_blocking=non_blocking),
         )
 
 

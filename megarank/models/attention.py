@@ -5,6 +5,13 @@ baddbmm and a masked softmax; SDPA picks a flash / memory-efficient kernel on re
 fused math kernel on the CPU. It is the core attention of the local layer specs whenever Transformer
 Engine is not used. Same interface as megatron's core attention: inputs are
 [s, b, heads, head_dim], the output is [s, b, heads * head_dim].
+
+Packed rows (megarank.data.packing; ``packed_seq_params`` a ``PackedPairs``): one row of pairs
+laid end to end, attention kept inside each pair. On CUDA, with no attention dropout, that is
+flash varlen attention (``torch.nn.attention.varlen.varlen_attn``) over the segment boundaries;
+elsewhere (the CPU, dropout, a torch without varlen) the tokens are gathered into a
+[segments, longest] layout, attended in one batched SDPA call with a key mask, and gathered back.
+Both compute exactly what the padded rows would.
 """
 
 from __future__ import annotations
@@ -13,6 +20,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+try:  # torch >= 2.10: flash attention over packed variable-length sequences (CUDA only)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - older torch
+    varlen_attn = None
 from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -54,8 +66,12 @@ class SDPAttention(MegatronModule):
         ``attention_mask`` is megatron's convention: bool, True where attention is NOT allowed,
         broadcastable to [b, 1, sq, sk]. Causal masking comes from the mask type, not a tensor.
         """
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("SDPAttention supports neither packed sequences nor bias")
+        if attention_bias is not None:
+            raise NotImplementedError("SDPAttention supports no attention bias")
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params,
+                                attn_mask_type if attn_mask_type is not None
+                                else self.attn_mask_type)
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         sq, b, np_, hn = query.shape
         # [s, b, h, d] -> [b, h, s, d]
@@ -83,3 +99,44 @@ class SDPAttention(MegatronModule):
             ctx = F.scaled_dot_product_attention(q, k, v, **kwargs)
         # [b, np, sq, hn] -> [sq, b, np*hn]
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+
+    def _packed(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packed,
+                mask_type: AttnMaskType) -> torch.Tensor:
+        """One packed row [T, 1, heads, d] -> [T, 1, heads * d], attention inside each segment."""
+        t, b, np_, hn = query.shape
+        if b != 1:
+            raise ValueError(f"a packed micro-batch is one row, got {b}")
+        causal = mask_type == AttnMaskType.causal
+        dropout_p = self.dropout_p if self.training else 0.0
+        q, k, v = query[:, 0], key[:, 0], value[:, 0]  # [T, heads, d]
+        if q.is_cuda and varlen_attn is not None and dropout_p == 0.0:
+            if k.shape[1] != np_:  # grouped-query attention: varlen has no enable_gqa (2.11)
+                k = k.repeat_interleave(np_ // k.shape[1], dim=1)
+                v = v.repeat_interleave(np_ // v.shape[1], dim=1)
+            cu = packed.cu_seqlens
+            ctx = varlen_attn(q, k, v, cu, cu, packed.max_seqlen, packed.max_seqlen,
+                              scale=self.softmax_scale,
+                              window_size=(-1, 0) if causal else (-1, -1))
+            return ctx.reshape(t, 1, np_ * hn)
+        # Unpack: [T, h, d] -> [S, h, L, d] (a zero row stands for "no token"), batched SDPA.
+        gather, keep = packed.gather_index, packed.key_mask  # [S, L]
+        s_, l_ = gather.shape
+
+        def unpack(x: torch.Tensor) -> torch.Tensor:
+            x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
+            return x[gather].permute(0, 2, 1, 3)  # [S, h, L, d]
+
+        qs, ks, vs = unpack(q), unpack(k), unpack(v)
+        mask = keep[:, None, None, :]  # [S, 1, 1, L]: may attend to real keys only
+        if causal:
+            mask = mask & torch.ones(l_, l_, dtype=torch.bool, device=q.device).tril()
+        kwargs = dict(attn_mask=mask, dropout_p=dropout_p, scale=self.softmax_scale,
+                      enable_gqa=ks.shape[1] != qs.shape[1])
+        if dropout_p > 0.0 and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                ctx = F.scaled_dot_product_attention(qs, ks, vs, **kwargs)
+        else:
+            ctx = F.scaled_dot_product_attention(qs, ks, vs, **kwargs)
+        # [S, h, L, d] -> [S * L, h * d] -> the row's tokens in order.
+        ctx = ctx.permute(0, 2, 1, 3).reshape(s_ * l_, np_ * hn)
+        return ctx[packed.scatter_index].reshape(t, 1, np_ * hn)

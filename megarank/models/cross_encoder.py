@@ -62,9 +62,18 @@ class CrossEncoder(MegatronModule):
         self.backbone.set_input_tensor(input_tensor)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor, pool_index: torch.Tensor) -> torch.Tensor:
-        """[b, s] inputs -> scores [b] on the last stage, hidden states [s, b, h] elsewhere."""
-        hidden = self.backbone(input_ids, attention_mask, token_type_ids)
+                token_type_ids: torch.Tensor, pool_index: torch.Tensor,
+                packed=None) -> torch.Tensor:
+        """[b, s] inputs -> scores [b] on the last stage, hidden states [s, b, h] elsewhere.
+
+        ``packed`` (megarank.data.packing.PackedPairs): the inputs are one row [1, T] of pairs
+        laid end to end and ``pool_index`` holds each pair's pooled position in it; the scores
+        are then one per pair.
+        """
+        if packed is None:
+            hidden = self.backbone(input_ids, attention_mask, token_type_ids)
+        else:
+            hidden = self.backbone(input_ids, attention_mask, token_type_ids, packed=packed)
         if self.head is None:
             return hidden
         return self.head(hidden, pool_index)

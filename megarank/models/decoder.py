@@ -77,17 +77,23 @@ class DecoderBackbone(MegatronModule):
         self.decoder.set_input_tensor(input_tensor)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None, packed=None) -> torch.Tensor:
         """[b, s] ids -> hidden states [s, b, h] of this stage.
 
         Right padding + causal attention: real tokens never see padding, so no padding mask is
         needed and the causal kernel path stays available. ``attention_mask`` is used only by the
-        head (pooling position).
+        head (pooling position). ``packed`` (megarank.data.packing.PackedPairs): one row of
+        pairs end to end; positions restart in each pair and attention stays inside it.
         """
         b, s = input_ids.shape
+        positions = (packed.position_ids if packed is not None
+                     else torch.arange(s, device=input_ids.device)[None].expand(b, s))
         x = None
         if self.pre_process:
-            positions = torch.arange(s, device=input_ids.device)[None].expand(b, s)
             x = self.embedding(input_ids=input_ids, position_ids=positions)
-        rotary = self.rotary_pos_emb(s)
-        return self.decoder(hidden_states=x, attention_mask=None, rotary_pos_emb=rotary)
+        if packed is None:
+            rotary = self.rotary_pos_emb(s)
+        else:  # each token's own position: [s, 1, 1, d] frequencies gathered by position
+            rotary = self.rotary_pos_emb(packed.max_seqlen)[positions[0]]
+        return self.decoder(hidden_states=x, attention_mask=None, rotary_pos_emb=rotary,
+                            packed_seq_params=packed)

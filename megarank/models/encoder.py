@@ -76,14 +76,17 @@ class BertEmbeddings(MegatronModule):
         )
         self.dropout = torch.nn.Dropout(config.hidden_dropout)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids, token_type_ids [b, s] -> [s, b, h]."""
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, token_type_ids [b, s] -> [s, b, h]. ``position_ids`` [b, s]: each token's
+        position in its own pair (packed rows); None: 0..s-1 in every row."""
         # Right padding: real tokens are positions 0..n-1 of their row, so this equals HF RoBERTa's
         # cumulative count of non-padding tokens on every real token (padding is masked).
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device) + self.position_offset
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         x = (
             self.word_embeddings(input_ids)
-            + self.position_embeddings(positions)[None]
+            + self.position_embeddings(position_ids + self.position_offset)
             + self.token_type_embeddings(token_type_ids)
         )
         x = self.layernorm(x.transpose(0, 1).contiguous())  # [s, b, h]
@@ -118,8 +121,14 @@ class BertBackbone(MegatronModule):
         self.encoder.set_input_tensor(input_tensor)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor) -> torch.Tensor:
-        """[b, s] ids and mask (1 = token) -> hidden states [s, b, h] of this stage."""
+                token_type_ids: torch.Tensor, packed=None) -> torch.Tensor:
+        """[b, s] ids and mask (1 = token) -> hidden states [s, b, h] of this stage.
+        ``packed`` (megarank.data.packing.PackedPairs): one row of pairs end to end, attention
+        kept inside each pair by its segments instead of a padding mask."""
+        if packed is not None:
+            x = (self.embeddings(input_ids, token_type_ids, packed.position_ids)
+                 if self.pre_process else None)
+            return self.encoder(hidden_states=x, attention_mask=None, packed_seq_params=packed)
         # megatron convention: True where attention is NOT allowed; [b, 1, 1, s] broadcasts.
         mask = (attention_mask == 0)[:, None, None, :]
         x = self.embeddings(input_ids, token_type_ids) if self.pre_process else None

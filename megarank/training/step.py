@@ -37,13 +37,18 @@ class StepCounters:
     """Model FLOPs (forward + backward) of this rank's micro-batches at their padded length."""
 
     def add(self, batch: PairBatch) -> None:
-        """Account one micro-batch."""
+        """Account one micro-batch (a host-side batch: nothing here waits for a device)."""
         n, t = batch.input_ids.shape
         self.real_tokens += batch.num_real_tokens
         self.padded_tokens += n * t
-        self.pairs += n
-        if self.model is not None:
+        self.pairs += batch.num_rows
+        if self.model is None:
+            return
+        if batch.packed is None:
             self.flops += step_flops(self.model, t, num_sequences=n, head=self.head)
+        else:  # each segment attends over itself only: count it at its own length
+            cu = batch.packed.cu_seqlens
+            self.flops += step_flops(self.model, (cu[1:] - cu[:-1]).tolist(), head=self.head)
 
     def reset(self) -> None:
         """Start a new step."""
@@ -79,7 +84,7 @@ def make_forward_step(task: Any, device: torch.device, counters: StepCounters,
         counters.add(batch)
         batch = batch.to(device, non_blocking=True)
         scores = model(batch.input_ids, batch.attention_mask, batch.token_type_ids,
-                       batch.pool_index)
+                       batch.pool_index, packed=batch.packed)
         if poisoned is not None and poisoned():
             scores = scores * float("nan")
         return scores, partial(_loss_func, batch.group_size, task, batch.teacher_scores,
