@@ -208,7 +208,7 @@ def build_tokenizer(cfg: DictConfig) -> Any:
 
 def build_collator(cfg: DictConfig, contract: ScoringContract, tokenizer: Any) -> PairCollator:
     """Pair tokenization as the scoring contract records it (from the config come only the
-    batch padding multiple and MaxP training's windows, which change no score)."""
+    batch padding multiple or packing and MaxP training's windows, which change no score)."""
     d = cfg.data
     return PairCollator(
         tokenizer, kind="encoder" if contract.family == "bert" else "decoder",
@@ -218,6 +218,7 @@ def build_collator(cfg: DictConfig, contract: ScoringContract, tokenizer: Any) -
         suffix=contract.prompt_suffix or "", instruction=contract.instruction,
         train_windows=d.train_passages if d.passages == "max" else 1,
         window_stride=d.passage_stride,
+        packed_multiple=d.packed_multiple if d.packing else None,
     )
 
 

@@ -241,6 +241,7 @@ class PairCollator:
         instruction: str | None = None,
         train_windows: int = 1,
         window_stride: int | None = None,
+        packed_multiple: int | None = None,
     ) -> None:
         """Configure the collator.
 
@@ -268,6 +269,9 @@ class PairCollator:
                 many windows (its first ones; see :meth:`encode_windows`), so
                 :meth:`tokenize_documents` keeps enough of it; 1: its first window (FirstP).
             window_stride: MaxP: tokens between window starts; None: half a window.
+            packed_multiple: padding-free batches for the model (``data.packing``): what
+                :meth:`model_layout` makes of a batch, its pairs end to end in one row rounded
+                up to this many tokens; None: right-padded rows.
         """
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
@@ -288,6 +292,9 @@ class PairCollator:
             raise ValueError("MaxP windows need query and document tokenized apart; a chat "
                              "prompt tokenizes each pair whole")
         self.train_windows, self.window_stride = train_windows, window_stride
+        if packed_multiple is not None and packed_multiple < 1:
+            raise ValueError(f"packed_multiple must be >= 1, got {packed_multiple}")
+        self.packed_multiple = packed_multiple
         if max_length % pad_to_multiple_of:
             raise ValueError(
                 f"max_length ({max_length}) must be a multiple of pad_to_multiple_of "
@@ -344,6 +351,16 @@ class PairCollator:
         # to train_windows windows of that size, each a stride after the last.
         budget = max_length - fixed
         self.document_tokens = budget + (train_windows - 1) * self.stride_for(budget)
+
+    def model_layout(self, batch: PairBatch) -> PairBatch:
+        """``batch`` as the model reads it: packed (megarank.data.packing) when this collator
+        packs, else as it is. Encoding stays padded, so batching by rows and lengths (serving's
+        batcher) works on rows; what goes into the model goes through here."""
+        if self.packed_multiple is None:
+            return batch
+        from megarank.data.packing import pack_batch
+
+        return pack_batch(batch, self.packed_multiple)
 
     def _plain(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
         """Token ids of `texts` without special tokens, cut to `max_tokens` (one batched call)."""

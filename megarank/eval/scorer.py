@@ -17,8 +17,9 @@ from megarank.parallel.runtime import Runtime
 
 @torch.no_grad()
 def score_batches(model: torch.nn.Module, rt: Runtime, batches: list[PairBatch]) -> torch.Tensor:
-    """Scores of every row of ``batches`` (the same list on every rank), float32 on the CPU."""
-    sizes = [b.input_ids.shape[0] for b in batches]
+    """Scores of every row of ``batches`` (the same list on every rank), float32 on the CPU.
+    Padded or packed (one row of pairs end to end) batches alike: a score per pair."""
+    sizes = [b.num_rows for b in batches]
     offsets = [0]
     for n in sizes:
         offsets.append(offsets[-1] + n)
@@ -30,7 +31,8 @@ def score_batches(model: torch.nn.Module, rt: Runtime, batches: list[PairBatch])
     if mine:
         def step(it, m):
             b = next(it).to(rt.device)
-            s = m(b.input_ids, b.attention_mask, b.token_type_ids, b.pool_index)
+            s = m(b.input_ids, b.attention_mask, b.token_type_ids, b.pool_index,
+                  packed=b.packed)
             return s, lambda x: (x.sum() * 0.0, {"scores": x.detach().float()})
 
         was_training = model.training
@@ -39,7 +41,7 @@ def score_batches(model: torch.nn.Module, rt: Runtime, batches: list[PairBatch])
             results = get_forward_backward_func()(
                 forward_step_func=step, data_iterator=iter(mine), model=[model],
                 num_microbatches=len(mine), seq_length=max(b.input_ids.shape[1] for b in mine),
-                micro_batch_size=max(sizes[lo_b:hi_b]), forward_only=True,
+                micro_batch_size=max(b.input_ids.shape[0] for b in mine), forward_only=True,
             )
         finally:
             model.train(was_training)
@@ -71,8 +73,8 @@ class PairScorer:
         """Scores [len(pairs)] (float32, CPU) of (query text, document text) pairs."""
         if self.passages == "max":
             return self._max_over_windows(model, rt, pairs)
-        batches = [self.collator.encode_pairs(pairs[i:i + self.batch_size])
-                   for i in range(0, len(pairs), self.batch_size)]
+        batches = [self.collator.model_layout(self.collator.encode_pairs(
+            pairs[i:i + self.batch_size])) for i in range(0, len(pairs), self.batch_size)]
         return score_batches(model, rt, batches)
 
     def _max_over_windows(self, model: torch.nn.Module, rt: Runtime,
@@ -83,7 +85,7 @@ class PairScorer:
         query_ids = c.tokenize_queries(list(slot))
         row_query, row_ids, windows = c.window_rows(
             query_ids, c.full_documents([p[1] for p in pairs]), query_of_pair)
-        batches = [c.encode_tokens(query_ids, row_ids[i:i + self.batch_size],
-                                   row_query[i:i + self.batch_size], 1)
+        batches = [c.model_layout(c.encode_tokens(query_ids, row_ids[i:i + self.batch_size],
+                                                  row_query[i:i + self.batch_size], 1))
                    for i in range(0, len(row_ids), self.batch_size)]
         return max_over_windows(score_batches(model, rt, batches), windows)

@@ -214,20 +214,22 @@ def apply_optimizer_fixes() -> bool:
     return True
 
 
-def grads_are_finite(model: DistributedDataParallel) -> bool:
-    """Whether this rank's gradient buffers hold only finite values (before the optimizer step).
+def grads_finite_tensor(model: DistributedDataParallel) -> torch.Tensor:
+    """A 0-d bool tensor on the gradients' device: whether this rank's gradient buffers hold only
+    finite values (before the optimizer step). No host sync: the caller reads it with the step's
+    other numbers.
 
     megatron's DDP keeps every gradient in a few flat buffers (``grad_data``); fp32 and bf16
     optimizers step whatever is there (only fp16's loss scaler checks), so a NaN would reach the
-    weights. One reduction per buffer and a single host sync per step.
+    weights. One reduction per buffer.
     """
     buffers = list(getattr(model, "buffers", [])) + list(
         getattr(model, "expert_parallel_buffers", []))
     grads = [b.grad_data for b in buffers] or [p.grad for p in model.parameters()
                                                 if p.grad is not None]
     if not grads:
-        return True
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack([torch.isfinite(g).all() for g in grads]).all()
 
 
 def weights_are_finite(model: torch.nn.Module) -> bool:

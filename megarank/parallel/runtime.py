@@ -127,11 +127,18 @@ def init_runtime(tp: int, pp: int, seed: int, device: str = "auto") -> Runtime:
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
         )
     seed_everything(seed)
+    return current_runtime(dev)
+
+
+def current_runtime(device: torch.device) -> Runtime:
+    """This process's place in the layout megatron's parallel state holds now."""
+    from megatron.core import parallel_state as ps
+
     return Runtime(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-        device=dev,
+        device=device,
         tp_rank=ps.get_tensor_model_parallel_rank(),
         tp_size=ps.get_tensor_model_parallel_world_size(),
         pp_rank=ps.get_pipeline_model_parallel_rank(),

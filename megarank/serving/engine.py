@@ -116,7 +116,7 @@ class RerankEngine:
             raise
 
     def _score(self, batch: PairBatch) -> torch.Tensor:
-        return score_batches(self.stage.model, self.stage.rt, [batch])
+        return score_batches(self.stage.model, self.stage.rt, [self.collator.model_layout(batch)])
 
     # ----------------------------------------------------------------------------- lifecycle
     def warm_up(self) -> list[float]:

@@ -35,7 +35,7 @@ from megarank.stage import Stage, build_stage, peft_enabled
 from megarank.training.flops import mfu, peak_tflops
 from megarank.training.logs import MetricsLog, setup_logging
 from megarank.training.setup import build_data, resolve_output_dir
-from megarank.training.step import StepCounters, make_forward_step, reduce_step_stats, train_step
+from megarank.training.step import StepCounters, make_forward_step, train_step
 
 
 class NonFiniteError(RuntimeError):
@@ -202,9 +202,10 @@ def _train(stage: Stage, latest: Path | None, resume_notes: list[str],
     for step in range(state["step"] + 1, last + 1):
         counters.reset()
         current["step"] = step
-        losses, grad_norm, lr, updated = train_step(
+        stats, grad_norm, lr, updated = train_step(
             forward_backward, forward_step, batches, model, optimizer, scheduler,
             derived.num_microbatches, cfg.data.max_length, derived.pairs_per_micro_batch,
+            counters, rt, stop.requested,
         )
         if updated:
             health["in_a_row"] = 0
@@ -215,7 +216,6 @@ def _train(stage: Stage, latest: Path | None, resume_notes: list[str],
                       f"({health['in_a_row']} in a row, {health['skipped']} in all)")
         if queue is not None:
             queue.maybe_finalize_async_calls(blocking=False)
-        stats = reduce_step_stats(losses, counters, rt, stop.requested)
         window.add(stats)
         window.data_wait += batches.take_wait()
         state = {"step": step, "consumed_samples": state["consumed_samples"] + tr.global_batch_size}

@@ -13,7 +13,6 @@ from omegaconf import DictConfig
 from megarank.config.validate import ConfigError
 from megarank.data.collate import PairCollator
 from megarank.data.groups import GroupDataset
-from megarank.data.packing import pack_batch
 from megarank.data.prefetch import Prefetcher
 from megarank.data.prepared import (
     TokenGroupDataset,
@@ -93,9 +92,7 @@ def build_data(cfg: DictConfig, rt: Runtime, collator: PairCollator, consumed_sa
         # Made on the prefetch thread: packing and pinning stay off the step's critical path,
         # and pinned batches copy to the GPU asynchronously.
         for items in sampler:
-            batch = collate(items)
-            if cfg.data.packing:
-                batch = pack_batch(batch, cfg.data.packed_multiple)
+            batch = collator.model_layout(collate(items))
             yield batch.pin_memory() if pin else batch
 
     num_microbatches = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * rt.dp_size)

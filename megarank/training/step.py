@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from megarank.data.collate import PairBatch, max_over_windows
-from megarank.parallel.megatron import grads_are_finite
-from megarank.parallel.runtime import Runtime
+from megarank.parallel.megatron import grads_finite_tensor
+from megarank.parallel.runtime import Runtime, current_runtime
 from megarank.training.flops import step_flops
 from megarank.training.losses import group_loss
 
@@ -94,14 +94,19 @@ def make_forward_step(task: Any, device: torch.device, counters: StepCounters,
 
 
 def train_step(forward_backward, forward_step, data: Iterator[PairBatch], model, optimizer,
-               scheduler, num_microbatches: int, seq_length: int,
-               pairs_per_micro_batch: int) -> tuple[list[dict], float, float, bool]:
+               scheduler, num_microbatches: int, seq_length: int, pairs_per_micro_batch: int,
+               counters: StepCounters | None = None, rt: Runtime | None = None,
+               stop_requested: bool = False) -> tuple[dict[str, float], float, float, bool]:
     """One optimizer step over ``num_microbatches`` micro-batches.
 
     When any rank's loss or gradients are not finite the update is skipped on every rank (the
     weights, the Adam state and the LR schedule stay as they were) and the gradient norm is NaN.
-    Returns the loss dicts of the last stage's micro-batches, the gradient norm, the learning
-    rate the step used, and whether the update was applied.
+    Returns the step's reduced stats (:func:`reduce_step_stats`), the gradient norm, the
+    learning rate the step used, and whether the update was applied.
+
+    The host waits for the device twice a step: once for the reduced stats (which carry the
+    finite check, so the micro-batch loop itself never waits), once inside the optimizer for the
+    gradient norm that clipping needs.
     """
     model.zero_grad_buffer()
     optimizer.zero_grad()
@@ -111,42 +116,43 @@ def train_step(forward_backward, forward_step, data: Iterator[PairBatch], model,
         micro_batch_size=pairs_per_micro_batch, forward_only=False,
     )
     lr = optimizer.param_groups[0]["lr"]
-    if not _finite_everywhere(losses, model):
-        return losses, float("nan"), lr, False
+    if rt is None:
+        rt = current_runtime(next(model.parameters()).device)
+    stats = reduce_step_stats(losses, counters or StepCounters(), rt, stop_requested, model)
+    if not stats["finite"]:
+        return stats, float("nan"), lr, False
     _, grad_norm, _ = optimizer.step()
     scheduler.step(increment=1)
-    return losses, float(grad_norm) if grad_norm is not None else float("nan"), lr, True
-
-
-def _finite_everywhere(losses: list[dict], model: Any) -> bool:
-    """Whether every rank's losses and gradients are finite (one all-reduce)."""
-    bad = any(not bool(torch.isfinite(d["loss"]).all()) for d in losses)
-    bad = bad or not grads_are_finite(model)
-    device = next(model.parameters()).device
-    flag = torch.tensor([float(bad)], device=device if device.type == "cuda" else "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return not bool(flag.item())
+    return stats, float(grad_norm) if grad_norm is not None else float("nan"), lr, True
 
 
 def reduce_step_stats(losses: list[dict], counters: StepCounters, rt: Runtime,
-                      stop_requested: bool = False) -> dict[str, float]:
-    """Global mean loss, token and FLOP counts of a step, and any rank's stop request, on every
-    rank, in one all-reduce.
+                      stop_requested: bool = False, model: Any = None) -> dict[str, Any]:
+    """Global mean loss, token and FLOP counts of a step, any rank's stop request and whether
+    every rank's losses and gradients are finite, on every rank: one all-reduce and one read.
 
     Loss: the mean over micro-batches on the last stage, averaged over data-parallel ranks
     (contributed once per DP rank, by TP rank 0). Tokens and FLOPs: summed over DP ranks (first
-    stage, TP rank 0).
+    stage, TP rank 0). ``model``: whose gradient buffers are checked (None: losses only).
     """
-    t = torch.zeros(5, dtype=torch.float64)
-    if rt.is_last_stage and rt.tp_rank == 0 and losses:
-        t[0] = torch.stack([d["loss"].double().cpu() for d in losses]).mean() / rt.dp_size
-    if rt.is_first_stage and rt.tp_rank == 0:
-        t[1] = counters.real_tokens
-        t[2] = counters.padded_tokens
-        t[3] = counters.flops
-    t[4] = float(stop_requested)
-    if rt.device.type == "cuda":
-        t = t.to(rt.device)
+    device = rt.device if rt.device.type == "cuda" else torch.device("cpu")
+    # Host numbers travel in one small copy; the device-side terms are added to them there.
+    host = torch.tensor([0.0, counters.real_tokens, counters.padded_tokens, counters.flops,
+                         float(stop_requested), 0.0], dtype=torch.float64)
+    if not (rt.is_first_stage and rt.tp_rank == 0):
+        host[1:4] = 0.0
+    t = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    if losses:
+        stacked = torch.stack([d["loss"].reshape(()) for d in losses]).to(device)
+        bad = bad | ~torch.isfinite(stacked).all()
+        if rt.is_last_stage and rt.tp_rank == 0:
+            t[0] = stacked.double().mean() / rt.dp_size
+    if model is not None:
+        bad = bad | ~grads_finite_tensor(model).to(device)
+    t[5] = bad.double()
+    # Sum for the counts; MAX is what the flags need, and a sum > 0 says the same.
     dist.all_reduce(t)
-    return {"loss": float(t[0]), "real_tokens": float(t[1]), "padded_tokens": float(t[2]),
-            "flops": float(t[3]), "stop": bool(t[4] > 0)}
+    v = t.tolist()
+    return {"loss": v[0], "real_tokens": v[1], "padded_tokens": v[2], "flops": v[3],
+            "stop": v[4] > 0, "finite": v[5] == 0}

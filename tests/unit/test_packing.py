@@ -145,3 +145,29 @@ def test_packed_training_equals_padded_and_drops_the_padding(tmp_path):
     # Packed rows are rounded up to 8 tokens only: under 1% of the ~1,500 tokens a micro-batch.
     assert max(r["padding_fraction"] for r in packed) < 0.01
     assert all(b["pairs_per_s"] > 0 for b in packed)
+
+
+@pytest.mark.parametrize("passages", ["first", "max"])
+def test_scoring_packs_and_scores_as_padded(passages):
+    """Evaluation and `megarank score` (PairScorer) and serving read batches through the
+    collator's model_layout: with data.packing the model sees one packed row per batch, and
+    every score equals the padded one's."""
+    from megarank.eval.scorer import PairScorer
+
+    cfg = compose(["model=gpt_tiny", "data.max_length=32", "data.max_query_length=8",
+                   "model.hidden_dropout=0", "model.attention_dropout=0", "data.packing=true",
+                   f"data.passages={passages}"])
+    pairs = [(q, d) for q in QUERIES for d in DOCS]
+    with build_stage(cfg, load_hf=False, device="cpu") as stage:
+        seen = []
+        hook = stage.model.module.register_forward_pre_hook(
+            lambda _m, args, kwargs: seen.append((args[0].shape, kwargs.get("packed"))),
+            with_kwargs=True)
+        scorer = PairScorer(stage.collator, 8, passages)
+        packed = scorer.score(stage.model, stage.rt, pairs)
+        assert seen and all(shape[0] == 1 and p is not None for shape, p in seen)
+        stage.collator.packed_multiple = None
+        padded = scorer.score(stage.model, stage.rt, pairs)
+        hook.remove()
+    assert packed.shape == (len(pairs),)
+    torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
