@@ -16,19 +16,33 @@ Both compute exactly what the padded rows would.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 try:  # torch >= 2.10: flash attention over packed variable-length sequences (CUDA only)
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # pragma: no cover - older torch
     varlen_attn = None
-from megatron.core import tensor_parallel
-from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.transformer_config import TransformerConfig
+
+_VARLEN_DTYPES = (torch.float16, torch.bfloat16)  # flash kernels: half precision only
+
+
+# What this torch's varlen_attn takes: causality as ``window_size`` (2.11: (-1, 0) is causal)
+# or, before it, ``is_causal``; grouped-query attention as ``enable_gqa`` (2.13) or not at all.
+_VARLEN_PARAMS = set(inspect.signature(varlen_attn).parameters) if varlen_attn else set()
+
+
+def _varlen_causal_kwargs(causal: bool) -> dict:
+    if "window_size" in _VARLEN_PARAMS:
+        return {"window_size": (-1, 0) if causal else (-1, -1)}
+    return {"is_causal": causal}
 
 
 class SDPAttention(MegatronModule):
@@ -109,14 +123,17 @@ class SDPAttention(MegatronModule):
         causal = mask_type == AttnMaskType.causal
         dropout_p = self.dropout_p if self.training else 0.0
         q, k, v = query[:, 0], key[:, 0], value[:, 0]  # [T, heads, d]
-        if q.is_cuda and varlen_attn is not None and dropout_p == 0.0:
-            if k.shape[1] != np_:  # grouped-query attention: varlen has no enable_gqa (2.11)
+        if (q.is_cuda and varlen_attn is not None and dropout_p == 0.0
+                and q.dtype in _VARLEN_DTYPES):
+            kwargs = _varlen_causal_kwargs(causal)
+            if k.shape[1] != np_ and "enable_gqa" in _VARLEN_PARAMS:
+                kwargs["enable_gqa"] = True
+            elif k.shape[1] != np_:  # grouped-query attention, a torch without enable_gqa
                 k = k.repeat_interleave(np_ // k.shape[1], dim=1)
                 v = v.repeat_interleave(np_ // v.shape[1], dim=1)
             cu = packed.cu_seqlens
             ctx = varlen_attn(q, k, v, cu, cu, packed.max_seqlen, packed.max_seqlen,
-                              scale=self.softmax_scale,
-                              window_size=(-1, 0) if causal else (-1, -1))
+                              scale=self.softmax_scale, **kwargs)
             return ctx.reshape(t, 1, np_ * hn)
         # Unpack: [T, h, d] -> [S, h, L, d] (a zero row stands for "no token"), batched SDPA.
         gather, keep = packed.gather_index, packed.key_mask  # [S, L]
