@@ -73,7 +73,11 @@ def run(args, head: str, full_vocab: bool, extra: tuple[str, ...] = ()) -> dict:
                  f"trainer.recompute={args.recompute}",
                  # The data is synthetic: the tokenizer only names the yes/no rows of the head,
                  # so the shipped one serves (a hub tokenizer needs a network the GPU may lack).
-                 f"model.tokenizer={args.tokenizer}", *extra]
+                 f"model.tokenizer={args.tokenizer}",
+                 f"data.packing={str(args.packing).lower()}",
+                 f"data.packed_multiple={args.packed_multiple}",
+                 # varlen attention has no dropout; the padded rows run without it too.
+                 "model.hidden_dropout=0", "model.attention_dropout=0", *extra]
     build.YesNoHead = _full_vocab_head_class() if full_vocab else YesNoHead
     try:
         # Validates the config for this world (WORLD_SIZE) and brings up the runtime; random
@@ -99,11 +103,18 @@ def measure(args, stage, full_vocab: bool) -> dict:
     counters = StepCounters(model=cfg.model, head=cfg.task.head)
     fwd = make_forward_step(cfg.task, rt.device, counters)
     fb = get_forward_backward_func()
-    batches = iter(synthetic_batches((args.steps + args.warmup) * d.num_microbatches,
-                                     args.micro_groups, args.group_size, args.seq,
-                                     cfg.model.vocab_size, 0))
+    made = synthetic_batches((args.steps + args.warmup) * d.num_microbatches,
+                             args.micro_groups, args.group_size, args.seq,
+                             cfg.model.vocab_size, 0)
+    # As training's data path hands them over: packed when data.packing, pinned for the GPU.
+    made = [stage.collator.model_layout(b) for b in made]
+    if rt.device.type == "cuda":
+        made = [b.pin_memory() for b in made]
+    shapes = {tuple(b.input_ids.shape) for b in made}
+    batches = iter(made)
     cuda = rt.device.type == "cuda"
-    times, flops, tokens = [], [], []
+    times, flops, tokens, padded = [], [], [], []
+    cold = []
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for i in range(args.steps + args.warmup):
@@ -115,8 +126,11 @@ def measure(args, stage, full_vocab: bool) -> dict:
                    d.pairs_per_micro_batch)
         if cuda:
             torch.cuda.synchronize()
+        if i < args.warmup:
+            cold.append(time.perf_counter() - t0)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+            padded.append(counters.padded_tokens)
             flops.append(counters.flops + (
                 0.0 if not full_vocab else
                 3 * 2 * counters.padded_tokens * cfg.model.hidden_size * cfg.model.vocab_size))
@@ -132,6 +146,10 @@ def measure(args, stage, full_vocab: bool) -> dict:
         "tokens_per_s": statistics.median(tok / t for tok, t in zip(tokens, times, strict=True)),
         "tflops": achieved / 1e12, "mfu": f"{m[0]:.1%} (peak {m[1]})" if m else "n/a",
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+        "cold_ratio": (statistics.mean(cold[:20]) / step) if cold else float("nan"),
+        "padding": 1 - sum(tokens) / max(sum(padded), 1), "shapes": len(shapes),
+        "layout": (f"packed x{d.num_microbatches}" if cfg.data.packing
+                   else f"padded x{d.num_microbatches}"),
         "device": name, "reason": stage.kernels.reason,
     }
 
@@ -153,6 +171,11 @@ def main() -> None:
                     help="default: the config's trainer.device (auto: CUDA when present)")
     ap.add_argument("--tokenizer", default="${asset:tokenizers/bert-uncased}",
                     help="only names the yes/no rows; default: the tokenizer megarank ships")
+    ap.add_argument("--packing", action="store_true",
+                    help="data.packing: each micro-batch's pairs end to end in one row")
+    ap.add_argument("--packed-multiple", type=int, default=64)
+    ap.add_argument("--heads", default="classifier,yes_no,full",
+                    help="which head rows: classifier, yes_no, full (full-vocabulary yes/no)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, CPU, fp32: check the script")
     ap.add_argument("--lora", action="store_true",
                     help="also LoRA r=16 and QLoRA r=16 (NF4 through bitsandbytes) rows, "
@@ -164,7 +187,10 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     rows = []
-    cases = [("classifier", False, ()), ("yes_no", False, ()), ("yes_no", True, ())]
+    wanted = args.heads.split(",")
+    cases = [c for c, name in ((("classifier", False, ()), "classifier"),
+                               (("yes_no", False, ()), "yes_no"), (("yes_no", True, ()), "full"))
+             if name in wanted]
     if args.lora:
         import tempfile
 
@@ -192,14 +218,16 @@ def main() -> None:
           f"{args.group_size} docs x {args.micro_batches} micro-batches per step; "
           f"device: {rows[0].get('device')}; kernels: {rows[0].get('kernels')} "
           f"({rows[0].get('reason')})\n")
-    print("| head | step s | pairs/s | tokens/s | TFLOP/s | MFU | peak GiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| head | layout | step s | pairs/s | tokens/s | TFLOP/s | MFU | peak GiB | padding "
+          "| shapes | first steps / steady |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['head']} | failed: {r['error']} | | | | | |")
+            print(f"| {r['head']} | failed: {r['error']} | | | | | | | | | |")
             continue
-        print(f"| {r['head']} | {r['step_s']:.3f} | {r['pairs_per_s']:.1f} | "
-              f"{r['tokens_per_s']:.0f} | {r['tflops']:.1f} | {r['mfu']} | {r['peak_gib']:.1f} |")
+        print(f"| {r['head']} | {r['layout']} | {r['step_s']:.3f} | {r['pairs_per_s']:.1f} | "
+              f"{r['tokens_per_s']:.0f} | {r['tflops']:.1f} | {r['mfu']} | {r['peak_gib']:.1f} | "
+              f"{r['padding']:.1%} | {r['shapes']} | {r['cold_ratio']:.2f}x |")
 
 
 if __name__ == "__main__":
