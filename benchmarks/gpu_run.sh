@@ -8,7 +8,7 @@
 #
 #     WHEELS=.gpu/wheels OUT=/tmp/out bash benchmarks/gpu_run.sh
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 T0=$(date +%s)
 WHEELS=${WHEELS:-.gpu/wheels}
 OUT=${OUT:-runs/gpu-$(date +%Y%m%d-%H%M%S)}
