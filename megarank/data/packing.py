@@ -43,6 +43,8 @@ class PackedPairs:
     scatter_index: torch.Tensor
     """[T] long: each row position's place in the flattened [S * L] layout (the inverse of
     ``gather_index``)."""
+    segment_lengths: tuple[int, ...] = ()
+    """The segments' lengths on the host (FLOP accounting reads these, not a tensor)."""
     qkv_format: str = "sbhd"
 
     @property
@@ -95,6 +97,7 @@ def pack_lengths(lengths: torch.Tensor, width: int) -> PackedPairs:
     return PackedPairs(
         cu_seqlens=cu.to(torch.int32), max_seqlen=longest, position_ids=within[None, :],
         gather_index=gather_index, key_mask=key_mask, scatter_index=owner * longest + within,
+        segment_lengths=tuple(seg.tolist()),
     )
 
 

@@ -200,11 +200,49 @@ def _keep_adam_step(fn: Any) -> Any:
     return wrapper
 
 
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """megatron's multi_tensor_l2norm contract ([1] float32 norm of every tensor, None) with one
+    foreach kernel and no host sync. megatron's own fallback (no apex, no TE) builds the total
+    from a Python list of per-tensor norms: one device-to-host copy per gradient tensor, a few
+    hundred waits a step for a 0.5B model."""
+    tensors = [t for group in tensor_lists for t in group]
+    if not tensors:
+        return torch.zeros(1, dtype=torch.float32), None
+    norms = torch._foreach_norm(tensors)
+    return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """megatron's multi_tensor_scale contract (dst = src * scale) in foreach kernels; in place
+    when source and destination are the same tensors (gradient clipping)."""
+    src, dst = tensor_lists[0], tensor_lists[1]
+    if all(a is b for a, b in zip(src, dst, strict=True)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+def apply_sync_free_clipping() -> bool:
+    """Where megatron clips gradients with its pure-Python fallbacks (neither apex nor TE is
+    installed), use :func:`_foreach_l2_norm` and :func:`_foreach_scale` instead: the same
+    numbers, one host wait a step (the total norm clipping decides on) instead of one per
+    gradient tensor. Idempotent; returns whether the fallbacks were replaced."""
+    from megatron.core import utils as mcore_utils
+    from megatron.core.optimizer import clip_grads
+
+    if clip_grads.l2_norm_impl in (mcore_utils.local_multi_tensor_l2_norm, _foreach_l2_norm):
+        clip_grads.l2_norm_impl = _foreach_l2_norm
+        clip_grads.multi_tensor_scale_impl = _foreach_scale
+        return True
+    return False
+
+
 def apply_optimizer_fixes() -> bool:
     """Patch megatron's DistributedOptimizer for loading into torch's Adam: see
     :func:`_keep_adam_step`. Only when megatron runs without TE's or apex's FusedAdam, whatever the
     device (a GPU machine without them hits the same error). Idempotent; returns whether the fix
-    is in place."""
+    is in place. Also :func:`apply_sync_free_clipping`."""
+    apply_sync_free_clipping()
     if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", False):
         return False  # FusedAdam keeps no per-parameter step: nothing to fix
     cls = distrib_optimizer.DistributedOptimizer

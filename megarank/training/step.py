@@ -47,8 +47,8 @@ class StepCounters:
         if batch.packed is None:
             self.flops += step_flops(self.model, t, num_sequences=n, head=self.head)
         else:  # each segment attends over itself only: count it at its own length
-            cu = batch.packed.cu_seqlens
-            self.flops += step_flops(self.model, (cu[1:] - cu[:-1]).tolist(), head=self.head)
+            self.flops += step_flops(self.model, list(batch.packed.segment_lengths),
+                                     head=self.head)
 
     def reset(self) -> None:
         """Start a new step."""
