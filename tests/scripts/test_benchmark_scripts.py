@@ -24,12 +24,12 @@ def test_gpu_decoder_benchmark_smoke():
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| head | step s | pairs/s")
+    assert rows[0].startswith("| head | layout | step s | pairs/s")
     heads = [r.split("|")[1].strip() for r in rows[1:]]
     assert heads == ["classifier", "yes_no", "full-vocab output layer",
                      "classifier + lora r=16", "classifier + qlora r=16"]
     for r in rows[1:]:
-        assert float(r.split("|")[3]) > 0  # pairs/s
+        assert float(r.split("|")[4]) > 0  # pairs/s
 
 
 def test_lora_memory_benchmark_smoke():
