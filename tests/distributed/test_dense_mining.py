@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from megarank.data.beir import candidates, load_collection, read_trec_run
-from tests.conftest import data_dir, run_module
+from tests.helpers.runs import data_dir, run_module
 
 pytestmark = pytest.mark.distributed
 

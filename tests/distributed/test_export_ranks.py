@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import run_module, run_train
+from tests.helpers.runs import run_module, run_train
 
 pytestmark = pytest.mark.distributed
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import losses, read_metrics, run_train
+from tests.helpers.runs import losses, read_metrics, run_train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import grad_norms, losses, read_metrics, run_train
+from tests.helpers.runs import grad_norms, losses, read_metrics, run_train
 
 pytestmark = pytest.mark.distributed
 

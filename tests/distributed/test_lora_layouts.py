@@ -11,7 +11,7 @@ import json
 import pytest
 
 from megarank.checkpoint.stream import CheckpointTensors
-from tests.conftest import grad_norms, losses, run_train
+from tests.helpers.runs import grad_norms, losses, run_train
 
 pytestmark = pytest.mark.distributed
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_module
+from tests.helpers.runs import run_module
 
 pytestmark = pytest.mark.distributed
 

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import ASSETS, losses, read_metrics, run_module, run_train
+from tests.helpers.runs import ASSETS, losses, read_metrics, run_module, run_train
 
 pytestmark = pytest.mark.distributed
 

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.conftest import losses, run_train
+from tests.helpers.runs import losses, run_train
 
 pytestmark = pytest.mark.distributed
 

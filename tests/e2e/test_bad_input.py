@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import run_train
+from tests.helpers.runs import run_train
 
 
 def test_malformed_row_stops_the_run_naming_file_and_line(tmp_path):

@@ -14,7 +14,7 @@ from megarank.data.beir import read_trec_run
 from megarank.data.triplets import read_triplets
 from megarank.eval.report import compute_metrics
 from megarank.eval.rerank import prepare
-from tests.conftest import data_dir, run_module, run_train
+from tests.helpers.runs import data_dir, run_module, run_train
 
 ROOT = data_dir("cranfield")
 BM25_TEST_NDCG10 = 0.342  # SOURCE.md

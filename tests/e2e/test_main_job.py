@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from megarank.data.beir import load_collection, read_trec_run
 from megarank.data.mining import first_sentence
 from megarank.data.triplets import read_triplets
-from tests.conftest import REPO, data_dir
+from tests.helpers.runs import REPO, data_dir
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from megarank.config.schema import _package
 from megarank.data.beir import candidates, load_collection, read_trec_run
-from tests.conftest import data_dir, run_module, run_train
+from tests.helpers.runs import data_dir, run_module, run_train
 
 pytestmark = pytest.mark.slow
 MAX_LENGTH, MAX_QUERY = 128, 32  # the data config's defaults

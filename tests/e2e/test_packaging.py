@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers.runs import REPO
 
 CONF = REPO / "megarank" / "conf"
 # Junk a working tree may hold that does not belong in a wheel built from it.

@@ -23,7 +23,7 @@ from safetensors import safe_open
 import megarank
 from megarank.config.schema import ASSETS
 from megarank.data.triplets import read_triplets
-from tests.parity.hf_tiny import save_qwen3_reranker, save_tiny
+from tests.helpers.hf_tiny import save_qwen3_reranker, save_tiny
 
 TRIPLETS = ASSETS / "collections" / "cranfield" / "train_triplets.jsonl"
 LR = 1e-4

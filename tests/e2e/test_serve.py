@@ -25,14 +25,14 @@ import pytest
 import megarank
 from megarank.config.schema import _package
 from megarank.serving.batcher import pack_rows
-from tests.e2e.serve_helpers import (
+from tests.helpers.serve import (
     ServerProcess,
     cranfield_requests,
     megarank_scores,
     run_failing_server,
     wait_for,
 )
-from tests.parity.hf_tiny import save_tiny
+from tests.helpers.hf_tiny import save_tiny
 
 MAX_DOCS = 64
 BODY_LIMIT_MB = 0.25

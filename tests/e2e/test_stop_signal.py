@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import REPO, run_train
+from tests.helpers.runs import REPO, run_train
 
 
 def test_sigusr1_saves_and_exits(tmp_path):

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, data_dir
+from tests.helpers.runs import REPO, data_dir
 
 
 def test_gpu_decoder_benchmark_smoke():

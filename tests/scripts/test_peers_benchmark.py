@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.helpers.runs import REPO
 
 ALWAYS = ("hf-bf16", "hf-autocast", "packed-ref", "packed-ref-1mb", "megarank")
 PACKED = ("megarank-packed", "megarank-packed-1mb")

@@ -3,7 +3,7 @@ presets' dry run (paths and `megarank plan`), requeue and the USR1 stop.
 
 The script runs outside Slurm here: the tests provide the SLURM_* variables and fake ``scontrol``
 (and ``srun``) executables on PATH. The presets' weights are config.json-only directories with
-the real models' geometry (tests/real_geometry.py): the plan needs nothing else.
+the real models' geometry (tests/helpers/real_geometry.py): the plan needs nothing else.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 
 from megarank.config import compose, validate
 from megarank.training.plan import GIB, fit, plan_memory
-from tests.real_geometry import PRESETS, write_config_only
+from tests.helpers.real_geometry import PRESETS, write_config_only
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "slurm" / "train_7b.sh"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.conftest import run_train
+from tests.helpers.runs import run_train
 
 
 def test_train_rejects_bad_config_before_building(tmp_path):

@@ -14,7 +14,7 @@ from megarank.checkpoint.hf import ConversionError, HFWeights, model_overrides_f
 from megarank.checkpoint.hf_mappings import rules_for
 from megarank.config import ConfigError, compose, validate
 from megarank.models.decoder import Llama3RopeScaling
-from tests.parity.hf_tiny import LLAMA3_ROPE, make_config, save_tiny
+from tests.helpers.hf_tiny import LLAMA3_ROPE, make_config, save_tiny
 
 
 @pytest.fixture(scope="module")

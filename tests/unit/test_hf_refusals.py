@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megarank.checkpoint.hf import ConversionError, HFWeights, model_overrides_from_hf
-from tests.parity.hf_tiny import save_tiny
+from tests.helpers.hf_tiny import save_tiny
 
 
 def _edit_config(d, **changes):

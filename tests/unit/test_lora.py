@@ -15,7 +15,7 @@ import megarank
 from megarank.checkpoint.stream import CheckpointTensors
 from megarank.config import ConfigError, compose, validate
 from megarank.data.triplets import read_triplets
-from tests.parity.hf_tiny import save_tiny
+from tests.helpers.hf_tiny import save_tiny
 
 DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BERT_TARGETS = r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense" \
@@ -238,7 +238,7 @@ def test_qwen3_reranker_lora_adapter_scores_as_peft(tmp_path):
     # the vocabulary and stays frozen; the adapter loads onto the HF causal LM.
     from transformers import AutoModelForCausalLM
 
-    from tests.parity.hf_tiny import save_qwen3_reranker
+    from tests.helpers.hf_tiny import save_qwen3_reranker
 
     base_dir = save_qwen3_reranker(tmp_path)
     run = tmp_path / "run"

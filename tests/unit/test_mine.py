@@ -12,7 +12,7 @@ from megarank.api import mine_triplets
 from megarank.data.beir import candidates, load_collection, read_trec_run
 from megarank.data.mining import BM25Index, judged_positives, select_negatives
 from megarank.data.triplets import read_triplets
-from tests.conftest import data_dir
+from tests.helpers.runs import data_dir
 
 ROOT = data_dir("cranfield")
 

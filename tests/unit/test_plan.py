@@ -29,7 +29,7 @@ from megarank.training.plan import (
     plan_memory,
     suggestions,
 )
-from tests.real_geometry import PRESETS, PUBLISHED_PARAMS, write_config_only
+from tests.helpers.real_geometry import PRESETS, PUBLISHED_PARAMS, write_config_only
 
 # 2 groups x 8 documents x 128 tokens per micro-batch, on the CPU.
 SHAPE = ["task.group_size=8", "trainer.micro_batch_size=2", "trainer.global_batch_size=2",

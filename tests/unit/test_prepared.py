@@ -24,7 +24,7 @@ from megarank.data.triplets import DataFormatError, read_triplets
 from megarank.parallel.runtime import Runtime
 from megarank.stage import build_collator, build_tokenizer, checked_contract
 from megarank.training.setup import build_data
-from tests.conftest import ASSETS
+from tests.helpers.runs import ASSETS
 
 CRANFIELD = ASSETS / "cranfield" / "train_triplets.jsonl"
 FIELDS = ("input_ids", "attention_mask", "token_type_ids", "pool_index", "teacher_scores")
@@ -241,7 +241,7 @@ def test_embed_once_embeds_each_text_once_in_length_batches():
 
 
 def test_chat_prompts_read_jsonl_as_text_and_cannot_be_prepared(tmp_path):
-    from tests.parity.hf_tiny import save_qwen3_reranker
+    from tests.helpers.hf_tiny import save_qwen3_reranker
 
     hf = save_qwen3_reranker(tmp_path / "q3r")
     overrides = ["model=hf", f"model.hf_path={hf}", "task=qwen3_reranker", "task.group_size=4",

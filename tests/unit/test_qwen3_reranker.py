@@ -18,7 +18,7 @@ from megarank.config.schema import ASSETS
 from megarank.data.collate import PairCollator
 from megarank.data.groups import Group
 from megarank.data.triplets import read_triplets
-from tests.parity.hf_tiny import save_qwen3_reranker
+from tests.helpers.hf_tiny import save_qwen3_reranker
 
 # Verbatim from the Qwen3-Reranker model card.
 PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the "

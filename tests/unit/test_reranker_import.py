@@ -19,7 +19,7 @@ from megarank.data.groups import GroupDataset
 from megarank.data.sampler import GroupSampler
 from megarank.data.triplets import read_triplets
 from megarank.training.losses import group_loss
-from tests.parity.hf_tiny import save_tiny
+from tests.helpers.hf_tiny import save_tiny
 
 TRIPLETS = ASSETS / "collections" / "cranfield" / "train_triplets.jsonl"
 GROUP, GLOBAL, MICRO, MAX_LEN, MAX_Q = 4, 4, 2, 64, 16

@@ -22,7 +22,7 @@ from megarank.checkpoint.hf_mappings import rules_for
 from megarank.config import compose
 from megarank.models.build import padded_vocab_size
 from megarank.stage import build_stage
-from tests.parity.hf_tiny import save_tiny
+from tests.helpers.hf_tiny import save_tiny
 
 
 @pytest.fixture(scope="module")

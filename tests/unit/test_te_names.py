@@ -25,7 +25,7 @@ from megarank.data.collate import PairBatch
 from megarank.eval.scorer import score_batches
 from megarank.models.attention import SDPAttention
 from megarank.stage import build_stage
-from tests.parity.hf_tiny import random_batch, save_tiny
+from tests.helpers.hf_tiny import random_batch, save_tiny
 
 TE_NORMS = ("self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight")
 LOCAL_NORMS = ("input_layernorm.weight", "pre_mlp_layernorm.weight")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from megarank.data.beir import candidates, load_collection, read_trec_run
-from tests.conftest import data_dir, run_module
+from tests.helpers.runs import data_dir, run_module
 
 URL = re.compile(r"megarank serve: .* listening on (http://\S+)")
 

@@ -1,0 +1,76 @@
+"""Launch real training runs and commands (one process or torchrun) and read what they wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+ASSETS = REPO / "megarank" / "assets" / "collections"
+
+
+def data_dir(name: str) -> Path:
+    """A collection shipped in the package (megarank/assets/collections/<name>)."""
+    path = ASSETS / name
+    assert path.is_dir(), f"no shipped collection {name!r} under {ASSETS}"
+    return path
+
+
+def run_train(overrides: list[str], nproc: int = 1, timeout: int = 900,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``megarank.train`` with ``nproc`` gloo ranks (torchrun when > 1); one thread per rank."""
+    return run_module("megarank.train", ["trainer.progress_bar=false", *overrides], nproc,
+                      timeout, check)
+
+
+def run_module(module: str, args: list[str], nproc: int = 1, timeout: int = 900,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m module args`` with ``nproc`` gloo ranks (torchrun when > 1).
+
+    The command runs in a fresh empty directory, deleted afterwards, so nothing it writes to a
+    relative path (a default ``runs/...`` output dir, Hydra's ``outputs/``, ``wandb/``) lands in
+    the checkout; arguments naming files must be absolute. ``megarank`` is imported from the
+    installed package. The directory holds only a ``tests`` link to the checkout's tests, so
+    helper modules (``tests.parity.score_worker``) still run with ``-m``.
+    """
+    # One thread per rank when ranks share the 2 cores; both cores for a single process.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1" if nproc > 1 else "2", PYTHONWARNINGS="ignore",
+               TOKENIZERS_PARALLELISM="false")
+    if nproc == 1:
+        cmd = [sys.executable, "-m", module]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", module]
+    cmd += [str(a) for a in args]
+    with tempfile.TemporaryDirectory(prefix="megarank-cwd-") as cwd:
+        (Path(cwd) / "tests").symlink_to(REPO / "tests", target_is_directory=True)
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+            f"{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    with open(run_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> logged loss."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def grad_norms(run_dir: Path) -> dict[int, float]:
+    """step -> logged global gradient norm."""
+    return {r["step"]: r["grad_norm"] for r in read_metrics(run_dir) if "grad_norm" in r}
