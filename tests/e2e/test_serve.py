@@ -25,6 +25,7 @@ import pytest
 import megarank
 from megarank.config.schema import _package
 from megarank.serving.batcher import pack_rows
+from tests.helpers.hf_tiny import save_tiny
 from tests.helpers.serve import (
     ServerProcess,
     cranfield_requests,
@@ -32,7 +33,6 @@ from tests.helpers.serve import (
     run_failing_server,
     wait_for,
 )
-from tests.helpers.hf_tiny import save_tiny
 
 MAX_DOCS = 64
 BODY_LIMIT_MB = 0.25

@@ -20,8 +20,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from megarank.checkpoint.contract import read_contract
 from megarank.config.schema import ASSETS
 from megarank.data.triplets import read_triplets
-from tests.helpers.runs import REPO, run_module
 from tests.helpers.hf_tiny import save_qwen3_reranker
+from tests.helpers.runs import REPO, run_module
 
 pytestmark = pytest.mark.distributed
 

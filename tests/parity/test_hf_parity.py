@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from tests.helpers.runs import run_module
 from tests.helpers.hf_tiny import hf_inputs, random_batch, save_tiny
+from tests.helpers.runs import run_module
 
 pytestmark = pytest.mark.distributed
 

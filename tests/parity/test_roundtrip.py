@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from tests.helpers.runs import run_module
 from tests.helpers.hf_tiny import hf_inputs, random_batch, save_tiny
+from tests.helpers.runs import run_module
 
 pytestmark = pytest.mark.distributed
 
