@@ -30,5 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     import importlib
 
     module = importlib.import_module(COMMANDS[argv[0]])
-    sys.argv = [f"megarank {argv[0]}", *argv[1:]]
-    module.main()
+    if COMMANDS[argv[0]] == "megarank.train":  # Hydra's entry point reads sys.argv
+        sys.argv = [f"megarank {argv[0]}", *argv[1:]]
+        module.main()
+    else:
+        module.main(argv[1:])

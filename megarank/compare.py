@@ -16,7 +16,7 @@ import argparse
 from megarank.api import compare_runs
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """CLI entry (``megarank compare`` / ``python -m megarank.compare``)."""
     ap = argparse.ArgumentParser(prog="megarank compare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="folder for the table and the plot")
     ap.add_argument("--names", nargs="+", default=None,
                     help="labels of the runs, in order (default: their directory names)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     try:
         paths = compare_runs(args.runs, args.out, args.names, verbose=True)
     except (ValueError, FileNotFoundError) as e:

@@ -19,7 +19,7 @@ import os
 from megarank.api import convert_from_hf, convert_to_hf
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """CLI entry (``megarank convert`` / ``python -m megarank.convert``)."""
     parser = argparse.ArgumentParser(prog="megarank convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,7 +44,7 @@ def main() -> None:
     q.add_argument("--adapter", action="store_true",
                    help="LoRA checkpoint: write a PEFT adapter directory (adapter_config.json + "
                         "adapter_model.safetensors) for its base, not the merged model")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.cmd == "from-hf":
         path = convert_from_hf(args.hf, args.out, args.overrides, adapter=args.adapter)
     else:

@@ -31,7 +31,7 @@ from megarank.eval.report import check_teacher
 from megarank.eval.rerank import prepare
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """CLI entry (``megarank evaluate`` / ``python -m megarank.evaluate``)."""
     ap = argparse.ArgumentParser(prog="megarank evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--teacher", default=None,
                     help="sentence-transformers model directory: its cosine ranking as a row")
     ap.add_argument("overrides", nargs="*", help="hydra overrides, e.g. parallel=tp2_pp1")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     try:
         # Input errors are the user's to fix: one line naming the file, not a traceback.
         task = prepare(args.collection, args.run, args.split, args.top_k, args.depth)

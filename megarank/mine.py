@@ -43,7 +43,7 @@ def _margin(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected none or a number, got {text!r}") from None
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """CLI entry (``megarank mine`` / ``python -m megarank.mine``)."""
     ap = argparse.ArgumentParser(prog="megarank mine", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--fuse-bm25", type=float, default=0.0,
                     help="weight of BM25 in a fused teacher (0: the teacher alone)")
     ap.add_argument("overrides", nargs="*", help="hydra overrides for the model")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     try:
         stats = mine_triplets(args.collection, args.out, split=args.split,
                               retriever=args.retriever, model=args.model, depth=args.depth,

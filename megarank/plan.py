@@ -29,7 +29,7 @@ from megarank.config import ConfigError
 from megarank.training.plan import HEADROOM, fit, format_plan, plan_memory, suggestions
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """CLI entry (``megarank plan`` / ``python -m megarank.plan``)."""
     ap = argparse.ArgumentParser(prog="megarank plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="hydra overrides")
     ap.add_argument("--require-paths", action="store_true",
                     help="exit 1 when model.hf_path or data.train_path does not exist")
-    args = ap.parse_intermixed_args()  # options may come after the overrides
+    args = ap.parse_intermixed_args(argv)  # options may come after the overrides
     cfg = compose_config(args.overrides)
     main_rank = int(os.environ.get("RANK", 0)) == 0
     missing = describe_paths(cfg, main_rank)

@@ -18,7 +18,7 @@ import sys
 from megarank.api import prepare_data
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """CLI entry (``megarank prepare`` / ``python -m megarank.prepare``)."""
     ap = argparse.ArgumentParser(prog="megarank prepare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="prepared dataset directory to create")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("overrides", nargs="*", help="hydra overrides for the model and data")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     # Texts are tokenized in batches of thousands: the fast tokenizer spreads each batch over
     # every core (its Rust thread pool) unless told otherwise. This process forks nothing.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")

@@ -116,7 +116,7 @@ def pooled(*records: dict) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """CLI entry (``python -m megarank.quickstart``)."""
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -171,7 +171,7 @@ def main() -> None:
                     help="leave out the teacher's row (saves its embedding time)")
     ap.add_argument("--keep-data", action="store_true",
                     help="reuse OUT's mined triplets and imported encoder when they are there")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.lr is None:
         args.lr = 1e-3 if args.peft == "lora" else 1e-4
     train_on = [n for n in args.train_on.split(",") if n]

@@ -17,7 +17,7 @@ from megarank.api import load_scorer
 from megarank.data.triplets import read_pairs
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """CLI entry (``megarank score`` / ``python -m megarank.score``)."""
     ap = argparse.ArgumentParser(prog="megarank score", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     pairs = read_pairs(args.pairs)
     with load_scorer(args.model, args.overrides, batch_size=args.batch_size) as scorer:
         scores = scorer.score(pairs)

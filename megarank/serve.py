@@ -80,10 +80,10 @@ def startup_line(info: dict, url: str) -> str:
             f"body <= {info['max_body_bytes']} bytes | listening on {url}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """CLI entry (``megarank serve`` / ``python -m megarank.serve``)."""
     ap = _parser()
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.workers != 1:
         ap.error(f"--workers {args.workers}: a server process holds one model copy and batches "
                  "every request on it; for more copies run one server per copy (e.g. "

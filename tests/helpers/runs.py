@@ -74,3 +74,49 @@ def losses(run_dir: Path) -> dict[int, float]:
 def grad_norms(run_dir: Path) -> dict[int, float]:
     """step -> logged global gradient norm."""
     return {r["step"]: r["grad_norm"] for r in read_metrics(run_dir) if "grad_norm" in r}
+
+
+def run_cli(module: str, args: list, check: bool = True) -> subprocess.CompletedProcess:
+    """``module.main(args)`` in this process, for command-line tests where nothing about a fresh
+    process is under test (argument parsing, what a command prints and writes, its refusals).
+
+    Like :func:`run_module`: the command runs in a fresh empty directory, its stdout and stderr
+    are captured, and the result is a ``CompletedProcess`` whose return code is what the command
+    would have exited with (an uncaught exception is 1, its traceback on stderr). Any process
+    group and megatron parallel state the command brought up are torn down afterwards, so the
+    next test starts from nothing.
+    """
+    import contextlib
+    import importlib
+    import io
+    import traceback
+
+    from megarank.parallel.runtime import shutdown
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="megarank-cwd-") as tmp:
+        os.chdir(tmp)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    importlib.import_module(module).main(argv)
+                except SystemExit as e:
+                    if isinstance(e.code, int) or e.code is None:
+                        code = e.code or 0
+                    else:
+                        print(e.code, file=sys.stderr)
+                        code = 1
+                except Exception:  # noqa: BLE001 - reported as the process would report it
+                    traceback.print_exc()
+                    code = 1
+        finally:
+            os.chdir(cwd)
+            shutdown()
+    proc = subprocess.CompletedProcess([module, *argv], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"{module} {' '.join(argv)} failed ({code}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
