@@ -1,0 +1,98 @@
+"""Switch off one feature at a time and name the tests that catch it.
+
+    python tests/switch_off.py [NAME ...]      # all five when no name is given
+
+Each entry edits one line of the library (an exact text replacement that must match once), runs
+the test files that should notice, lists the tests that failed, and puts the line back (also on
+Ctrl-C). A feature no test catches is a hole in the suite; the table this prints is kept in
+tests/README.md.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+FEATURES = {
+    "tie-rule": (
+        "the pessimistic tie rule in ranking (equal scores: relevant documents last)",
+        "megarank/data/ranking.py",
+        "key=lambda d: (-scores[d], max(qrels_q.get(d, 0), 0), d))",
+        "key=lambda d: (-scores[d], d))",
+        ["tests/unit/test_metrics.py", "tests/unit/test_mine.py", "tests/e2e/test_evaluate.py"],
+    ),
+    "lora-tp-split": (
+        "LoRA's tensor-parallel split (every rank takes rank 0's part of A or B)",
+        "megarank/models/lora.py",
+        "return full.chunk(self.tp_size, dim)[self.tp_rank]",
+        "return full.chunk(self.tp_size, dim)[0]",
+        ["tests/unit/test_lora.py", "tests/distributed/test_lora_layouts.py"],
+    ),
+    "resume-rng": (
+        "resume's RNG restore (Python, NumPy, torch and megatron's tracker states)",
+        "megarank/checkpoint/dist.py",
+        "def _restore_rng(state: dict[str, Any], device: torch.device) -> None:\n",
+        "def _restore_rng(state: dict[str, Any], device: torch.device) -> None:\n    return\n",
+        ["tests/distributed/test_resume.py", "tests/distributed/test_lora_layouts.py",
+         "tests/distributed/test_kill_resume.py"],
+    ),
+    "non-finite-guard": (
+        "the non-finite guard (a step with a non-finite loss or gradient is applied)",
+        "megarank/training/step.py",
+        "t[5] = bad.double()",
+        "t[5] = 0.0",
+        ["tests/unit/test_host_syncs.py", "tests/unit/test_losses.py", "tests/e2e/test_faults.py"],
+    ),
+    "bert-qkv-names": (
+        "the HF name mapping of BERT-family attention (query and key swapped on the way in "
+        "and out)",
+        "megarank/checkpoint/hf_mappings.py",
+        'for n in ("query", "key", "value")), "qkv")',
+        'for n in ("key", "query", "value")), "qkv")',
+        ["tests/unit/test_hf_families.py", "tests/parity/test_roundtrip.py",
+         "tests/parity/test_hf_parity.py", "tests/e2e/test_minilm.py"],
+    ),
+}
+
+
+def run(name: str) -> tuple[list[str], int, float]:
+    what, path, old, new, tests = FEATURES[name]
+    source = REPO / path
+    text = source.read_text()
+    assert text.count(old) == 1, f"{path}: the line to switch off is not there once: {old!r}"
+    source.write_text(text.replace(old, new))
+    start = time.perf_counter()
+    try:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rf", "-p",
+                               "no:cacheprovider", *tests], cwd=REPO, env=env,
+                              capture_output=True, text=True)
+    finally:
+        source.write_text(text)
+    failed = sorted(set(re.findall(r"^FAILED (\S+)", proc.stdout, re.M)))
+    errors = sorted(set(re.findall(r"^ERROR (\S+)", proc.stdout, re.M)))
+    return failed + errors, proc.returncode, time.perf_counter() - start
+
+
+def main(names: list[str]) -> None:
+    rows = []
+    for name in names or FEATURES:
+        caught, rc, seconds = run(name)
+        rows.append((name, caught, seconds))
+        print(f"{name}: {len(caught)} failed ({seconds:.0f} s)", flush=True)
+        for t in caught:
+            print(f"  {t}", flush=True)
+    print("\n| switched off | tests that failed |\n|---|---|")
+    for name, caught, _ in rows:
+        print(f"| {FEATURES[name][0]} | {'<br>'.join(caught) or '**none**'} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
