@@ -1,5 +1,8 @@
 """A job told to stop (SIGUSR1 from Slurm's --signal, or SIGTERM on preemption) saves a complete
-checkpoint at the next step boundary and exits cleanly; resume continues from it."""
+checkpoint at the next step boundary and exits cleanly; resume continues from it.
+
+The stopped run is ``python -m megarank.train`` in a process of its own (the signal goes to
+it); the resumed run trains in this process."""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ import subprocess
 import sys
 import time
 
-from tests.helpers.runs import REPO, run_train
+import megarank
+from tests.helpers.runs import REPO
 
 
 def test_sigusr1_saves_and_exits(tmp_path):
@@ -34,8 +38,9 @@ def test_sigusr1_saves_and_exits(tmp_path):
     assert 3 <= step < 100000
     assert not list((out / "checkpoints").glob("*.partial"))
 
-    run_train(["model=gpt_tiny", f"trainer.max_steps={step + 2}", "trainer.log_interval=1",
-               "trainer.eval_at_end=false", "data.max_length=64", "trainer.resume=true",
-               f"trainer.output_dir={out}"])
+    megarank.train_model(["model=gpt_tiny", f"trainer.max_steps={step + 2}",
+                          "trainer.log_interval=1", "trainer.eval_at_end=false",
+                          "trainer.progress_bar=false", "data.max_length=64",
+                          "trainer.resume=true", f"trainer.output_dir={out}"])
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
     assert steps[-2:] == [step + 1, step + 2]

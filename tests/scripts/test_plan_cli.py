@@ -1,23 +1,22 @@
 """`megarank plan` on the command line: the table, the JSON record (the library's plan, field
-for field), the fit line, and its refusals."""
+for field), the fit line, and its refusals (``megarank.cli.main`` in this process)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import subprocess
-import sys
 
 from megarank.config import compose
 from megarank.training.plan import plan_memory
+from tests.helpers.runs import run_cli
 
 ARGS = ["model=qwen2_7b", "parallel=tp4_pp2", "trainer.precision=bf16",
         "trainer.global_batch_size=32", "trainer.micro_batch_size=1", "data.max_length=512"]
 
 
 def _plan(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from megarank.cli import main; main()", "plan",
-                           *args], capture_output=True, text=True, timeout=120)
+    return run_cli("megarank.cli", ["plan", *args], check=False)
 
 
 def test_table_and_json_are_the_librarys_plan(tmp_path):
