@@ -25,14 +25,15 @@ FEATURES = {
         "megarank/data/ranking.py",
         "key=lambda d: (-scores[d], max(qrels_q.get(d, 0), 0), d))",
         "key=lambda d: (-scores[d], d))",
-        ["tests/unit/test_metrics.py", "tests/unit/test_mine.py", "tests/e2e/test_evaluate.py"],
+        ["tests/unit/test_metrics.py", "tests/unit/test_mine.py", "tests/integration/test_mine_dense.py",
+         "tests/e2e/test_evaluate.py"],
     ),
     "lora-tp-split": (
         "LoRA's tensor-parallel split (every rank takes rank 0's part of A or B)",
         "megarank/models/lora.py",
         "return full.chunk(self.tp_size, dim)[self.tp_rank]",
         "return full.chunk(self.tp_size, dim)[0]",
-        ["tests/unit/test_lora.py", "tests/distributed/test_lora_layouts.py"],
+        ["tests/integration/test_lora.py", "tests/distributed/test_lora_layouts.py"],
     ),
     "resume-rng": (
         "resume's RNG restore (Python, NumPy, torch and megatron's tracker states)",
