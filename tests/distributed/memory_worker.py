@@ -3,6 +3,9 @@
     python -m tests.distributed.memory_worker activations OUT.json [overrides...]
     torchrun --nproc_per_node 2 -m tests.distributed.memory_worker optimizer OUT.json [overrides...]
 
+``main(argv)`` does the same in a process that runs it (``tests.helpers.runs.run_cli``, or a
+``cli_case`` of ``tests.helpers.cases``).
+
 ``activations`` (one process): for trainer.recompute = none, selective and full, the bytes of the
 tensors autograd saves for backward during one forward of one training micro-batch (model and
 loss), seen through ``torch.autograd.graph.saved_tensors_hooks``. Tensors are counted once per
@@ -130,8 +133,9 @@ def measure_optimizer(overrides: list[str]) -> dict:
     return out
 
 
-def main() -> None:
-    mode, path, overrides = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    mode, path, overrides = argv[0], Path(argv[1]), argv[2:]
     result = measure_activations(overrides) if mode == "activations" else \
         measure_optimizer(overrides)
     if dist.get_rank() == 0:
