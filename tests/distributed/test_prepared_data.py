@@ -1,6 +1,9 @@
 """Training from a prepared dataset (``megarank prepare``) under torchrun with two data-parallel
 ranks: the same losses as the JSONL path, step for step, over two epochs with teacher scores;
-an exact resume from the prepared dataset; the data wait logged; another truncation refused."""
+an exact resume from the prepared dataset; the data wait logged; another truncation refused.
+
+The four 2-rank runs are the cases of one launch; preparing and the refused run are in this
+process."""
 
 from __future__ import annotations
 
@@ -9,9 +12,11 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers.runs import ASSETS, losses, read_metrics, run_module, run_train
+from megarank.data.prepared import PreparedError
+from tests.helpers.cases import run_cases, train_case
+from tests.helpers.runs import ASSETS, losses, read_metrics, run_cli
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 CRANFIELD = ASSETS / "cranfield" / "train_triplets.jsonl"
 # 112 groups, 8 per step: 14 steps an epoch, so 30 steps cross into a third epoch.
@@ -34,8 +39,8 @@ def data(tmp_path_factory):
             row["neg_scores"] = rng.normal(size=len(row["neg"])).tolist()
             out.write(json.dumps(row) + "\n")
     prepared = root / "prep"
-    proc = run_module("megarank.prepare", ["--input", jsonl, "--out", prepared,
-                                        "model=gpt_tiny", "data.max_length=64"])
+    proc = run_cli("megarank.prepare", ["--input", jsonl, "--out", prepared, "model=gpt_tiny",
+                                        "data.max_length=64"])
     assert "112 groups" in proc.stderr
     return jsonl, prepared
 
@@ -43,20 +48,22 @@ def data(tmp_path_factory):
 def test_prepared_trains_like_jsonl_and_resumes_exactly(tmp_path, data):
     jsonl, prepared = data
     a, b, c = tmp_path / "jsonl", tmp_path / "prepared", tmp_path / "split"
-    run_train([*COMMON, f"data.train_path={jsonl}", f"trainer.output_dir={a}",
-               "trainer.save_final=false"], nproc=2)
-    run_train([*COMMON, f"data.train_path={prepared}", f"trainer.output_dir={b}",
-               "trainer.save_final=false"], nproc=2)
+    run_cases({
+        "jsonl": train_case([*COMMON, f"data.train_path={jsonl}", "trainer.save_final=false"],
+                            output_dir=a),
+        "prepared": train_case([*COMMON, f"data.train_path={prepared}",
+                                "trainer.save_final=false"], output_dir=b),
+        "split": train_case([*COMMON, f"data.train_path={prepared}", "trainer.stop_at_step=17"],
+                            output_dir=c),
+        "resumed": train_case([*COMMON, f"data.train_path={prepared}", "trainer.resume=true"],
+                              output_dir=c),
+    }, nproc=2)
     la, lb = losses(a), losses(b)
     assert sorted(la) == list(range(1, 31))
     assert la[30] < la[1]  # it trains
     assert lb == la  # same groups, order, token ids and teacher scores: bitwise the same losses
     assert all(r["data_wait_s"] >= 0 for r in read_metrics(b) if "loss" in r)
 
-    run_train([*COMMON, f"data.train_path={prepared}", f"trainer.output_dir={c}",
-               "trainer.stop_at_step=17"], nproc=2)
-    run_train([*COMMON, f"data.train_path={prepared}", f"trainer.output_dir={c}",
-               "trainer.resume=true"], nproc=2)
     lc = losses(c)
     assert sorted(lc) == list(range(1, 31))
     for step in range(18, 31):
@@ -64,10 +71,17 @@ def test_prepared_trains_like_jsonl_and_resumes_exactly(tmp_path, data):
 
 
 def test_training_refuses_a_dataset_prepared_with_other_truncation(tmp_path, data):
+    import megarank
+    from megarank.parallel.runtime import shutdown
+
     _, prepared = data
-    proc = run_train([*COMMON[:-1], "data.max_length=128", f"data.train_path={prepared}",
-                      f"trainer.output_dir={tmp_path / 'run'}", "trainer.max_steps=5"],
-                     check=False)
-    assert proc.returncode != 0
+    try:
+        with pytest.raises(PreparedError) as refused:
+            megarank.train_model([*COMMON[:-1], "data.max_length=128",
+                                  f"data.train_path={prepared}",
+                                  f"trainer.output_dir={tmp_path / 'run'}", "trainer.max_steps=5",
+                                  "trainer.progress_bar=false"])
+    finally:
+        shutdown()
     assert "max_length (config field data.max_length): prepared with 64, this run has 128" in (
-        proc.stderr + proc.stdout)
+        str(refused.value))

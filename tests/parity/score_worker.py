@@ -1,5 +1,6 @@
-"""Worker for parity tests, run under torchrun: score batches with megarank models built from
-HF directories in one TP/PP layout, write rank 0's scores.
+"""Worker for parity tests (one process, or a case of ``tests.helpers.cases`` under torchrun):
+score batches with megarank models built from HF directories in one TP/PP layout, write rank 0's
+scores.
 
     python -m tests.parity.score_worker OUT.pt PARALLEL JOB [JOB ...]
     JOB = "<hf_dir>|<head>|<batch.pt>"   (head: classifier or yes_no)
@@ -12,13 +13,13 @@ import sys
 import torch
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from megarank.config import compose
     from megarank.data.collate import PairBatch
     from megarank.eval.scorer import score_batches
     from megarank.stage import build_stage
 
-    out, parallel, *jobs = sys.argv[1:]
+    out, parallel, *jobs = sys.argv[1:] if argv is None else argv
     results = []
     stage = None
     for job in jobs:

@@ -21,7 +21,7 @@ from megarank.checkpoint.contract import read_contract
 from megarank.config.schema import ASSETS
 from megarank.data.triplets import read_triplets
 from tests.helpers.hf_tiny import save_qwen3_reranker
-from tests.helpers.runs import REPO, run_module
+from tests.helpers.runs import REPO, run_cli
 
 pytestmark = pytest.mark.distributed
 
@@ -39,11 +39,11 @@ def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     src = save_qwen3_reranker(root)
     ckpt = root / "ckpt"
-    run_module("megarank.convert", ["from-hf", "--hf", src, "--out", ckpt, "task=qwen3_reranker",
-                                    f"data.max_length={MAX_LEN}", "data.max_query_length=64"])
+    run_cli("megarank.convert", ["from-hf", "--hf", src, "--out", ckpt, "task=qwen3_reranker",
+                                 f"data.max_length={MAX_LEN}", "data.max_query_length=64"])
     lm, cls = root / "lm", root / "cls"
-    run_module("megarank.convert", ["to-hf", "--ckpt", ckpt, "--out", lm])
-    run_module("megarank.convert", ["to-hf", "--ckpt", ckpt, "--out", cls, "--as-classifier"])
+    run_cli("megarank.convert", ["to-hf", "--ckpt", ckpt, "--out", lm])
+    run_cli("megarank.convert", ["to-hf", "--ckpt", ckpt, "--out", cls, "--as-classifier"])
     pairs = _pairs()
     pairs_file = root / "pairs.jsonl"
     pairs_file.write_text("".join(json.dumps({"query": q, "document": d}) + "\n"
@@ -51,7 +51,7 @@ def exports(tmp_path_factory):
     scores = {}
     for name, d in (("lm", lm), ("cls", cls)):
         out = root / f"scores_{name}.jsonl"
-        run_module("megarank.score", ["--model", d, "--pairs", pairs_file, "--out", out])
+        run_cli("megarank.score", ["--model", d, "--pairs", pairs_file, "--out", out])
         scores[name] = torch.tensor([json.loads(line)["score"]
                                      for line in out.read_text().splitlines()])
     return lm, cls, pairs, scores

@@ -1,7 +1,10 @@
 """Parity with transformers: megarank models built from HF directories score a padded batch of
 mixed lengths exactly as the HF models do (fp32, 1e-5), in tp1_pp1, tp2_pp1 and tp1_pp2: BERT,
 XLM-RoBERTa and RoBERTa (positions offset by pad_token_id + 1, RobertaClassificationHead),
-Llama, Llama with Llama 3 RoPE scaling, Mistral, Qwen2 and Qwen3."""
+Llama, Llama with Llama 3 RoPE scaling, Mistral, Qwen2 and Qwen3.
+
+tp1_pp1 scores in this process; the two 2-rank layouts are two cases of one torchrun launch, the
+process group and megatron's parallel state rebuilt between them."""
 
 from __future__ import annotations
 
@@ -9,13 +12,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from tests.helpers.cases import cli_case, run_cases
 from tests.helpers.hf_tiny import hf_inputs, random_batch, save_tiny
-from tests.helpers.runs import run_module
+from tests.helpers.runs import run_cli
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 CLASSIFIERS = ["bert", "llama", "qwen2", "qwen3", "xlm_roberta", "roberta", "llama3", "mistral"]
 YES_NO = ["qwen3", "llama_tied"]  # an untied and a tied LM head
+LAYOUTS = {"tp1_pp1": 1, "tp2_pp1": 2, "tp1_pp2": 2}  # layout -> ranks
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +61,24 @@ def setup(tmp_path_factory):
     return root, jobs, refs
 
 
-@pytest.mark.parametrize("parallel, nproc", [("tp1_pp1", 1), ("tp2_pp1", 2), ("tp1_pp2", 2)])
-def test_scores_equal_transformers(setup, parallel, nproc):
-    root, jobs, refs = setup
-    out = root / f"scores_{parallel}.pt"
-    run_module("tests.parity.score_worker", [out, parallel, *jobs], nproc=nproc)
-    got = torch.load(out)
+@pytest.fixture(scope="module")
+def scores(setup):
+    """layout -> rank 0's scores of every job: one process, then one 2-rank launch."""
+    root, jobs, _ = setup
+    out = {parallel: root / f"scores_{parallel}.pt" for parallel in LAYOUTS}
+    worker = "tests.parity.score_worker"
+    for parallel, nproc in LAYOUTS.items():
+        if nproc == 1:
+            run_cli(worker, [out[parallel], parallel, *jobs])
+    run_cases({parallel: cli_case(worker, [out[parallel], parallel, *jobs])
+               for parallel, nproc in LAYOUTS.items() if nproc == 2}, nproc=2)
+    return {parallel: torch.load(path) for parallel, path in out.items()}
+
+
+@pytest.mark.parametrize("parallel", list(LAYOUTS))
+def test_scores_equal_transformers(setup, scores, parallel):
+    _, _, refs = setup
+    got = scores[parallel]
     names = [f"{k} classifier" for k in CLASSIFIERS] + [f"{k} yes/no" for k in YES_NO]
     for name, ours, theirs in zip(names, got, refs, strict=True):
         assert theirs.abs().max() > 1e-2, f"{name}: reference scores are trivially small"

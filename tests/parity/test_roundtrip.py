@@ -1,5 +1,8 @@
 """Round trip: HF -> megarank checkpoint imported in tp2_pp2 (4 ranks) -> HF is bitwise identical.
-Also: the export loads on its own in transformers and scores as the original does."""
+Also: the export loads on its own in transformers and scores as the original does.
+
+The eight imports are the cases of one 4-rank launch; exports and the single-process imports run
+in this process."""
 
 from __future__ import annotations
 
@@ -10,13 +13,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from tests.helpers.cases import cli_case, run_cases
 from tests.helpers.hf_tiny import hf_inputs, random_batch, save_tiny
-from tests.helpers.runs import run_module
+from tests.helpers.runs import run_cli
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-
-@pytest.mark.parametrize("kind, causal_lm, head", [
+KINDS = [
     ("qwen3", False, "classifier"),
     ("bert", False, "classifier"),
     ("llama_tied", True, "yes_no"),
@@ -25,18 +28,30 @@ pytestmark = pytest.mark.distributed
     ("roberta", False, "classifier"),
     ("llama3", False, "classifier"),
     ("mistral", False, "classifier"),
-])
-def test_hf_megarank_hf_is_bitwise(kind, causal_lm, head, tmp_path):
-    src = save_tiny(kind, tmp_path, causal_lm=causal_lm)
-    ckpt = tmp_path / "ckpt"
-    run_module("megarank.convert", ["from-hf", "--hf", src, "--out", ckpt, "parallel=tp2_pp2",
-                                    f"task.head={head}"], nproc=4)
+]
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """kind -> (HF source, its checkpoint imported in tp2_pp2): every import in one launch."""
+    root = tmp_path_factory.mktemp("roundtrip")
+    made = {kind: (save_tiny(kind, root / kind, causal_lm=causal_lm), root / kind / "ckpt")
+            for kind, causal_lm, _ in KINDS}
+    run_cases({kind: cli_case("megarank.convert", [
+        "from-hf", "--hf", made[kind][0], "--out", made[kind][1], "parallel=tp2_pp2",
+        f"task.head={head}"]) for kind, _, head in KINDS}, nproc=4)
+    return made
+
+
+@pytest.mark.parametrize("kind, causal_lm, head", KINDS)
+def test_hf_megarank_hf_is_bitwise(imported, kind, causal_lm, head, tmp_path):
+    src, ckpt = imported[kind]
     meta = json.loads((ckpt / "megarank.json").read_text())
     assert meta["layout"]["tp"] == 2 and meta["layout"]["pp"] == 2
     assert json.loads((ckpt / "scoring.json").read_text())["head"] == head
 
     out = tmp_path / "export"
-    run_module("megarank.convert", ["to-hf", "--ckpt", ckpt, "--out", out])
+    run_cli("megarank.convert", ["to-hf", "--ckpt", ckpt, "--out", out])
     a, b = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
     assert sorted(a) == sorted(b)
     for name in a:
@@ -56,9 +71,9 @@ def test_hf_megarank_hf_is_bitwise(kind, causal_lm, head, tmp_path):
 def test_yes_no_exported_as_classifier_gives_identical_scores(tmp_path):
     src = save_tiny("qwen3", tmp_path, causal_lm=True)
     ckpt = tmp_path / "ckpt"
-    run_module("megarank.convert", ["from-hf", "--hf", src, "--out", ckpt, "task.head=yes_no"])
+    run_cli("megarank.convert", ["from-hf", "--hf", src, "--out", ckpt, "task.head=yes_no"])
     out = tmp_path / "cls"
-    run_module("megarank.convert", ["to-hf", "--ckpt", ckpt, "--out", out, "--as-classifier"])
+    run_cli("megarank.convert", ["to-hf", "--ckpt", ckpt, "--out", out, "--as-classifier"])
     assert json.loads((out / "config.json").read_text())["architectures"] == [
         "Qwen3ForSequenceClassification"]
     assert json.loads((out / "scoring.json").read_text())["head"] == "classifier"
@@ -79,9 +94,9 @@ def test_yes_no_exported_as_classifier_gives_identical_scores(tmp_path):
 def test_sharded_export_has_an_index_and_loads(tmp_path):
     src = save_tiny("llama", tmp_path)
     ckpt = tmp_path / "ckpt"
-    run_module("megarank.convert", ["from-hf", "--hf", src, "--out", ckpt])
+    run_cli("megarank.convert", ["from-hf", "--hf", src, "--out", ckpt])
     out = tmp_path / "sharded"
-    run_module("megarank.convert", ["to-hf", "--ckpt", ckpt, "--out", out, "--max-shard-mb", "2"])
+    run_cli("megarank.convert", ["to-hf", "--ckpt", ckpt, "--out", out, "--max-shard-mb", "2"])
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and not (out / "model.safetensors").exists()
