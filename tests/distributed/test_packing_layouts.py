@@ -1,16 +1,14 @@
 """data.packing under TP2, PP2 and DP2 (and MaxP): the packed runs' losses and gradient norms
 equal the padded runs' in the same layout to 1e-5, for the encoder and the decoder. One torchrun
-launch of two ranks runs every case (tests/distributed/packing_worker.py)."""
+launch of two ranks runs every case (tests.helpers.cases)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from tests.helpers.runs import run_module
+from tests.helpers.cases import run_cases, train_case
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 COMMON = ["task=listwise", "task.group_size=4", "data=cranfield", "data.max_length=128",
           "data.max_query_length=16", "model.hidden_dropout=0", "model.attention_dropout=0",
@@ -28,18 +26,14 @@ def _name(model, layout, extra, packing):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("packing")
+def runs():
     cases = {}
     for model, layout, extra in CASES:
         for packing in (False, True):
-            cases[_name(model, layout, extra, packing)] = [
+            cases[_name(model, layout, extra, packing)] = train_case([
                 f"model={model}", LAYOUTS[layout], *COMMON, *extra,
-                f"data.packing={str(packing).lower()}", "data.packed_multiple=8"]
-    (tmp / "cases.json").write_text(json.dumps(cases))
-    run_module("tests.distributed.packing_worker", [tmp / "cases.json", tmp / "out.json"],
-               nproc=2, timeout=900)
-    return json.loads((tmp / "out.json").read_text())
+                f"data.packing={str(packing).lower()}", "data.packed_multiple=8"])
+    return run_cases(cases, nproc=2, timeout=900)
 
 
 @pytest.mark.parametrize("model, layout, extra", CASES,
