@@ -1,31 +1,56 @@
 """The README's main job in a reduced form: a real pretrained 2-layer BERT, a few steps, every
 step of the pipeline run, every output written and readable; trained on Cranfield (judged and
-pseudo-queries) alone, so that CISI is evaluated unseen."""
+pseudo-queries) alone, so that CISI is evaluated unseen.
+
+The job runs in this process (``megarank.quickstart.main``) and so do its one-process steps
+(mining, the import, the export): what the job launches under torchrun (training, every
+evaluation, 2 ranks) still starts as the job starts it."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import time
 
 import pytest
 from safetensors.torch import load_file
 
+import megarank.quickstart as quickstart
 from megarank.data.beir import load_collection, read_trec_run
 from megarank.data.mining import first_sentence
 from megarank.data.triplets import read_triplets
-from tests.helpers.runs import REPO, data_dir
+from tests.helpers.runs import data_dir, run_cli
 
 pytestmark = pytest.mark.slow
 
 
-def test_quickstart_reduced(tmp_path):
+def _one_process_steps_here(launch):
+    """quickstart's step runner with its one-process commands run in this process: the same
+    printed command, log file, wall time and failure as ``launch``; commands of several ranks go
+    to ``launch`` itself."""
+
+    def run(cmd: list[str], nproc: int = 1, log=None) -> float:
+        if nproc > 1:
+            return launch(cmd, nproc, log)
+        t0 = time.perf_counter()
+        print(f"$ {' '.join(cmd)}", flush=True)
+        proc = run_cli(cmd[0], cmd[1:], check=False)
+        if log:
+            log.write_text(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            raise SystemExit(f"step failed ({proc.returncode}): {' '.join(cmd)}"
+                             + (f"; see {log}" if log else ""))
+        return time.perf_counter() - t0
+
+    return run
+
+
+def test_quickstart_reduced(tmp_path, monkeypatch):
     out = tmp_path / "qs"
-    proc = subprocess.run(
-        [sys.executable, "-m", "megarank.quickstart", "--model", "bert_l2_h128", "--steps", "4",
-         "--top-k", "5", "--embedder", "cognition/model", "--pseudo-queries", "20",
-         "--web-pseudo-queries", "10", "--train-on", "cranfield", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=1200)
+    monkeypatch.setattr(quickstart, "_run", _one_process_steps_here(quickstart._run))
+    proc = run_cli("megarank.quickstart", [
+        "--model", "bert_l2_h128", "--steps", "4", "--top-k", "5", "--embedder",
+        "cognition/model", "--pseudo-queries", "20", "--web-pseudo-queries", "10", "--train-on",
+        "cranfield", "--out", out], check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "cranfield BM25" in proc.stdout and "cisi megarank" in proc.stdout
     assert "cisi teacher" in proc.stdout
