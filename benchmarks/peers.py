@@ -6,7 +6,8 @@ and a padding-free ("packed") reference built on the same Hugging Face model.
     python benchmarks/peers.py --smoke               # tiny models on the CPU: checks the script
 
 Systems (each one runs in its own fresh Python process: this script calls itself with
-``--system NAME --json OUT`` and collects the rows):
+``--system NAME --json OUT`` and collects the rows; ``--smoke`` runs the Hugging Face systems in
+one process and megarank's in another):
 
 - ``hf-bf16``: ``AutoModelForSequenceClassification`` (random weights, ``num_labels=1``) with
   bf16 weights, SDPA attention and ``torch.optim.AdamW(fused=True)``; each micro-batch
@@ -689,7 +690,8 @@ def environment() -> dict:
 
 
 def child(args) -> None:
-    """``--system NAME --json OUT``: run one system on the requested geometries, write rows."""
+    """``--system NAME --json OUT``: run one system (or several, comma-separated, one after
+    another: --smoke) on the requested geometries, write rows."""
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.cpu:
@@ -698,10 +700,10 @@ def child(args) -> None:
         torch.set_num_threads(args.threads)
     rows = []
     env = environment()
-    for kind in geometries(args):
-        base = {"system": args.system, "geometry": kind, **env}
+    for system, kind in [(s, k) for s in args.system.split(",") for k in geometries(args)]:
+        base = {"system": system, "geometry": kind, **env}
         try:
-            rows.append({**base, **run_system(args, args.system, kind)})
+            rows.append({**base, **run_system(args, system, kind)})
         except NotAvailable as e:
             rows.append({**base, "status": "not available", "reason": str(e)})
         except Exception as e:
@@ -727,8 +729,9 @@ CHILD_FLAGS = ("seq", "groups", "group_size", "micro_batches", "steps", "warmup"
 
 
 def launch(args, system: str, geometry: str, tmp: Path) -> list[dict]:
-    """Run ``system`` in a fresh process; its rows (or failure rows)."""
-    out = tmp / f"{system}-{geometry}.json"
+    """Run ``system`` (comma-separated: several, one after another) in a fresh process; its rows
+    (or failure rows)."""
+    out = tmp / f"{system.replace(',', '+')}-{geometry}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--system", system, "--geometry",
            geometry, "--json", str(out)]
     for f in CHILD_FLAGS:
@@ -756,7 +759,8 @@ def launch(args, system: str, geometry: str, tmp: Path) -> list[dict]:
         return rows
     print(f"--- {system} ({geometry}) exited; stderr tail:\n{err[-3000:]}", file=sys.stderr)
     reason = err.strip().splitlines()[-1][:200] if err.strip() else "no output"
-    return [{"system": system, "geometry": g, "status": "failed", "reason": reason}
+    return [{"system": name, "geometry": g, "status": "failed", "reason": reason}
+            for name in system.split(",")
             for g in (["decoder", "encoder"] if geometry == "both" else [geometry])]
 
 
@@ -849,7 +853,6 @@ def main() -> None:
         ap.error(f"unknown systems: {', '.join(sorted(unknown))}")
     has_packing = packing_source() is not None
     rows: dict[str, list[dict]] = {g: [] for g in geometries(args)}
-    # The smoke check runs both geometries in one process a system (half the start-up).
     runs = [(s, g) for g in ([args.geometry] if args.smoke else geometries(args))
             for s in systems]
     with tempfile.TemporaryDirectory() as tmp:
@@ -861,6 +864,13 @@ def main() -> None:
                                     "reason": "megarank.data.packing is not there yet"})
             else:
                 todo.append((system, geometry))
+        if args.smoke:
+            # --smoke checks the script, not the figures: one process for the Hugging
+            # Face systems and one for megarank's, both geometries each (a fraction of the
+            # start-up).
+            todo = [(",".join(s for s, _ in group), args.geometry) for group in (
+                [sg for sg in todo if not sg[0].startswith("megarank")],
+                [sg for sg in todo if sg[0].startswith("megarank")]) if group]
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             for result in pool.map(lambda sg: launch(args, *sg, Path(tmp)), todo):
                 for r in result:

@@ -83,8 +83,9 @@ def test_vs_sentence_transformers_benchmark_smoke(tmp_path):
 
 
 def test_data_scale_benchmark_smoke(tmp_path):
+    # Two steps: the fewest that give the step time and a data wait after the first step.
     proc = subprocess.run([sys.executable, "benchmarks/data_scale.py", "--smoke", "--repeats",
-                           "1", "--steps", "3", "--workdir", str(tmp_path / "w")], cwd=REPO,
+                           "1", "--steps", "2", "--workdir", str(tmp_path / "w")], cwd=REPO,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ")][1:]

@@ -1,8 +1,9 @@
 """The peer throughput benchmark must run as it is when someone next measures with it.
 
 ``benchmarks/peers.py --smoke`` runs every system (the plain HF loop, the packed HF reference,
-megarank, megarank with packing where it exists) in its own process on tiny models on the CPU,
-both geometries, and prints one table a geometry. The packed reference must score exactly what
+megarank, megarank with packing where it exists) on tiny models on the CPU, both geometries, in
+two processes (the Hugging Face systems, megarank's) that it starts as it starts one a system
+in a real run, and prints one table a geometry. The packed reference must score exactly what
 the padded HF model scores on the same pairs, and pad less.
 """
 
