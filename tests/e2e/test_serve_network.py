@@ -141,3 +141,46 @@ def test_text_embeddings_inference_shape(client):
     broken = client.post("/rerank", content=b'{"query": "a", "texts": [', headers={
         **AUTH, "content-type": "application/json"})
     assert broken.status_code == 400 and broken.json()["param"] == "body"
+
+
+def test_requests_are_answered_in_arrival_order(engine):
+    """Six-document requests of long documents and one-document requests of a few words
+    alternate, tokenized by four threads (so the short ones are ready first) and batched
+    together: every request is still answered after every request that arrived before it, with
+    the scores it gets on its own."""
+    import asyncio
+
+    from megarank.serving.batcher import DynamicBatcher
+
+    long_doc = " ".join(["the flutter of a thin wing panel in supersonic flow"] * 12)
+    requests = [[(QUERY, f"{i} {long_doc}")] * 6 if i % 2 == 0 else [(QUERY, f"short {i}")]
+                for i in range(8)]
+    batcher = DynamicBatcher(engine._score, engine.collator.encode_pairs,
+                             pad_id=engine.collator.pad_id,
+                             pad_to_multiple_of=engine.collator.pad_to_multiple_of,
+                             max_batch_tokens=4096, max_wait_ms=50, tokenizer_threads=4)
+    batcher.start()
+    try:
+        async def arrive_together():
+            answered = []
+
+            async def one(i):
+                scores, _ = await batcher.submit(requests[i])
+                answered.append(i)
+                return scores
+
+            tasks = [asyncio.create_task(one(i)) for i in range(len(requests))]
+            return await asyncio.gather(*tasks), answered
+
+        together, order = asyncio.run(arrive_together())
+
+        async def one_by_one():
+            return [(await batcher.submit(r))[0] for r in requests]
+
+        alone = asyncio.run(one_by_one())
+    finally:
+        batcher.stop()
+    assert order == list(range(len(requests)))
+    assert batcher.stats.max_requests_per_pass > 1  # they did share forward passes
+    for got, want in zip(together, alone, strict=True):
+        assert got == pytest.approx(want, abs=1e-5)
