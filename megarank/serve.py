@@ -1,11 +1,18 @@
 """``megarank serve``: the rerank API over a megarank checkpoint, run directory or HF export.
 
-    megarank serve --model DIR [--host 127.0.0.1 --port 8000 --max-batch-tokens 16384
-                   --max-wait-ms 5 --max-documents 1000 --max-length N] [overrides]
+    megarank serve --model DIR [--host 127.0.0.1 --port 8000 --api-key KEY
+                   --max-batch-tokens 16384 --max-wait-ms 5 --max-documents 1000
+                   --max-text-chars 100000 --max-body-mb 16 --max-length N] [overrides]
 
 POST /v1/rerank, /v2/rerank and /rerank take {model, query, documents, top_n, return_documents}
-(Cohere, Jina and vLLM shapes); POST /score takes vLLM's {text_1, text_2}; GET /health and
-GET /v1/models describe the server. The model's scoring.json decides tokenization, template,
+(Cohere, Jina and vLLM shapes); /rerank also takes Text Embeddings Inference's {query, texts,
+raw_scores, return_text} and answers with TEI's list of {index, score[, text]}; POST /score
+takes vLLM's {text_1, text_2}; GET /health and GET /v1/models describe the server.
+
+On a network: --api-key (or MEGARANK_API_KEY) makes every route but /health want
+"Authorization: Bearer KEY" (401 otherwise). Requests are bounded: --max-documents documents
+(pairs), --max-text-chars characters per text, --max-body-mb per body; each bound refuses with
+413 naming the field. The model's scoring.json decides tokenization, template,
 truncation and head, as for ``megarank score``; a model whose config disagrees with it is
 refused at start.
 
@@ -20,6 +27,7 @@ answers the requests in flight, then exits 0.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import sys
@@ -37,10 +45,16 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-wait-ms", type=float, default=5.0,
                     help="how long a request waits for others to share its forward pass")
     ap.add_argument("--max-documents", type=int, default=1000,
-                    help="documents per rerank request, pairs per score request")
+                    help="documents per rerank request, pairs per score request; more: 413")
     ap.add_argument("--max-length", type=int, default=None,
                     help="cut sequences shorter than the scoring contract's max_length")
-    ap.add_argument("--max-body-mb", type=float, default=16.0, help="request body size limit")
+    ap.add_argument("--max-text-chars", type=int, default=100_000,
+                    help="characters per text (query or document); longer: 413")
+    ap.add_argument("--max-body-mb", type=float, default=16.0,
+                    help="request body size limit; larger: 413")
+    ap.add_argument("--api-key", default=os.environ.get("MEGARANK_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' on every route but /health "
+                         "(default: the MEGARANK_API_KEY environment variable; none: open)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: the cores this process may use)")
@@ -68,7 +82,7 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def startup_line(info: dict, url: str) -> str:
+def startup_line(info: dict, url: str, api_key: bool = False) -> str:
     """The line printed once the model is loaded and the socket listens."""
     cut = (f"max_length {info['max_length']}" if info["max_length"] == info["contract_max_length"]
            else f"max_length {info['max_length']} (contract {info['contract_max_length']})")
@@ -77,7 +91,8 @@ def startup_line(info: dict, url: str) -> str:
             f"{info['relevance_score']} | device {info['device']}, {info['precision']}, "
             f"{info['threads']} torch threads, 1 worker | batches <= {info['max_batch_tokens']} "
             f"tokens, wait <= {info['max_wait_ms']:g} ms, <= {info['max_documents']} documents, "
-            f"body <= {info['max_body_bytes']} bytes | listening on {url}")
+            f"<= {info['max_text_chars']} characters a text, body <= {info['max_body_bytes']} "
+            f"bytes | {'API key required' if api_key else 'no API key'} | listening on {url}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--workers {args.workers}: a server process holds one model copy and batches "
                  "every request on it; for more copies run one server per copy (e.g. "
                  "--threads cores/copies each, on its own --port) behind a load balancer")
-    for name in ("max_batch_tokens", "max_documents", "threads"):
+    for name in ("max_batch_tokens", "max_documents", "max_text_chars", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -101,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads or default_threads())
     limits = ServeLimits(max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
-                         max_documents=args.max_documents,
+                         max_documents=args.max_documents, max_text_chars=args.max_text_chars,
                          max_body_bytes=int(args.max_body_mb * 1024 * 1024))
     try:
         engine = RerankEngine.load(args.model, args.overrides,
@@ -121,8 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         host, port = sock.getsockname()[:2]
         url = f"http://[{host}]:{port}" if sock.family == socket.AF_INET6 else \
             f"http://{host}:{port}"
-        print(startup_line(engine.info(), url), file=sys.stderr, flush=True)
-        config = uvicorn.Config(create_app(engine), log_level=args.log_level,
+        print(startup_line(engine.info(), url, bool(args.api_key)), file=sys.stderr, flush=True)
+        config = uvicorn.Config(create_app(engine, api_key=args.api_key), log_level=args.log_level,
                                 access_log=args.access_log, lifespan="on",
                                 timeout_graceful_shutdown=args.shutdown_timeout)
         # uvicorn handles SIGTERM/SIGINT while it runs (stop accepting, finish in-flight

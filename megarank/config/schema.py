@@ -327,6 +327,9 @@ class OptimConfig:
 class LoggingConfig:
     """Where metrics go besides metrics.jsonl."""
 
+    tensorboard: bool = False
+    """Write TensorBoard event files under ``<output_dir>/tensorboard`` (rank 0), flushed with
+    every record, so ``tensorboard --logdir runs`` shows runs live and side by side."""
     wandb: bool = False
     """Log to Weights & Biases (rank 0)."""
     wandb_project: str = "megarank"

@@ -1,18 +1,23 @@
 """The rerank API: a FastAPI application around one :class:`RerankEngine`.
 
-    POST /v1/rerank, /v2/rerank, /rerank   Cohere / Jina / vLLM rerank shape
+    POST /v1/rerank, /v2/rerank, /rerank   Cohere / Jina / vLLM rerank shape (and, on /rerank,
+                                           Text Embeddings Inference's)
     POST /score, /v1/score                 vLLM's score shape (text_1 x text_2)
     GET  /health                           the model, its limits and the batcher's counters
     GET  /v1/models, /models               the served model (OpenAI list shape)
 
 Every error body is ``{"object": "error", "message", "type", "param", "code"}``, ``param``
-naming the field at fault. Bad input is a 4xx for that request only; a model failure is a 500
+naming the field at fault. With an API key every route but ``/health`` wants
+``Authorization: Bearer <key>`` (401 otherwise). A request over a bound (documents, characters
+per text, body bytes) is a 413 naming the field. Bad input is a 4xx for that request only; a model failure is a 500
 for the request it happened in (see :mod:`megarank.serving.batcher`); the server keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -22,6 +27,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from megarank.data.ranking import rank_documents
@@ -41,10 +47,12 @@ from megarank.serving.schemas import (
     ScoreItem,
     ScoreRequest,
     ScoreResponse,
+    TeiRerankRequest,
+    TeiRerankResult,
     Usage,
 )
 
-ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowedError",
+ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowedError",
                413: "RequestTooLargeError", 500: "InternalServerError",
                503: "ServiceUnavailableError"}
 
@@ -157,9 +165,60 @@ class BodyLimit:
         await response(scope, nothing, send)
 
 
-def create_app(engine: RerankEngine) -> FastAPI:
+class ApiKey:
+    """ASGI middleware: every request but ``GET /health`` must carry ``Authorization: Bearer
+    <key>`` (as vLLM's and TEI's servers ask); otherwise 401, before the body is read."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health":
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            await self.app(scope, receive, send)
+            return
+        message = ("Authorization: wrong API key" if header else
+                   "Authorization: missing; send 'Authorization: Bearer <key>' (--api-key)")
+        response = error_response(401, message, "Authorization")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        await response(scope, receive, send)
+
+
+async def _json_body(request: Request) -> Any:
+    """The request's JSON body, refused as FastAPI refuses a body it cannot read."""
+    raw = await request.body()
+    kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    if kind and kind != "application/json" and not kind.endswith("+json"):
+        raise RequestValidationError([{"type": "model_attributes_type", "loc": ("body",),
+                                       "msg": "not JSON", "input": raw}])
+    if not raw.strip():
+        raise RequestValidationError([{"type": "missing", "loc": ("body",),
+                                       "msg": "Field required", "input": None}])
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestValidationError([{
+            "type": "json_invalid", "loc": ("body", getattr(e, "pos", 0)),
+            "msg": "JSON decode error", "input": {},
+            "ctx": {"error": getattr(e, "msg", str(e))}}]) from None
+
+
+def _validate(model: type, payload: Any) -> Any:
+    try:
+        return model.model_validate(payload)
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])}
+                                      for err in e.errors()]) from None
+
+
+def create_app(engine: RerankEngine, api_key: str | None = None) -> FastAPI:
     """The API over ``engine``; its lifespan starts the engine's scoring thread and, at
-    shutdown (after in-flight requests are answered), scores what is queued and stops it."""
+    shutdown (after in-flight requests are answered), scores what is queued and stops it.
+    With ``api_key`` every route but ``/health`` wants it as a bearer token."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -174,6 +233,8 @@ def create_app(engine: RerankEngine) -> FastAPI:
                   description="Cohere/Jina/vLLM-shaped rerank and score endpoints over a "
                               "megarank model, scored by its scoring contract.")
     app.add_middleware(BodyLimit, max_bytes=engine.limits.max_body_bytes)
+    if api_key:  # added last, so it runs first: no body is read for a request without the key
+        app.add_middleware(ApiKey, key=api_key)
     app.state.engine = engine
     created = int(time.time())
 
@@ -208,11 +269,24 @@ def create_app(engine: RerankEngine) -> FastAPI:
         limit = engine.limits.max_documents
         if n > limit:
             raise BadRequest(param, f"{param}: {n} texts, at most {limit} per request "
-                                    "(--max-documents)")
+                                    "(--max-documents)", status=413)
+
+    def check_chars(texts: str | list[str], param: str) -> None:
+        limit = engine.limits.max_text_chars
+        for i, text in enumerate([texts] if isinstance(texts, str) else texts):
+            if len(text) > limit:
+                name = param if isinstance(texts, str) else f"{param}[{i}]"
+                raise BadRequest(name, f"{name}: {len(text)} characters, at most {limit} per "
+                                       "text (--max-text-chars)", status=413)
+
+    def check_rerank(query: str, docs: list[str], param: str) -> None:
+        check_count(len(docs), param)
+        check_chars(query, "query")
+        check_chars(docs, param)
 
     async def rerank(body: RerankRequest, version: str) -> RerankResponse:
         docs: list[str] = body.documents  # the validator turned {"text": ...} into strings
-        check_count(len(docs), "documents")
+        check_rerank(body.query, docs, "documents")
         scores, tokens = await engine.score([(body.query, d) for d in docs])
         ranked = [int(k) for k in rank_documents({f"{i:09d}": s for i, s in enumerate(scores)})]
         if body.top_n is not None:
@@ -240,10 +314,29 @@ def create_app(engine: RerankEngine) -> FastAPI:
         """Cohere v1 / Jina / vLLM: documents ordered by relevance."""
         return await rerank(body, "1")
 
-    @app.post("/rerank", **rerank_doc)
-    async def rerank_plain(body: RerankRequest) -> RerankResponse:
-        """vLLM's unversioned path."""
-        return await rerank(body, "2")
+    async def rerank_tei(body: TeiRerankRequest) -> list[dict[str, Any]]:
+        check_rerank(body.query, body.texts, "texts")
+        scores, _ = await engine.score([(body.query, t) for t in body.texts],
+                                       relevance="raw" if body.raw_scores else "sigmoid")
+        ranked = [int(k) for k in rank_documents({f"{i:09d}": s for i, s in enumerate(scores)})]
+        return [TeiRerankResult(index=i, score=scores[i],
+                                text=body.texts[i] if body.return_text else None)
+                .model_dump(exclude_none=True) for i in ranked]
+
+    tei_schema = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "oneOf": [RerankRequest.model_json_schema(), TeiRerankRequest.model_json_schema()]}}}}}
+
+    @app.post("/rerank", openapi_extra=tei_schema,
+              responses={200: {"model": RerankResponse | list[TeiRerankResult]},
+                         **rerank_doc["responses"]})
+    async def rerank_plain(request: Request) -> JSONResponse:
+        """vLLM's unversioned path; a body with ``texts`` (and no ``documents``) is Text
+        Embeddings Inference's request, answered with TEI's list of ``{index, score}``."""
+        payload = await _json_body(request)
+        if isinstance(payload, dict) and "texts" in payload and "documents" not in payload:
+            return JSONResponse(await rerank_tei(_validate(TeiRerankRequest, payload)))
+        body = await rerank(_validate(RerankRequest, payload), "2")
+        return JSONResponse(body.model_dump(exclude_none=True))
 
     async def score(body: ScoreRequest) -> ScoreResponse:
         t1 = [body.text_1] if isinstance(body.text_1, str) else body.text_1
@@ -256,6 +349,8 @@ def create_app(engine: RerankEngine) -> FastAPI:
             raise BadRequest("text_2", f"text_2: {len(t2)} texts for {len(t1)} in text_1; give "
                                        "as many, or one text on either side")
         check_count(len(t1), "text_2")
+        check_chars(body.text_1, "text_1")
+        check_chars(body.text_2, "text_2")
         scores, tokens = await engine.score(list(zip(t1, t2, strict=True)))
         return ScoreResponse(
             id=f"score-{uuid.uuid4().hex}", created=int(time.time()), model=engine.name,
@@ -263,7 +358,8 @@ def create_app(engine: RerankEngine) -> FastAPI:
             usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
 
     score_doc = {"response_model": ScoreResponse,
-                 "responses": {400: {"model": ErrorResponse}, 500: {"model": ErrorResponse}}}
+                 "responses": {400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+                               500: {"model": ErrorResponse}}}
 
     @app.post("/score", **score_doc)
     async def score_plain(body: ScoreRequest) -> ScoreResponse:

@@ -2,13 +2,15 @@
 
 Each request's (query, document) pairs are tokenized by the model's pair collator on a small
 tokenizer pool as soon as the request arrives, so the batcher knows every row's length in
-tokens. One scoring thread owns the model. It takes the oldest waiting request, then keeps
+tokens. Requests are numbered as they arrive and reach the scoring thread in that order, however
+long each took to tokenize: none is overtaken by a later one. One scoring thread owns the model. It takes the oldest waiting request, then keeps
 taking requests that arrive within ``max_wait_ms`` while their tokens fit ``max_batch_tokens``
 (a request bigger than that alone is scored alone, in several forward passes). The rows of
 those requests are sorted by length, longest first, and cut into forward passes of at most
 ``max_batch_tokens`` padded tokens, so short documents are not padded to long ones. Every row
 remembers its request and its position: a request's scores come back in its own order and
-never mix with another request's, and a request is answered as soon as its last row is scored.
+never mix with another request's, and a request is answered once its last row is scored and
+every earlier request of its group has been answered.
 
 A forward pass that raises fails no request outright: each request that had rows in it is
 scored again on its own, and only a request that fails alone gets the error. The event loop
@@ -18,6 +20,7 @@ never waits on the model: requests await an asyncio future that the scoring thre
 from __future__ import annotations
 
 import asyncio
+import itertools
 import queue
 import threading
 import time
@@ -156,6 +159,9 @@ class DynamicBatcher:
         self._lock = threading.Lock()
         self.in_flight = 0
         """Requests submitted and not yet answered."""
+        self._arrivals = itertools.count()  # numbered on the event loop, in arrival order
+        self._tokenized: dict[int, _Request | None] = {}
+        self._next_arrival = 0
 
     # ----------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -180,18 +186,34 @@ class DynamicBatcher:
         if self._stopping or self._thread is None:
             raise BatcherStopped("the server is shutting down")
         loop = asyncio.get_running_loop()
+        arrival = next(self._arrivals)
+        queued = False
         with self._lock:
             self.in_flight += 1
         try:
             batch = await loop.run_in_executor(self._pool, self.encode_fn, pairs)
             lengths = batch.attention_mask.sum(dim=1).tolist()
             request = _Request(batch, lengths, loop, loop.create_future())
-            self._queue.put(request)
+            self._enqueue(arrival, request)
+            queued = True
             scores = await request.future
             return _per_pair(scores, batch).tolist(), request.tokens
         finally:
+            if not queued:  # failed or cancelled before its turn: later ones must not wait
+                self._enqueue(arrival, None)
             with self._lock:
                 self.in_flight -= 1
+
+    def _enqueue(self, arrival: int, request: _Request | None) -> None:
+        """Queue tokenized requests in arrival order: ``request`` waits here until every
+        earlier arrival is queued (or gave up, None)."""
+        with self._lock:
+            self._tokenized[arrival] = request
+            while self._next_arrival in self._tokenized:
+                ready = self._tokenized.pop(self._next_arrival)
+                self._next_arrival += 1
+                if ready is not None:
+                    self._queue.put(ready)
 
     def score_now(self, pairs: list[tuple[str, str]]) -> list[float]:
         """Score ``pairs`` on the calling thread, bypassing the queue (start-up warm-up; only
@@ -267,6 +289,15 @@ class DynamicBatcher:
         lengths = [request.lengths[r] for request, r in rows]
         self.stats.requests += len(group)
         self.stats.pairs += len(rows)
+        answered = 0  # group[:answered] have their scores: requests are answered in order
+
+        def answer_finished() -> None:
+            nonlocal answered
+            while (answered < len(group) and group[answered].remaining == 0
+                   and not group[answered].suspect):
+                group[answered].resolve(group[answered].scores)
+                answered += 1
+
         for pass_rows in pack_rows(lengths, self.max_batch_tokens, self.pad_to_multiple_of):
             members = [rows[i] for i in pass_rows]
             live = {id(req) for req, _ in members}
@@ -281,11 +312,12 @@ class DynamicBatcher:
             for (req, r), s in zip(members, scores.tolist(), strict=True):
                 req.scores[r] = s
                 req.remaining -= 1
-                if req.remaining == 0 and not req.suspect:
-                    req.resolve(req.scores)
-        for request in group:
+            answer_finished()
+        for request in group[answered:]:
             if request.suspect:
                 self._score_alone(request)
+            else:
+                request.resolve(request.scores)
 
     def _score_alone(self, request: _Request) -> None:
         """A request whose shared pass failed, scored on its own: its result or its error."""

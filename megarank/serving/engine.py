@@ -48,6 +48,9 @@ class ServeLimits:
     """How long the first waiting request waits for others to share its forward pass."""
     max_documents: int = 1000
     """Documents per rerank request (pairs per score request)."""
+    max_text_chars: int = 100_000
+    """Characters per text (the query, each document): a longer one is refused, never cut at a
+    character count (the scoring contract's token truncation still applies to what is taken)."""
     max_body_bytes: int = 16 * 1024 * 1024
     """Request body size."""
 
@@ -83,6 +86,8 @@ class RerankEngine:
                              f"sequence of max length {self.max_length}")
         if limits.max_documents < 1:
             raise ValueError(f"--max-documents must be >= 1, got {limits.max_documents}")
+        if limits.max_text_chars < 1:
+            raise ValueError(f"--max-text-chars must be >= 1, got {limits.max_text_chars}")
         device = stage.rt.device
 
         def on_thread_start() -> None:
@@ -135,10 +140,12 @@ class RerankEngine:
         self.scorer.close()
 
     # -------------------------------------------------------------------------------- scores
-    async def score(self, pairs: list[tuple[str, str]]) -> tuple[list[float], int]:
-        """(relevance scores of ``pairs`` in order, real tokens scored)."""
+    async def score(self, pairs: list[tuple[str, str]],
+                    relevance: str | None = None) -> tuple[list[float], int]:
+        """(relevance scores of ``pairs`` in order, real tokens scored); ``relevance`` (raw or
+        sigmoid) in place of the server's own, for a request shape that chooses it."""
         raw, tokens = await self.batcher.submit(pairs)
-        if self.relevance == "sigmoid":
+        if (relevance or self.relevance) == "sigmoid":
             return [sigmoid(s) for s in raw], tokens
         return raw, tokens
 
@@ -155,6 +162,7 @@ class RerankEngine:
             "threads": torch.get_num_threads(),
             "max_batch_tokens": self.limits.max_batch_tokens,
             "max_wait_ms": self.limits.max_wait_ms, "max_documents": self.limits.max_documents,
+            "max_text_chars": self.limits.max_text_chars,
             "max_body_bytes": self.limits.max_body_bytes,
         }
 

@@ -1,7 +1,8 @@
 """Request and response bodies of the rerank API, as pydantic models.
 
 The rerank request and response are the shape Cohere's v1/v2 and Jina's rerank APIs use, and that
-vLLM's ``/rerank`` copies; ``/score`` is vLLM's. Unknown request fields (Cohere's
+vLLM's ``/rerank`` copies; ``/score`` is vLLM's. ``/rerank`` also takes Text Embeddings
+Inference's shape (``texts`` in place of ``documents``), answered as TEI answers. Unknown request fields (Cohere's
 ``max_tokens_per_doc`` or ``priority``, Jina's ``truncation``) are accepted and ignored: the
 truncation is the model's scoring contract. A field that is wrong fails validation with an error
 whose ``param`` names it (``documents[3]``, ``top_n``).
@@ -91,6 +92,36 @@ class RerankRequest(BaseModel):
     top_n: Annotated[int, Field(ge=1, strict=True)] | None = Field(
         None, description="Return the best top_n (all when absent or larger).")
     return_documents: StrictBool = Field(False, description="Echo each document's text.")
+
+
+def _texts(value: Any) -> list[str]:
+    return _check_texts(value, "texts", allow_objects=False)
+
+
+class TeiRerankRequest(BaseModel):
+    """Text Embeddings Inference's ``POST /rerank``, as its clients (Haystack, LlamaIndex,
+    LangChain) send it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    query: Annotated[str, BeforeValidator(_query)]
+    texts: Annotated[list[str], BeforeValidator(_texts)] = Field(
+        description="The documents; at most --max-documents.")
+    raw_scores: StrictBool = Field(False, description="The model's raw scores; false: their "
+                                                       "sigmoid, as TEI gives them.")
+    return_text: StrictBool = Field(False, description="Echo each text.")
+    truncate: StrictBool | None = Field(
+        None, description="Accepted; every pair is cut by the model's scoring contract.")
+    truncation_direction: Literal["Right", "right"] = Field(
+        "Right", description="Only Right: the contract cuts a document at its end.")
+
+
+class TeiRerankResult(BaseModel):
+    """One item of TEI's answer, a JSON list ordered by score, best first."""
+
+    index: int
+    score: float
+    text: str | None = None
 
 
 class ScoreRequest(BaseModel):

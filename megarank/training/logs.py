@@ -1,4 +1,5 @@
-"""Rank-0 logging: a progress bar, metrics.jsonl, and Weights & Biases when enabled."""
+"""Rank-0 logging: a progress bar, metrics.jsonl, and TensorBoard and Weights & Biases when
+enabled."""
 
 from __future__ import annotations
 
@@ -35,14 +36,29 @@ def _drop_partial_line(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
+def _tensorboard_writer(output_dir: Path, start_step: int) -> Any:
+    """A SummaryWriter on ``<output_dir>/tensorboard``. A resumed run purges what an earlier,
+    interrupted attempt wrote after its checkpoint's step, so each step shows once."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # torch's writer needs the tensorboard package
+        raise ImportError("logging.tensorboard=true needs the tensorboard package "
+                          "(`pip install tensorboard`)") from e
+    return SummaryWriter(log_dir=str(output_dir / "tensorboard"),
+                         purge_step=start_step + 1 if start_step > 0 else None)
+
+
 class MetricsLog:
-    """The run's metric record: one JSON object a line, a tqdm bar, and optional W&B (rank 0)."""
+    """The run's metric record: one JSON object a line, a tqdm bar, and optional TensorBoard and
+    W&B (rank 0). Every number of a record becomes a scalar of the same name at its step."""
 
     def __init__(self, rt: Runtime, output_dir: Path, total_steps: int, start_step: int,
-                 progress_bar: bool, wandb_cfg: Any | None = None, run_config: dict | None = None):
+                 progress_bar: bool, logging_cfg: Any | None = None,
+                 run_config: dict | None = None):
         self.active = rt.is_main
         self.bar = None
         self.wandb = None
+        self.tensorboard = None
         if not self.active:
             return
         path = output_dir / "metrics.jsonl"
@@ -51,13 +67,16 @@ class MetricsLog:
         if progress_bar:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                             file=sys.stderr)
-        if wandb_cfg is not None and wandb_cfg.wandb:
+        if logging_cfg is not None and logging_cfg.tensorboard:
+            self.tensorboard = _tensorboard_writer(output_dir, start_step)
+        if logging_cfg is not None and logging_cfg.wandb:
             try:
                 import wandb
             except ImportError as e:
                 raise ImportError("logging.wandb=true needs `pip install megarank[wandb]`") from e
-            self.wandb = wandb.init(project=wandb_cfg.wandb_project, mode=wandb_cfg.wandb_mode,
-                                    dir=str(output_dir), config=run_config)
+            self.wandb = wandb.init(project=logging_cfg.wandb_project,
+                                    mode=logging_cfg.wandb_mode, dir=str(output_dir),
+                                    config=run_config)
 
     def advance(self, steps: int = 1) -> None:
         """Move the progress bar."""
@@ -76,6 +95,11 @@ class MetricsLog:
         else:
             logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                  for k, v in record.items()))
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+            self.tensorboard.flush()  # a live `tensorboard --logdir` sees the step at once
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
 
@@ -95,5 +119,7 @@ class MetricsLog:
         if self.bar is not None:
             self.bar.close()
         self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
