@@ -184,7 +184,7 @@ BAD = [
     ("top_n not an integer", {"query": "wing", "documents": ["a"], "top_n": "3"}, 400, "top_n"),
     ("return_documents not a boolean",
      {"query": "wing", "documents": ["a"], "return_documents": "yes"}, 400, "return_documents"),
-    ("too many documents", {"query": "wing", "documents": ["a"] * (MAX_DOCS + 1)}, 400,
+    ("too many documents", {"query": "wing", "documents": ["a"] * (MAX_DOCS + 1)}, 413,
      "documents"),
     ("body over the limit", {"query": "wing", "documents": ["x" * 5000] * 60}, 413, "body"),
 ]

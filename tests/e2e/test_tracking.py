@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from tests.conftest import read_metrics
+from tests.helpers.runs import read_metrics
 
 COMMON = ["model=gpt_tiny", "task=listwise", "task.group_size=4", "trainer.global_batch_size=4",
           "trainer.micro_batch_size=2", "trainer.log_interval=1", "trainer.progress_bar=false",
