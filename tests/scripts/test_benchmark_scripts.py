@@ -18,6 +18,9 @@ import pytest
 
 from tests.helpers.runs import REPO, data_dir
 
+# The benchmarks' smoke runs: minutes together, so the full suite's, not the loop's.
+pytestmark = pytest.mark.slow
+
 
 def test_gpu_decoder_benchmark_smoke():
     proc = subprocess.run([sys.executable, "benchmarks/gpu_decoder.py", "--smoke", "--lora"],

@@ -14,7 +14,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers.runs import REPO
+
+# The benchmarks' smoke runs: minutes together, so the full suite's, not the loop's.
+pytestmark = pytest.mark.slow
 
 ALWAYS = ("hf-bf16", "hf-autocast", "packed-ref", "packed-ref-1mb", "megarank")
 PACKED = ("megarank-packed", "megarank-packed-1mb")
