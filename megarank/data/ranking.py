@@ -35,7 +35,7 @@ def rank_documents(scores: dict[str, float], qrels_q: dict[str, int] | None = No
     for docid, score in scores.items():
         if math.isnan(score):
             raise ValueError(f"document {docid!r} has a NaN score")
-    return sorted(scores, key=lambda d: (-scores[d], d))
+    return sorted(scores, key=lambda d: (-scores[d], max(qrels_q.get(d, 0), 0), d))
 
 
 def ranks_as_scores(run: Run, qrels: Qrels | None = None) -> Run:

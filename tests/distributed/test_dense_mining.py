@@ -10,8 +10,9 @@ from collections import Counter
 
 import pytest
 
-from megarank.data.beir import candidates, load_collection, read_trec_run
+from megarank.data.beir import load_collection
 from tests.helpers.cases import cli_case, run_cases
+from tests.helpers.collections import small_cranfield
 from tests.helpers.runs import data_dir, run_cli
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -20,24 +21,8 @@ ROOT = data_dir("cranfield")
 
 
 def _small_collection(tmp_path, n_queries=8, depth=40):
-    """A BEIR folder of `n_queries` Cranfield train queries over their shipped BM25 top `depth`
-    and their judged documents: a few hundred documents, embedded in seconds."""
-    coll = load_collection(ROOT)
-    run = read_trec_run(ROOT / "run.bm25.trec")
-    qids = coll.split_qids("train")[:n_queries]
-    keep = {d for q in qids for d in candidates(run, q, depth)} | {
-        d for q in qids for d in coll.qrels[q]}
-    root = tmp_path / "small"
-    root.mkdir()
-    with open(ROOT / "corpus.jsonl") as src, open(root / "corpus.jsonl", "w") as dst:
-        dst.writelines(line for line in src if json.loads(line)["_id"] in keep)
-    with open(root / "queries.jsonl", "w") as f:
-        f.writelines(json.dumps({"_id": q, "text": coll.queries[q]}) + "\n" for q in qids)
-    with open(root / "qrels.tsv", "w") as f:
-        f.write("query-id\tcorpus-id\tscore\n")
-        f.writelines(f"{q}\t{d}\t{r}\n" for q in qids for d, r in coll.qrels[q].items())
-    (root / "split.json").write_text(json.dumps({"train": qids, "test": []}))
-    return root, {coll.queries[q] for q in qids}
+    root = small_cranfield(tmp_path / "small", n_queries, depth)
+    return root, set(load_collection(root).queries.values())
 
 
 # name -> the worker's extra arguments: plain dense mining; 12 pseudo-queries and BM25 fused

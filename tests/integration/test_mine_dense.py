@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from megarank.api import mine_triplets
-from megarank.data.beir import candidates, load_collection, read_trec_run
+from megarank.data.beir import load_collection
 from megarank.data.triplets import read_triplets
+from tests.helpers.collections import small_cranfield
 from tests.helpers.runs import data_dir
 
 ROOT = data_dir("cranfield")
@@ -21,24 +22,8 @@ def coll():
     return load_collection(ROOT)
 
 
-def _small_collection(tmp_path, coll, n_queries=4, depth=30):
-    """A BEIR folder of `n_queries` Cranfield train queries over their shipped BM25 top `depth`
-    and their judged documents: small enough to embed in seconds."""
-    run = read_trec_run(ROOT / "run.bm25.trec")
-    qids = coll.split_qids("train")[:n_queries]
-    keep = {d for q in qids for d in candidates(run, q, depth)} | {
-        d for q in qids for d in coll.qrels[q]}
-    root = tmp_path / "small"
-    root.mkdir()
-    with open(ROOT / "corpus.jsonl") as src, open(root / "corpus.jsonl", "w") as dst:
-        dst.writelines(line for line in src if json.loads(line)["_id"] in keep)
-    with open(root / "queries.jsonl", "w") as f:
-        f.writelines(json.dumps({"_id": q, "text": coll.queries[q]}) + "\n" for q in qids)
-    with open(root / "qrels.tsv", "w") as f:
-        f.write("query-id\tcorpus-id\tscore\n")
-        f.writelines(f"{q}\t{d}\t{r}\n" for q in qids for d, r in coll.qrels[q].items())
-    (root / "split.json").write_text(json.dumps({"train": qids, "test": []}))
-    return root
+def _small_collection(tmp_path, coll):
+    return small_cranfield(tmp_path / "small", n_queries=4, depth=30)
 
 
 def test_dense_retriever_scores_are_the_embedders_cosines(tmp_path, coll):
