@@ -17,8 +17,8 @@ def small_cranfield(out: Path, n_queries: int, depth: int) -> Path:
     coll = load_collection(root)
     run = read_trec_run(root / "run.bm25.trec")
     qids = coll.split_qids("train")[:n_queries]
-    keep = {d for q in qids for d in candidates(run, q, depth)} | {
-        d for q in qids for d in coll.qrels[q]}
+    top = candidates(run, qids, depth)
+    keep = {d for q in qids for d in top[q]} | {d for q in qids for d in coll.qrels[q]}
     out.mkdir(parents=True)
     with open(root / "corpus.jsonl") as src, open(out / "corpus.jsonl", "w") as dst:
         dst.writelines(line for line in src if json.loads(line)["_id"] in keep)
