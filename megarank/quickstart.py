@@ -116,8 +116,45 @@ def pooled(*records: dict) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    """CLI entry (``python -m megarank.quickstart``)."""
+def embedder_users(args: argparse.Namespace) -> list[str]:
+    """What in this run loads the embedder (--embedder): mining with the dense retriever (its
+    candidates and teacher scores, and the labels of --pseudo-queries), mining the web
+    pseudo-queries (labelled by it) and evaluate's teacher row. Empty when nothing does, as
+    with ``--retriever bm25 --no-teacher``: then it need not be installed."""
+    users = []
+    if args.retriever == "dense":
+        users.append("--retriever dense")
+    if args.web_pseudo_queries:
+        users.append("--web-pseudo-queries")
+    if not args.no_teacher:
+        users.append("the teacher's row (leave it out with --no-teacher)")
+    return users
+
+
+def resolve_embedder(args: argparse.Namespace) -> str | None:
+    """The embedder's model directory, or None when no step of this run uses it (looked up only
+    then: its package may not be installed where nothing needs it).
+
+    Raises:
+        SystemExit: --embedder is neither a directory nor a path inside an installed package.
+    """
+    users = embedder_users(args)
+    if not users:
+        return None
+    if Path(args.embedder).is_dir():
+        return args.embedder
+    try:
+        return _package(args.embedder)
+    except ValueError as e:
+        raise SystemExit(f"--embedder {args.embedder}: not a model directory, nor a path inside "
+                         f"an installed package ({e}); this run uses it for "
+                         f"{', '.join(users)}") from None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The job's settings: the flags, the defaults that follow from others filled in (--lr,
+    --pseudo-queries, --web-pseudo-queries), combinations that cannot run refused (argparse's
+    usage error)."""
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -177,11 +214,6 @@ def main(argv: list[str] | None = None) -> None:
     train_on = [n for n in args.train_on.split(",") if n]
     if not train_on or set(train_on) - set(COLLECTIONS):
         ap.error(f"--train-on takes some of {', '.join(COLLECTIONS)}, got {args.train_on!r}")
-
-    out = Path(args.out).resolve()
-    (out / "data").mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-
     if args.loss in ("distill", "margin_mse") and args.retriever != "dense":
         ap.error(f"--loss {args.loss} needs the teacher scores of --retriever dense")
     if args.pseudo_queries is None:
@@ -192,10 +224,21 @@ def main(argv: list[str] | None = None) -> None:
             and args.retriever != "dense":
         ap.error("--pseudo-queries, --web-pseudo-queries and --fuse-bm25 need the teacher of "
                  "--retriever dense")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry (``python -m megarank.quickstart``)."""
+    args = parse_args(argv)
+    train_on = [n for n in args.train_on.split(",") if n]
+    embedder = resolve_embedder(args)
+    out = Path(args.out).resolve()
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
     # 1. Triplets: the --train-on collections' train splits, mined, then one file.
     triplets = out / "data" / "train_triplets.jsonl"
     mined = []
-    embedder = args.embedder if Path(args.embedder).is_dir() else _package(args.embedder)
     extra = ["--model", embedder] if args.retriever == "dense" else []
     if args.fuse_bm25:
         extra += ["--fuse-bm25", str(args.fuse_bm25)]
