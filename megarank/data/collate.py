@@ -512,7 +512,9 @@ class PairCollator:
     def token_settings(self) -> dict[str, Any]:
         """What decides the ids of `tokenize_queries` / `tokenize_documents`: the tokenizer
         (name, class, size and a hash of its full definition) and the truncation settings. A
-        prepared dataset records this and is refused by a collator whose settings differ."""
+        prepared dataset records this and is refused by a collator whose settings differ; the
+        name (the path it was read from) is information only, so the same tokenizer files read
+        from another directory are the same tokenizer."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is not None:
             spec = json.loads(backend.to_str())

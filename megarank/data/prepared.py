@@ -58,13 +58,17 @@ _TOKENIZE_BATCH = 4096  # texts per batched tokenizer call: large enough to amor
 
 # Which config field each token setting comes from, for the mismatch message.
 _SETTING_FIELDS = {
-    "tokenizer": "model.tokenizer", "tokenizer_class": "model.tokenizer",
+    "tokenizer_class": "model.tokenizer",
     "tokenizer_size": "model.tokenizer", "tokenizer_sha256": "model.tokenizer",
     "kind": "model.family", "template": "model.prompt_template", "max_length": "data.max_length",
     "max_query_length": "data.max_query_length",
     "document_tokens": "data.max_length (less the pair's special tokens), and "
                        "data.train_passages with data.passage_stride under data.passages=max",
 }
+# Settings recorded for information, never compared: where the tokenizer was read from. The same
+# tokenizer files in another checkout, cache or mount give the same ids; what identifies the
+# tokenizer is its content (tokenizer_class, tokenizer_size, tokenizer_sha256).
+_INFORMATION_ONLY = ("tokenizer",)
 
 
 class PreparedError(ValueError):
@@ -256,8 +260,15 @@ class PreparedData:
                 f"{self.where}: a prepared dataset holds per-text token ids, but this model's "
                 "chat prompt (task=qwen3_reranker) tokenizes each pair whole; train it from JSONL")
         have, want = self.meta["settings"], collator.token_settings()
+        differ = [k for k in want if k not in _INFORMATION_ONLY and have.get(k) != want[k]]
         diffs = [f"{k} (config field {_SETTING_FIELDS.get(k, k)}): prepared with {have.get(k)!r},"
-                 f" this run has {want[k]!r}" for k in want if have.get(k) != want[k]]
+                 f" this run has {want[k]!r}" for k in differ]
+        if any(k.startswith("tokenizer") for k in differ):
+            # Where each was read from, to find the files that differ; no difference itself.
+            prepared_from, read_from = have.get("tokenizer"), want["tokenizer"]
+            diffs.append(f"the tokenizer was read from {prepared_from!r} when prepared and from "
+                         f"{read_from!r} by this run" if prepared_from != read_from else
+                         f"the tokenizer at {read_from!r} has changed since it was prepared")
         if diffs:
             raise PreparedError(f"{self.where} was prepared for another tokenizer or truncation; "
                                 "prepare it again for this model: " + "; ".join(diffs))

@@ -56,13 +56,27 @@ class Runtime:
 
 
 def select_device(requested: str) -> torch.device:
-    """``auto`` picks CUDA when a device is present, else the CPU; ``cuda`` without one is an error."""
+    """``auto`` picks CUDA when a device is present, else the CPU; ``cuda`` without one is an error.
+
+    On CUDA each process takes the GPU of its LOCAL_RANK, so a node started with more processes
+    than it has GPUs (``torchrun --nproc_per_node 2`` on a one-GPU machine) is stopped here, in
+    every rank without a GPU, before a process group or model is built.
+    """
     has_cuda = torch.cuda.is_available()
     if requested == "cuda" and not has_cuda:
         raise RuntimeError("trainer.device is 'cuda' but no CUDA device is available")
     if requested == "cpu" or not has_cuda:
         return torch.device("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    gpus = torch.cuda.device_count()
+    if local_rank >= gpus:
+        plural = "s" if gpus != 1 else ""
+        raise RuntimeError(
+            f"LOCAL_RANK {local_rank} has no GPU: this node has {gpus} CUDA device{plural} "
+            f"(as CUDA_VISIBLE_DEVICES shows them) and each process takes the GPU of its "
+            f"LOCAL_RANK; start one process per GPU, torchrun --nproc_per_node {gpus} "
+            f"(python -m megarank.quickstart --nproc {gpus}), or run on the CPU with "
+            "trainer.device=cpu")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 
