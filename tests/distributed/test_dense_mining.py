@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ROOT = data_dir("cranfield")
 
 
-def _small_collection(tmp_path, n_queries=8, depth=40):
+def _small_collection(tmp_path, n_queries=8, depth=10):
     root = small_cranfield(tmp_path / "small", n_queries, depth)
     return root, set(load_collection(root).queries.values())
 

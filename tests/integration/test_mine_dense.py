@@ -23,7 +23,7 @@ def coll():
 
 
 def _small_collection(tmp_path, coll):
-    return small_cranfield(tmp_path / "small", n_queries=4, depth=30)
+    return small_cranfield(tmp_path / "small", n_queries=4, depth=10)
 
 
 def test_dense_retriever_scores_are_the_embedders_cosines(tmp_path, coll):
