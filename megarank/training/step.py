@@ -98,6 +98,9 @@ def make_forward_step(task: Any, device: torch.device, counters: StepCounters,
             scores = scores * float("nan")
         weight = 1.0
         if groups_per_step is not None:
+            if not counters.num_microbatches:
+                raise RuntimeError("micro-batches cut by tokens: pass this forward step's "
+                                   "counters to train_step, which records the step's count")
             docs = batch.num_rows if batch.windows is None else batch.windows.shape[0]
             weight = docs // batch.group_size * counters.num_microbatches / groups_per_step
         return scores, partial(_loss_func, batch.group_size, task, batch.teacher_scores,
