@@ -4,6 +4,8 @@ and a padding-free ("packed") reference built on the same Hugging Face model.
     python benchmarks/peers.py                       # Qwen2.5-0.5B and BERT-base geometries
     python benchmarks/peers.py --geometry decoder --lengths realistic
     python benchmarks/peers.py --smoke               # tiny models on the CPU: checks the script
+    python benchmarks/peers.py --tiny --cpu --lengths realistic --seq 256 --steps 100
+                                                     # the CPU proxies over 100 steps
 
 Systems (each one runs in its own fresh Python process: this script calls itself with
 ``--system NAME --json OUT`` and collects the rows; ``--smoke`` runs the Hugging Face systems in
@@ -653,7 +655,7 @@ def measure(args, prep: Prepared, device) -> dict:
 
 
 def preset(args, kind: str) -> str:
-    return GEOMETRIES[kind][1 if args.smoke else 0]
+    return GEOMETRIES[kind][1 if args.smoke or args.tiny else 0]
 
 
 def _max_length(args) -> int:
@@ -755,7 +757,7 @@ def launch(args, system: str, geometry: str, tmp: Path) -> list[dict]:
            geometry, "--json", str(out)]
     for f in CHILD_FLAGS:
         cmd += [f"--{f.replace('_', '-')}", str(getattr(args, f))]
-    cmd += ["--smoke"] * args.smoke + ["--cpu"] * args.cpu
+    cmd += ["--smoke"] * args.smoke + ["--cpu"] * args.cpu + ["--tiny"] * args.tiny
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     if args.threads:
@@ -853,6 +855,9 @@ def main() -> None:
                     help="system processes run at once; keep 1 for timings on a GPU")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny models (gpt_tiny, bert_tiny), CPU, fp32, seq 64, 2 + 2 steps")
+    ap.add_argument("--tiny", action="store_true",
+                    help="the tiny models (gpt_tiny, bert_tiny) at the sizes given: the CPU "
+                         "proxies (host waits, operators, shapes, padding) over a real run")
     ap.add_argument("--system", help=argparse.SUPPRESS)  # internal: run one system
     ap.add_argument("--json", help=argparse.SUPPRESS)  # internal: where its rows go
     args = ap.parse_args()
