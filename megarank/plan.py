@@ -26,7 +26,14 @@ import sys
 
 from megarank.api import compose_config
 from megarank.config import ConfigError
-from megarank.training.plan import HEADROOM, fit, format_plan, plan_memory, suggestions
+from megarank.training.plan import (
+    HEADROOM,
+    fit,
+    format_plan,
+    largest_token_budget,
+    plan_memory,
+    suggestions,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,6 +81,12 @@ def main(argv: list[str] | None = None) -> None:
             return
     if main_rank:
         print(format_plan(plan, args.gpu, args.headroom), flush=True)
+        if args.gpu:
+            budget = largest_token_budget(cfg, world, args.gpu, args.headroom, device)
+            print(f"largest micro-batch by tokens that fits {args.gpu}: " + (
+                f"data.tokens_per_micro_batch={budget} ({budget / cfg.data.max_length:.1f} "
+                f"sequences of data.max_length={cfg.data.max_length})" if budget else
+                "none (not even one group at data.max_length)"), flush=True)
         if args.measure:
             print("\nmeasured on this machine (one training step):\n"
                   + format_comparison(plan, measured), flush=True)

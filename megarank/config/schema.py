@@ -207,6 +207,13 @@ class DataConfig:
     """With data.packing: the packed row's width is rounded up to a multiple of this, so a run
     sees few distinct shapes (kernel plans and allocator blocks are reused); the remainder is
     one padding segment."""
+    tokens_per_micro_batch: int | None = None
+    """Micro-batches sized by tokens instead of by trainer.micro_batch_size: each rank's groups
+    of a step (trainer.global_batch_size / data-parallel size) are cut, in order and whole, into
+    micro-batches of at most this many tokens (the packed row's width with data.packing, else
+    rows x padded width), so short pairs make larger micro-batches; their number varies by step
+    and each one's loss counts by its share of the step's groups. At least one group at its
+    longest (task.group_size x data.max_length). None: trainer.micro_batch_size groups each."""
     passages: str = "first"
     """How training, evaluation and scoring read a document longer than a pair holds:
     ``first`` (FirstP: its first data.max_length tokens) or ``max`` (MaxP: windows of it, each

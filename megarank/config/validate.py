@@ -38,9 +38,11 @@ class Derived:
     pp: int
     dp: int
     num_microbatches: int
-    """Micro-batches per optimizer step on each data-parallel rank."""
+    """Micro-batches per optimizer step on each data-parallel rank; with
+    data.tokens_per_micro_batch the most a step can have (one a group), the count varying."""
     pairs_per_micro_batch: int
-    """Sequences in one forward pass: micro_batch_size * group_size."""
+    """Sequences in one forward pass: micro_batch_size * group_size (with
+    data.tokens_per_micro_batch: one group's, the least)."""
 
 
 def _div(errors: list[str], a_name: str, a: int, b_name: str, b: int) -> None:
@@ -210,7 +212,28 @@ def validate(cfg: Any, world_size: int) -> Derived:
     else:
         dp = world_size // (tp * pp)
     num_micro = 0
-    if tr.micro_batch_size <= 0:
+    budget = cfg.data.tokens_per_micro_batch
+    if budget is not None:
+        # Micro-batches are cut by tokens (megarank.data.budget): trainer.micro_batch_size is
+        # not read; each rank takes global_batch_size / dp groups a step, in as many
+        # micro-batches as they need (at most one a group).
+        if dp and (tr.global_batch_size < dp or tr.global_batch_size % dp):
+            errors.append(
+                f"trainer.global_batch_size ({tr.global_batch_size}) must be a positive multiple "
+                f"of the data-parallel size ({dp}) with data.tokens_per_micro_batch")
+        elif dp:
+            num_micro = tr.global_batch_size // dp
+        rows = t.group_size * (cfg.data.train_passages if cfg.data.passages == "max" else 1)
+        if cfg.data.packing:
+            need = -(-rows * cfg.data.max_length // cfg.data.packed_multiple) * \
+                cfg.data.packed_multiple
+        else:
+            need = rows * cfg.data.max_length
+        if budget < need:
+            errors.append(
+                f"data.tokens_per_micro_batch ({budget}) must hold one whole group at its "
+                f"longest: {rows} rows x data.max_length ({cfg.data.max_length}) = {need}")
+    elif tr.micro_batch_size <= 0:
         errors.append(f"trainer.micro_batch_size ({tr.micro_batch_size}) must be positive")
     elif dp:
         per_step = tr.micro_batch_size * dp
@@ -350,5 +373,6 @@ def validate(cfg: Any, world_size: int) -> Derived:
         pp=pp,
         dp=dp,
         num_microbatches=num_micro,
-        pairs_per_micro_batch=tr.micro_batch_size * t.group_size,
+        pairs_per_micro_batch=(1 if budget is not None else tr.micro_batch_size)
+        * t.group_size,
     )

@@ -94,11 +94,13 @@ def _train(stage: Stage, latest: Path | None, resume_notes: list[str],
     log = MetricsLog(rt, out, tr.max_steps, state["step"], tr.progress_bar, cfg.logging, resolved)
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.write(
-        f"world {derived.world_size} = tp {derived.tp} x pp {derived.pp} x dp {derived.dp}; "
-        f"{derived.num_microbatches} micro-batches of {tr.micro_batch_size} groups x "
-        f"{cfg.task.group_size} docs per rank per step; kernels: {stage.kernels.name} ({stage.kernels.reason})"
-    )
+    per_rank = (f"{tr.global_batch_size // derived.dp} groups x {cfg.task.group_size} docs per "
+                f"rank per step in micro-batches of at most {cfg.data.tokens_per_micro_batch} "
+                "tokens" if cfg.data.tokens_per_micro_batch else
+                f"{derived.num_microbatches} micro-batches of {tr.micro_batch_size} groups x "
+                f"{cfg.task.group_size} docs per rank per step")
+    log.write(f"world {derived.world_size} = tp {derived.tp} x pp {derived.pp} x dp {derived.dp}; "
+              f"{per_rank}; kernels: {stage.kernels.name} ({stage.kernels.reason})")
     log.write(describe_fusions(model, optimizer, rt))
     log.write(
         f"model {cfg.model.name}: {n_params:,} parameters on this rank, {n_trainable:,} "
@@ -120,8 +122,10 @@ def _train(stage: Stage, latest: Path | None, resume_notes: list[str],
 
     counters = StepCounters(model=cfg.model, head=cfg.task.head)
     current = {"step": state["step"]}
-    forward_step = make_forward_step(cfg.task, rt.device, counters,
-                                     lambda: current["step"] in poison_steps)
+    budget = cfg.data.tokens_per_micro_batch
+    forward_step = make_forward_step(
+        cfg.task, rt.device, counters, lambda: current["step"] in poison_steps,
+        groups_per_step=tr.global_batch_size // derived.dp if budget else None)
     forward_backward = get_forward_backward_func()
     window = Window(pairs_per_step=tr.global_batch_size * cfg.task.group_size,
                     world_size=rt.world_size, device_name=device_name(rt.device))
@@ -202,9 +206,10 @@ def _train(stage: Stage, latest: Path | None, resume_notes: list[str],
     for step in range(state["step"] + 1, last + 1):
         counters.reset()
         current["step"] = step
+        micro_batches = next(batches)
         stats, grad_norm, lr, updated = train_step(
-            forward_backward, forward_step, batches, model, optimizer, scheduler,
-            derived.num_microbatches, cfg.data.max_length, derived.pairs_per_micro_batch,
+            forward_backward, forward_step, iter(micro_batches), model, optimizer, scheduler,
+            len(micro_batches), cfg.data.max_length, derived.pairs_per_micro_batch,
             counters, rt, stop.requested,
         )
         if updated:
@@ -216,7 +221,7 @@ def _train(stage: Stage, latest: Path | None, resume_notes: list[str],
                       f"({health['in_a_row']} in a row, {health['skipped']} in all)")
         if queue is not None:
             queue.maybe_finalize_async_calls(blocking=False)
-        window.add(stats)
+        window.add(stats, len(micro_batches))
         window.data_wait += batches.take_wait()
         state = {"step": step, "consumed_samples": state["consumed_samples"] + tr.global_batch_size}
         log.advance()
@@ -271,11 +276,14 @@ class Window:
     flops: float = 0.0
     data_wait: float = 0.0
     """Seconds the steps waited for their micro-batches (the background prefetch's misses)."""
+    micro_batches: int = 0
+    """This rank's micro-batches over the window (they vary with data.tokens_per_micro_batch)."""
     t0: float = field(default_factory=time.perf_counter)
 
-    def add(self, stats: dict[str, float]) -> None:
-        """Account one step's reduced stats."""
+    def add(self, stats: dict[str, float], micro_batches: int = 0) -> None:
+        """Account one step's reduced stats and this rank's micro-batches in it."""
         self.steps += 1
+        self.micro_batches += micro_batches
         self.loss += stats["loss"]
         self.real_tokens += stats["real_tokens"]
         self.padded_tokens += stats["padded_tokens"]
@@ -293,6 +301,7 @@ class Window:
             "padding_fraction": 1.0 - self.real_tokens / max(self.padded_tokens, 1.0),
             "tflops_per_device": per_gpu / 1e12,
             "data_wait_s": self.data_wait / self.steps,
+            "micro_batches": self.micro_batches / self.steps,
         }
         if self.device_name is not None:
             found = mfu(per_gpu, self.device_name)

@@ -205,10 +205,16 @@ class MemoryPlan:
     windows: int = 1
     """Sequences a document is read as (MaxP at training: ``data.train_passages``, every
     document planned at its most)."""
+    token_budget: int | None = None
+    """``data.tokens_per_micro_batch``: a micro-batch holds at most this many tokens, planned as
+    budget / length sequences of ``length`` tokens (the most any mix of lengths can keep:
+    linear terms follow the tokens, attention's quadratic ones are largest at full length)."""
 
     @property
-    def sequences(self) -> int:
-        """Sequences per micro-batch: groups x documents x windows."""
+    def sequences(self) -> float:
+        """Sequences per micro-batch: groups x documents x windows, or the token budget's."""
+        if self.token_budget:
+            return self.token_budget / self.length
         return self.groups * self.documents * self.windows
 
     @property
@@ -624,7 +630,8 @@ def plan_memory(cfg: Any, world_size: int, device: str | None = None) -> MemoryP
     width = WIDTH[tr.precision]
     length = int(cfg.data.max_length)
     windows = int(cfg.data.train_passages) if cfg.data.passages == "max" else 1
-    sequences = d.pairs_per_micro_batch * windows
+    budget = cfg.data.tokens_per_micro_batch
+    sequences = budget / length if budget else d.pairs_per_micro_batch * windows
     terms = layer_terms(cfg, d.tp, dev, length)
     per_layer = {mode: _sum(terms, mode, sequences, length) for mode in RECOMPUTE}
     core = per_layer["none"] - per_layer["selective"]
@@ -683,7 +690,36 @@ def plan_memory(cfg: Any, world_size: int, device: str | None = None) -> MemoryP
         num_microbatches=d.num_microbatches, global_batch=int(tr.global_batch_size),
         total_params=total_params(cfg), stages=stages, layer_terms=terms, step_flops=flops,
         recompute_flops=recompute_flops, windows=windows,
+        token_budget=int(budget) if budget else None,
     )
+
+
+def largest_token_budget(cfg: Any, world_size: int, gpu: str, headroom: float = HEADROOM,
+                         device: str | None = None) -> int | None:
+    """The largest ``data.tokens_per_micro_batch`` whose plan fits ``gpu`` (in steps of
+    data.packed_multiple with packing, else of data.max_length), or None when not even one
+    group at its longest fits. The config's other choices (recompute, optimizer) stay."""
+    from omegaconf import OmegaConf
+
+    d = cfg.data
+    step = int(d.packed_multiple if d.packing else d.max_length)
+    windows = int(d.train_passages) if d.passages == "max" else 1
+    least = -(-int(cfg.task.group_size) * windows * int(d.max_length) // step)
+
+    def fits(k: int) -> bool:
+        c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        c.data.tokens_per_micro_batch = k * step
+        return fit(plan_memory(c, world_size, device), gpu, headroom).fits
+
+    if not fits(least):
+        return None
+    lo, hi = least, least * 2
+    while fits(hi):  # double until it no longer fits, then halve the gap
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * step
 
 
 # --------------------------------------------------------------------------------------------
@@ -757,10 +793,14 @@ def format_plan(plan: MemoryPlan, gpu: str | None = None, headroom: float = HEAD
         f"layout: {plan.world_size} GPUs = TP {plan.tp} x PP {plan.pp} x DP {plan.dp}"
         f"{', sequence parallel' if plan.sequence_parallel else ''}; {plan.precision}; {zero}; "
         f"recompute {plan.recompute}; {kernels}",
-        f"micro-batch: {plan.groups} group(s) x {plan.documents} documents"
-        f"{f' x {plan.windows} windows (MaxP)' if plan.windows > 1 else ''} x {plan.length} "
-        f"tokens = {plan.sequences * plan.length:,} tokens; {plan.num_microbatches} "
-        f"micro-batches per step on each DP rank (global batch {plan.global_batch} groups)",
+        (f"micro-batch: at most {plan.token_budget:,} tokens (data.tokens_per_micro_batch), "
+         f"planned as {plan.sequences:.1f} sequences of {plan.length} tokens; whole groups of "
+         f"{plan.documents} documents, at most {plan.num_microbatches} micro-batches per step on "
+         f"each DP rank (global batch {plan.global_batch} groups)" if plan.token_budget else
+         f"micro-batch: {plan.groups} group(s) x {plan.documents} documents"
+         f"{f' x {plan.windows} windows (MaxP)' if plan.windows > 1 else ''} x {plan.length} "
+         f"tokens = {plan.sequences * plan.length:,} tokens; {plan.num_microbatches} "
+         f"micro-batches per step on each DP rank (global batch {plan.global_batch} groups)"),
         "",
     ]
     unit, div = _unit(plan)

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from megarank.config.validate import ConfigError
+from megarank.data.budget import split_by_tokens
 from megarank.data.collate import PairCollator
 from megarank.data.groups import GroupDataset
 from megarank.data.prefetch import Prefetcher
@@ -43,8 +44,10 @@ def resolve_output_dir(cfg: DictConfig, rt: Runtime) -> Path:
 
 
 def build_data(cfg: DictConfig, rt: Runtime, collator: PairCollator, consumed_samples: int):
-    """The training groups and an endless iterator of this DP rank's micro-batches (a
-    `Prefetcher`: ``data.prefetch_steps`` steps of them are made ahead on a background thread).
+    """The training groups and an endless iterator of this DP rank's steps, each a list of its
+    micro-batches (a `Prefetcher`: ``data.prefetch_steps`` steps are made ahead on a background
+    thread). Micro-batches hold trainer.micro_batch_size groups, or are cut by tokens
+    (``data.tokens_per_micro_batch``, megarank.data.budget), their number then varying.
 
     ``data.train_path`` is a prepared dataset directory (``megarank prepare``; memory-mapped) or
     a triplet JSONL, which is prepared in memory the same way, so both give the same batches.
@@ -81,19 +84,27 @@ def build_data(cfg: DictConfig, rt: Runtime, collator: PairCollator, consumed_sa
             "needs; mine them with `megarank mine --retriever dense|model`")
     if dataset is None:
         dataset = GroupDataset(records, group_size, seed)
+    tr, budget = cfg.trainer, cfg.data.tokens_per_micro_batch
+    per_rank = tr.global_batch_size // rt.dp_size
+    # With a token budget one draw of the sampler is the rank's whole step, cut afterwards.
     sampler = GroupSampler(
-        len(dataset), cfg.trainer.micro_batch_size, rt.dp_rank, rt.dp_size, seed,
-        consumed_samples=consumed_samples,
+        len(dataset), per_rank if budget else tr.micro_batch_size, rt.dp_rank, rt.dp_size,
+        seed, consumed_samples=consumed_samples,
     )
-
+    num_microbatches = tr.global_batch_size // (tr.micro_batch_size * rt.dp_size)
     pin = rt.device.type == "cuda"
 
-    def micro_batches():
-        # Made on the prefetch thread: packing and pinning stay off the step's critical path,
-        # and pinned batches copy to the GPU asynchronously.
-        for items in sampler:
-            batch = collator.model_layout(collate(items))
-            yield batch.pin_memory() if pin else batch
+    def steps():
+        # Made on the prefetch thread: cutting, packing and pinning stay off the step's
+        # critical path, and pinned batches copy to the GPU asynchronously.
+        draws = iter(sampler)
+        while True:
+            if budget is None:
+                parts = [collate(next(draws)) for _ in range(num_microbatches)]
+            else:
+                parts = split_by_tokens(collate(next(draws)), budget,
+                                        collator.pad_to_multiple_of, collator.packed_multiple)
+            batches = [collator.model_layout(b) for b in parts]
+            yield [b.pin_memory() for b in batches] if pin else batches
 
-    num_microbatches = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * rt.dp_size)
-    return dataset, Prefetcher(micro_batches(), cfg.data.prefetch_steps * num_microbatches)
+    return dataset, Prefetcher(steps(), cfg.data.prefetch_steps)

@@ -3,7 +3,10 @@
 Loss reduction lives here and only here. Each micro-batch's loss is the mean over its groups;
 megatron divides it by the number of micro-batches and megatron DDP averages gradients over
 data-parallel ranks, so the gradient is that of the mean over every group of the global batch
-(every micro-batch holds the same number of groups). The logged loss is reduced the same way.
+(every micro-batch holds the same number of groups). Micro-batches cut by tokens
+(``data.tokens_per_micro_batch``) hold different numbers of groups: each one's mean is then
+weighed by its groups x micro-batches / the rank's groups of the step, which comes to the same
+mean over the step's groups. The logged loss is reduced the same way.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class StepCounters:
     pairs: int = 0
     flops: float = 0.0
     """Model FLOPs (forward + backward) of this rank's micro-batches at their padded length."""
+    num_microbatches: int = 0
+    """This step's micro-batches (set by `train_step`; the loss weighs by it)."""
 
     def add(self, batch: PairBatch) -> None:
         """Account one micro-batch (a host-side batch: nothing here waits for a device)."""
@@ -52,12 +57,13 @@ class StepCounters:
 
     def reset(self) -> None:
         """Start a new step."""
-        self.real_tokens = self.padded_tokens = self.pairs = 0
+        self.real_tokens = self.padded_tokens = self.pairs = self.num_microbatches = 0
         self.flops = 0.0
 
 
 def _loss_func(group_size: int, task: Any, teacher: torch.Tensor | None,
-               windows: torch.Tensor | None, scores: torch.Tensor) -> tuple[torch.Tensor, dict]:
+               windows: torch.Tensor | None, weight: float,
+               scores: torch.Tensor) -> tuple[torch.Tensor, dict]:
     if windows is not None:  # MaxP: a document's score is its best window's
         scores = max_over_windows(scores.float(), windows)
     if teacher is not None:
@@ -66,17 +72,20 @@ def _loss_func(group_size: int, task: Any, teacher: torch.Tensor | None,
                            task.margin, teacher, task.distill_weight,
                            task.teacher_temperature, target=task.target,
                            hard_weight=task.hard_weight, distill_term=task.distill_term)  # [B]
-    loss = per_group.mean()
+    loss = per_group.mean() if weight == 1.0 else per_group.mean() * weight
     # megatron divides `loss` in place by num_microbatches: report a detached copy.
     return loss, {"loss": loss.detach().clone()}
 
 
 def make_forward_step(task: Any, device: torch.device, counters: StepCounters,
-                      poisoned: Callable[[], bool] | None = None):
+                      poisoned: Callable[[], bool] | None = None,
+                      groups_per_step: int | None = None):
     """The ``forward_step_func`` for megatron's pipeline schedules (training).
 
     ``poisoned``: fault injection for tests; while it returns True the scores are made NaN, as a
-    diverging run's would be.
+    diverging run's would be. ``groups_per_step``: this rank's groups in a step when
+    micro-batches are cut by tokens (each micro-batch's loss is weighed by its share, see the
+    module's note); None: every micro-batch holds the same number of groups.
     """
 
     def forward_step(data_iterator: Iterator[PairBatch], model: torch.nn.Module):
@@ -87,8 +96,15 @@ def make_forward_step(task: Any, device: torch.device, counters: StepCounters,
                        batch.pool_index, packed=batch.packed)
         if poisoned is not None and poisoned():
             scores = scores * float("nan")
+        weight = 1.0
+        if groups_per_step is not None:
+            if not counters.num_microbatches:
+                raise RuntimeError("micro-batches cut by tokens: pass this forward step's "
+                                   "counters to train_step, which records the step's count")
+            docs = batch.num_rows if batch.windows is None else batch.windows.shape[0]
+            weight = docs // batch.group_size * counters.num_microbatches / groups_per_step
         return scores, partial(_loss_func, batch.group_size, task, batch.teacher_scores,
-                               batch.windows)
+                               batch.windows, weight)
 
     return forward_step
 
@@ -110,6 +126,8 @@ def train_step(forward_backward, forward_step, data: Iterator[PairBatch], model,
     """
     model.zero_grad_buffer()
     optimizer.zero_grad()
+    if counters is not None:
+        counters.num_microbatches = num_microbatches
     losses = forward_backward(
         forward_step_func=forward_step, data_iterator=data, model=[model],
         num_microbatches=num_microbatches, seq_length=seq_length,

@@ -1,6 +1,8 @@
 """data.packing under TP2, PP2 and DP2 (and MaxP): the packed runs' losses and gradient norms
-equal the padded runs' in the same layout to 1e-5, for the encoder and the decoder. One torchrun
-launch of two ranks runs every case (tests.helpers.cases)."""
+equal the padded runs' in the same layout to 1e-5, for the encoder and the decoder; so do packed
+runs whose micro-batches are cut by tokens (data.tokens_per_micro_batch: fewer, unequal
+micro-batches, a varying number under PP). One torchrun launch of two ranks runs every case
+(tests.helpers.cases)."""
 
 from __future__ import annotations
 
@@ -21,29 +23,39 @@ CASES = [(model, layout, extra) for model in ("bert_tiny", "gpt_tiny") for layou
                                                       "data.train_passages=2"))]
 
 
-def _name(model, layout, extra, packing):
-    return f"{model}-{layout}-{'maxp-' if extra else ''}{'packed' if packing else 'padded'}"
+BUDGET = "data.tokens_per_micro_batch=1536"
+"""Three of Cranfield's groups at 128 tokens (~500 tokens each): 4 groups a rank go in 2
+micro-batches of 3 and 1 instead of 4 of 1; MaxP's groups (up to two windows a document) vary."""
+VARIANTS = {"padded": ["data.packing=false"],
+            "packed": ["data.packing=true", "data.packed_multiple=8"],
+            "budget": ["data.packing=true", "data.packed_multiple=8", BUDGET]}
+
+
+def _name(model, layout, extra, variant):
+    return f"{model}-{layout}-{'maxp-' if extra else ''}{variant}"
 
 
 @pytest.fixture(scope="module")
 def runs():
     cases = {}
     for model, layout, extra in CASES:
-        for packing in (False, True):
-            cases[_name(model, layout, extra, packing)] = train_case([
-                f"model={model}", LAYOUTS[layout], *COMMON, *extra,
-                f"data.packing={str(packing).lower()}", "data.packed_multiple=8"])
+        for variant, overrides in VARIANTS.items():
+            cases[_name(model, layout, extra, variant)] = train_case([
+                f"model={model}", LAYOUTS[layout], *COMMON, *extra, *overrides])
     return run_cases(cases, nproc=2, timeout=900)
 
 
 @pytest.mark.parametrize("model, layout, extra", CASES,
-                         ids=[_name(*c, False).removesuffix("-padded") for c in CASES])
-def test_packed_equals_padded_in_every_layout(runs, model, layout, extra):
-    padded = runs[_name(model, layout, extra, False)]
-    packed = runs[_name(model, layout, extra, True)]
+                         ids=[_name(*c, "").removesuffix("-") for c in CASES])
+@pytest.mark.parametrize("variant", ["packed", "budget"])
+def test_packed_equals_padded_in_every_layout(runs, model, layout, extra, variant):
+    padded = runs[_name(model, layout, extra, "padded")]
+    packed = runs[_name(model, layout, extra, variant)]
     assert len(padded) == len(packed) == 2
     for a, b in zip(padded, packed, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5, abs=1e-6)
         # the padding really went: packed rows are rounded up to 8 tokens only
         assert b["padding_fraction"] < min(a["padding_fraction"], 0.01)
+        if variant == "budget":  # the budget really cut: fewer micro-batches than groups
+            assert b["micro_batches"] < a["micro_batches"]

@@ -23,7 +23,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_gpu_decoder_benchmark_smoke():
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_decoder.py", "--smoke", "--lora"],
+    # Packed micro-batches cut by tokens: the path with the most steps (split, layout, weights).
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_decoder.py", "--smoke", "--lora",
+                           "--packing", "--token-budget", "1024"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
@@ -33,6 +35,7 @@ def test_gpu_decoder_benchmark_smoke():
                      "classifier + lora r=16", "classifier + qlora r=16"]
     for r in rows[1:]:
         assert float(r.split("|")[4]) > 0  # pairs/s
+        assert "(<= 1024 tokens)" in r.split("|")[2]
 
 
 def test_lora_memory_benchmark_smoke():

@@ -54,6 +54,7 @@ def test_peers_benchmark_smoke():
             pairs = float(row["pairs/s"])
             assert math.isfinite(pairs) and pairs > 0, (system, row)
             assert int(row["syncs/step"]) >= 0 and int(row["shapes"]) >= 1
+            assert int(row["ops/micro-batch"]) > 0
         hf, ref = rows["hf-bf16"], rows["packed-ref"]
         assert float(ref["padded tok/step"]) < float(hf["padded tok/step"])
         assert float(ref["pad %"].rstrip("%")) < float(hf["pad %"].rstrip("%"))

@@ -299,3 +299,26 @@ def test_maxp_training_plans_every_window():
     assert "x 3 windows (MaxP)" in format_plan(maxp)
     with pytest.raises(ConfigError, match="data.train_passages"):
         validate(compose([*base, "data.train_passages=0"]), world_size=1)
+
+
+def test_a_token_budget_is_planned_as_full_length_sequences_and_the_largest_that_fits_found():
+    """data.tokens_per_micro_batch: the micro-batch planned as budget / length sequences at full
+    length, so a budget of two groups' tokens plans what two full groups of fixed micro-batches
+    do; `largest_token_budget` returns a budget that fits the card while one step more does not."""
+    from megarank.training.plan import largest_token_budget
+
+    base = ["model=qwen2_0p5b", "trainer.precision=bf16", "data.max_length=512",
+            "data.packing=true", "task.group_size=8", "trainer.global_batch_size=8"]
+    fixed = plan_memory(compose([*base, "trainer.micro_batch_size=2"]), 1, "cuda")
+    budget = plan_memory(compose([*base, "data.tokens_per_micro_batch=8192"]), 1, "cuda")
+    assert budget.sequences == fixed.sequences == 16
+    assert budget.largest.saved_per_micro_batch == fixed.largest.saved_per_micro_batch
+    assert "at most 8,192 tokens" in format_plan(budget)
+    cfg = compose(base)
+    best = largest_token_budget(cfg, 1, "H100-80GB")
+    assert best % 64 == 0 and best >= 8 * 512
+    at = plan_memory(compose([*base, f"data.tokens_per_micro_batch={best}"]), 1, "cuda")
+    over = plan_memory(compose([*base, f"data.tokens_per_micro_batch={best + 64}"]), 1, "cuda")
+    assert fit(at, "H100-80GB").fits and not fit(over, "H100-80GB").fits
+    # A card too small for one group at full length has no budget.
+    assert largest_token_budget(cfg, 1, "4GB") is None
