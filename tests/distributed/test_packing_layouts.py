@@ -23,12 +23,13 @@ CASES = [(model, layout, extra) for model in ("bert_tiny", "gpt_tiny") for layou
                                                       "data.train_passages=2"))]
 
 
-BUDGET = "data.tokens_per_micro_batch=1536"
-"""Three of Cranfield's groups at 128 tokens (~500 tokens each): 4 groups a rank go in 2
-micro-batches of 3 and 1 instead of 4 of 1; MaxP's groups (up to two windows a document) vary."""
+BUDGET = {False: 1536, True: 2560}
+"""Tokens per micro-batch: three of Cranfield's groups at 128 tokens (~500 tokens each), so 4
+groups a rank go in 2 micro-batches of 3 and 1 instead of 4 of 1; with MaxP (up to two windows
+a document, up to ~1,000 tokens a group) two or so."""
 VARIANTS = {"padded": ["data.packing=false"],
             "packed": ["data.packing=true", "data.packed_multiple=8"],
-            "budget": ["data.packing=true", "data.packed_multiple=8", BUDGET]}
+            "budget": ["data.packing=true", "data.packed_multiple=8"]}
 
 
 def _name(model, layout, extra, variant):
@@ -41,7 +42,9 @@ def runs():
     for model, layout, extra in CASES:
         for variant, overrides in VARIANTS.items():
             cases[_name(model, layout, extra, variant)] = train_case([
-                f"model={model}", LAYOUTS[layout], *COMMON, *extra, *overrides])
+                f"model={model}", LAYOUTS[layout], *COMMON, *extra, *overrides,
+                *([f"data.tokens_per_micro_batch={BUDGET[bool(extra)]}"]
+                  if variant == "budget" else [])])
     return run_cases(cases, nproc=2, timeout=900)
 
 
