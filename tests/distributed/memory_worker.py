@@ -97,7 +97,7 @@ def measure_activations(overrides: list[str]) -> dict:
     for mode in RECOMPUTE:
         stage = build_stage(compose([*overrides, f"trainer.recompute={mode}"]), load_hf=False)
         _, batches = build_data(stage.cfg, stage.rt, stage.collator, 0)
-        batch = next(batches)
+        batch = next(batches)[0]  # the first step's first micro-batch
         nbytes, count, grads = saved_activation_bytes(stage, batch)
         if ref is None:
             ref = grads
@@ -120,7 +120,8 @@ def measure_optimizer(overrides: list[str]) -> dict:
         _, batches = build_data(stage.cfg, stage.rt, stage.collator, 0)
         forward_step = make_forward_step(stage.cfg.task, stage.rt.device, StepCounters())
         d = stage.derived
-        _, grad_norm, _, _ = train_step(get_forward_backward_func(), forward_step, batches,
+        _, grad_norm, _, _ = train_step(get_forward_backward_func(), forward_step,
+                                     iter(next(batches)),
                                      stage.model, optimizer, scheduler, d.num_microbatches,
                                      stage.cfg.data.max_length, d.pairs_per_micro_batch)
         row = optimizer_state_bytes(optimizer, stage.model)

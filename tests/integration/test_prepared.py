@@ -3,6 +3,8 @@ tokenizer or truncation, file:line errors with nothing left behind, and the back
 
 from __future__ import annotations
 
+from itertools import chain
+
 import json
 import threading
 import time
@@ -79,17 +81,18 @@ def test_prepared_batches_equal_the_jsonl_paths_over_two_epochs_dp2(tmp_path, sc
         # The text path as it was before prepared data: tokenized per step from the records.
         sampler = iter(GroupSampler(len(records), 2, dp_rank, 2, cfg.trainer.seed))
         texts = [collator([reference[i, e] for i, e in next(sampler)]) for _ in range(steps)]
-        _, from_jsonl = build_data(cfg, rt, collator, 0)
+        _, jsonl_steps = build_data(cfg, rt, collator, 0)
         cfg_prep = compose_config([*overrides, f"data.train_path={tmp_path / 'prep'}"])
-        _, from_prep = build_data(cfg_prep, rt, collator, 0)
+        _, prep_steps = build_data(cfg_prep, rt, collator, 0)
+        from_jsonl, from_prep = chain.from_iterable(jsonl_steps), chain.from_iterable(prep_steps)
         for step, want in enumerate(texts):
             a, b = next(from_jsonl), next(from_prep)
             assert a.teacher_scores is not None
             for name in FIELDS:
                 assert torch.equal(getattr(want, name), getattr(a, name)), (dp_rank, step, name)
                 assert torch.equal(getattr(want, name), getattr(b, name)), (dp_rank, step, name)
-        from_jsonl.close()
-        from_prep.close()
+        jsonl_steps.close()
+        prep_steps.close()
     # Epoch 1 draws other negatives than epoch 0 for the same record: the check saw both.
     assert reference[0, 0].docs != reference[0, 1].docs
 
@@ -99,11 +102,12 @@ def test_resume_position_gives_the_uninterrupted_batches(tmp_path, scored):
     prepare_data([scored], tmp_path / "prep", overrides, progress=False)
     cfg, collator = _collator([*overrides, f"data.train_path={tmp_path / 'prep'}"])
     rt = _runtime(1, 2)
-    _, full = build_data(cfg, rt, collator, 0)
-    batches = [next(full) for _ in range(40)]
-    _, resumed = build_data(cfg, rt, collator, 4 * 30)  # consumed_samples after 30 micro-steps
+    _, full = build_data(cfg, rt, collator, 0)  # a step: one micro-batch a rank (4 groups, DP 2)
+    batches = [b for _ in range(40) for b in next(full)]
+    _, resumed = build_data(cfg, rt, collator, 4 * 30)  # consumed_samples after 30 steps
+    resumed_batches = chain.from_iterable(resumed)
     for want in batches[30:]:
-        got = next(resumed)
+        got = next(resumed_batches)
         assert torch.equal(want.input_ids, got.input_ids)
         assert torch.equal(want.teacher_scores, got.teacher_scores)
     full.close()
@@ -255,8 +259,9 @@ def test_chat_prompts_read_jsonl_as_text_and_cannot_be_prepared(tmp_path):
     records = read_triplets(CRANFIELD)
     reference = GroupDataset(records, 4, cfg.trainer.seed)
     sampler = iter(GroupSampler(len(records), 2, 0, 1, cfg.trainer.seed))
-    _, batches = build_data(cfg, _runtime(0, 1), collator, 0)  # prefetched, own tokenizer copy
+    _, steps = build_data(cfg, _runtime(0, 1), collator, 0)  # prefetched, own tokenizer copy
+    batches = chain.from_iterable(steps)
     for _ in range(5):
         want = collator([reference[i, e] for i, e in next(sampler)])
         assert torch.equal(want.input_ids, next(batches).input_ids)
-    batches.close()
+    steps.close()
