@@ -1,6 +1,7 @@
 """Host waits in the training step. On a GPU every read of a device value on the host (item,
 tolist, bool, float) stalls the CPU until the GPU has caught up; the CPU proxy counts the reads
-made outside torch itself (torch's optimizers step on the device on CUDA: fused AdamW)."""
+made outside torch itself, and every read of torch's optimizer (megarank steps fused AdamW,
+which reads nothing; the default form reads each parameter's step count)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Te
 
 
 class HostReads(TorchFunctionMode):
-    """Counts tensor reads by the file and line outside torch that made them; reads inside
-    torch's optimizers are left out (on CUDA megarank steps fused AdamW, which reads nothing)."""
+    """Counts tensor reads by the file and line outside torch that made them (torch's own
+    optimizer counted at its line)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -34,8 +35,9 @@ class HostReads(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in READS:
             stack = traceback.extract_stack()[:-1]
-            frames = [f for f in stack if "/torch/" not in f.filename]
-            if frames and not any("/torch/optim/" in f.filename for f in stack):
+            frames = [f for f in stack
+                      if "/torch/" not in f.filename or "/torch/optim/" in f.filename]
+            if frames:
                 self.sites[f"{frames[-1].filename}:{frames[-1].lineno}"] += 1
         return func(*args, **(kwargs or {}))
 

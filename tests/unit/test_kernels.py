@@ -82,9 +82,24 @@ def test_sequence_parallel_needs_te_or_apex(monkeypatch):
     specs.check_kernel_support(True, local)
 
 
-def test_fused_adamw_only_for_cuda_fp32_params():
-    p = torch.nn.Parameter(torch.zeros(3))
-    opt = torch.optim.AdamW([p])
-    holder = type("Megatron", (), {"optimizer": opt})()
-    assert not use_fused_torch_adamw(holder)  # CPU parameters: torch's fused kernel is CUDA-only
-    assert not opt.param_groups[0].get("fused")
+def test_fused_adamw_for_fp32_params_equals_the_default_update():
+    """fp32 main parameters (CPU here) step with torch's fused AdamW, which updates as the
+    one-tensor-at-a-time form does (to 1e-6 over 5 steps); half-precision ones are left alone."""
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(7, 5, generator=g), torch.randn(5, generator=g)]
+    grads = [[torch.randn(t.shape, generator=g) for t in start] for _ in range(5)]
+    fused, plain = ([torch.nn.Parameter(t.clone()) for t in start] for _ in range(2))
+    opts = [torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01, foreach=False)
+            for ps in (fused, plain)]
+    holder = type("Megatron", (), {"optimizer": opts[0]})()
+    assert use_fused_torch_adamw(holder)
+    assert opts[0].param_groups[0]["fused"] and not opts[1].param_groups[0].get("fused")
+    for step in grads:
+        for params, opt in zip((fused, plain), opts, strict=True):
+            for p, grad in zip(params, step, strict=True):
+                p.grad = grad.clone()
+            opt.step()
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    half = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))])
+    assert not use_fused_torch_adamw(type("Megatron", (), {"optimizer": half})())
