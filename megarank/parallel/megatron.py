@@ -120,8 +120,9 @@ def use_fused_torch_adamw(optimizer: Any) -> bool:
     """Without TE or apex, megatron steps with torch's AdamW in its default form: foreach on
     CUDA, one tensor at a time on the CPU, and both read every parameter's step count on the host
     (an ``item()`` per parameter tensor a step). torch's fused kernel (CUDA, and the CPU since
-    torch 2.4) does the same update in one call per device with no host read: 2.5x faster on the
-    CPU for a MiniLM-sized model, equal to 3e-7 after 20 steps. Returns whether it was switched on.
+    torch 2.4) does the same update in one call per device with no host read (equal to 1e-6:
+    tests/unit/test_kernels.py; 2 host reads a step: tests/unit/test_host_syncs.py). Returns
+    whether it was switched on.
     """
     switched = False
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
