@@ -98,8 +98,9 @@ class Trainer:
         self.record: dict[str, Any] = {"step": self.step}
 
     def train(self) -> dict[str, Any]:
-        """Train the steps left; return the last record. Saves in flight complete and what the
-        run opened is closed however it ends."""
+        """Train the steps left; return the last record. A save in flight completes before it
+        returns (and before a non-finite stop); however the run ends, what it opened is
+        closed."""
         finished = False
         try:
             self.announce()
