@@ -237,9 +237,22 @@ def export_hf(params: Mapping[str, torch.Tensor], cfg: Any, out_dir: str | Path,
         return out
     stored_dtype = stored_dtype or next(iter(params.values())).dtype
     _name_shards(partial, written, sum(size for _, _, size in written))
+    _write_metadata(partial, cfg, arch, head, tokenizer, contract,
+                    str(dtype or stored_dtype).removeprefix("torch."))
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    _barrier(world)  # the other ranks return once the directory is complete
+    return out
+
+
+def _write_metadata(partial: Path, cfg: Any, arch: str, head: str, tokenizer: Any,
+                    contract: ScoringContract | None, torch_dtype: str) -> None:
+    """config.json, the tokenizer (with the scoring prompt as its chat template) and the
+    scoring contract of an HF export being written into ``partial``."""
+    mt = hf_model_type(cfg.model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     config = hf_config_dict(cfg, arch, pad)
-    config["torch_dtype"] = str(dtype or stored_dtype).removeprefix("torch.")
+    config["torch_dtype"] = torch_dtype
     template = None
     if contract is not None:
         config.update(vllm_fields(contract, tokenizer, head, mt))
@@ -262,7 +275,3 @@ def export_hf(params: Mapping[str, torch.Tensor], cfg: Any, out_dir: str | Path,
             contract, head=head, yes_token_id=None, no_token_id=None)
         record = {**asdict(exported), "serving": serving_notes(exported, head, arch)}
         (partial / CONTRACT_FILE).write_text(json.dumps(record, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    partial.rename(out)
-    _barrier(world)  # the other ranks return once the directory is complete
-    return out

@@ -93,36 +93,46 @@ def model_overrides_from_hf(hf_dir: str | Path) -> dict[str, Any]:
         tokenizer=str(hf_dir), name=Path(hf_dir).name or mt,
     )
     if mt in ENCODERS:
-        if hf.get("position_embedding_type", "absolute") != "absolute":
-            raise ConversionError(f"{where}: position_embedding_type "
-                                  f"{hf['position_embedding_type']!r} is not supported "
-                                  f"({mt}: absolute)")
-        if hf.get("hidden_act", "gelu") != "gelu":
-            raise ConversionError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported "
-                                  f"({mt}: gelu)")
-        if hf.get("is_decoder") or hf.get("add_cross_attention"):
-            raise ConversionError(f"{where}: is_decoder / add_cross_attention is not supported "
-                                  f"({mt} is imported as a bidirectional encoder)")
-        roberta = mt != "bert"
-        offset = 0
-        if roberta:
-            # fairseq's positions: pad_token_id + 1 for the first token, the rows below unused.
-            if hf.get("pad_token_id") is None:
-                raise ConversionError(f"{where}: {mt} without pad_token_id (its positions "
-                                      "start at pad_token_id + 1)")
-            offset = int(hf["pad_token_id"]) + 1
-        return dict(
-            common, family="bert", position_embedding_type="learned_absolute",
-            normalization="LayerNorm", layernorm_epsilon=hf.get("layer_norm_eps", 1e-12),
-            activation="gelu", gated_linear_unit=False, add_bias_linear=True, add_qkv_bias=True,
-            type_vocab_size=hf.get("type_vocab_size", 2), position_offset=offset,
-            encoder_head="roberta" if roberta else "bert",
-            hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
-            attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-            classifier_dropout=hf.get("classifier_dropout"),
-            num_query_groups=None, head_dim=None, qk_layernorm=False, rope_scaling=None,
-            sliding_window=None,
-        )
+        return dict(common, **_encoder_overrides(hf, mt, where))
+    return dict(common, **_decoder_overrides(hf, mt, where))
+
+
+def _encoder_overrides(hf: dict[str, Any], mt: str, where: str) -> dict[str, Any]:
+    """The fields of a BERT-family encoder (post-LN, learned absolute positions, GELU)."""
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise ConversionError(f"{where}: position_embedding_type "
+                              f"{hf['position_embedding_type']!r} is not supported "
+                              f"({mt}: absolute)")
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise ConversionError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported "
+                              f"({mt}: gelu)")
+    if hf.get("is_decoder") or hf.get("add_cross_attention"):
+        raise ConversionError(f"{where}: is_decoder / add_cross_attention is not supported "
+                              f"({mt} is imported as a bidirectional encoder)")
+    roberta = mt != "bert"
+    offset = 0
+    if roberta:
+        # fairseq's positions: pad_token_id + 1 for the first token, the rows below unused.
+        if hf.get("pad_token_id") is None:
+            raise ConversionError(f"{where}: {mt} without pad_token_id (its positions "
+                                  "start at pad_token_id + 1)")
+        offset = int(hf["pad_token_id"]) + 1
+    return dict(
+        family="bert", position_embedding_type="learned_absolute",
+        normalization="LayerNorm", layernorm_epsilon=hf.get("layer_norm_eps", 1e-12),
+        activation="gelu", gated_linear_unit=False, add_bias_linear=True, add_qkv_bias=True,
+        type_vocab_size=hf.get("type_vocab_size", 2), position_offset=offset,
+        encoder_head="roberta" if roberta else "bert",
+        hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
+        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+        classifier_dropout=hf.get("classifier_dropout"),
+        num_query_groups=None, head_dim=None, qk_layernorm=False, rope_scaling=None,
+        sliding_window=None,
+    )
+
+
+def _decoder_overrides(hf: dict[str, Any], mt: str, where: str) -> dict[str, Any]:
+    """The fields of a Llama-family decoder (pre-RMSNorm, RoPE, SwiGLU)."""
     if hf.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported "
                               "(decoders: silu)")
@@ -139,7 +149,7 @@ def model_overrides_from_hf(hf_dir: str | Path) -> dict[str, Any]:
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim")
     return dict(
-        common, family="gpt", position_embedding_type="rope", **_rope(hf, where),
+        family="gpt", position_embedding_type="rope", **_rope(hf, where),
         sliding_window=window, position_offset=0, encoder_head="bert", classifier_dropout=None,
         normalization="RMSNorm", layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
         activation="silu", gated_linear_unit=True, add_bias_linear=False,

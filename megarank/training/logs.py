@@ -1,17 +1,20 @@
-"""Rank-0 logging: a progress bar, metrics.jsonl, and TensorBoard and Weights & Biases when
-enabled."""
+"""The run's metric record: per-step rates summed over a window of steps, written on rank 0 to
+metrics.jsonl, a progress bar, and TensorBoard and Weights & Biases when enabled."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from megarank.parallel.runtime import Runtime
+from megarank.training.flops import mfu
 
 logger = logging.getLogger("megarank")
 
@@ -50,17 +53,27 @@ def _tensorboard_writer(output_dir: Path, start_step: int) -> Any:
 
 class MetricsLog:
     """The run's metric record: one JSON object a line, a tqdm bar, and optional TensorBoard and
-    W&B (rank 0). Every number of a record becomes a scalar of the same name at its step."""
+    W&B (rank 0). Every number of a record becomes a scalar of the same name at its step.
+
+    It also holds the `Window` of steps since the last logged one (on every rank: each returns
+    the last record), so a step is accounted with `add_step` and its rates taken with
+    `flush_window`."""
 
     def __init__(self, rt: Runtime, output_dir: Path, total_steps: int, start_step: int,
                  progress_bar: bool, logging_cfg: Any | None = None,
-                 run_config: dict | None = None):
+                 run_config: dict | None = None, pairs_per_step: int = 0,
+                 device_name: str | None = None):
         self.active = rt.is_main
         self.bar = None
         self.wandb = None
         self.tensorboard = None
-        if not self.active:
-            return
+        if self.active:
+            self._open(output_dir, total_steps, start_step, progress_bar, logging_cfg, run_config)
+        # Started last: the first window's rates leave out opening the writers.
+        self.window = Window(pairs_per_step, rt.world_size, device_name)
+
+    def _open(self, output_dir: Path, total_steps: int, start_step: int, progress_bar: bool,
+              logging_cfg: Any | None, run_config: dict | None) -> None:
         path = output_dir / "metrics.jsonl"
         _drop_partial_line(path)
         self.file = open(path, "a", buffering=1)  # noqa: SIM115
@@ -77,6 +90,17 @@ class MetricsLog:
             self.wandb = wandb.init(project=logging_cfg.wandb_project,
                                     mode=logging_cfg.wandb_mode, dir=str(output_dir),
                                     config=run_config)
+
+    def add_step(self, stats: dict[str, float], micro_batches: int, data_wait: float) -> None:
+        """Account one step in the window (its reduced stats, this rank's micro-batches and the
+        seconds it waited for them) and move the progress bar."""
+        self.window.add(stats, micro_batches)
+        self.window.data_wait += data_wait
+        self.advance()
+
+    def flush_window(self) -> dict[str, float]:
+        """The window's mean loss, throughput and model FLOP rate; starts a new window."""
+        return self.window.flush()
 
     def advance(self, steps: int = 1) -> None:
         """Move the progress bar."""
@@ -123,3 +147,52 @@ class MetricsLog:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+@dataclass
+class Window:
+    """Sums over the steps since the last logged one, turned into rates when logged."""
+
+    pairs_per_step: int
+    world_size: int = 1
+    device_name: str | None = None
+    steps: int = 0
+    loss: float = 0.0
+    real_tokens: float = 0.0
+    padded_tokens: float = 0.0
+    flops: float = 0.0
+    data_wait: float = 0.0
+    """Seconds the steps waited for their micro-batches (the background prefetch's misses)."""
+    micro_batches: int = 0
+    """This rank's micro-batches over the window (they vary with data.tokens_per_micro_batch)."""
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, stats: dict[str, float], micro_batches: int = 0) -> None:
+        """Account one step's reduced stats and this rank's micro-batches in it."""
+        self.steps += 1
+        self.micro_batches += micro_batches
+        self.loss += stats["loss"]
+        self.real_tokens += stats["real_tokens"]
+        self.padded_tokens += stats["padded_tokens"]
+        self.flops += stats["flops"]
+
+    def flush(self) -> dict[str, float]:
+        """Mean loss, throughput and model FLOP rate of the window; starts a new one."""
+        elapsed = time.perf_counter() - self.t0
+        per_gpu = self.flops / elapsed / self.world_size
+        out = {
+            "loss": self.loss / self.steps,
+            "pairs_per_s": self.pairs_per_step * self.steps / elapsed,
+            "tokens_per_s": self.real_tokens / elapsed,
+            "padded_tokens_per_s": self.padded_tokens / elapsed,
+            "padding_fraction": 1.0 - self.real_tokens / max(self.padded_tokens, 1.0),
+            "tflops_per_device": per_gpu / 1e12,
+            "data_wait_s": self.data_wait / self.steps,
+            "micro_batches": self.micro_batches / self.steps,
+        }
+        if self.device_name is not None:
+            found = mfu(per_gpu, self.device_name)
+            if found is not None:
+                out["mfu"] = found[0]
+        self.__init__(self.pairs_per_step, self.world_size, self.device_name)
+        return out

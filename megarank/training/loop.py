@@ -1,38 +1,26 @@
-"""The training loop: the model stage (megarank/stage.py), the optimizer, the data, then
-train_step / log / maybe_evaluate / maybe_save per step."""
+"""The training loop, after torchtitan's: a `Trainer` holds the run's state as attributes and
+`Trainer.train` reads as its steps (train_step, log, maybe_evaluate, maybe_save); the model
+stage comes from megarank/stage.py, checkpoints from a `CheckpointManager` and the metric
+record from a `MetricsLog`. Whatever way the run ends, one ``finally`` closes what it opened."""
 
 from __future__ import annotations
 
 import signal
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import DictConfig, OmegaConf
 
 from megarank.checkpoint.contract import write_contract
-from megarank.checkpoint.dist import (
-    CheckpointError,
-    best_checkpoint,
-    checkpoint_bytes,
-    latest_checkpoint,
-    load_checkpoint,
-    load_model_weights,
-    mark_best,
-    prune_checkpoints,
-    resumable_checkpoint,
-    save_checkpoint,
-)
+from megarank.checkpoint.manager import CheckpointManager
 from megarank.eval.rerank import HeldOutEval
 from megarank.models.build import padded_vocab_size
-from megarank.parallel.megatron import async_save_queue, build_optimizer, weights_are_finite
+from megarank.parallel.megatron import build_optimizer
 from megarank.parallel.runtime import Runtime
 from megarank.stage import Stage, build_stage, peft_enabled
-from megarank.training.flops import mfu, peak_tflops
+from megarank.training.flops import peak_tflops
 from megarank.training.logs import MetricsLog, setup_logging
 from megarank.training.setup import build_data, resolve_output_dir
 from megarank.training.step import StepCounters, make_forward_step, train_step
@@ -54,261 +42,226 @@ def train(cfg: DictConfig, poison_steps: frozenset[int] = frozenset()) -> dict[s
     # (file checks only, no process group needed yet).
     resume_from, notes = None, []
     if tr.resume and tr.output_dir:
-        resume_from, notes = resumable_checkpoint(Path(tr.output_dir) / "checkpoints")
+        resume_from, notes = CheckpointManager.resumable(tr.output_dir)
     with build_stage(cfg, load_hf=resume_from is None) as stage:
-        return _train(stage, resume_from, notes, poison_steps)
+        return Trainer(stage, resume_from, notes, poison_steps).train()
 
 
-def _train(stage: Stage, latest: Path | None, resume_notes: list[str],
-           poison_steps: frozenset[int]) -> dict[str, Any]:
-    cfg, derived, rt, model = stage.cfg, stage.derived, stage.rt, stage.model
-    tr = cfg.trainer
-    setup_logging(rt, cfg.logging.level)
-    out = resolve_output_dir(cfg, rt)
-    ckpt_root = out / "checkpoints"
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    if rt.is_main:
-        OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+class Trainer:
+    """One training run on a built stage. Its state: ``step`` (the last one taken),
+    ``train_state`` (step and consumed samples, what a checkpoint records), the non-finite
+    counts (``skipped_steps``, ``nonfinite_in_a_row``) and ``record``, the last step's record;
+    the best metric so far is the checkpoint manager's.
 
-    optimizer, scheduler = build_optimizer(cfg, model)
-    state = {"step": 0, "consumed_samples": 0}
-    rng_restored = True
-    if cfg.model.init_from and (latest is None or peft_enabled(cfg)):
-        # A LoRA run's checkpoints hold adapters and head: its base always comes from here.
-        load_model_weights(cfg.model.init_from, model, part="base")
-    if latest is not None:
-        state = load_checkpoint(latest, model, optimizer, scheduler, rt)
-        rng_restored = state.pop("rng_restored")
-    if rt.is_main:
-        write_contract(out, stage.contract)
+    Building it loads the weights (HF, ``model.init_from`` or the checkpoint resumed) and opens
+    the data, the metric record and the checkpoint queue; `train` closes them.
+    """
 
-    dataset, batches = build_data(cfg, rt, stage.collator, state["consumed_samples"])
-    evaluator = None
-    if cfg.data.eval_collection and (tr.eval_interval or tr.eval_at_end or tr.eval_at_start):
-        evaluator = HeldOutEval(
-            cfg.data.eval_collection, cfg.data.eval_run, cfg.data.eval_split,
-            cfg.data.eval_top_k, cfg.data.eval_max_queries, stage.collator, tr.eval_batch_size,
-            passages=cfg.data.passages,
+    def __init__(self, stage: Stage, resume_from: Path | None, resume_notes: list[str],
+                 poison_steps: frozenset[int] = frozenset()) -> None:
+        self.stage, self.cfg, self.derived = stage, stage.cfg, stage.derived
+        self.rt, self.model, self.tr = stage.rt, stage.model, stage.cfg.trainer
+        setup_logging(self.rt, self.cfg.logging.level)
+        self.out = resolve_output_dir(self.cfg, self.rt)
+        self.run_config = OmegaConf.to_container(self.cfg, resolve=True)
+        if self.rt.is_main:
+            OmegaConf.save(self.cfg, self.out / "config.yaml", resolve=True)
+        self.optimizer, self.scheduler = build_optimizer(self.cfg, self.model)
+        self.checkpoints = CheckpointManager(
+            self.out / "checkpoints", self.tr, self.rt, self.model, self.optimizer,
+            self.scheduler, self._checkpoint_meta(), write=lambda line: self.metrics.write(line),
+            log=lambda done: self.metrics.log({"step": self.step, **done}),
+            resume_from=resume_from, resume_notes=resume_notes)
+        self.train_state = self.checkpoints.restore(self.cfg.model.init_from,
+                                                    base_always=peft_enabled(self.cfg))
+        self.step = self.train_state["step"]
+        if self.rt.is_main:
+            write_contract(self.out, stage.contract)
+        self.dataset, self.batches = build_data(self.cfg, self.rt, stage.collator,
+                                                self.train_state["consumed_samples"])
+        self.evaluator = self._evaluator()
+        self.metrics = MetricsLog(
+            self.rt, self.out, self.tr.max_steps, self.step, self.tr.progress_bar,
+            self.cfg.logging, self.run_config,
+            pairs_per_step=self.tr.global_batch_size * self.cfg.task.group_size,
+            device_name=device_name(self.rt.device))
+        self.counters = StepCounters(model=self.cfg.model, head=self.cfg.task.head)
+        self.forward_step = make_forward_step(
+            self.cfg.task, self.rt.device, self.counters, lambda: self.step in poison_steps,
+            groups_per_step=(self.tr.global_batch_size // self.derived.dp
+                             if self.cfg.data.tokens_per_micro_batch else None))
+        self.forward_backward = get_forward_backward_func()
+        self.stop = StopSignal()
+        self.skipped_steps, self.nonfinite_in_a_row = 0, 0
+        self.last = (self.tr.max_steps if self.tr.stop_at_step is None
+                     else min(self.tr.stop_at_step, self.tr.max_steps))
+        self.record: dict[str, Any] = {"step": self.step}
+
+    def train(self) -> dict[str, Any]:
+        """Train the steps left; return the last record. A save in flight completes before it
+        returns (and before a non-finite stop); however the run ends, what it opened is
+        closed."""
+        finished = False
+        try:
+            self.announce()
+            self.maybe_evaluate_at_start()
+            if self.step >= self.last:  # nothing left to train: still evaluate / save as asked
+                self.finish_without_steps()
+            for step in range(self.step + 1, self.last + 1):
+                stats, grad_norm, lr = self.train_step(step)
+                final = step == self.last or stats["stop"]
+                self.record = self.step_record(step, final, grad_norm, lr)
+                self.stop_if_diverged(step)
+                self.maybe_evaluate(step, final)
+                self.maybe_save(step, final)
+                self.log()
+                if stats["stop"]:
+                    break
+            finished = True
+            return self.record
+        finally:
+            self.close(finished)
+
+    def announce(self) -> None:
+        """The start-up lines: layout, kernels, fusions, model and data, then what resuming
+        found."""
+        cfg, derived = self.cfg, self.derived
+        self.metrics.write(f"world {derived.world_size} = tp {derived.tp} x pp {derived.pp} x "
+                           f"dp {derived.dp}; {self._batch_layout()}; kernels: "
+                           f"{self.stage.kernels.name} ({self.stage.kernels.reason})")
+        self.metrics.write(describe_fusions(self.model, self.optimizer, self.rt))
+        n_params = sum(p.numel() for p in self.model.parameters())
+        n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.metrics.write(
+            f"model {cfg.model.name}: {n_params:,} parameters on this rank, {n_trainable:,} "
+            f"trained{' (' + cfg.peft.method + ')' if peft_enabled(cfg) else ''} (padded vocab "
+            f"{padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by)}); "
+            f"{len(self.dataset)} training groups from {cfg.data.train_path}; output in {self.out}"
         )
+        self.checkpoints.report_resume(self.step)
 
-    log = MetricsLog(rt, out, tr.max_steps, state["step"], tr.progress_bar, cfg.logging, resolved)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    per_rank = (f"{tr.global_batch_size // derived.dp} groups x {cfg.task.group_size} docs per "
-                f"rank per step in micro-batches of at most {cfg.data.tokens_per_micro_batch} "
-                "tokens" if cfg.data.tokens_per_micro_batch else
-                f"{derived.num_microbatches} micro-batches of {tr.micro_batch_size} groups x "
-                f"{cfg.task.group_size} docs per rank per step")
-    log.write(f"world {derived.world_size} = tp {derived.tp} x pp {derived.pp} x dp {derived.dp}; "
-              f"{per_rank}; kernels: {stage.kernels.name} ({stage.kernels.reason})")
-    log.write(describe_fusions(model, optimizer, rt))
-    log.write(
-        f"model {cfg.model.name}: {n_params:,} parameters on this rank, {n_trainable:,} "
-        f"trained{' (' + cfg.peft.method + ')' if peft_enabled(cfg) else ''} (padded vocab "
-        f"{padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by)}); "
-        f"{len(dataset)} training groups from {cfg.data.train_path}; output in {out}"
-    )
-    for note in resume_notes:
-        log.write(f"passed over for resuming: {note}")
-    if latest is not None:
-        log.write(f"resumed from {latest} at step {state['step']}" + (
-            "" if rng_restored else "; its layout differs from this run's, so the per-rank RNG "
-            "states (dropout) start from the seed"))
-    elif tr.resume and resume_notes:
-        raise CheckpointError(f"trainer.resume=true but no checkpoint under {ckpt_root} is "
-                              "intact: " + " | ".join(resume_notes))
-    elif tr.resume:
-        log.write(f"trainer.resume=true but {ckpt_root} holds no checkpoint: starting fresh")
+    def maybe_evaluate_at_start(self) -> None:
+        """trainer.eval_at_start: the held-out metrics before the first step, as their own
+        record."""
+        if self.tr.eval_at_start and self.evaluator is not None:
+            self.metrics.log({"step": self.step, **self.evaluate()})
 
-    counters = StepCounters(model=cfg.model, head=cfg.task.head)
-    current = {"step": state["step"]}
-    budget = cfg.data.tokens_per_micro_batch
-    forward_step = make_forward_step(
-        cfg.task, rt.device, counters, lambda: current["step"] in poison_steps,
-        groups_per_step=tr.global_batch_size // derived.dp if budget else None)
-    forward_backward = get_forward_backward_func()
-    window = Window(pairs_per_step=tr.global_batch_size * cfg.task.group_size,
-                    world_size=rt.world_size, device_name=device_name(rt.device))
-    stop = StopSignal()
-    meta = {"config": resolved, "layout": derived.__dict__}
-    if peft_enabled(cfg):
-        # The frozen base a LoRA checkpoint needs beside it (absent: the checkpoint holds it).
-        meta["base_weights"] = cfg.model.init_from or cfg.model.hf_path
+    def finish_without_steps(self) -> None:
+        """A run with no step left (resumed at or past its last one) still evaluates and saves
+        as asked for its last step."""
+        self.maybe_evaluate(self.last, final=True)
+        self.log()
+        self.maybe_save(self.last, final=True)
 
-    def maybe_evaluate(step: int, record: dict[str, Any], final: bool) -> None:
-        due = (tr.eval_interval and step % tr.eval_interval == 0) or (final and tr.eval_at_end)
-        if due and evaluator is not None:
-            record.update({f"eval/{k}": v for k, v in evaluator.run(model, rt).items()})
-
-    health = {"skipped": 0, "in_a_row": 0}
-    queue = async_save_queue() if tr.async_save else None
-    marked = best_checkpoint(ckpt_root) if tr.keep_best else None
-    best = {"value": marked["value"] if marked else None}
-
-    def improved(record: dict[str, Any]) -> bool:
-        """Whether this step's evaluation beats the best so far (trainer.keep_best)."""
-        value = record.get(f"eval/{tr.keep_best}") if tr.keep_best else None
-        return value is not None and (best["value"] is None or value > best["value"])
-
-    def maybe_save(step: int, final: bool, record: dict[str, Any]) -> None:
-        new_best = improved(record)
-        due = (tr.save_interval and step % tr.save_interval == 0) or (final and tr.save_final)
-        if not (due or new_best):
-            return
-        # Never a checkpoint right after a skipped step, nor of weights that are not finite:
-        # `latest` must always hold weights that still give a finite loss.
-        if health["in_a_row"] or not weights_are_finite(model):
-            log.write(f"step {step}: not saving (the last step was not finite); the last good "
-                      f"checkpoint stays {latest_checkpoint(ckpt_root)}")
-            return
-        t0 = time.perf_counter()
-        value = record.get(f"eval/{tr.keep_best}") if new_best else None
-        if new_best:
-            best["value"] = value  # taken now, so a later evaluation compares against it
-        # One save in flight at a time: the previous one completes before the next starts.
-        if queue is not None:
-            queue.maybe_finalize_async_calls(blocking=True)
-
-        def completed(path: Path) -> None:
-            # Runs when the checkpoint is complete: now (synchronous) or when the writer is
-            # done (trainer.async_save, from a later step's finalize).
-            done = {"save_total_s": time.perf_counter() - t0}
-            if new_best and rt.is_main:
-                mark_best(ckpt_root, path, tr.keep_best, value, step)
-            if rt.is_main:
-                done["save_bytes"] = checkpoint_bytes(path)
-                if tr.keep_last is not None:
-                    for old in prune_checkpoints(ckpt_root, tr.keep_last):
-                        log.write(f"trainer.keep_last={tr.keep_last}: deleted {old.name}")
-            dist.barrier()
-            if queue is None:
-                record.update(done)
-            else:
-                log.log({"step": current["step"], "checkpoint": path.name, **done})
-            log.write(f"saved {path} in {done['save_total_s']:.1f} s" + (
-                f"; best {tr.keep_best} so far ({value:.4f})" if new_best else ""))
-
-        save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, rt, meta,
-                        async_queue=queue, on_complete=completed)
-        # The time the step loop waited for the save (all of it, unless it is asynchronous).
-        record.update(save_s=time.perf_counter() - t0)
-
-    if tr.eval_at_start and evaluator is not None:
-        log.log({"step": state["step"], **{f"eval/{k}": v
-                                           for k, v in evaluator.run(model, rt).items()}})
-    last = tr.max_steps if tr.stop_at_step is None else min(tr.stop_at_step, tr.max_steps)
-    record: dict[str, Any] = {"step": state["step"]}
-    if state["step"] >= last:  # nothing left to train: still evaluate / save as asked
-        maybe_evaluate(last, record, final=True)
-        if len(record) > 1:
-            log.log(record)
-        maybe_save(last, final=True, record=record)
-    for step in range(state["step"] + 1, last + 1):
-        counters.reset()
-        current["step"] = step
-        micro_batches = next(batches)
+    def train_step(self, step: int) -> tuple[dict[str, float], float, float]:
+        """One optimizer step over this rank's micro-batches (the update is skipped when the loss
+        or a gradient is not finite), then its accounting; returns the reduced stats, the
+        gradient norm and the learning rate."""
+        self.counters.reset()
+        self.step = step
+        micro_batches = next(self.batches)
         stats, grad_norm, lr, updated = train_step(
-            forward_backward, forward_step, iter(micro_batches), model, optimizer, scheduler,
-            len(micro_batches), cfg.data.max_length, derived.pairs_per_micro_batch,
-            counters, rt, stop.requested,
+            self.forward_backward, self.forward_step, iter(micro_batches), self.model,
+            self.optimizer, self.scheduler, len(micro_batches), self.cfg.data.max_length,
+            self.derived.pairs_per_micro_batch, self.counters, self.rt, self.stop.requested,
         )
+        self.count_health(step, updated)
+        self.checkpoints.poll()
+        self.metrics.add_step(stats, len(micro_batches), self.batches.take_wait())
+        self.train_state = {"step": step, "consumed_samples": self.train_state["consumed_samples"]
+                            + self.tr.global_batch_size}
+        if stats["stop"]:
+            self.metrics.write(f"stop requested ({self.stop.name}): saving at step {step} and "
+                               "exiting")
+        return stats, grad_norm, lr
+
+    def count_health(self, step: int, updated: bool) -> None:
+        """Count a skipped (non-finite) step, in all and in a row."""
         if updated:
-            health["in_a_row"] = 0
-        else:
-            health["skipped"] += 1
-            health["in_a_row"] += 1
-            log.write(f"step {step}: non-finite loss or gradient; update skipped "
-                      f"({health['in_a_row']} in a row, {health['skipped']} in all)")
-        if queue is not None:
-            queue.maybe_finalize_async_calls(blocking=False)
-        window.add(stats, len(micro_batches))
-        window.data_wait += batches.take_wait()
-        state = {"step": step, "consumed_samples": state["consumed_samples"] + tr.global_batch_size}
-        log.advance()
+            self.nonfinite_in_a_row = 0
+            return
+        self.skipped_steps += 1
+        self.nonfinite_in_a_row += 1
+        self.metrics.write(f"step {step}: non-finite loss or gradient; update skipped "
+                           f"({self.nonfinite_in_a_row} in a row, {self.skipped_steps} in all)")
 
-        final = step == last or stats["stop"]
-        if stats["stop"]:
-            log.write(f"stop requested ({stop.name}): saving at step {step} and exiting")
-        record = {"step": step}
-        if step % tr.log_interval == 0 or final or not updated:
-            record.update(window.flush(), lr=lr, grad_norm=grad_norm,
-                          consumed_samples=state["consumed_samples"],
-                          skipped_steps=health["skipped"])
-        if health["in_a_row"] >= tr.max_nonfinite_steps:
-            if queue is not None:  # the last good save completes before the stop
-                queue.maybe_finalize_async_calls(blocking=True)
-                queue.close()
-            log.log(record)
-            log.close()
-            stop.restore()
-            batches.close()
-            raise NonFiniteError(
-                f"step {step}: {health['in_a_row']} steps in a row with a non-finite loss or "
-                f"gradient (trainer.max_nonfinite_steps={tr.max_nonfinite_steps}); stopping. "
-                f"The last good checkpoint is {latest_checkpoint(ckpt_root)}; lower optim.lr "
-                "or check the data")
-        maybe_evaluate(step, record, final)
-        maybe_save(step, final or stats["stop"], record)
-        if len(record) > 1:
-            log.log(record)
-        if stats["stop"]:
-            break
-    if queue is not None:
-        queue.maybe_finalize_async_calls(blocking=True)
-        queue.close()
-    stop.restore()
-    batches.close()
-    log.close()
-    return record
+    def step_record(self, step: int, final: bool, grad_norm: float, lr: float) -> dict[str, Any]:
+        """The step's record: its rates over the window since the last logged step when it is
+        logged (every trainer.log_interval steps, the final step, a skipped one)."""
+        record: dict[str, Any] = {"step": step}
+        if step % self.tr.log_interval == 0 or final or self.nonfinite_in_a_row:
+            record.update(self.metrics.flush_window(), lr=lr, grad_norm=grad_norm,
+                          consumed_samples=self.train_state["consumed_samples"],
+                          skipped_steps=self.skipped_steps)
+        return record
 
+    def stop_if_diverged(self, step: int) -> None:
+        """Stop after trainer.max_nonfinite_steps skipped steps in a row; every rank agrees, as
+        the step's stats are reduced over all of them."""
+        if self.nonfinite_in_a_row < self.tr.max_nonfinite_steps:
+            return
+        self.checkpoints.wait()  # the last good save completes before the stop
+        self.metrics.log(self.record)
+        raise NonFiniteError(
+            f"step {step}: {self.nonfinite_in_a_row} steps in a row with a non-finite loss or "
+            f"gradient (trainer.max_nonfinite_steps={self.tr.max_nonfinite_steps}); stopping. "
+            f"The last good checkpoint is {self.checkpoints.latest}; lower optim.lr or check "
+            "the data")
 
-@dataclass
-class Window:
-    """Sums over the steps since the last logged one, turned into rates when logged."""
+    def evaluate(self) -> dict[str, float]:
+        """The held-out metrics now, as ``eval/<metric>``."""
+        return {f"eval/{k}": v for k, v in self.evaluator.run(self.model, self.rt).items()}
 
-    pairs_per_step: int
-    world_size: int = 1
-    device_name: str | None = None
-    steps: int = 0
-    loss: float = 0.0
-    real_tokens: float = 0.0
-    padded_tokens: float = 0.0
-    flops: float = 0.0
-    data_wait: float = 0.0
-    """Seconds the steps waited for their micro-batches (the background prefetch's misses)."""
-    micro_batches: int = 0
-    """This rank's micro-batches over the window (they vary with data.tokens_per_micro_batch)."""
-    t0: float = field(default_factory=time.perf_counter)
+    def maybe_evaluate(self, step: int, final: bool) -> None:
+        """Evaluate into the step's record every trainer.eval_interval steps and at the end
+        (trainer.eval_at_end)."""
+        tr = self.tr
+        due = (tr.eval_interval and step % tr.eval_interval == 0) or (final and tr.eval_at_end)
+        if due and self.evaluator is not None:
+            self.record.update(self.evaluate())
 
-    def add(self, stats: dict[str, float], micro_batches: int = 0) -> None:
-        """Account one step's reduced stats and this rank's micro-batches in it."""
-        self.steps += 1
-        self.micro_batches += micro_batches
-        self.loss += stats["loss"]
-        self.real_tokens += stats["real_tokens"]
-        self.padded_tokens += stats["padded_tokens"]
-        self.flops += stats["flops"]
+    def maybe_save(self, step: int, final: bool) -> None:
+        """Offer the step to the checkpoint manager, which decides and adds its save times."""
+        self.checkpoints.maybe_save(step, final, self.record, self.train_state,
+                                    finite=not self.nonfinite_in_a_row)
 
-    def flush(self) -> dict[str, float]:
-        """Mean loss, throughput and model FLOP rate of the window; starts a new one."""
-        elapsed = time.perf_counter() - self.t0
-        per_gpu = self.flops / elapsed / self.world_size
-        out = {
-            "loss": self.loss / self.steps,
-            "pairs_per_s": self.pairs_per_step * self.steps / elapsed,
-            "tokens_per_s": self.real_tokens / elapsed,
-            "padded_tokens_per_s": self.padded_tokens / elapsed,
-            "padding_fraction": 1.0 - self.real_tokens / max(self.padded_tokens, 1.0),
-            "tflops_per_device": per_gpu / 1e12,
-            "data_wait_s": self.data_wait / self.steps,
-            "micro_batches": self.micro_batches / self.steps,
-        }
-        if self.device_name is not None:
-            found = mfu(per_gpu, self.device_name)
-            if found is not None:
-                out["mfu"] = found[0]
-        self.__init__(self.pairs_per_step, self.world_size, self.device_name)
-        return out
+    def log(self) -> None:
+        """Write the step's record, unless it holds nothing but its step."""
+        if len(self.record) > 1:
+            self.metrics.log(self.record)
+
+    def close(self, finished: bool) -> None:
+        """Complete the save in flight (only when every rank got here together: after an error
+        a rank may be alone, and waiting for the others would hang it), put the signal handlers
+        back, stop the data's prefetch and close the metric record."""
+        self.checkpoints.close(flush=finished)
+        self.stop.restore()
+        self.batches.close()
+        self.metrics.close()
+
+    def _evaluator(self) -> HeldOutEval | None:
+        data, tr = self.cfg.data, self.tr
+        if not (data.eval_collection and (tr.eval_interval or tr.eval_at_end or tr.eval_at_start)):
+            return None
+        return HeldOutEval(data.eval_collection, data.eval_run, data.eval_split, data.eval_top_k,
+                           data.eval_max_queries, self.stage.collator, tr.eval_batch_size,
+                           passages=data.passages)
+
+    def _checkpoint_meta(self) -> dict[str, Any]:
+        meta = {"config": self.run_config, "layout": self.derived.__dict__}
+        if peft_enabled(self.cfg):
+            # The frozen base a LoRA checkpoint needs beside it (absent: the checkpoint holds it).
+            meta["base_weights"] = self.cfg.model.init_from or self.cfg.model.hf_path
+        return meta
+
+    def _batch_layout(self) -> str:
+        cfg, derived, tr = self.cfg, self.derived, self.tr
+        if cfg.data.tokens_per_micro_batch:
+            return (f"{tr.global_batch_size // derived.dp} groups x {cfg.task.group_size} docs "
+                    f"per rank per step in micro-batches of at most "
+                    f"{cfg.data.tokens_per_micro_batch} tokens")
+        return (f"{derived.num_microbatches} micro-batches of {tr.micro_batch_size} groups x "
+                f"{cfg.task.group_size} docs per rank per step")
 
 
 def describe_fusions(model: Any, optimizer: Any, rt: Runtime) -> str:

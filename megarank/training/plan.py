@@ -357,120 +357,177 @@ def total_params(cfg: Any) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def layer_terms(cfg: Any, tp: int, device: str, length: int) -> list[Term]:
-    """The activation terms of one transformer layer on one GPU, as megarank builds the layer
-    for ``device`` (``cpu``: megatron's local layers + SDPA on the CPU; ``cuda``: TE or fused
-    kernels and flash attention). ``length`` enters only the unfused attention terms."""
+@dataclass(frozen=True)
+class _Layer:
+    """What one layer's activation terms depend on: its widths per token on one GPU, the byte
+    widths its kernels keep, and which paths those kernels take (see :func:`layer_terms`)."""
+
+    a: int
+    """The activations' bytes per element (trainer.precision)."""
+    hs: float
+    """The non-tensor-parallel region's width: sharded by sequence under SP."""
+    tok: float
+    """Per-token statistics there."""
+    nq_t: float
+    nkv_t: float
+    ffn_t: float
+    qkv_t: float
+    d: int
+    length: int
+    cpu: bool
+    composite: bool
+    """torch's CPU RMSNorm is composite: it also keeps the normalised x."""
+    math_path: bool
+    """SDPA's unfused path on the CPU (attention dropout)."""
+    drop: bool
+    bert: bool
+    rope: bool
+    gqa: bool
+    stats: int
+    """Norm statistics per token: rstd, or mean and rstd."""
+    nw: int
+    """A norm's kept input: torch's CPU RMSNorm computes in fp32 and keeps an fp32 copy of its
+    input and the fp32 normalised x; fused norms (TE, torch's LayerNorm) keep it as it is."""
+    sw: int
+    """Norm statistics are fp32, but torch's CPU LayerNorm keeps them in the input's dtype."""
+    mask_width: int
+    """CPU dropout multiplies by a float noise tensor; CUDA's mask is bool."""
+
+    def norm(self, label: str, keep_input: bool = True) -> list[Term]:
+        """A norm's terms: its input (unless counted already), normalised x, statistics."""
+        t = [Term(f"{label} input", self.hs, self.nw)] if keep_input else []
+        if self.composite:
+            t.append(Term(f"{label} normalised x", self.hs, FP32))
+        t.append(Term(f"{label} statistics", self.stats * self.tok, self.sw))
+        return t
+
+
+def _layer(cfg: Any, tp: int, device: str, length: int) -> _Layer:
     m, p, tr = cfg.model, cfg.parallel, cfg.trainer
     h, nq, nkv, d, ffn = _geometry(m)
     a = WIDTH[tr.precision]
     sp = bool(p.sequence_parallel)
-    hs = h / tp if sp else h  # the non-tensor-parallel region: sharded by sequence under SP
-    tok = 1 / tp if sp else 1  # per-token statistics there
-    nq_t, nkv_t, ffn_t = nq / tp, nkv / tp, ffn / tp
-    qkv_t = (nq + 2 * nkv) * d / tp
     cpu = device == "cpu"
     rms = m.normalization == "RMSNorm"
-    stats = 1 if rms else 2  # rstd, or mean and rstd
-    composite = cpu and rms  # torch's CPU RMSNorm is composite: it also keeps the normalised x
-    math_path = cpu and float(m.attention_dropout or 0.0) > 0  # SDPA's unfused path on the CPU
-    drop = float(m.hidden_dropout or 0.0) > 0
-    all_modes = RECOMPUTE
-    t: list[Term] = []
+    composite = cpu and rms
+    return _Layer(
+        a=a, hs=h / tp if sp else h, tok=1 / tp if sp else 1, nq_t=nq / tp, nkv_t=nkv / tp,
+        ffn_t=ffn / tp, qkv_t=(nq + 2 * nkv) * d / tp, d=d, length=length, cpu=cpu,
+        composite=composite, math_path=cpu and float(m.attention_dropout or 0.0) > 0,
+        drop=float(m.hidden_dropout or 0.0) > 0, bert=m.family == "bert",
+        rope=m.family != "bert", gqa=nkv != nq, stats=1 if rms else 2,
+        nw=FP32 if composite else a, sw=a if (cpu and not rms) else FP32,
+        mask_width=a if cpu else 1,
+    )
 
-    # torch's CPU RMSNorm is composite and computes in fp32: it keeps an fp32 copy of its input
-    # and the fp32 normalised x. Fused norms (TE, torch's LayerNorm) keep the input as it is.
-    nw = FP32 if composite else a
-    # Norm statistics are fp32, but torch's CPU LayerNorm keeps them in the input's dtype.
-    sw = a if (cpu and not rms) else FP32
-    mask_width = a if cpu else 1  # CPU dropout multiplies by a float noise tensor; CUDA's is bool
 
-    def norm(label: str, keep_input: bool = True) -> None:
-        if keep_input:
-            t.append(Term(f"{label} input", hs, nw))
-        if composite:
-            t.append(Term(f"{label} normalised x", hs, FP32))
-        t.append(Term(f"{label} statistics", stats * tok, sw))
-
-    bert = m.family == "bert"
-    if bert:
-        t.append(Term("layer input (QKV input)", hs, a, all_modes))
-    else:
-        t.append(Term("norm 1 input (the layer input)", hs, nw))
-        t.append(Term("layer input, kept by full recompute", hs, a, ("full",)))
-        norm("norm 1", keep_input=False)
-        t.append(Term("QKV input (norm 1 output)", hs, a))
-    if m.qk_layernorm:
-        # Per-head norms on q and k before RoPE. q's input is a copy; k's a view of the QKV
-        # output (counted below), unless the composite norm's fp32 upcast copies it.
-        t.append(Term("q norm input", nq_t * d, nw))
-        if composite and a != FP32:
-            t.append(Term("k norm input (fp32 copy)", nkv_t * d, FP32))
-        for name, heads in (("q", nq_t), ("k", nkv_t)):
-            if composite:
-                t.append(Term(f"{name} norm normalised x", heads * d, FP32))
-            t.append(Term(f"{name} norm statistics", heads, sw))
-    gqa = nkv != nq
-    rope = not bert
-    if math_path:
-        core = ("none",)  # the core attention's own tensors: selective recompute drops them
-        t.append(Term("scaled query", nq_t * d, a, core))
-        if rope and gqa:
-            t.append(Term("key, repeated to the query heads", nq_t * d, a, core))
-            t.append(Term("value, repeated to the query heads", nq_t * d, a, core))
-        else:
-            # Decoders' key is RoPE's output (also the recompute's input); an encoder's
-            # strided key view is copied.
-            if rope:
-                t.append(Term("key (after RoPE)", nkv_t * d, a))
-            else:
-                t.append(Term("key (contiguous copy)", nkv_t * d, a, core))
-            t.append(Term("QKV output (held by the value view)", qkv_t, a))
-        for name in ("attention probabilities", "attention dropout mask",
-                     "dropped attention probabilities"):
-            t.append(Term(name, nq_t * length, a, ("none",)))
-        if rope and gqa:  # selective recompute keeps the core attention's inputs instead
-            t.append(Term("query (after RoPE), kept for recompute", nq_t * d, a, ("selective",)))
-            t.append(Term("key (after RoPE), kept for recompute", nkv_t * d, a, ("selective",)))
-            t.append(Term("QKV output (value view), kept for recompute", qkv_t, a,
-                          ("selective",)))
-        elif rope:
-            t.append(Term("query (after RoPE), kept for recompute", nq_t * d, a, ("selective",)))
-    else:
-        if rope:
-            t.append(Term("query (after RoPE)", nq_t * d, a))
-            t.append(Term("key (after RoPE)", nkv_t * d, a))
-        t.append(Term("QKV output (held by the value view)", qkv_t, a))
-        t.append(Term("softmax log-sum-exp", nq_t, FP32, ("none",)))
-        if bert:
-            # SDPA turns the bool padding mask into an additive one in every layer.
-            t.append(Term("padding mask", 1, a if cpu else 1, ("none",)))
-    if rope and cpu:
+def layer_terms(cfg: Any, tp: int, device: str, length: int) -> list[Term]:
+    """The activation terms of one transformer layer on one GPU, as megarank builds the layer
+    for ``device`` (``cpu``: megatron's local layers + SDPA on the CPU; ``cuda``: TE or fused
+    kernels and flash attention). ``length`` enters only the unfused attention terms."""
+    x = _layer(cfg, tp, device, length)
+    t = _input_terms(x)
+    if cfg.model.qk_layernorm:
+        t += _qk_norm_terms(x)
+    t += _math_attention_terms(x) if x.math_path else _fused_attention_terms(x)
+    if x.rope and x.cpu:
         # Unfused RoPE: cos and sin, for q and for k, computed again in every layer.
-        t.append(Term("RoPE cos/sin", 4 * d, a, per_position=True))
-    n_before = len(t)
-    t.append(Term("attention output (projection input)", nq_t * d, a))
-    if drop:
-        t.append(Term("attention dropout-add mask", hs, mask_width))
-    if bert:
-        norm("post-attention norm")
-        t.append(Term("fc1 input (norm output)", hs, a))
+        t.append(Term("RoPE cos/sin", 4 * x.d, x.a, per_position=True))
+    after = _after_core_terms(x, bool(cfg.model.gated_linear_unit))
+    return t + [replace(term, after_core=True) for term in after]
+
+
+def _input_terms(x: _Layer) -> list[Term]:
+    """The layer's input and, in a decoder, its first norm (pre-LN)."""
+    if x.bert:
+        return [Term("layer input (QKV input)", x.hs, x.a, RECOMPUTE)]
+    return [Term("norm 1 input (the layer input)", x.hs, x.nw),
+            Term("layer input, kept by full recompute", x.hs, x.a, ("full",)),
+            *x.norm("norm 1", keep_input=False),
+            Term("QKV input (norm 1 output)", x.hs, x.a)]
+
+
+def _qk_norm_terms(x: _Layer) -> list[Term]:
+    """Per-head norms on q and k before RoPE. q's input is a copy; k's a view of the QKV output
+    (counted with the attention), unless the composite norm's fp32 upcast copies it."""
+    t = [Term("q norm input", x.nq_t * x.d, x.nw)]
+    if x.composite and x.a != FP32:
+        t.append(Term("k norm input (fp32 copy)", x.nkv_t * x.d, FP32))
+    for name, heads in (("q", x.nq_t), ("k", x.nkv_t)):
+        if x.composite:
+            t.append(Term(f"{name} norm normalised x", heads * x.d, FP32))
+        t.append(Term(f"{name} norm statistics", heads, x.sw))
+    return t
+
+
+def _math_attention_terms(x: _Layer) -> list[Term]:
+    """SDPA's unfused path: the [s, s] probabilities and dropout mask, which selective
+    recompute drops with the rest of the core attention's own tensors."""
+    a, d, core = x.a, x.d, ("none",)
+    t = [Term("scaled query", x.nq_t * d, a, core)]
+    if x.rope and x.gqa:
+        t.append(Term("key, repeated to the query heads", x.nq_t * d, a, core))
+        t.append(Term("value, repeated to the query heads", x.nq_t * d, a, core))
     else:
-        norm("norm 2")
-        t.append(Term("fc1 input (norm 2 output)", hs, a))
-    if m.gated_linear_unit:
-        t.append(Term("fc1 output (gate and up)", 2 * ffn_t, a))
-        if cpu:
-            t.append(Term("SiLU output", ffn_t, a))
-            t.append(Term("up branch copy", ffn_t, a))
+        # Decoders' key is RoPE's output (also the recompute's input); an encoder's strided
+        # key view is copied.
+        if x.rope:
+            t.append(Term("key (after RoPE)", x.nkv_t * d, a))
+        else:
+            t.append(Term("key (contiguous copy)", x.nkv_t * d, a, core))
+        t.append(Term("QKV output (held by the value view)", x.qkv_t, a))
+    for name in ("attention probabilities", "attention dropout mask",
+                 "dropped attention probabilities"):
+        t.append(Term(name, x.nq_t * x.length, a, ("none",)))
+    if x.rope and x.gqa:  # selective recompute keeps the core attention's inputs instead
+        t.append(Term("query (after RoPE), kept for recompute", x.nq_t * d, a, ("selective",)))
+        t.append(Term("key (after RoPE), kept for recompute", x.nkv_t * d, a, ("selective",)))
+        t.append(Term("QKV output (value view), kept for recompute", x.qkv_t, a,
+                      ("selective",)))
+    elif x.rope:
+        t.append(Term("query (after RoPE), kept for recompute", x.nq_t * d, a, ("selective",)))
+    return t
+
+
+def _fused_attention_terms(x: _Layer) -> list[Term]:
+    """Flash (or fused) attention: q, k, v and the softmax's log-sum-exp."""
+    t = []
+    if x.rope:
+        t.append(Term("query (after RoPE)", x.nq_t * x.d, x.a))
+        t.append(Term("key (after RoPE)", x.nkv_t * x.d, x.a))
+    t.append(Term("QKV output (held by the value view)", x.qkv_t, x.a))
+    t.append(Term("softmax log-sum-exp", x.nq_t, FP32, ("none",)))
+    if x.bert:
+        # SDPA turns the bool padding mask into an additive one in every layer.
+        t.append(Term("padding mask", 1, x.a if x.cpu else 1, ("none",)))
+    return t
+
+
+def _after_core_terms(x: _Layer, gated: bool) -> list[Term]:
+    """What the layer makes after the core attention: projection, dropout-adds, norms, MLP."""
+    a = x.a
+    t = [Term("attention output (projection input)", x.nq_t * x.d, a)]
+    if x.drop:
+        t.append(Term("attention dropout-add mask", x.hs, x.mask_width))
+    if x.bert:
+        t += x.norm("post-attention norm")
+        t.append(Term("fc1 input (norm output)", x.hs, a))
     else:
-        t.append(Term("fc1 output (activation input)", ffn_t, a))
-    t.append(Term("fc2 input (activation output)", ffn_t, a))
-    if drop:
-        t.append(Term("MLP dropout-add mask", hs, mask_width))
-    if bert:
-        norm("post-MLP norm")  # its output is the next layer's input
-    return t[:n_before] + [replace(x, after_core=True) for x in t[n_before:]]
+        t += x.norm("norm 2")
+        t.append(Term("fc1 input (norm 2 output)", x.hs, a))
+    if gated:
+        t.append(Term("fc1 output (gate and up)", 2 * x.ffn_t, a))
+        if x.cpu:
+            t.append(Term("SiLU output", x.ffn_t, a))
+            t.append(Term("up branch copy", x.ffn_t, a))
+    else:
+        t.append(Term("fc1 output (activation input)", x.ffn_t, a))
+    t.append(Term("fc2 input (activation output)", x.ffn_t, a))
+    if x.drop:
+        t.append(Term("MLP dropout-add mask", x.hs, x.mask_width))
+    if x.bert:
+        t += x.norm("post-MLP norm")  # its output is the next layer's input
+    return t
 
 
 def paper_layer_terms(h: int, heads: int, tp: int = 1, sequence_parallel: bool = False,
@@ -627,7 +684,6 @@ def plan_memory(cfg: Any, world_size: int, device: str | None = None) -> MemoryP
     d = validate(cfg, world_size)
     dev = resolve_device(cfg, device)
     m, tr = cfg.model, cfg.trainer
-    width = WIDTH[tr.precision]
     length = int(cfg.data.max_length)
     windows = int(cfg.data.train_passages) if cfg.data.passages == "max" else 1
     budget = cfg.data.tokens_per_micro_batch
@@ -636,46 +692,14 @@ def plan_memory(cfg: Any, world_size: int, device: str | None = None) -> MemoryP
     per_layer = {mode: _sum(terms, mode, sequences, length) for mode in RECOMPUTE}
     core = per_layer["none"] - per_layer["selective"]
     after = _sum([x for x in terms if x.after_core], "none", sequences, length)
-    layers = int(m.num_layers) // d.pp
-    h = int(m.hidden_size)
-    hs = h / d.tp if cfg.parallel.sequence_parallel else h
-    stages = []
-    for r in range(d.pp):
-        extra = stage_terms(cfg, d.tp, d.pp, r, dev)
-        saved = {}
-        for mode in RECOMPUTE:
-            n = layers * per_layer[mode] + _sum(extra, mode, sequences, length)
-            if r == d.pp - 1:
-                n += head_bytes(cfg, sequences, dev)
-            saved[mode] = int(n)
-        # Full recompute re-runs one layer in the backward, which materialises again what
-        # "none" keeps for it. Selective recompute re-runs the core attention once the layer's
-        # projection and MLP backward have freed their tensors: it adds what the core keeps
-        # beyond those (nothing with flash attention). Both are upper bounds: the final norm's
-        # and the head's tensors are freed by then too.
-        working = {"none": 0, "selective": int(max(0.0, core - after)),
-                   "full": int(per_layer["none"] - per_layer["full"])}
-        in_flight = min(d.num_microbatches, d.pp - r)
-        outputs = 0 if r == d.pp - 1 else int(in_flight * sequences * length * hs * width)
-        params = stage_params(cfg, d.tp, d.pp, r)
-        weights, trained = params * width, params
-        if cfg.peft.method != "none":
-            # LoRA: the base is frozen; adapters (and the classifier head) train.
-            adapters = layers * adapter_params(cfg, d.tp)
-            trained = adapters + (head_params(cfg) if r == d.pp - 1 and cfg.peft.train_head
-                                  else 0)
-            params += adapters
-            weights = params * width
-            if cfg.peft.method == "qlora":  # NF4: two weights a byte, in place of `width`
-                base = layers * linear_weights(m, d.tp)
-                weights -= base * width - base // 2
-        optim = trained * (8 if tr.precision == "fp32" else 12)
-        stages.append(StagePlan(
-            stage=r, layers=layers, params=params, weights=weights, grads=trained * FP32,
-            optim_plain=optim, optim_distributed=int(math.ceil(optim / d.dp)),
-            saved_per_micro_batch=saved, working_set=working, in_flight=in_flight,
-            pipeline_outputs=outputs,
-        ))
+    # Full recompute re-runs one layer in the backward, which materialises again what
+    # "none" keeps for it. Selective recompute re-runs the core attention once the layer's
+    # projection and MLP backward have freed their tensors: it adds what the core keeps
+    # beyond those (nothing with flash attention). Both are upper bounds: the final norm's
+    # and the head's tensors are freed by then too.
+    working = {"none": 0, "selective": int(max(0.0, core - after)),
+               "full": int(per_layer["none"] - per_layer["full"])}
+    stages = [_stage_plan(cfg, d, r, dev, per_layer, working, sequences) for r in range(d.pp)]
     seqs_per_step = int(tr.global_batch_size) * int(cfg.task.group_size) * windows
     flops = step_flops(m, length, seqs_per_step, head=cfg.task.head)
     fwd = forward_flops_breakdown(m, length, head=cfg.task.head)
@@ -691,6 +715,46 @@ def plan_memory(cfg: Any, world_size: int, device: str | None = None) -> MemoryP
         total_params=total_params(cfg), stages=stages, layer_terms=terms, step_flops=flops,
         recompute_flops=recompute_flops, windows=windows,
         token_budget=int(budget) if budget else None,
+    )
+
+
+def _stage_plan(cfg: Any, d: Any, r: int, dev: str, per_layer: dict[str, float],
+                working: dict[str, int], sequences: float) -> StagePlan:
+    """Pipeline stage ``r`` of the layout ``d``: its model state and its activations (one
+    layer's ``per_layer`` bytes per recompute mode, for ``sequences`` per micro-batch)."""
+    m, tr = cfg.model, cfg.trainer
+    width = WIDTH[tr.precision]
+    length = int(cfg.data.max_length)
+    layers = int(m.num_layers) // d.pp
+    h = int(m.hidden_size)
+    hs = h / d.tp if cfg.parallel.sequence_parallel else h
+    extra = stage_terms(cfg, d.tp, d.pp, r, dev)
+    saved = {}
+    for mode in RECOMPUTE:
+        n = layers * per_layer[mode] + _sum(extra, mode, sequences, length)
+        if r == d.pp - 1:
+            n += head_bytes(cfg, sequences, dev)
+        saved[mode] = int(n)
+    in_flight = min(d.num_microbatches, d.pp - r)
+    outputs = 0 if r == d.pp - 1 else int(in_flight * sequences * length * hs * width)
+    params = stage_params(cfg, d.tp, d.pp, r)
+    weights, trained = params * width, params
+    if cfg.peft.method != "none":
+        # LoRA: the base is frozen; adapters (and the classifier head) train.
+        adapters = layers * adapter_params(cfg, d.tp)
+        trained = adapters + (head_params(cfg) if r == d.pp - 1 and cfg.peft.train_head
+                              else 0)
+        params += adapters
+        weights = params * width
+        if cfg.peft.method == "qlora":  # NF4: two weights a byte, in place of `width`
+            base = layers * linear_weights(m, d.tp)
+            weights -= base * width - base // 2
+    optim = trained * (8 if tr.precision == "fp32" else 12)
+    return StagePlan(
+        stage=r, layers=layers, params=params, weights=weights, grads=trained * FP32,
+        optim_plain=optim, optim_distributed=int(math.ceil(optim / d.dp)),
+        saved_per_micro_batch=saved, working_set=dict(working), in_flight=in_flight,
+        pipeline_outputs=outputs,
     )
 
 
@@ -784,11 +848,23 @@ def _unit(plan: MemoryPlan) -> tuple[str, int]:
 def format_plan(plan: MemoryPlan, gpu: str | None = None, headroom: float = HEADROOM) -> str:
     """The plan as a text table: one column per pipeline stage, GiB per GPU; with ``gpu``, a
     last line saying whether (and by how much) the largest stage fits that card."""
+    lines = [*_plan_header(plan), "", *_stage_table(plan)]
+    per_gpu = plan.step_flops / plan.world_size
+    extra = plan.recompute_flops.get(plan.recompute, 0.0)
+    lines += ["", f"FLOPs per step: {plan.step_flops:.3e} model (forward + backward), "
+              f"{per_gpu:.3e} per GPU; recompute {plan.recompute} adds {extra:.3e}"]
+    if gpu is not None:
+        lines += _fit_lines(plan, gpu, headroom)
+    return "\n".join(lines)
+
+
+def _plan_header(plan: MemoryPlan) -> list[str]:
+    """The model, the layout and the micro-batch."""
     kernels = ("CUDA kernels (TE / fused norms and SwiGLU, flash attention)"
                if plan.device == "cuda" else "CPU kernels (megatron local layers, SDPA)")
     zero = f"distributed optimizer over DP {plan.dp}" if plan.distributed_optimizer \
         else "plain optimizer"
-    lines = [
+    return [
         f"megarank plan: {plan.name}, {plan.total_params / 1e9:.3f}B parameters",
         f"layout: {plan.world_size} GPUs = TP {plan.tp} x PP {plan.pp} x DP {plan.dp}"
         f"{', sequence parallel' if plan.sequence_parallel else ''}; {plan.precision}; {zero}; "
@@ -801,8 +877,11 @@ def format_plan(plan: MemoryPlan, gpu: str | None = None, headroom: float = HEAD
          f"{f' x {plan.windows} windows (MaxP)' if plan.windows > 1 else ''} x {plan.length} "
          f"tokens = {plan.sequences * plan.length:,} tokens; {plan.num_microbatches} "
          f"micro-batches per step on each DP rank (global batch {plan.global_batch} groups)"),
-        "",
     ]
+
+
+def _stage_table(plan: MemoryPlan) -> list[str]:
+    """One column per pipeline stage: model state, activations and the total per GPU."""
     unit, div = _unit(plan)
 
     def _gib(n: float) -> str:
@@ -831,23 +910,23 @@ def format_plan(plan: MemoryPlan, gpu: str | None = None, headroom: float = HEAD
     ]
     w0 = max(len(r[0]) for r in rows) + 2
     widths = [max(len(c), *(len(r[1][i]) for r in rows)) + 2 for i, c in enumerate(cols)]
-    lines.append(f"{unit} per GPU".ljust(w0) + "".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
+    lines = [f"{unit} per GPU".ljust(w0) + "".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
     for label, vals in rows:
         lines.append(label.ljust(w0) + "".join(v.rjust(w) for v, w in zip(vals, widths, strict=True)))
-    per_gpu = plan.step_flops / plan.world_size
-    extra = plan.recompute_flops.get(plan.recompute, 0.0)
-    lines += ["", f"FLOPs per step: {plan.step_flops:.3e} model (forward + backward), "
-              f"{per_gpu:.3e} per GPU; recompute {plan.recompute} adds {extra:.3e}"]
-    if gpu is not None:
-        f = fit(plan, gpu, headroom)
-        verdict = (f"fits, {f.spare / GIB:.1f} GiB to spare" if f.fits
-                   else f"DOES NOT FIT, short by {-f.spare / GIB:.1f} GiB")
-        lines.append(f"GPU {f.gpu}: {f.capacity / GIB:.0f} GiB, {headroom:.0%} left free -> "
-                     f"{f.usable / GIB:.1f} GiB usable; largest stage needs "
-                     f"{f.needed / GIB:.1f} GiB: {verdict}")
-        if not f.fits:
-            tips = suggestions(plan, gpu, headroom)
-            lines.append("  would fit with: " + "; ".join(tips) if tips else
-                         "  no recompute or optimizer setting makes it fit: use more GPUs "
-                         "(TP/PP), a shorter data.max_length or a smaller micro-batch")
-    return "\n".join(lines)
+    return lines
+
+
+def _fit_lines(plan: MemoryPlan, gpu: str, headroom: float) -> list[str]:
+    """Whether the largest stage fits ``gpu``, and what would make it fit."""
+    f = fit(plan, gpu, headroom)
+    verdict = (f"fits, {f.spare / GIB:.1f} GiB to spare" if f.fits
+               else f"DOES NOT FIT, short by {-f.spare / GIB:.1f} GiB")
+    lines = [f"GPU {f.gpu}: {f.capacity / GIB:.0f} GiB, {headroom:.0%} left free -> "
+             f"{f.usable / GIB:.1f} GiB usable; largest stage needs "
+             f"{f.needed / GIB:.1f} GiB: {verdict}"]
+    if not f.fits:
+        tips = suggestions(plan, gpu, headroom)
+        lines.append("  would fit with: " + "; ".join(tips) if tips else
+                     "  no recompute or optimizer setting makes it fit: use more GPUs "
+                     "(TP/PP), a shorter data.max_length or a smaller micro-batch")
+    return lines

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import datetime
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 from omegaconf import DictConfig
@@ -54,6 +56,23 @@ def build_data(cfg: DictConfig, rt: Runtime, collator: PairCollator, consumed_sa
     Only the chat layout (task=qwen3_reranker), which tokenizes each pair whole, takes JSONL
     records as text.
     """
+    dataset, collate = _training_groups(cfg, collator)
+    tr, budget = cfg.trainer, cfg.data.tokens_per_micro_batch
+    per_rank = tr.global_batch_size // rt.dp_size
+    # With a token budget one draw of the sampler is the rank's whole step, cut afterwards.
+    sampler = GroupSampler(
+        len(dataset), per_rank if budget else tr.micro_batch_size, rt.dp_rank, rt.dp_size,
+        cfg.trainer.seed, consumed_samples=consumed_samples,
+    )
+    num_microbatches = tr.global_batch_size // (tr.micro_batch_size * rt.dp_size)
+    steps = _steps(sampler, collate, collator, budget, num_microbatches,
+                   pin=rt.device.type == "cuda")
+    return dataset, Prefetcher(steps, cfg.data.prefetch_steps)
+
+
+def _training_groups(cfg: DictConfig, collator: PairCollator) -> tuple[Any, Callable]:
+    """The training groups and the function that collates a draw of them into a batch: token
+    groups (a prepared dataset, or JSONL prepared in memory) or, for the chat layout, text."""
     path = Path(cfg.data.train_path)
     group_size, seed = cfg.task.group_size, cfg.trainer.seed
     needs_teacher = _needs_teacher(cfg.task.loss, cfg.task.target, cfg.task.distill_weight)
@@ -62,49 +81,47 @@ def build_data(cfg: DictConfig, rt: Runtime, collator: PairCollator, consumed_sa
             path, collator, cfg.data.max_records)
         data.check_settings(collator)
         dataset = TokenGroupDataset(data, group_size, seed, cfg.data.max_records)
-        missing = dataset.first_without_teacher() if needs_teacher else None
+        _refuse_missing_teacher(cfg, dataset.first_without_teacher() if needs_teacher else None)
 
-        def collate(items):
+        def collate_tokens(items):
             return collate_token_groups(collator, data, (dataset[i, e] for i, e in items))
-    else:
-        records = read_triplets(path, cfg.data.max_records)
-        missing = next((r.source for r in records if r.pos_scores is None
-                        or (r.neg and r.neg_scores is None)), None) if needs_teacher else None
-        dataset = None
-        # The worker thread tokenizes with its own tokenizer: the loop's evaluation uses this
-        # one meanwhile, and a call sets the tokenizer's truncation state.
-        text_collator = copy.deepcopy(collator) if cfg.data.prefetch_steps else collator
 
-        def collate(items):
-            return text_collator([dataset[i, e] for i, e in items])
+        return dataset, collate_tokens
+    records = read_triplets(path, cfg.data.max_records)
+    _refuse_missing_teacher(cfg, next((r.source for r in records if r.pos_scores is None
+                                       or (r.neg and r.neg_scores is None)), None)
+                            if needs_teacher else None)
+    groups = GroupDataset(records, group_size, seed)
+    # The worker thread tokenizes with its own tokenizer: the loop's evaluation uses this
+    # one meanwhile, and a call sets the tokenizer's truncation state.
+    text_collator = copy.deepcopy(collator) if cfg.data.prefetch_steps else collator
+
+    def collate_text(items):
+        return text_collator([groups[i, e] for i, e in items])
+
+    return groups, collate_text
+
+
+def _refuse_missing_teacher(cfg: DictConfig, missing: str | None) -> None:
+    """A distillation loss needs every record's teacher scores: name the first without."""
     if missing is not None:
         raise ConfigError(
             f"{missing}: record has no teacher scores (pos_scores/neg_scores), which "
             f"task.loss={cfg.task.loss} with task.distill_weight={cfg.task.distill_weight} "
             "needs; mine them with `megarank mine --retriever dense|model`")
-    if dataset is None:
-        dataset = GroupDataset(records, group_size, seed)
-    tr, budget = cfg.trainer, cfg.data.tokens_per_micro_batch
-    per_rank = tr.global_batch_size // rt.dp_size
-    # With a token budget one draw of the sampler is the rank's whole step, cut afterwards.
-    sampler = GroupSampler(
-        len(dataset), per_rank if budget else tr.micro_batch_size, rt.dp_rank, rt.dp_size,
-        seed, consumed_samples=consumed_samples,
-    )
-    num_microbatches = tr.global_batch_size // (tr.micro_batch_size * rt.dp_size)
-    pin = rt.device.type == "cuda"
 
-    def steps():
-        # Made on the prefetch thread: cutting, packing and pinning stay off the step's
-        # critical path, and pinned batches copy to the GPU asynchronously.
-        draws = iter(sampler)
-        while True:
-            if budget is None:
-                parts = [collate(next(draws)) for _ in range(num_microbatches)]
-            else:
-                parts = split_by_tokens(collate(next(draws)), budget,
-                                        collator.pad_to_multiple_of, collator.packed_multiple)
-            batches = [collator.model_layout(b) for b in parts]
-            yield [b.pin_memory() for b in batches] if pin else batches
 
-    return dataset, Prefetcher(steps(), cfg.data.prefetch_steps)
+def _steps(sampler: GroupSampler, collate: Callable, collator: PairCollator,
+           budget: int | None, num_microbatches: int, pin: bool) -> Iterator[list]:
+    """This rank's steps, each a list of its micro-batches in the model's layout. Made on the
+    prefetch thread: cutting, packing and pinning stay off the step's critical path, and
+    pinned batches copy to the GPU asynchronously."""
+    draws = iter(sampler)
+    while True:
+        if budget is None:
+            parts = [collate(next(draws)) for _ in range(num_microbatches)]
+        else:
+            parts = split_by_tokens(collate(next(draws)), budget,
+                                    collator.pad_to_multiple_of, collator.packed_multiple)
+        batches = [collator.model_layout(b) for b in parts]
+        yield [b.pin_memory() for b in batches] if pin else batches
