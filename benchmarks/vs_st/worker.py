@@ -99,7 +99,7 @@ def train(job_path: Path) -> None:
         max_grad_norm=job["clip_grad"], optim="adamw_torch", seed=job["seed"], use_cpu=True,
         dataloader_num_workers=0, dataloader_drop_last=False, batch_sampler=InOrder,
         save_strategy="no", eval_strategy="no", logging_strategy="steps", logging_steps=1,
-        report_to="none", disable_tqdm=True,
+        report_to="none", disable_tqdm=True, bf16=job.get("bf16", False),
     )
     record = Record()
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=Dataset.from_dict(data),

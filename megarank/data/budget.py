@@ -12,6 +12,7 @@ step's groups exactly as with fixed micro-batches.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
@@ -101,3 +102,45 @@ def split_by_tokens(batch: PairBatch, budget: int, pad_multiple: int,
         held = held + rows
     parts.append(slice_groups(batch, first, num_groups(batch), pad_multiple))
     return parts
+
+
+def length_passes(lengths: Sequence[int], *, max_tokens: int | None = None,
+                  max_rows: int | None = None, pad_multiple: int = 1) -> list[list[int]]:
+    """Row indices sorted by length (longest first, ties in order) and cut into forward passes,
+    each as many rows as fit ``max_tokens`` padded tokens (rows x the pass's longest row rounded
+    up to ``pad_multiple``) and at most ``max_rows``; at least one row a pass. Scoring (serving,
+    evaluation) goes through this so that short pairs are not padded to long ones."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    passes: list[list[int]] = []
+    i = 0
+    while i < len(order):
+        rows = len(order) - i
+        if max_tokens is not None:
+            rows = min(rows, max(1, max_tokens // _round_up(lengths[order[i]], pad_multiple)))
+        if max_rows is not None:
+            rows = min(rows, max_rows)
+        passes.append(order[i:i + rows])
+        i += rows
+    return passes
+
+
+def gather_rows(rows: Sequence[tuple[PairBatch, int, int]], pad_id: int,
+                pad_multiple: int = 1) -> PairBatch:
+    """One right-padded batch (group size 1) of ``(batch, row, length)`` rows taken from
+    right-padded batches: each row's real tokens, token types and pooled position as its collator
+    made them, the width their longest row's rounded up to ``pad_multiple``."""
+    width = _round_up(max(length for _, _, length in rows), pad_multiple)
+    n = len(rows)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    token_types = torch.zeros((n, width), dtype=torch.long)
+    pool_index = torch.empty(n, dtype=torch.long)
+    lens = torch.empty(n, dtype=torch.long)
+    for i, (batch, r, length) in enumerate(rows):
+        input_ids[i, :length] = batch.input_ids[r, :length]
+        token_types[i, :length] = batch.token_type_ids[r, :length]
+        pool_index[i] = batch.pool_index[r]
+        lens[i] = length
+    attention_mask = (torch.arange(width)[None, :] < lens[:, None]).long()
+    return PairBatch(input_ids=input_ids, attention_mask=attention_mask,
+                     token_type_ids=token_types, pool_index=pool_index, group_size=1,
+                     num_real_tokens=int(lens.sum()))

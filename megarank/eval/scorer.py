@@ -1,8 +1,10 @@
 """Score (query, document) pairs with a (possibly TP/PP/DP-sharded) cross-encoder.
 
-Batches are split over data-parallel ranks; each model-parallel group runs its share through
-megatron's forward-only schedule (so pipeline stages work); the scores come back to every rank in
-one all-reduce.
+Pairs are batched by length (longest first, :func:`megarank.data.budget.length_passes`), so a
+short pair is not padded to a long one; the scores come back in the pairs' order. Batches are
+dealt to the data-parallel ranks in turn (each gets long and short ones alike); each
+model-parallel group runs its share through megatron's forward-only schedule (so pipeline stages
+work); the scores come back to every rank in one all-reduce.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megarank.data.budget import gather_rows, length_passes
 from megarank.data.collate import PairBatch, PairCollator, max_over_windows
 from megarank.parallel.runtime import Runtime
 
@@ -19,14 +22,11 @@ from megarank.parallel.runtime import Runtime
 def score_batches(model: torch.nn.Module, rt: Runtime, batches: list[PairBatch]) -> torch.Tensor:
     """Scores of every row of ``batches`` (the same list on every rank), float32 on the CPU.
     Padded or packed (one row of pairs end to end) batches alike: a score per pair."""
-    sizes = [b.num_rows for b in batches]
     offsets = [0]
-    for n in sizes:
-        offsets.append(offsets[-1] + n)
-    per_rank = -(-len(batches) // rt.dp_size)
-    lo_b, hi_b = min(len(batches), rt.dp_rank * per_rank), min(len(batches),
-                                                                (rt.dp_rank + 1) * per_rank)
-    mine = batches[lo_b:hi_b]
+    for b in batches:
+        offsets.append(offsets[-1] + b.num_rows)
+    taken = range(rt.dp_rank, len(batches), rt.dp_size)  # every dp_size-th batch, in turn
+    mine = [batches[i] for i in taken]
     out = torch.zeros(offsets[-1], dtype=torch.float32, device=rt.device)
     if mine:
         def step(it, m):
@@ -46,7 +46,8 @@ def score_batches(model: torch.nn.Module, rt: Runtime, batches: list[PairBatch])
         finally:
             model.train(was_training)
         if rt.is_last_stage and rt.tp_rank == 0:
-            out[offsets[lo_b]:offsets[hi_b]] = torch.cat([r["scores"] for r in results])
+            for i, r in zip(taken, results, strict=True):
+                out[offsets[i]:offsets[i + 1]] = r["scores"]
     dist.all_reduce(out)
     return out.cpu()
 
@@ -68,14 +69,42 @@ class PairScorer:
         self.collator, self.batch_size = collator, batch_size
         self.passages = passages
 
+    CHUNK_BATCHES = 64
+    """Pairs are sorted by length within chunks of this many batches (tokenized a chunk at a
+    time, so host memory stays bounded on long lists)."""
+
+    def _by_length(self, encoded: list[PairBatch]) -> tuple[list[PairBatch], torch.Tensor]:
+        """Right-padded row batches regrouped by length into batches of at most
+        ``batch_size`` rows, as the model reads them; and each new row's place in ``encoded``'s
+        rows taken in order."""
+        c = self.collator
+        batches, order, base = [], [], 0
+        for chunk in encoded:
+            lengths = chunk.attention_mask.sum(dim=1).tolist()
+            for rows in length_passes(lengths, max_rows=self.batch_size,
+                                      pad_multiple=c.pad_to_multiple_of):
+                batches.append(c.model_layout(gather_rows(
+                    [(chunk, r, lengths[r]) for r in rows], c.pad_id, c.pad_to_multiple_of)))
+                order.extend(base + r for r in rows)
+            base += chunk.num_rows
+        return batches, torch.tensor(order, dtype=torch.long)
+
+    def _score_rows(self, model: torch.nn.Module, rt: Runtime,
+                    encoded: list[PairBatch]) -> torch.Tensor:
+        """Scores of ``encoded``'s rows, in order, computed in batches by length."""
+        batches, order = self._by_length(encoded)
+        scores = torch.empty(len(order), dtype=torch.float32)
+        scores[order] = score_batches(model, rt, batches)
+        return scores
+
     def score(self, model: torch.nn.Module, rt: Runtime,
               pairs: list[tuple[str, str]]) -> torch.Tensor:
         """Scores [len(pairs)] (float32, CPU) of (query text, document text) pairs."""
         if self.passages == "max":
             return self._max_over_windows(model, rt, pairs)
-        batches = [self.collator.model_layout(self.collator.encode_pairs(
-            pairs[i:i + self.batch_size])) for i in range(0, len(pairs), self.batch_size)]
-        return score_batches(model, rt, batches)
+        chunk = self.batch_size * self.CHUNK_BATCHES
+        return self._score_rows(model, rt, [self.collator.encode_pairs(pairs[i:i + chunk])
+                                            for i in range(0, len(pairs), chunk)])
 
     def _max_over_windows(self, model: torch.nn.Module, rt: Runtime,
                           pairs: list[tuple[str, str]]) -> torch.Tensor:
@@ -85,7 +114,7 @@ class PairScorer:
         query_ids = c.tokenize_queries(list(slot))
         row_query, row_ids, windows = c.window_rows(
             query_ids, c.full_documents([p[1] for p in pairs]), query_of_pair)
-        batches = [c.model_layout(c.encode_tokens(query_ids, row_ids[i:i + self.batch_size],
-                                                  row_query[i:i + self.batch_size], 1))
-                   for i in range(0, len(row_ids), self.batch_size)]
-        return max_over_windows(score_batches(model, rt, batches), windows)
+        chunk = self.batch_size * self.CHUNK_BATCHES
+        encoded = [c.encode_tokens(query_ids, row_ids[i:i + chunk], row_query[i:i + chunk], 1)
+                   for i in range(0, len(row_ids), chunk)]
+        return max_over_windows(self._score_rows(model, rt, encoded), windows)

@@ -24,13 +24,14 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from megarank.data.budget import gather_rows, length_passes
 from megarank.data.collate import PairBatch, max_over_windows
 
 ScoreFn = Callable[[PairBatch], torch.Tensor]
@@ -47,26 +48,6 @@ class ScoringError(RuntimeError):
 
 class BatcherStopped(RuntimeError):
     """The batcher no longer takes requests (the server is shutting down)."""
-
-
-def pack_rows(lengths: Sequence[int], max_batch_tokens: int,
-              pad_to_multiple_of: int = 1) -> list[list[int]]:
-    """Row indices cut into forward passes: rows sorted by length (longest first, ties in
-    order), each pass as many rows as fit ``max_batch_tokens`` padded tokens (rows x the
-    pass's width, the longest row rounded up to ``pad_to_multiple_of``), at least one row."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    passes: list[list[int]] = []
-    i = 0
-    while i < len(order):
-        width = _width(lengths[order[i]], pad_to_multiple_of)
-        rows = max(1, max_batch_tokens // width)
-        passes.append(order[i:i + rows])
-        i += rows
-    return passes
-
-
-def _width(length: int, multiple: int) -> int:
-    return -(-length // multiple) * multiple
 
 
 @dataclass(eq=False)
@@ -223,7 +204,8 @@ class DynamicBatcher:
         batch = self.encode_fn(pairs)
         lengths = batch.attention_mask.sum(dim=1).tolist()
         out = torch.zeros(len(lengths), dtype=torch.float32)
-        for rows in pack_rows(lengths, self.max_batch_tokens, self.pad_to_multiple_of):
+        for rows in length_passes(lengths, max_tokens=self.max_batch_tokens,
+                                  pad_multiple=self.pad_to_multiple_of):
             sub = self._gather([(batch, lengths, r) for r in rows])
             out[rows] = self.score_fn(sub).float()
         return _per_pair(out, batch).tolist()
@@ -298,7 +280,8 @@ class DynamicBatcher:
                 group[answered].resolve(group[answered].scores)
                 answered += 1
 
-        for pass_rows in pack_rows(lengths, self.max_batch_tokens, self.pad_to_multiple_of):
+        for pass_rows in length_passes(lengths, max_tokens=self.max_batch_tokens,
+                                       pad_multiple=self.pad_to_multiple_of):
             members = [rows[i] for i in pass_rows]
             live = {id(req) for req, _ in members}
             try:
@@ -323,8 +306,8 @@ class DynamicBatcher:
         """A request whose shared pass failed, scored on its own: its result or its error."""
         self.stats.retried_requests += 1
         try:
-            for pass_rows in pack_rows(request.lengths, self.max_batch_tokens,
-                                       self.pad_to_multiple_of):
+            for pass_rows in length_passes(request.lengths, max_tokens=self.max_batch_tokens,
+                                           pad_multiple=self.pad_to_multiple_of):
                 members = [(request, r) for r in pass_rows]
                 request.scores[pass_rows] = self._score_pass(members)
         except Exception as e:
@@ -346,24 +329,9 @@ class DynamicBatcher:
         return scores
 
     def _gather(self, rows: list[tuple[PairBatch, list[int], int]]) -> PairBatch:
-        """One right-padded batch of rows taken from their requests' batches: each row's real
-        tokens, token types and pooled position as its collator made them."""
-        width = _width(max(lengths[r] for _, lengths, r in rows), self.pad_to_multiple_of)
-        n = len(rows)
-        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        token_types = torch.zeros((n, width), dtype=torch.long)
-        pool_index = torch.empty(n, dtype=torch.long)
-        lens = torch.empty(n, dtype=torch.long)
-        for i, (batch, lengths, r) in enumerate(rows):
-            length = lengths[r]
-            input_ids[i, :length] = batch.input_ids[r, :length]
-            token_types[i, :length] = batch.token_type_ids[r, :length]
-            pool_index[i] = batch.pool_index[r]
-            lens[i] = length
-        attention_mask = (torch.arange(width)[None, :] < lens[:, None]).long()
-        return PairBatch(input_ids=input_ids, attention_mask=attention_mask,
-                         token_type_ids=token_types, pool_index=pool_index, group_size=1,
-                         num_real_tokens=int(lens.sum()))
+        """One right-padded batch of rows taken from their requests' batches."""
+        return gather_rows([(batch, r, lengths[r]) for batch, lengths, r in rows], self.pad_id,
+                           self.pad_to_multiple_of)
 
 
 def _per_pair(scores: torch.Tensor, batch: PairBatch) -> torch.Tensor:

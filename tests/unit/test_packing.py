@@ -171,3 +171,37 @@ def test_scoring_packs_and_scores_as_padded(passages):
         hook.remove()
     assert packed.shape == (len(pairs),)
     torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model,passages", [("gpt_tiny", "first"), ("bert_tiny", "max")])
+def test_scoring_batches_pairs_by_length_and_keeps_their_order(model, passages):
+    """PairScorer batches pairs by length (longest first), so short pairs are not padded to long
+    ones: fewer tokens computed than batches in the pairs' order, and every score, in the
+    pairs' order, equal to the pair's score alone (last-token and [CLS] pooling, MaxP)."""
+    from megarank.eval.scorer import PairScorer
+
+    cfg = compose([f"model={model}", "data.max_length=32", "data.max_query_length=8",
+                   "model.hidden_dropout=0", "model.attention_dropout=0",
+                   f"data.passages={passages}"])
+    pairs = [(q, d) for q in QUERIES for d in DOCS]
+    with build_stage(cfg, load_hf=False, device="cpu") as stage:
+        computed = []
+        hook = stage.model.module.register_forward_pre_hook(
+            lambda _m, args, kwargs: computed.append(args[0].numel()), with_kwargs=True)
+        batched = PairScorer(stage.collator, 4, passages).score(stage.model, stage.rt, pairs)
+        hook.remove()
+        alone = PairScorer(stage.collator, 1, passages).score(stage.model, stage.rt, pairs)
+        c = stage.collator
+        if passages == "max":  # a row per window, as the scorer cuts them
+            query_ids = c.tokenize_queries(QUERIES)
+            row_query, row_ids, _ = c.window_rows(
+                query_ids, c.full_documents([d for _, d in pairs]),
+                [i // len(DOCS) for i in range(len(pairs))])
+            encoded = c.encode_tokens(query_ids, row_ids, row_query, 1)
+        else:
+            encoded = c.encode_pairs(pairs)
+        rows = encoded.attention_mask.sum(dim=1).tolist()
+    in_order = sum(len(rows[i:i + 4]) * -(-max(rows[i:i + 4]) // 8) * 8
+                   for i in range(0, len(rows), 4))
+    assert sum(computed) < 0.85 * in_order, (sum(computed), in_order)
+    torch.testing.assert_close(batched, alone, rtol=0, atol=1e-5)
