@@ -32,11 +32,17 @@ from megarank.checkpoint.contract import (
 )
 from megarank.checkpoint.dist import META_FILE, load_model_weights, read_meta, resolve_checkpoint
 from megarank.checkpoint.hf import apply_hf_config, load_hf_weights
-from megarank.config import Derived, check_mandatory, compose, from_saved, validate
+from megarank.config import (
+    Derived,
+    check_mandatory,
+    compose,
+    from_saved,
+    padded_vocab_size,
+    validate,
+)
 from megarank.data.collate import PairCollator
 from megarank.models.build import (
     build_cross_encoder,
-    padded_vocab_size,
     sync_tied_output_layer,
     transformer_config,
 )
@@ -245,7 +251,7 @@ def build_model(cfg: DictConfig, rt: Runtime, contract: ScoringContract,
     if load_hf:
         missing = load_hf_weights(
             model, cfg.model.hf_path, cfg, rt.tp_rank, rt.tp_size, rt.pp_rank, rt.pp_size,
-            padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by),
+            padded_vocab_size(cfg.model),
         )
         init_missing(model, missing, cfg.model.init_method_std)
         params = dict(model.named_parameters())

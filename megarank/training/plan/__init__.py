@@ -73,7 +73,6 @@ from megarank.training.plan.params import (
     head_params,
     layer_params,
     linear_weights,
-    padded_vocab,
     stage_params,
     total_params,
 )
@@ -101,6 +100,6 @@ __all__ = [
     "DEVICES", "FP32", "GIB", "GPUS", "HEADROOM", "INT64", "RECOMPUTE", "WIDTH", "Fit",
     "MemoryPlan", "StagePlan", "Term", "adapter_params", "fit", "format_plan", "gpu_memory",
     "head_bytes", "head_params", "hf_resolved", "korthikanti_layer_bytes", "largest_token_budget",
-    "layer_params", "layer_terms", "linear_weights", "padded_vocab", "paper_layer_terms",
+    "layer_params", "layer_terms", "linear_weights", "paper_layer_terms",
     "plan_memory", "resolve_device", "stage_params", "stage_terms", "suggestions", "total_params",
 ]

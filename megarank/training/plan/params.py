@@ -3,15 +3,9 @@ megarank builds them (column/row-parallel weights split over TP)."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-
-def padded_vocab(m: Any) -> int:
-    """Embedding rows: the vocabulary rounded up to make_vocab_size_divisible_by (the same rule
-    as megarank.models.build.padded_vocab_size, independent of TP)."""
-    div = int(m.make_vocab_size_divisible_by)
-    return int(math.ceil(int(m.vocab_size) / div) * div)
+from megarank.config import padded_vocab_size
 
 
 def geometry(m: Any) -> tuple[int, int, int, int, int]:
@@ -78,7 +72,7 @@ def stage_params(cfg: Any, tp: int, pp: int, stage: int) -> int:
     h = int(m.hidden_size)
     first, last = stage == 0, stage == pp - 1
     n = int(m.num_layers) // pp * layer_params(m, tp)
-    vocab_rows = padded_vocab(m) // tp
+    vocab_rows = padded_vocab_size(m) // tp
     if first:
         n += vocab_rows * h
         if m.family == "bert":
