@@ -154,14 +154,13 @@ def convert_to_hf(checkpoint: str | Path, out: str | Path, *, as_classifier: boo
     A LoRA checkpoint is exported merged (``W + (alpha / r) * B A``, with its base read from
     where training read it), or with ``adapter`` as a PEFT adapter directory for that base.
     """
-    import torch
 
     from megarank.checkpoint.dist import resolve_checkpoint
     from megarank.checkpoint.export import export_hf
     from megarank.checkpoint.stream import CheckpointTensors
     from megarank.parallel.megatron import DTYPES
-    from megarank.parallel.runtime import init_distributed
-    from megarank.stage import peft_enabled, saved_contract, world_size
+    from megarank.parallel.runtime import cpu_process_group
+    from megarank.stage import peft_enabled, saved_contract
 
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -182,17 +181,11 @@ def convert_to_hf(checkpoint: str | Path, out: str | Path, *, as_classifier: boo
         from megarank.checkpoint.adapters import MergedTensors
 
         tensors = MergedTensors(tensors, cfg)
-    owns_group = world_size() > 1 and not torch.distributed.is_initialized()
-    if owns_group:  # under torchrun: the ranks share the work (gloo, the export is CPU work)
-        init_distributed(torch.device("cpu"))
-    try:
+    with cpu_process_group():  # under torchrun: the ranks share the export (CPU work, gloo)
         return export_hf(tensors, cfg, out, tokenizer, contract,
                          as_classifier=as_classifier, answer_ids=ids,
                          max_shard_bytes=max_shard_mb * 1024**2,
                          dtype=DTYPES[dtype] if dtype else None)
-    finally:
-        if owns_group:
-            torch.distributed.destroy_process_group()
 
 
 def evaluate_model(model: str | Path, collection: str | Path | RerankTask, *,
@@ -211,8 +204,6 @@ def evaluate_model(model: str | Path, collection: str | Path | RerankTask, *,
     ``teacher``: a sentence-transformers model directory whose cosine similarity ranks the same
     candidates as a third row (and run.teacher.trec), scored on rank 0 before the model is built.
     """
-    import os
-
     from megarank.eval.report import (
         check_teacher,
         format_table,
@@ -221,6 +212,7 @@ def evaluate_model(model: str | Path, collection: str | Path | RerankTask, *,
         write_report,
     )
     from megarank.eval.rerank import RerankTask, prepare, rerank
+    from megarank.parallel.env import is_main_process
     from megarank.stage import open_stage
     from megarank.training.logs import logger, setup_logging
 
@@ -229,7 +221,7 @@ def evaluate_model(model: str | Path, collection: str | Path | RerankTask, *,
     teacher_ranked = None
     if teacher is not None:
         check_teacher(teacher)
-        if os.environ.get("RANK", "0") == "0":  # the row is rank 0's to print and write
+        if is_main_process():  # the row is rank 0's to print and write
             teacher_ranked = teacher_run(task, teacher, batch_size, progress=verbose)
     with open_stage(model, overrides) as stage:
         rt = stage.rt
@@ -303,14 +295,15 @@ def mine_triplets(collection: str | Path, out: str | Path, *, split: str | None 
     fused teacher. See ``megarank.data.mining`` for the
     rules.
     """
-    from megarank.data.mining import RETRIEVERS, dense_rescorer, mine, process_group
+    from megarank.data.mining import RETRIEVERS, dense_rescorer, mine
+    from megarank.parallel.runtime import cpu_process_group
 
     if retriever not in RETRIEVERS:
         raise ValueError(f"--retriever must be one of {', '.join(RETRIEVERS)}, got {retriever!r}")
     if retriever != "bm25" and model is None:
         raise ValueError(f"--retriever {retriever} needs --model MODEL_DIR")
     if retriever == "dense":  # under torchrun: BM25 on rank 0, each text embedded once
-        with process_group():
+        with cpu_process_group():
             return mine(collection, out, split, dense_rescorer(model, batch_size, progress),
                         depth, skip_top, negatives, margin, seed, progress, pseudo_queries,
                         fuse_bm25)

@@ -14,9 +14,9 @@ This is ``megarank.convert_from_hf`` / ``megarank.convert_to_hf`` on the command
 from __future__ import annotations
 
 import argparse
-import os
 
 from megarank.api import convert_from_hf, convert_to_hf
+from megarank.parallel.env import is_main_process
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         path = convert_to_hf(args.ckpt, args.out, as_classifier=args.as_classifier,
                              max_shard_mb=args.max_shard_mb, best=args.best, dtype=args.dtype,
                              adapter=args.adapter)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         print(f"wrote {path}")
 
 

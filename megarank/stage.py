@@ -13,7 +13,6 @@ brought up: ``close()`` (or leaving its ``with`` block) shuts it down, also when
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from megarank.models.build import (
 )
 from megarank.models.lora import add_adapters
 from megarank.models.specs import KernelChoice, check_kernel_support, select_kernels
+from megarank.parallel.env import env_world_size
 from megarank.parallel.megatron import wrap_model
 from megarank.parallel.runtime import Runtime, init_runtime, shutdown
 
@@ -57,11 +57,6 @@ logger = logging.getLogger("megarank")  # the run's logger (training/logs.py set
 def peft_enabled(cfg: DictConfig) -> bool:
     """Whether the run trains adapters (``peft.method`` lora or qlora) instead of every weight."""
     return cfg.get("peft") is not None and cfg.peft.method != "none"
-
-
-def world_size() -> int:
-    """Ranks in this job: torchrun's ``WORLD_SIZE``, 1 for a plain process."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 @dataclass
@@ -107,7 +102,7 @@ def build_stage(cfg: DictConfig, *, load_hf: bool = True, expect: ScoringContrac
     check_mandatory(cfg)
     if expect is not None:
         apply_contract(cfg, expect)
-    derived = validate(cfg, world_size())
+    derived = validate(cfg, env_world_size())
     rt = init_runtime(derived.tp, derived.pp, cfg.trainer.seed, device or cfg.trainer.device)
     try:
         tokenizer = build_tokenizer(cfg)
