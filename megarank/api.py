@@ -30,6 +30,27 @@ if TYPE_CHECKING:  # the heavy imports (megatron-core, transformers) wait for th
     from megarank.stage import Stage
 
 
+class ArgumentError(ValueError):
+    """A bad argument of an API function, named as the function's parameter: ``dtype ('int8')
+    must be one of bf16, fp16, fp32``. A command says its own flag instead (:meth:`as_flags`),
+    so the library never speaks of command-line flags.
+
+    ``template`` is a :meth:`str.format` string whose positional fields ``{0}``, ``{1}`` ... are
+    the ``names`` of the parameters; ``values`` fill its named fields (given apart, so a value's
+    own braces are never read as fields).
+    """
+
+    def __init__(self, template: str, *names: str, **values: Any) -> None:
+        self.template, self.names, self.values = template, names, values
+        super().__init__(template.format(*names, **values))
+
+    def as_flags(self) -> str:
+        """The message with each parameter named as its flag (``dtype`` -> ``--dtype``,
+        ``max_shard_mb`` -> ``--max-shard-mb``)."""
+        flags = ["--" + name.replace("_", "-") for name in self.names]
+        return self.template.format(*flags, **self.values)
+
+
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     """The training config composed from the shipped Hydra configs with ``overrides``, as
     ``python -m megarank.train OVERRIDES`` composes it (not yet validated)."""
@@ -163,15 +184,16 @@ def convert_to_hf(checkpoint: str | Path, out: str | Path, *, as_classifier: boo
     from megarank.stage import peft_enabled, saved_contract
 
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise ArgumentError("{0} ({value!r}) must be one of {choices}", "dtype", value=dtype,
+                            choices=", ".join(DTYPES))
     path = resolve_checkpoint(checkpoint, "best" if best else "latest")
     cfg, tokenizer, contract = saved_contract(path)
     ids = (contract.yes_token_id, contract.no_token_id) if contract.head == "yes_no" else None
     tensors: Any = CheckpointTensors(path)
     lora = peft_enabled(cfg)
     if adapter and not lora:
-        raise ValueError(f"{path}: --adapter needs a LoRA checkpoint (peft.method lora), this "
-                         "one trained every weight")
+        raise ArgumentError("{path}: {0} needs a LoRA checkpoint (peft.method lora), this one "
+                            "trained every weight", "adapter", path=path)
     if adapter:
         from megarank.checkpoint.adapters import export_adapter
 
@@ -299,9 +321,11 @@ def mine_triplets(collection: str | Path, out: str | Path, *, split: str | None 
     from megarank.parallel.runtime import cpu_process_group
 
     if retriever not in RETRIEVERS:
-        raise ValueError(f"--retriever must be one of {', '.join(RETRIEVERS)}, got {retriever!r}")
+        raise ArgumentError("{0} ({value!r}) must be one of {choices}", "retriever",
+                            value=retriever, choices=", ".join(RETRIEVERS))
     if retriever != "bm25" and model is None:
-        raise ValueError(f"--retriever {retriever} needs --model MODEL_DIR")
+        raise ArgumentError("{0} {value} needs {1} (a reranker or embedder directory)",
+                            "retriever", "model", value=retriever)
     if retriever == "dense":  # under torchrun: BM25 on rank 0, each text embedded once
         with cpu_process_group():
             return mine(collection, out, split, dense_rescorer(model, batch_size, progress),

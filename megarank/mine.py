@@ -23,7 +23,7 @@ import sys
 
 from tqdm import tqdm
 
-from megarank.api import mine_triplets
+from megarank.api import ArgumentError, mine_triplets
 from megarank.data.mining import RETRIEVERS
 from megarank.parallel.env import is_main_process
 
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
                               margin=args.margin, seed=args.seed, batch_size=args.batch_size,
                               overrides=args.overrides, pseudo_queries=args.pseudo_queries,
                               fuse_bm25=args.fuse_bm25)
+    except ArgumentError as e:
+        raise SystemExit(f"megarank mine: {e.as_flags()}") from None
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"megarank mine: {e}") from None
     _note(f"wrote {stats.written} triplets to {args.out}; skipped "
