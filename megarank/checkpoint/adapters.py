@@ -31,6 +31,7 @@ from megarank.checkpoint.hf import (
     to_megarank,
 )
 from megarank.checkpoint.hf_mappings import rules_for
+from megarank.config import padded_vocab_size
 from megarank.models.lora import ADAPTER, PARALLEL, delta_weights
 from megarank.models.specs import TE_FUSED_NORMS
 
@@ -38,12 +39,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 _ADAPTER_KEY = re.compile(rf"^(.+)\.{ADAPTER}\.([ab])(\d+)$")
-
-
-def _padded_vocab(cfg: Any) -> int:
-    from megarank.models.build import padded_vocab_size
-
-    return padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by)
 
 
 def _hf_module(hf_weight: str) -> str:
@@ -70,7 +65,7 @@ class HFAsMegarank(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         rule, names = self._names[name]
         return to_megarank(rule, [self.weights.get(n) for n in names], self.cfg.model,
-                           _padded_vocab(self.cfg))
+                           padded_vocab_size(self.cfg.model))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -128,7 +123,7 @@ class MergedTensors(Mapping[str, torch.Tensor]):
         b = [self.ckpt[f"{linear}.{ADAPTER}.b{i}"] for i in range(n)]
         rule, _ = match(name, rules_for(self.cfg.model))
         delta = to_megarank(rule, delta_weights(a, b, self.scale), self.cfg.model,
-                            _padded_vocab(self.cfg))
+                            padded_vocab_size(self.cfg.model))
         return (t.float() + delta).to(t.dtype)
 
     def __iter__(self) -> Iterator[str]:
