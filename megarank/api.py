@@ -21,13 +21,44 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# Light (no torch): what the commands read besides the functions below.
+from megarank.data.mining import RETRIEVERS
+from megarank.data.triplets import iter_triplets, read_pairs
+from megarank.parallel.env import env_world_size, is_main_process
+from megarank.training.plan import (
+    HEADROOM,
+    fit,
+    format_plan,
+    largest_token_budget,
+    plan_memory,
+    suggestions,
+)
+
+__all__ = ["HEADROOM", "RETRIEVERS", "ArgumentError", "Scorer", "check_teacher",
+           "compare_runs", "compose_config", "convert_from_hf", "convert_to_hf",
+           "env_world_size", "evaluate_model", "fit", "format_plan", "is_main_process",
+           "iter_triplets", "largest_token_budget", "load_scorer", "measure_memory",
+           "mine_triplets", "open_engine", "plan_memory", "prepare_data", "read_pairs",
+           "rerank_task", "serve_app", "suggestions", "train_model"]
+
 if TYPE_CHECKING:  # the heavy imports (megatron-core, transformers) wait for the first call
     from omegaconf import DictConfig
 
     from megarank.data.mining import MineStats
     from megarank.data.prepared import PrepareStats
     from megarank.eval.rerank import RerankTask
-    from megarank.stage import Stage
+    from megarank.serving.engine import RerankEngine
+    from megarank.stage import Scorer
+    from megarank.training.plan import MemoryPlan
+
+
+def __getattr__(name: str) -> Any:
+    """``megarank.api.Scorer`` (:class:`megarank.stage.Scorer`), loaded on first use."""
+    if name == "Scorer":
+        from megarank.stage import Scorer
+
+        return Scorer
+    raise AttributeError(f"module 'megarank.api' has no attribute {name!r}")
 
 
 class ArgumentError(ValueError):
@@ -70,46 +101,14 @@ def train_model(config: DictConfig | Sequence[str] = ()) -> dict[str, Any]:
     return train(cfg)
 
 
-class Scorer:
-    """A saved model ready to score (query, document) pairs, as its scoring contract says.
-
-    Under torchrun every rank must call :meth:`score` with the same pairs (the work is split over
-    data-parallel ranks and every rank gets all scores).
-    """
-
-    def __init__(self, stage: Stage, batch_size: int = 64) -> None:
-        from megarank.eval.scorer import PairScorer
-
-        self.stage = stage
-        """The model stage: config, runtime, tokenizer, contract, collator, model."""
-        d = stage.cfg.data  # FirstP or MaxP (data.passages)
-        self._scorer = PairScorer(stage.collator, batch_size, d.passages)
-
-    def score(self, pairs: Sequence[tuple[str, str]], progress: bool = False) -> list[float]:
-        """The score of every (query text, document text) pair, in order."""
-        from megarank.eval.rerank import score_pairs
-
-        return score_pairs(self._scorer, self.stage.model, self.stage.rt, list(pairs),
-                           progress=progress).tolist()
-
-    def close(self) -> None:
-        """Shut down the process group the model was built in."""
-        self.stage.close()
-
-    def __enter__(self) -> Scorer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 def load_scorer(model: str | Path, overrides: Sequence[str] = (), *, device: str | None = None,
                 batch_size: int = 64) -> Scorer:
     """A megarank checkpoint, run directory (its latest checkpoint) or HF export, as a
-    :class:`Scorer`; its ``scoring.json`` is checked against what the config would build."""
-    from megarank.stage import open_stage
+    :class:`megarank.stage.Scorer`; its ``scoring.json`` is checked against what the config
+    would build."""
+    from megarank.stage import load_scorer as load
 
-    return Scorer(open_stage(model, overrides, device=device), batch_size)
+    return load(model, overrides, device=device, batch_size=batch_size)
 
 
 def convert_from_hf(hf_dir: str | Path, out: str | Path, overrides: Sequence[str] = (), *,
@@ -348,3 +347,61 @@ def mine_triplets(collection: str | Path, out: str | Path, *, split: str | None 
     finally:
         if scorer is not None:
             scorer.close()
+
+
+def rerank_task(collection: str | Path, run: str | Path | None = None, split: str | None = None,
+                top_k: int = 100, depth: int | None = None) -> RerankTask:
+    """The judged queries of ``collection`` (a BEIR-layout folder) with the top ``top_k`` (to
+    ``depth``) candidates of its first-stage ``run`` (default ``run.bm25.trec``), as
+    :func:`evaluate_model` reranks them; bad files are refused naming the file and line."""
+    from megarank.eval.rerank import prepare
+
+    return prepare(collection, run, split, top_k, depth)
+
+
+def check_teacher(embedder: str | Path) -> None:
+    """Refuse, before any model is built, an embedder directory sentence-transformers cannot
+    load as the teacher row of :func:`evaluate_model`."""
+    from megarank.eval.report import check_teacher as check
+
+    check(embedder)
+
+
+def measure_memory(cfg: DictConfig, plan: MemoryPlan) -> tuple[str, list[dict[str, Any]]]:
+    """Build ``cfg``'s model on ``plan.device`` (on every rank), run one training step, and
+    return the table of the measured memory beside the planned (``megarank plan --measure``)
+    and each rank's measurement as a record (with its pipeline ``stage``), in rank order."""
+    import dataclasses
+
+    from megarank.training.memory import format_comparison, measure
+
+    measured = measure(cfg, device=plan.device)
+    return (format_comparison(plan, measured),
+            [{**dataclasses.asdict(m), "stage": s} for m, s in measured])
+
+
+def open_engine(model: str | Path, overrides: Sequence[str] = (), *, device: str | None = None,
+                threads: int | None = None, **settings: Any) -> RerankEngine:
+    """A serving engine over ``model`` in this process (torch given ``threads`` CPU threads,
+    default the cores this process may use): ``settings`` holds the fields of
+    :class:`megarank.serving.engine.ServeLimits` (``max_batch_tokens``, ``max_wait_ms``,
+    ``max_documents``, ``max_text_chars``, ``max_body_bytes``) and the engine's own
+    (``max_length``, ``relevance``, ``name``)."""
+    import dataclasses
+
+    import torch
+
+    from megarank.serving.engine import RerankEngine, ServeLimits, default_threads
+
+    torch.set_num_threads(threads or default_threads())
+    names = {f.name for f in dataclasses.fields(ServeLimits)}
+    limits = ServeLimits(**{k: v for k, v in settings.items() if k in names})
+    rest = {k: v for k, v in settings.items() if k not in names}
+    return RerankEngine.load(model, overrides, device=device, limits=limits, **rest)
+
+
+def serve_app(engine: RerankEngine, api_key: str | None = None) -> Any:
+    """The FastAPI application over ``engine`` (``megarank.serving.app.create_app``)."""
+    from megarank.serving.app import create_app
+
+    return create_app(engine, api_key=api_key)

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from megarank.api import ArgumentError, convert_from_hf, convert_to_hf
-from megarank.parallel.env import is_main_process
+from megarank.api import ArgumentError, convert_from_hf, convert_to_hf, is_main_process
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 
-from megarank.api import evaluate_model
-from megarank.eval.report import check_teacher
-from megarank.eval.rerank import prepare
+from megarank.api import check_teacher, evaluate_model, rerank_task
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         # Input errors are the user's to fix: one line naming the file, not a traceback.
-        task = prepare(args.collection, args.run, args.split, args.top_k, args.depth)
+        task = rerank_task(args.collection, args.run, args.split, args.top_k, args.depth)
         if args.teacher is not None:
             check_teacher(args.teacher)
     except (ValueError, FileNotFoundError) as e:

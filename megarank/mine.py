@@ -23,9 +23,7 @@ import sys
 
 from tqdm import tqdm
 
-from megarank.api import ArgumentError, mine_triplets
-from megarank.data.mining import RETRIEVERS
-from megarank.parallel.env import is_main_process
+from megarank.api import RETRIEVERS, ArgumentError, is_main_process, mine_triplets
 
 
 def _note(message: str) -> None:

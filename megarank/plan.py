@@ -24,17 +24,19 @@ import json
 import os
 import sys
 
-from megarank.api import compose_config
-from megarank.config import ConfigError
-from megarank.parallel.env import env_world_size, is_main_process
-from megarank.training.plan import (
+from megarank.api import (
     HEADROOM,
+    compose_config,
+    env_world_size,
     fit,
     format_plan,
+    is_main_process,
     largest_token_budget,
+    measure_memory,
     plan_memory,
     suggestions,
 )
+from megarank.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,9 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"megarank plan: {e}") from None
     if args.measure:
-        from megarank.training.memory import format_comparison, measure
-
-        measured = measure(cfg, device=plan.device)
+        comparison, measured = measure_memory(cfg, plan)
         if not main_rank:
             return
     if main_rank:
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
                 "none (not even one group at data.max_length)"), flush=True)
         if args.measure:
             print("\nmeasured on this machine (one training step):\n"
-                  + format_comparison(plan, measured), flush=True)
+                  + comparison, flush=True)
     if args.json and main_rank:
         record = {"plan": dataclasses.asdict(plan),
                   "total_per_gpu": plan.total(), "largest_stage": plan.largest.stage}
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
             record["fit"] = {**dataclasses.asdict(result), "fits": result.fits,
                              "spare": result.spare}
         if args.measure:
-            record["measured"] = [{**dataclasses.asdict(m), "stage": s} for m, s in measured]
+            record["measured"] = measured
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)
     if result is not None and not result.fits:

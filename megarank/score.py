@@ -13,8 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from megarank.api import load_scorer
-from megarank.data.triplets import read_pairs
+from megarank.api import load_scorer, read_pairs
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -110,26 +110,22 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_wait_ms < 0 or args.max_body_mb <= 0:
         ap.error("--max-wait-ms must be >= 0 and --max-body-mb > 0")
 
-    import torch
+    from megarank.api import open_engine, serve_app
 
-    from megarank.serving.engine import RerankEngine, ServeLimits, default_threads
-
-    torch.set_num_threads(args.threads or default_threads())
-    limits = ServeLimits(max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
-                         max_documents=args.max_documents, max_text_chars=args.max_text_chars,
-                         max_body_bytes=int(args.max_body_mb * 1024 * 1024))
     try:
-        engine = RerankEngine.load(args.model, args.overrides,
-                                   device=None if args.device == "auto" else args.device,
-                                   limits=limits, max_length=args.max_length,
-                                   relevance=args.relevance_score, name=args.served_model_name)
+        engine = open_engine(args.model, args.overrides,
+                             device=None if args.device == "auto" else args.device,
+                             threads=args.threads, max_batch_tokens=args.max_batch_tokens,
+                             max_wait_ms=args.max_wait_ms, max_documents=args.max_documents,
+                             max_text_chars=args.max_text_chars,
+                             max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                             max_length=args.max_length, relevance=args.relevance_score,
+                             name=args.served_model_name)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"megarank serve: cannot serve {args.model}: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     try:
         import uvicorn
-
-        from megarank.serving.app import create_app
 
         engine.warm_up()
         sock = _listen(args.host, args.port)
@@ -137,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         url = f"http://[{host}]:{port}" if sock.family == socket.AF_INET6 else \
             f"http://{host}:{port}"
         print(startup_line(engine.info(), url, bool(args.api_key)), file=sys.stderr, flush=True)
-        config = uvicorn.Config(create_app(engine, api_key=args.api_key), log_level=args.log_level,
+        config = uvicorn.Config(serve_app(engine, api_key=args.api_key), log_level=args.log_level,
                                 access_log=args.access_log, lifespan="on",
                                 timeout_graceful_shutdown=args.shutdown_timeout)
         # uvicorn handles SIGTERM/SIGINT while it runs (stop accepting, finish in-flight

@@ -40,6 +40,8 @@ from megarank.config import (
     validate,
 )
 from megarank.data.collate import PairCollator
+from megarank.eval.rerank import score_pairs
+from megarank.eval.scorer import PairScorer
 from megarank.models.build import (
     build_cross_encoder,
     sync_tied_output_layer,
@@ -278,3 +280,39 @@ def init_missing(model: torch.nn.Module, names: list[str], std: float) -> None:
                 p.zero_()
             else:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
+class Scorer:
+    """A saved model ready to score (query, document) pairs, as its scoring contract says.
+
+    Under torchrun every rank must call :meth:`score` with the same pairs (the work is split over
+    data-parallel ranks and every rank gets all scores).
+    """
+
+    def __init__(self, stage: Stage, batch_size: int = 64) -> None:
+        self.stage = stage
+        """The model stage: config, runtime, tokenizer, contract, collator, model."""
+        d = stage.cfg.data  # FirstP or MaxP (data.passages)
+        self._scorer = PairScorer(stage.collator, batch_size, d.passages)
+
+    def score(self, pairs: Sequence[tuple[str, str]], progress: bool = False) -> list[float]:
+        """The score of every (query text, document text) pair, in order."""
+        return score_pairs(self._scorer, self.stage.model, self.stage.rt, list(pairs),
+                           progress=progress).tolist()
+
+    def close(self) -> None:
+        """Shut down the process group the model was built in."""
+        self.stage.close()
+
+    def __enter__(self) -> Scorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_scorer(model: str | Path, overrides: Sequence[str] = (), *, device: str | None = None,
+                batch_size: int = 64) -> Scorer:
+    """A megarank checkpoint, run directory (its latest checkpoint) or HF export, as a
+    :class:`Scorer`; its ``scoring.json`` is checked against what the config would build."""
+    return Scorer(open_stage(model, overrides, device=device), batch_size)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from megarank.config.schema import register
+from megarank.config.schema import ASSETS, package_path, register
 from megarank.config.validate import (
     ConfigError,
     Derived,
@@ -18,8 +18,8 @@ from megarank.config.validate import (
 # The Hydra config tree ships inside the package (package data), so an installed wheel has it too.
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-__all__ = ["CONF_DIR", "ConfigError", "Derived", "check_mandatory", "compose", "from_saved",
-           "padded_vocab_size", "register", "validate"]
+__all__ = ["ASSETS", "CONF_DIR", "ConfigError", "Derived", "check_mandatory", "compose", "from_saved",
+           "package_path", "padded_vocab_size", "register", "validate"]
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:

@@ -405,7 +405,7 @@ def _asset(rel: str) -> str:
     return str(ASSETS / rel)
 
 
-def _package(rel: str) -> str:
+def package_path(rel: str) -> str:
     """``${package:pkg/sub/dir}``: a folder inside an installed Python package (model files)."""
     import importlib.util
 
@@ -421,7 +421,7 @@ def register() -> None:
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", _asset)
     if not OmegaConf.has_resolver("package"):
-        OmegaConf.register_new_resolver("package", _package)
+        OmegaConf.register_new_resolver("package", package_path)
     cs = ConfigStore.instance()
     cs.store(name="base_train", node=TrainConfig)
     for group, node in GROUPS.items():

@@ -18,12 +18,11 @@ from typing import Any
 
 import torch
 
-from megarank.api import Scorer, load_scorer
 from megarank.data.collate import PairBatch
 from megarank.eval.scorer import score_batches
 from megarank.parallel.env import env_world_size
 from megarank.serving.batcher import DynamicBatcher
-from megarank.stage import build_collator
+from megarank.stage import Scorer, build_collator, load_scorer
 
 RELEVANCE = ("raw", "sigmoid")
 """What ``relevance_score`` reports: the model's raw score, or its sigmoid."""

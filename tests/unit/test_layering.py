@@ -2,7 +2,9 @@
 
 A breach is shown on a copy of the package under another name (``megarank_probe``): the ranking
 module (data layer) importing the ``evaluate`` command breaks the command and layer contracts;
-the encoder importing the specs that import it breaks the no-cycles contract, naming the package.
+the encoder importing the specs that import it breaks the no-cycles contract, naming the package;
+a command importing a library module other than megarank.api and megarank.config breaks the
+thin-commands contract.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def _lint_probe(tmp_path, capsys, monkeypatch, module: str, line: str) -> tuple[
 def test_the_import_contract_holds(capsys):
     code, out = _lint(CONTRACT, capsys)
     assert code == 0, out
-    assert "3 kept, 0 broken" in out
+    assert "4 kept, 0 broken" in out
 
 
 def test_the_contract_fails_when_the_library_imports_a_command(tmp_path, capsys, monkeypatch):
@@ -63,5 +65,14 @@ def test_the_contract_fails_when_two_model_files_import_each_other(tmp_path, cap
     code, out = _lint_probe(tmp_path, capsys, monkeypatch, "models/encoder.py",
                             "import megarank_probe.models.specs")
     assert code != 0
-    assert "2 kept, 1 broken" in out and "No import cycles between sibling modules BROKEN" in out
+    assert "3 kept, 1 broken" in out and "No import cycles between sibling modules BROKEN" in out
     assert "No cycles are allowed in megarank_probe.models." in out
+
+
+def test_the_contract_fails_when_a_command_goes_around_the_api(tmp_path, capsys, monkeypatch):
+    code, out = _lint_probe(tmp_path, capsys, monkeypatch, "score.py",
+                            "from megarank_probe.data.triplets import read_pairs")
+    assert code != 0
+    assert "3 kept, 1 broken" in out
+    assert "Commands use only megarank_probe.api and megarank_probe.config BROKEN" in out
+    assert "megarank_probe.score -> megarank_probe.data.triplets" in out

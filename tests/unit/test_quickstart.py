@@ -28,14 +28,14 @@ def _report_cuda(mp: pytest.MonkeyPatch, devices: int) -> None:
 
 @pytest.fixture
 def packages(monkeypatch) -> list[str]:
-    """No package is installed: every lookup fails as ``_package``'s does; the lookups asked."""
+    """No package is installed: every lookup fails as ``package_path``'s does; the lookups asked."""
     asked = []
 
     def lookup(rel: str) -> str:
         asked.append(rel)
         raise ValueError(f"${{package:{rel}}}: package {rel.partition('/')[0]!r} is not installed")
 
-    monkeypatch.setattr(quickstart, "_package", lookup)
+    monkeypatch.setattr(quickstart, "package_path", lookup)
     return asked
 
 
