@@ -292,17 +292,17 @@ def layer_params(m: Any, tp: int) -> int:
 
 def adapter_params(cfg: Any, tp: int) -> int:
     """LoRA parameters of one layer on one TP rank (``peft``): per HF projection, A [r, in] and
-    B [out, r], the column-parallel B and row-parallel A split over TP."""
+    B [out, r], the column-parallel B and row-parallel A split over TP; DoRA adds a magnitude
+    per output row, split like B."""
     from megarank.models.lora import PARALLEL, projections
 
     r, total = int(cfg.peft.rank), 0
     for target in cfg.peft.targets:
         parts, _ = projections(target, cfg.model)
         for p in parts:
-            if PARALLEL[target] == "column":
-                total += r * p.in_features + p.out_features // tp * r
-            else:
-                total += r * p.in_features // tp + p.out_features * r
+            rows = p.out_features // tp if PARALLEL[target] == "column" else p.out_features
+            cols = p.in_features if PARALLEL[target] == "column" else p.in_features // tp
+            total += r * cols + rows * r + (rows if cfg.peft.method == "dora" else 0)
     return total
 
 
@@ -740,7 +740,7 @@ def _stage_plan(cfg: Any, d: Any, r: int, dev: str, per_layer: dict[str, float],
     params = stage_params(cfg, d.tp, d.pp, r)
     weights, trained = params * width, params
     if cfg.peft.method != "none":
-        # LoRA: the base is frozen; adapters (and the classifier head) train.
+        # LoRA/DoRA: the base is frozen; adapters (and the classifier head) train.
         adapters = layers * adapter_params(cfg, d.tp)
         trained = adapters + (head_params(cfg) if r == d.pp - 1 and cfg.peft.train_head
                               else 0)
