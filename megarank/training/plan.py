@@ -306,6 +306,22 @@ def adapter_params(cfg: Any, tp: int) -> int:
     return total
 
 
+def dora_saved_per_token(cfg: Any, tp: int) -> int:
+    """Activation bytes per token of one layer that DoRA keeps beyond LoRA's: for each target
+    linear, its output without bias (``W x``) and the adapters' (``s B A x``), both read by the
+    magnitudes' gradient, ``[out / tp]`` each (column-parallel) or ``[out]`` (row-parallel)."""
+    from megarank.models.lora import PARALLEL, projections
+
+    if cfg.peft.method != "dora":
+        return 0
+    rows = 0
+    for target in cfg.peft.targets:
+        parts, _ = projections(target, cfg.model)
+        out = sum(p.out_features for p in parts)
+        rows += out // tp if PARALLEL[target] == "column" else out
+    return 2 * rows * WIDTH[cfg.trainer.precision]
+
+
 def linear_weights(m: Any, tp: int) -> int:
     """Weights (not biases) of one layer's four linears on one TP rank: what QLoRA stores 4-bit."""
     h, nq, nkv, d, ffn = _geometry(m)
@@ -729,9 +745,12 @@ def _stage_plan(cfg: Any, d: Any, r: int, dev: str, per_layer: dict[str, float],
     h = int(m.hidden_size)
     hs = h / d.tp if cfg.parallel.sequence_parallel else h
     extra = stage_terms(cfg, d.tp, d.pp, r, dev)
+    dora = dora_saved_per_token(cfg, d.tp) * sequences * length
     saved = {}
     for mode in RECOMPUTE:
         n = layers * per_layer[mode] + _sum(extra, mode, sequences, length)
+        if mode != "full":  # full recompute keeps the layer's input only
+            n += layers * dora
         if r == d.pp - 1:
             n += head_bytes(cfg, sequences, dev)
         saved[mode] = int(n)
