@@ -49,6 +49,14 @@ FEATURES = {
         "if False:",
         ["tests/distributed/test_lora_layouts.py"],
     ),
+    "dora-init-from": (
+        "DoRA's magnitudes set again after model.init_from loads the base (they stay the norms "
+        "of the weights the model was built with)",
+        "megarank/checkpoint/manager.py",
+        "                reset_magnitudes(self.model)\n",
+        "",
+        ["tests/integration/test_dora.py"],
+    ),
     "resume-rng": (
         "resume's RNG restore (Python, NumPy, torch and megatron's tracker states)",
         "megarank/checkpoint/dist.py",
