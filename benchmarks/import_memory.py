@@ -31,8 +31,7 @@ def worker(hf_dir: str, tp: int, out: str) -> None:
     import psutil
 
     from megarank.checkpoint.hf import HFWeights, load_hf_weights
-    from megarank.config import compose
-    from megarank.models.build import padded_vocab_size
+    from megarank.config import compose, padded_vocab_size
     from megarank.stage import build_stage
 
     cfg = compose(["model=hf", f"model.hf_path={hf_dir}", f"parallel=tp{tp}_pp1",
@@ -55,7 +54,7 @@ def worker(hf_dir: str, tp: int, out: str) -> None:
         weights = HFWeights(hf_dir)
         t0 = time.perf_counter()
         load_hf_weights(module, hf_dir, stage.cfg, rt.tp_rank, rt.tp_size, rt.pp_rank,
-                        rt.pp_size, padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by),
+                        rt.pp_size, padded_vocab_size(m),
                         weights=weights)
         seconds = time.perf_counter() - t0
         done.set()

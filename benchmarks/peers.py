@@ -528,7 +528,7 @@ def prepare_megarank(args, system: str, kind: str, steps: list, device) -> Prepa
                  "model.hidden_dropout=0.0", "model.attention_dropout=0.0",
                  "model.tokenizer=${asset:tokenizers/bert-uncased}"]
     if packing:
-        overrides.append("data.packing=true")
+        overrides += ["data.packing=true", f"data.packed_multiple={args.packed_multiple}"]
     try:
         cfg = compose(overrides)
     except Exception as e:
@@ -545,7 +545,7 @@ def prepare_megarank(args, system: str, kind: str, steps: list, device) -> Prepa
         for micro in steps:
             micro = [merge_batches(micro)] if one_mb else micro
             if packing:
-                micro = [pack_batch(b) for b in micro]
+                micro = [pack_batch(b, args.packed_multiple) for b in micro]
             if cuda:
                 micro = [_pin(b) for b in micro]
             feeds.append(micro)
@@ -746,7 +746,7 @@ def geometries(args) -> list[str]:
 
 
 CHILD_FLAGS = ("seq", "groups", "group_size", "micro_batches", "steps", "warmup", "lengths",
-               "pad_multiple", "seed", "lr", "kernels", "threads")
+               "pad_multiple", "packed_multiple", "seed", "lr", "kernels", "threads")
 
 
 def launch(args, system: str, geometry: str, tmp: Path) -> list[dict]:
@@ -844,6 +844,9 @@ def main() -> None:
     ap.add_argument("--lengths", default="uniform", choices=("uniform", "realistic"))
     ap.add_argument("--pad-multiple", type=int, default=8,
                     help="padded widths are a multiple of this (megarank's data default)")
+    ap.add_argument("--packed-multiple", type=int, default=64,
+                    help="megarank's packed rows are a multiple of this wide "
+                         "(data.packed_multiple; its default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--kernels", default="auto", help="megarank's trainer.kernels")

@@ -30,6 +30,27 @@ if TYPE_CHECKING:  # the heavy imports (megatron-core, transformers) wait for th
     from megarank.stage import Stage
 
 
+class ArgumentError(ValueError):
+    """A bad argument of an API function, named as the function's parameter: ``dtype ('int8')
+    must be one of bf16, fp16, fp32``. A command says its own flag instead (:meth:`as_flags`),
+    so the library never speaks of command-line flags.
+
+    ``template`` is a :meth:`str.format` string whose positional fields ``{0}``, ``{1}`` ... are
+    the ``names`` of the parameters; ``values`` fill its named fields (given apart, so a value's
+    own braces are never read as fields).
+    """
+
+    def __init__(self, template: str, *names: str, **values: Any) -> None:
+        self.template, self.names, self.values = template, names, values
+        super().__init__(template.format(*names, **values))
+
+    def as_flags(self) -> str:
+        """The message with each parameter named as its flag (``dtype`` -> ``--dtype``,
+        ``max_shard_mb`` -> ``--max-shard-mb``)."""
+        flags = ["--" + name.replace("_", "-") for name in self.names]
+        return self.template.format(*flags, **self.values)
+
+
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     """The training config composed from the shipped Hydra configs with ``overrides``, as
     ``python -m megarank.train OVERRIDES`` composes it (not yet validated)."""
@@ -115,9 +136,10 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path, overrides: Sequence[str
         lora = [*lora, f"peft.targets=[{targets}]"]  # peft=lora or peft=dora first
     cfg, _ = saved_config(hf_dir, [*lora, *overrides])
     if adapter is not None and conf.get("use_dora") and cfg.peft.method != "dora":
-        raise ValueError(f"{adapter} is a DoRA adapter (use_dora) and peft.method is "
-                         f"{cfg.peft.method}: DoRA over a 4-bit base (QDoRA) is not supported, "
-                         "and a DoRA adapter imports as peft=dora only")
+        raise ArgumentError("{path}: {0} is a DoRA adapter (use_dora) and peft.method is "
+                            "{method}: DoRA over a 4-bit base (QDoRA) is not supported, and a "
+                            "DoRA adapter imports as peft=dora only", "adapter", path=adapter,
+                            method=cfg.peft.method)
     out_path = Path(out).resolve()
     with build_stage(cfg, device="cpu") as stage:
         if adapter is not None:
@@ -158,25 +180,25 @@ def convert_to_hf(checkpoint: str | Path, out: str | Path, *, as_classifier: boo
     A LoRA checkpoint is exported merged (``W + (alpha / r) * B A``, with its base read from
     where training read it), or with ``adapter`` as a PEFT adapter directory for that base.
     """
-    import torch
 
     from megarank.checkpoint.dist import resolve_checkpoint
     from megarank.checkpoint.export import export_hf
     from megarank.checkpoint.stream import CheckpointTensors
     from megarank.parallel.megatron import DTYPES
-    from megarank.parallel.runtime import init_distributed
-    from megarank.stage import peft_enabled, saved_contract, world_size
+    from megarank.parallel.runtime import cpu_process_group
+    from megarank.stage import peft_enabled, saved_contract
 
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise ArgumentError("{0} ({value!r}) must be one of {choices}", "dtype", value=dtype,
+                            choices=", ".join(DTYPES))
     path = resolve_checkpoint(checkpoint, "best" if best else "latest")
     cfg, tokenizer, contract = saved_contract(path)
     ids = (contract.yes_token_id, contract.no_token_id) if contract.head == "yes_no" else None
     tensors: Any = CheckpointTensors(path)
     lora = peft_enabled(cfg)
     if adapter and not lora:
-        raise ValueError(f"{path}: --adapter needs a LoRA/DoRA checkpoint (peft.method lora or dora), this "
-                         "one trained every weight")
+        raise ArgumentError("{path}: {0} needs a LoRA or DoRA checkpoint (peft.method lora or "
+                            "dora), this one trained every weight", "adapter", path=path)
     if adapter:
         from megarank.checkpoint.adapters import export_adapter
 
@@ -186,17 +208,11 @@ def convert_to_hf(checkpoint: str | Path, out: str | Path, *, as_classifier: boo
         from megarank.checkpoint.adapters import MergedTensors
 
         tensors = MergedTensors(tensors, cfg)
-    owns_group = world_size() > 1 and not torch.distributed.is_initialized()
-    if owns_group:  # under torchrun: the ranks share the work (gloo, the export is CPU work)
-        init_distributed(torch.device("cpu"))
-    try:
+    with cpu_process_group():  # under torchrun: the ranks share the export (CPU work, gloo)
         return export_hf(tensors, cfg, out, tokenizer, contract,
                          as_classifier=as_classifier, answer_ids=ids,
                          max_shard_bytes=max_shard_mb * 1024**2,
                          dtype=DTYPES[dtype] if dtype else None)
-    finally:
-        if owns_group:
-            torch.distributed.destroy_process_group()
 
 
 def evaluate_model(model: str | Path, collection: str | Path | RerankTask, *,
@@ -215,8 +231,6 @@ def evaluate_model(model: str | Path, collection: str | Path | RerankTask, *,
     ``teacher``: a sentence-transformers model directory whose cosine similarity ranks the same
     candidates as a third row (and run.teacher.trec), scored on rank 0 before the model is built.
     """
-    import os
-
     from megarank.eval.report import (
         check_teacher,
         format_table,
@@ -225,6 +239,7 @@ def evaluate_model(model: str | Path, collection: str | Path | RerankTask, *,
         write_report,
     )
     from megarank.eval.rerank import RerankTask, prepare, rerank
+    from megarank.parallel.env import is_main_process
     from megarank.stage import open_stage
     from megarank.training.logs import logger, setup_logging
 
@@ -233,7 +248,7 @@ def evaluate_model(model: str | Path, collection: str | Path | RerankTask, *,
     teacher_ranked = None
     if teacher is not None:
         check_teacher(teacher)
-        if os.environ.get("RANK", "0") == "0":  # the row is rank 0's to print and write
+        if is_main_process():  # the row is rank 0's to print and write
             teacher_ranked = teacher_run(task, teacher, batch_size, progress=verbose)
     with open_stage(model, overrides) as stage:
         rt = stage.rt
@@ -307,14 +322,17 @@ def mine_triplets(collection: str | Path, out: str | Path, *, split: str | None 
     fused teacher. See ``megarank.data.mining`` for the
     rules.
     """
-    from megarank.data.mining import RETRIEVERS, dense_rescorer, mine, process_group
+    from megarank.data.mining import RETRIEVERS, dense_rescorer, mine
+    from megarank.parallel.runtime import cpu_process_group
 
     if retriever not in RETRIEVERS:
-        raise ValueError(f"--retriever must be one of {', '.join(RETRIEVERS)}, got {retriever!r}")
+        raise ArgumentError("{0} ({value!r}) must be one of {choices}", "retriever",
+                            value=retriever, choices=", ".join(RETRIEVERS))
     if retriever != "bm25" and model is None:
-        raise ValueError(f"--retriever {retriever} needs --model MODEL_DIR")
+        raise ArgumentError("{0} {value} needs {1} (a reranker or embedder directory)",
+                            "retriever", "model", value=retriever)
     if retriever == "dense":  # under torchrun: BM25 on rank 0, each text embedded once
-        with process_group():
+        with cpu_process_group():
             return mine(collection, out, split, dense_rescorer(model, batch_size, progress),
                         depth, skip_top, negatives, margin, seed, progress, pseudo_queries,
                         fuse_bm25)

@@ -18,6 +18,7 @@ COMMANDS = {
     "plan": "megarank.plan",
     "serve": "megarank.serve",
     "compare": "megarank.compare",
+    "quickstart": "megarank.quickstart",
 }
 
 

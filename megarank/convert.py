@@ -14,9 +14,9 @@ This is ``megarank.convert_from_hf`` / ``megarank.convert_to_hf`` on the command
 from __future__ import annotations
 
 import argparse
-import os
 
-from megarank.api import convert_from_hf, convert_to_hf
+from megarank.api import ArgumentError, convert_from_hf, convert_to_hf
+from megarank.parallel.env import is_main_process
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,13 +45,16 @@ def main(argv: list[str] | None = None) -> None:
                    help="LoRA checkpoint: write a PEFT adapter directory (adapter_config.json + "
                         "adapter_model.safetensors) for its base, not the merged model")
     args = parser.parse_args(argv)
-    if args.cmd == "from-hf":
-        path = convert_from_hf(args.hf, args.out, args.overrides, adapter=args.adapter)
-    else:
-        path = convert_to_hf(args.ckpt, args.out, as_classifier=args.as_classifier,
-                             max_shard_mb=args.max_shard_mb, best=args.best, dtype=args.dtype,
-                             adapter=args.adapter)
-    if int(os.environ.get("RANK", "0")) == 0:
+    try:
+        if args.cmd == "from-hf":
+            path = convert_from_hf(args.hf, args.out, args.overrides, adapter=args.adapter)
+        else:
+            path = convert_to_hf(args.ckpt, args.out, as_classifier=args.as_classifier,
+                                 max_shard_mb=args.max_shard_mb, best=args.best,
+                                 dtype=args.dtype, adapter=args.adapter)
+    except ArgumentError as e:
+        raise SystemExit(f"megarank convert {args.cmd}: {e.as_flags()}") from None
+    if is_main_process():
         print(f"wrote {path}")
 
 

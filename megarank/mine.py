@@ -19,18 +19,18 @@ mixes BM25 into the teacher's scores (weight W, per query, on the teacher's scal
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from tqdm import tqdm
 
-from megarank.api import mine_triplets
+from megarank.api import ArgumentError, mine_triplets
 from megarank.data.mining import RETRIEVERS
+from megarank.parallel.env import is_main_process
 
 
 def _note(message: str) -> None:
     """A line on stderr from rank 0 only."""
-    if os.environ.get("RANK", "0") == "0":
+    if is_main_process():
         tqdm.write(f"[megarank mine] {message}", file=sys.stderr)
 
 
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
                               margin=args.margin, seed=args.seed, batch_size=args.batch_size,
                               overrides=args.overrides, pseudo_queries=args.pseudo_queries,
                               fuse_bm25=args.fuse_bm25)
+    except ArgumentError as e:
+        raise SystemExit(f"megarank mine: {e.as_flags()}") from None
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"megarank mine: {e}") from None
     _note(f"wrote {stats.written} triplets to {args.out}; skipped "

@@ -26,6 +26,7 @@ import sys
 
 from megarank.api import compose_config
 from megarank.config import ConfigError
+from megarank.parallel.env import env_world_size, is_main_process
 from megarank.training.plan import (
     HEADROOM,
     fit,
@@ -58,9 +59,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="exit 1 when model.hf_path or data.train_path does not exist")
     args = ap.parse_intermixed_args(argv)  # options may come after the overrides
     cfg = compose_config(args.overrides)
-    main_rank = int(os.environ.get("RANK", 0)) == 0
+    main_rank = is_main_process()
     missing = describe_paths(cfg, main_rank)
-    world = args.world_size or int(os.environ.get("WORLD_SIZE", 0)) or (
+    world = args.world_size or env_world_size(default=0) or (
         cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
     device = args.device
     if args.measure and device is None:  # plan for the kernels the measured stage runs

@@ -166,7 +166,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The job's settings: the flags, the defaults that follow from others or from the machine
     filled in (--lr, --pseudo-queries, --web-pseudo-queries, --nproc), combinations that cannot
     run refused (argparse's usage error)."""
-    ap = argparse.ArgumentParser(description=__doc__,
+    ap = argparse.ArgumentParser(prog="megarank quickstart", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     ap.add_argument("--out", default=f"runs/quickstart-{stamp}")
@@ -252,7 +252,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI entry (``python -m megarank.quickstart``)."""
+    """CLI entry (``megarank quickstart`` / ``python -m megarank.quickstart``)."""
     args = parse_args(argv)
     train_on = [n for n in args.train_on.split(",") if n]
     embedder = resolve_embedder(args)

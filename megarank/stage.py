@@ -13,7 +13,6 @@ brought up: ``close()`` (or leaving its ``with`` block) shuts it down, also when
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,17 +31,24 @@ from megarank.checkpoint.contract import (
 )
 from megarank.checkpoint.dist import META_FILE, load_model_weights, read_meta, resolve_checkpoint
 from megarank.checkpoint.hf import apply_hf_config, load_hf_weights
-from megarank.config import Derived, check_mandatory, compose, from_saved, validate
+from megarank.config import (
+    Derived,
+    check_mandatory,
+    compose,
+    from_saved,
+    padded_vocab_size,
+    validate,
+)
 from megarank.data.collate import PairCollator
 from megarank.models.build import (
     build_cross_encoder,
-    padded_vocab_size,
     sync_tied_output_layer,
     transformer_config,
 )
-from megarank.models.dora import reset_magnitudes
+from megarank.models.dora import add_dora, reset_magnitudes
 from megarank.models.lora import add_adapters
 from megarank.models.specs import KernelChoice, check_kernel_support, select_kernels
+from megarank.parallel.env import env_world_size
 from megarank.parallel.megatron import wrap_model
 from megarank.parallel.runtime import Runtime, init_runtime, shutdown
 
@@ -53,11 +59,6 @@ def peft_enabled(cfg: DictConfig) -> bool:
     """Whether the run trains adapters (``peft.method`` lora, qlora or dora) instead of every
     weight."""
     return cfg.get("peft") is not None and cfg.peft.method != "none"
-
-
-def world_size() -> int:
-    """Ranks in this job: torchrun's ``WORLD_SIZE``, 1 for a plain process."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 @dataclass
@@ -103,7 +104,7 @@ def build_stage(cfg: DictConfig, *, load_hf: bool = True, expect: ScoringContrac
     check_mandatory(cfg)
     if expect is not None:
         apply_contract(cfg, expect)
-    derived = validate(cfg, world_size())
+    derived = validate(cfg, env_world_size())
     rt = init_runtime(derived.tp, derived.pp, cfg.trainer.seed, device or cfg.trainer.device)
     try:
         tokenizer = build_tokenizer(cfg)
@@ -247,7 +248,7 @@ def build_model(cfg: DictConfig, rt: Runtime, contract: ScoringContract,
     if load_hf:
         missing = load_hf_weights(
             model, cfg.model.hf_path, cfg, rt.tp_rank, rt.tp_size, rt.pp_rank, rt.pp_size,
-            padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by),
+            padded_vocab_size(cfg.model),
         )
         init_missing(model, missing, cfg.model.init_method_std)
         params = dict(model.named_parameters())
@@ -259,7 +260,8 @@ def build_model(cfg: DictConfig, rt: Runtime, contract: ScoringContract,
     sync_tied_output_layer(model)
     if peft_enabled(cfg):
         # Before DDP: it allocates gradient buffers for what still trains.
-        add_adapters(model, cfg, rt.tp_rank, rt.tp_size)
+        (add_dora if cfg.peft.method == "dora" else add_adapters)(
+            model, cfg, rt.tp_rank, rt.tp_size)
         model.frozen_base_external = bool(cfg.model.hf_path or cfg.model.init_from)
     model.to(rt.device)
     if peft_enabled(cfg):

@@ -33,6 +33,8 @@ from megarank.checkpoint.hf import (
     to_megarank,
 )
 from megarank.checkpoint.hf_mappings import rules_for
+from megarank.config import padded_vocab_size
+from megarank.models.dora import DoraAdapter
 from megarank.models.lora import ADAPTER, PARALLEL, delta_weights
 from megarank.models.specs import TE_FUSED_NORMS
 
@@ -41,12 +43,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 _ADAPTER_KEY = re.compile(rf"^(.+)\.{ADAPTER}\.([abm])(\d+)$")
 MAGNITUDE = "lora_magnitude_vector"  # PEFT's DoRA magnitude, one per HF projection
-
-
-def _padded_vocab(cfg: Any) -> int:
-    from megarank.models.build import padded_vocab_size
-
-    return padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by)
 
 
 def _hf_module(hf_weight: str) -> str:
@@ -73,7 +69,7 @@ class HFAsMegarank(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         rule, names = self._names[name]
         return to_megarank(rule, [self.weights.get(n) for n in names], self.cfg.model,
-                           _padded_vocab(self.cfg))
+                           padded_vocab_size(self.cfg.model))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -131,7 +127,7 @@ class MergedTensors(Mapping[str, torch.Tensor]):
         a = [self.ckpt[f"{linear}.{ADAPTER}.a{i}"] for i in range(n)]
         b = [self.ckpt[f"{linear}.{ADAPTER}.b{i}"] for i in range(n)]
         rule, _ = match(name, rules_for(self.cfg.model))
-        vocab = _padded_vocab(self.cfg)
+        vocab = padded_vocab_size(self.cfg.model)
         merged = t.float() + to_megarank(rule, delta_weights(a, b, self.scale), self.cfg.model,
                                          vocab)
         if f"{linear}.{ADAPTER}.m0" in self.ckpt:  # DoRA: each row rescaled to its magnitude
@@ -294,8 +290,6 @@ def _load_magnitude(adapter: Any, i: int, tensors: Mapping[str, torch.Tensor], m
                     adapter_dir: str | Path) -> list[str]:
     """DoRA: projection ``i``'s magnitude from the adapter (a DoRA model needs one, a LoRA
     model takes none)."""
-    from megarank.models.dora import DoraAdapter
-
     key = f"{PEFT_PREFIX}{module}.{MAGNITUDE}"
     if isinstance(adapter, DoraAdapter) != (key in tensors):
         raise ConversionError(f"{adapter_dir}: {module} {'lacks' if key not in tensors else 'has'}"

@@ -28,6 +28,7 @@ from megarank.checkpoint.templates import (
     serving_notes,
     vllm_fields,
 )
+from megarank.parallel.env import group_rank_and_size
 
 
 def hf_model_type(model_cfg: Any) -> str:
@@ -155,14 +156,6 @@ class _Every(Mapping[str, torch.Tensor]):
         return len(self.names)
 
 
-def _rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _barrier(world: int) -> None:
     if world > 1:
         import torch.distributed as dist
@@ -211,7 +204,7 @@ def export_hf(params: Mapping[str, torch.Tensor], cfg: Any, out_dir: str | Path,
     """
     out = Path(out_dir)
     partial = out.parent / f"{out.name}.partial"
-    rank, world = _rank_and_world()
+    rank, world = group_rank_and_size()
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)

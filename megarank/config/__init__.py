@@ -7,13 +7,19 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from megarank.config.schema import register
-from megarank.config.validate import ConfigError, Derived, check_mandatory, validate
+from megarank.config.validate import (
+    ConfigError,
+    Derived,
+    check_mandatory,
+    padded_vocab_size,
+    validate,
+)
 
 # The Hydra config tree ships inside the package (package data), so an installed wheel has it too.
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 __all__ = ["CONF_DIR", "ConfigError", "Derived", "check_mandatory", "compose", "from_saved",
-           "register", "validate"]
+           "padded_vocab_size", "register", "validate"]
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:

@@ -38,7 +38,8 @@ class ModelConfig:
     ffn_hidden_size: int = MISSING
     """MLP inner width (per branch for gated MLPs)."""
     vocab_size: int = MISSING
-    """Vocabulary rows; padded up to a multiple of make_vocab_size_divisible_by * tp."""
+    """Vocabulary rows; the embedding pads them up to a multiple of make_vocab_size_divisible_by
+    (megarank.config.padded_vocab_size)."""
     make_vocab_size_divisible_by: int = 128
     """Pad the embedding rows so that each tensor-parallel shard is aligned."""
     max_position_embeddings: int = 512

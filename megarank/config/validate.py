@@ -45,6 +45,22 @@ class Derived:
     data.tokens_per_micro_batch: one group's, the least)."""
 
 
+def padded_vocab_size(model: Any) -> int:
+    """Rows of the embedding table (and of a vocab-parallel output layer): ``model.vocab_size``
+    rounded up to a multiple of ``model.make_vocab_size_divisible_by``, so every TP shard has
+    equal, aligned rows. The one place megarank pads the vocabulary.
+
+    Independent of the TP size (:func:`validate` requires make_vocab_size_divisible_by to be
+    divisible by parallel.tensor_model_parallel_size), so a checkpoint's shapes are the same in
+    every layout.
+    """
+    vocab, div = int(model.vocab_size), int(model.make_vocab_size_divisible_by)
+    if vocab < 1 or div < 1:
+        raise ConfigError(f"model.vocab_size ({vocab}) and model.make_vocab_size_divisible_by "
+                          f"({div}) must be positive")
+    return -(-vocab // div) * div
+
+
 def _div(errors: list[str], a_name: str, a: int, b_name: str, b: int) -> None:
     if b <= 0:
         errors.append(f"{b_name} ({b}) must be positive")

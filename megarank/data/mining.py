@@ -48,8 +48,7 @@ import os
 import re
 import sys
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +59,7 @@ from tqdm import tqdm
 
 from megarank.data.beir import Collection, load_collection
 from megarank.data.ranking import RELEVANCE_THRESHOLD, build_run, rank_documents
+from megarank.parallel.env import group_rank_and_size, is_main_process
 
 RETRIEVERS = ("bm25", "model", "dense")
 
@@ -68,10 +68,6 @@ Rescorer = Callable[[Collection, list[tuple[str, str]]], list[float]]
 
 # The shipped run.bm25.trec files are plain BM25 with these parameters and no stemming.
 BM25_K1, BM25_B, BM25_STOPWORDS = 0.9, 0.4, "en"
-
-
-def _is_main() -> bool:
-    return os.environ.get("RANK", "0") == "0"
 
 
 class BM25Index:
@@ -249,10 +245,10 @@ def mine(collection: str | Path, out: str | Path, split: str | None = None,
             stats.skipped_no_positive.append(q)
     ranked: dict[str, list[tuple[str, float]]] = {}
     pos_scores: dict[str, dict[str, float]] = {}
-    rank, world = _rank_world()
+    rank, world = group_rank_and_size()
     if rank == 0:  # under a process group the index is built once, on rank 0, and shared
-        index = BM25Index(coll.corpus, progress and _is_main())
-        for q in tqdm(positives, desc="bm25", unit="query", disable=not (progress and _is_main()),
+        index = BM25Index(coll.corpus, progress and is_main_process())
+        for q in tqdm(positives, desc="bm25", unit="query", disable=not (progress and is_main_process()),
                       file=sys.stderr):
             ranked[q], all_scores = index.top(coll.queries[q], depth)
             pos_scores[q] = {d: float(all_scores[index.position[d]]) for d in positives[q]}
@@ -294,7 +290,7 @@ def mine(collection: str | Path, out: str | Path, split: str | None = None,
         rows.append(json.dumps(row, ensure_ascii=False) + "\n")
     stats.written = len(rows)
     stats.pseudo_written = sum(1 for q in positives if q in made)
-    if _is_main():
+    if is_main_process():
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
@@ -359,10 +355,10 @@ def embed_once(texts: list[str], encode: Callable[[list[str]], np.ndarray], batc
     """
     order = sorted(range(len(texts)), key=lambda i: (-len(texts[i]), i))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    rank, world = _rank_world()
+    rank, world = group_rank_and_size()
     mine = {b: encode([texts[i] for i in batches[b]])
             for b in tqdm(range(rank, len(batches), world), desc=desc, unit="batch",
-                          disable=not (progress and _is_main()), file=sys.stderr)}
+                          disable=not (progress and is_main_process()), file=sys.stderr)}
     if world > 1:
         import torch.distributed as dist
 
@@ -375,34 +371,6 @@ def embed_once(texts: list[str], encode: Callable[[list[str]], np.ndarray], batc
     for b, rows in enumerate(batches):
         out[rows] = mine[b]
     return out
-
-
-def _rank_world() -> tuple[int, int]:
-    """(rank, world size) of the process group, (0, 1) without one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-@contextmanager
-def process_group() -> Iterator[None]:
-    """A gloo process group for the block under torchrun (WORLD_SIZE > 1) when none is up, so
-    mining's ranks share the work; nothing in a plain process."""
-    import torch
-    import torch.distributed as dist
-
-    from megarank.parallel.runtime import init_distributed
-
-    owns = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
-    if owns:
-        init_distributed(torch.device("cpu"))
-    try:
-        yield
-    finally:
-        if owns:
-            dist.destroy_process_group()
 
 
 def _pairs_to_score(ranked: dict[str, list[tuple[str, float]]],

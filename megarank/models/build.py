@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megarank.config import padded_vocab_size
 from megarank.models.cross_encoder import CrossEncoder
 from megarank.models.decoder import DecoderBackbone, Llama3RopeScaling
 from megarank.models.encoder import BertBackbone
 from megarank.models.heads import ClassifierHead, YesNoHead
 from megarank.models.specs import KernelChoice, bert_layer_spec, gpt_layer_spec
 from megarank.parallel.megatron import DTYPES, fusion_settings
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
-    """Rows of the embedding table: vocab rounded up so every TP shard has equal, aligned rows.
-
-    Independent of the TP size (validate() requires divisible_by % tp == 0), so a checkpoint's
-    shapes are the same in every layout.
-    """
-    return int(math.ceil(vocab_size / divisible_by) * divisible_by)
 
 
 def transformer_config(cfg, device: torch.device, kernels: str = "local") -> TransformerConfig:
@@ -77,7 +67,7 @@ def build_cross_encoder(cfg, tconfig: TransformerConfig, kernels: KernelChoice,
     ``answer_ids``: the (yes, no) token ids for ``task.head=yes_no``.
     """
     m = cfg.model
-    vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by)
+    vocab = padded_vocab_size(m)
     if m.family == "bert":
         backbone = BertBackbone(
             tconfig, bert_layer_spec(kernels.name), vocab, m.max_position_embeddings,

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 
-from megarank.models.lora import LoraAdapter
+from megarank.models.lora import LoraAdapter, adapters, add_adapters, transformer_layers
 
 
 class DoraAdapter(LoraAdapter):
@@ -134,8 +134,6 @@ def reset_magnitudes(model: torch.nn.Module) -> int:
     the model holds now: after the base weights are loaded (an HF import, ``model.init_from``),
     so that the adapted model starts equal to its base. Collective over the tensor-parallel group
     (row-parallel norms). Returns the number of adapters reset."""
-    from megarank.models.lora import adapters
-
     inner = model
     while hasattr(inner, "module"):
         inner = inner.module
@@ -149,9 +147,14 @@ def reset_magnitudes(model: torch.nn.Module) -> int:
 
 def _linear(model: torch.nn.Module, global_name: str) -> torch.nn.Module:
     """A linear by the global name :func:`megarank.models.lora.adapters` gives it."""
-    from megarank.models.lora import transformer_layers
-
     for layer_name, layer in transformer_layers(model):
         if global_name.startswith(layer_name + "."):
             return layer.get_submodule(global_name[len(layer_name) + 1:])
     raise KeyError(global_name)
+
+
+def add_dora(model: torch.nn.Module, cfg: Any, tp_rank: int, tp_size: int) -> int:
+    """:func:`megarank.models.lora.add_adapters` with DoRA adapters and their forward hook.
+    The magnitudes are set by :func:`reset_magnitudes` once the base is loaded and the model is
+    on its device (their row norms are collective under TP)."""
+    return add_adapters(model, cfg, tp_rank, tp_size, DoraAdapter, dora_hook)

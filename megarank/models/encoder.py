@@ -18,7 +18,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megarank.models.specs import layer_norm_class
+from megarank.models.norms import layer_norm_class
 
 
 class PostLNTransformerLayer(TransformerLayer):

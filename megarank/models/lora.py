@@ -216,14 +216,15 @@ def adapters(model: torch.nn.Module) -> Iterator[tuple[str, str, LoraAdapter]]:
                 yield f"{layer_name}.{owner}.{target}", target, adapter
 
 
-def add_adapters(model: torch.nn.Module, cfg: Any, tp_rank: int, tp_size: int) -> int:
+def add_adapters(model: torch.nn.Module, cfg: Any, tp_rank: int, tp_size: int,
+                 kind: type[LoraAdapter] = LoraAdapter, make_hook: Any = None) -> int:
     """Freeze ``model`` (a CrossEncoder stage) and put LoRA adapters on its target linears.
 
     Returns the number of trainable parameters on this rank. The head stays trainable with
     ``peft.train_head`` (a yes/no head, which is the vocabulary, never). Call before DDP wraps
-    the model: DDP allocates gradient buffers for trainable parameters only. DoRA's magnitudes
-    are set from the weights by :func:`megarank.models.dora.reset_magnitudes`, once the base
-    is loaded and the model is on its device.
+    the model: DDP allocates gradient buffers for trainable parameters only. ``kind`` and
+    ``make_hook(adapter, linear)`` (the forward hook; default: add the adapters' output) are how
+    :func:`megarank.models.dora.add_dora` puts DoRA adapters on instead.
     """
     pe, m = cfg.peft, cfg.model
     for p in model.parameters():
@@ -232,9 +233,6 @@ def add_adapters(model: torch.nn.Module, cfg: Any, tp_rank: int, tp_size: int) -
     groups = m.num_query_groups or heads
     geometry = (groups, heads // groups, m.head_dim or m.hidden_size // heads)
     dtype = next(model.parameters()).dtype
-    from megarank.models.dora import DoraAdapter, dora_hook
-
-    kind = DoraAdapter if pe.method == "dora" else LoraAdapter
     for layer_name, layer in transformer_layers(model):
         for target in pe.targets:
             owner = getattr(layer, _OWNER[target])
@@ -249,7 +247,7 @@ def add_adapters(model: torch.nn.Module, cfg: Any, tp_rank: int, tp_size: int) -
                 adapter.set_full(i, a, torch.zeros(p.out_features, pe.rank))
             linear.add_module(ADAPTER, adapter)
             linear.register_forward_hook(
-                dora_hook(adapter, linear) if pe.method == "dora" else _hook(adapter))
+                _hook(adapter) if make_hook is None else make_hook(adapter, linear))
             linear.sharded_state_dict = _with_adapter_state(linear, adapter)
     embedding = getattr(model.backbone, "embedding", None) or getattr(
         model.backbone, "embeddings", None)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -24,6 +23,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from megarank.models.attention import SDPAttention
+from megarank.models.encoder import PostLNTransformerLayer
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,6 @@ def bert_layer_spec(kernels: str) -> ModuleSpec:
     The pre-norm slots of megatron's layer stay empty (IdentityOp); the two LayerNorms are applied
     after each residual add by :class:`megarank.models.encoder.PostLNTransformerLayer`.
     """
-    from megarank.models.encoder import PostLNTransformerLayer
-
     if kernels == "te":
         from megatron.core.extensions.transformer_engine import (
             TEColumnParallelLinear,
@@ -140,8 +138,3 @@ def canonical_name(name: str) -> str:
         if name.endswith("." + te):
             return name[: -len(te)] + local
     return name
-
-
-def layer_norm_class(normalization: str) -> type:
-    """megatron's local norm implementation (apex-fused when apex is present, torch otherwise)."""
-    return LocalSpecProvider().layer_norm(rms_norm=normalization == "RMSNorm", for_qk=False)

@@ -15,6 +15,8 @@ import datetime
 import os
 import random
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megarank.parallel import cpu_compat
+from megarank.parallel.env import env_local_rank, env_world_size, launched_by_torchrun
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ def select_device(requested: str) -> torch.device:
         raise RuntimeError("trainer.device is 'cuda' but no CUDA device is available")
     if requested == "cpu" or not has_cuda:
         return torch.device("cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = env_local_rank()
     gpus = torch.cuda.device_count()
     if local_rank >= gpus:
         plural = "s" if gpus != 1 else ""
@@ -91,7 +94,7 @@ def init_distributed(device: torch.device, timeout_minutes: int = 30) -> None:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs: dict = {"device_id": device} if device.type == "cuda" else {}
-    if "RANK" not in os.environ:
+    if not launched_by_torchrun():
         # A world of one rendezvouses through a file: no port to race other processes for.
         fd, path = tempfile.mkstemp(prefix="megarank-rdzv-")
         os.close(fd)
@@ -151,7 +154,7 @@ def current_runtime(device: torch.device) -> Runtime:
     return Runtime(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        local_rank=env_local_rank(),
         device=device,
         tp_rank=ps.get_tensor_model_parallel_rank(),
         tp_size=ps.get_tensor_model_parallel_world_size(),
@@ -170,3 +173,19 @@ def shutdown() -> None:
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def cpu_process_group() -> Iterator[bool]:
+    """A gloo process group for the block, so the ranks of a torchrun job (``WORLD_SIZE`` > 1)
+    share CPU work (export, mining); yields whether it made the group, which it then destroys on
+    the way out. Inside a group already up (a training run, a test's) or in a plain process it
+    makes nothing and leaves the group alone."""
+    owns = env_world_size() > 1 and not dist.is_initialized()
+    if owns:
+        init_distributed(torch.device("cpu"))
+    try:
+        yield owns
+    finally:
+        if owns and dist.is_initialized():
+            dist.destroy_process_group()

@@ -21,8 +21,9 @@ import torch
 from megarank.api import Scorer, load_scorer
 from megarank.data.collate import PairBatch
 from megarank.eval.scorer import score_batches
+from megarank.parallel.env import env_world_size
 from megarank.serving.batcher import DynamicBatcher
-from megarank.stage import build_collator, world_size
+from megarank.stage import build_collator
 
 RELEVANCE = ("raw", "sigmoid")
 """What ``relevance_score`` reports: the model's raw score, or its sigmoid."""
@@ -110,7 +111,7 @@ class RerankEngine:
              device: str | None = None, **kwargs: Any) -> RerankEngine:
         """Load ``model`` (checkpoint, run directory or HF export) in this process, a world of
         one, and build its engine; the process group is shut down if that fails."""
-        if world_size() != 1:
+        if env_world_size() != 1:
             raise RuntimeError("megarank serve runs the model in one process (not under "
                                "torchrun)")
         scorer = load_scorer(model, overrides, device=device)

@@ -15,8 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from megarank.checkpoint.contract import write_contract
 from megarank.checkpoint.manager import CheckpointManager
+from megarank.config import padded_vocab_size
 from megarank.eval.rerank import HeldOutEval
-from megarank.models.build import padded_vocab_size
 from megarank.parallel.megatron import build_optimizer
 from megarank.parallel.runtime import Runtime
 from megarank.stage import Stage, build_stage, peft_enabled
@@ -135,7 +135,7 @@ class Trainer:
         self.metrics.write(
             f"model {cfg.model.name}: {n_params:,} parameters on this rank, {n_trainable:,} "
             f"trained{' (' + cfg.peft.method + ')' if peft_enabled(cfg) else ''} (padded vocab "
-            f"{padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by)}); "
+            f"{padded_vocab_size(cfg.model)}); "
             f"{len(self.dataset)} training groups from {cfg.data.train_path}; output in {self.out}"
         )
         self.checkpoints.report_resume(self.step)

@@ -24,7 +24,6 @@ import httpx
 import pytest
 
 import megarank
-from megarank.serving.batcher import pack_rows
 from tests.helpers.artefacts import score_pairs, torch_threads
 from tests.helpers.hf_tiny import save_tiny
 from tests.helpers.runs import run_cli
@@ -345,18 +344,6 @@ def test_a_model_failure_is_a_500_for_that_request_only(models):
         srv.should_exit = True
         thread.join(60)
         engine.close()
-
-
-def test_pack_rows_sorts_by_length_within_the_token_budget():
-    lengths = [5, 40, 7, 40, 12, 3, 33]
-    passes = pack_rows(lengths, max_batch_tokens=96, pad_to_multiple_of=8)
-    assert sorted(i for p in passes for i in p) == list(range(len(lengths)))
-    flat = [lengths[i] for p in passes for i in p]
-    assert flat == sorted(lengths, reverse=True)
-    for p in passes:
-        width = -(-max(lengths[i] for i in p) // 8) * 8
-        assert len(p) * width <= 96 or len(p) == 1
-    assert pack_rows([500], max_batch_tokens=96) == [[0]]  # never an empty pass
 
 
 def test_sigterm_lets_the_request_in_flight_finish(server):

@@ -93,3 +93,13 @@ def test_a_contract_mismatch_is_refused_and_leaves_no_process_group(trained, tmp
     with pytest.raises(ValueError, match="does not match how this model would score"):
         megarank.load_scorer(hf)
     assert not dist.is_initialized()
+
+
+def test_an_argument_error_names_the_parameter_and_the_command_its_flag():
+    from megarank.api import ArgumentError
+
+    e = ArgumentError("{0} ({value!r}) must be positive, with {1}", "max_shard_mb", "dtype",
+                      value="{-1}")
+    assert str(e) == "max_shard_mb ('{-1}') must be positive, with dtype"
+    assert e.as_flags() == "--max-shard-mb ('{-1}') must be positive, with --dtype"
+    assert isinstance(e, ValueError)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import shutil
+from types import SimpleNamespace
 
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from megarank.config import CONF_DIR, ConfigError, compose, validate
+from megarank.config import CONF_DIR, ConfigError, compose, padded_vocab_size, validate
 
 
 def _names(group: str) -> list[str]:
@@ -159,3 +160,21 @@ def test_a_dropout_set_in_the_config_wins_over_the_hf_configs():
                                "model.num_layers=2"])).model
     assert (off.hidden_dropout, off.attention_dropout, off.num_layers) == (0.0, 0.0, 6)
     assert compose(["model=bert_tiny"]).model.hidden_dropout is None  # no HF config: 0 at build
+
+
+@pytest.mark.parametrize(("vocab", "divisible_by", "rows"), [
+    (30522, 128, 30592),    # BERT's vocabulary: 238.5 blocks of 128, padded to 239
+    (151665, 128, 151680),  # Qwen2's tokenizer
+    (152064, 128, 152064),  # already a multiple: unchanged
+    (1, 8, 8),
+])
+def test_padded_vocab_size_rounds_up_to_the_multiple(vocab, divisible_by, rows):
+    model = SimpleNamespace(vocab_size=vocab, make_vocab_size_divisible_by=divisible_by)
+    assert padded_vocab_size(model) == rows
+    assert rows % divisible_by == 0 and 0 <= rows - vocab < divisible_by
+
+
+def test_padded_vocab_size_names_the_fields_of_a_bad_divisor():
+    model = SimpleNamespace(vocab_size=100, make_vocab_size_divisible_by=0)
+    with pytest.raises(ConfigError, match=r"model.make_vocab_size_divisible_by \(0\)"):
+        padded_vocab_size(model)

@@ -1,8 +1,8 @@
-"""The import contract (.importlinter at the repository root) holds, and it does catch a breach.
+"""The import contracts (.importlinter at the repository root) hold, and they do catch a breach.
 
-The breach is shown on a copy of the package under another name (``megarank_probe``), where the
-ranking module (data layer) imports the ``evaluate`` command: both contracts must then fail, with
-the offending import named.
+A breach is shown on a copy of the package under another name (``megarank_probe``): the ranking
+module (data layer) importing the ``evaluate`` command breaks the command and layer contracts;
+the encoder importing the specs that import it breaks the no-cycles contract, naming the package.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from importlinter.cli import lint_imports
 
 REPO = Path(__file__).resolve().parents[2]
 CONTRACT = REPO / ".importlinter"
+WORD = re.compile(r"\bmegarank\.")
 
 
 def _lint(config: Path, capsys) -> tuple[int, str]:
@@ -23,30 +24,44 @@ def _lint(config: Path, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().out
 
 
-def test_the_import_contract_holds(capsys):
-    code, out = _lint(CONTRACT, capsys)
-    assert code == 0, out
-    assert "2 kept, 0 broken" in out
-
-
-def test_the_contract_fails_when_the_library_imports_a_command(tmp_path, capsys, monkeypatch):
+def _lint_probe(tmp_path, capsys, monkeypatch, module: str, line: str) -> tuple[int, str]:
+    """Lint a copy of the package named megarank_probe, with ``line`` appended to ``module``."""
     probe = tmp_path / "megarank_probe"
     shutil.copytree(REPO / "megarank", probe, ignore=shutil.ignore_patterns("assets", "conf",
                                                                           "__pycache__"))
-    word = re.compile(r"\bmegarank\.")
     for py in probe.rglob("*.py"):
-        py.write_text(word.sub("megarank_probe.", py.read_text()))
-    ranking = probe / "data" / "ranking.py"
-    ranking.write_text(ranking.read_text() + "\nimport megarank_probe.evaluate  # noqa\n")
+        py.write_text(WORD.sub("megarank_probe.", py.read_text()))
+    target = probe / module
+    target.write_text(target.read_text() + f"\n{line}  # noqa\n")
     config = tmp_path / ".importlinter"
-    text = CONTRACT.read_text().replace("root_package = megarank", "root_package = megarank_probe")
-    config.write_text(word.sub("megarank_probe.", text))
+    config.write_text(re.sub(r"\bmegarank\b", "megarank_probe", CONTRACT.read_text()))
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
-        code, out = _lint(config, capsys)
+        return _lint(config, capsys)
     finally:
         for name in [m for m in sys.modules if m.startswith("megarank_probe")]:
             del sys.modules[name]
+
+
+def test_the_import_contract_holds(capsys):
+    code, out = _lint(CONTRACT, capsys)
+    assert code == 0, out
+    assert "3 kept, 0 broken" in out
+
+
+def test_the_contract_fails_when_the_library_imports_a_command(tmp_path, capsys, monkeypatch):
+    code, out = _lint_probe(tmp_path, capsys, monkeypatch, "data/ranking.py",
+                            "import megarank_probe.evaluate")
     assert code != 0
-    assert "0 kept, 2 broken" in out
+    assert "The library never imports a command BROKEN" in out
+    assert "Library layers: each imports only the ones below it BROKEN" in out
     assert "megarank_probe.data.ranking -> megarank_probe.evaluate" in out
+
+
+def test_the_contract_fails_when_two_model_files_import_each_other(tmp_path, capsys,
+                                                                   monkeypatch):
+    code, out = _lint_probe(tmp_path, capsys, monkeypatch, "models/encoder.py",
+                            "import megarank_probe.models.specs")
+    assert code != 0
+    assert "2 kept, 1 broken" in out and "No import cycles between sibling modules BROKEN" in out
+    assert "No cycles are allowed in megarank_probe.models." in out

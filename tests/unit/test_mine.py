@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from megarank.api import mine_triplets
+from megarank.api import ArgumentError, mine_triplets
 from megarank.data.beir import candidates, load_collection, read_trec_run
 from megarank.data.mining import BM25Index, judged_positives, select_negatives
 from megarank.data.triplets import read_triplets
+from megarank.mine import main as mine_command
 from tests.helpers.runs import data_dir
 
 ROOT = data_dir("cranfield")
@@ -112,8 +113,12 @@ def test_queries_without_positive_are_skipped_and_counted(tmp_path):
 
 
 def test_dense_retriever_needs_a_model(tmp_path):
-    with pytest.raises(ValueError, match="--retriever dense needs --model"):
+    # The library names its parameters; the command says its flags.
+    with pytest.raises(ArgumentError, match=r"^retriever dense needs model \(a reranker"):
         mine_triplets(ROOT, tmp_path / "x.jsonl", retriever="dense", progress=False)
+    with pytest.raises(SystemExit, match=r"megarank mine: --retriever dense needs --model "):
+        mine_command(["--collection", str(ROOT), "--out", str(tmp_path / "x.jsonl"), "--retriever", "dense"])
+    assert not (tmp_path / "x.jsonl").exists()
 
 
 def test_a_pseudo_query_needs_a_positive_and_a_negative_besides_its_source(tmp_path):

@@ -205,3 +205,17 @@ def test_scoring_batches_pairs_by_length_and_keeps_their_order(model, passages):
                    for i in range(0, len(rows), 4))
     assert sum(computed) < 0.85 * in_order, (sum(computed), in_order)
     torch.testing.assert_close(batched, alone, rtol=0, atol=1e-5)
+
+
+def test_length_passes_sort_longest_first_within_the_token_and_row_budgets():
+    from megarank.data.budget import length_passes
+
+    lengths = [5, 40, 7, 40, 12, 3, 33]
+    passes = length_passes(lengths, max_tokens=96, pad_multiple=8)
+    assert sorted(i for p in passes for i in p) == list(range(len(lengths)))
+    assert [lengths[i] for p in passes for i in p] == sorted(lengths, reverse=True)
+    for p in passes:
+        width = -(-max(lengths[i] for i in p) // 8) * 8
+        assert len(p) * width <= 96 or len(p) == 1
+    assert length_passes([500], max_tokens=96) == [[0]]  # never an empty pass
+    assert [len(p) for p in length_passes(lengths, max_rows=3)] == [3, 3, 1]

@@ -12,8 +12,7 @@ import math
 
 import pytest
 
-from megarank.config import compose
-from megarank.models.build import padded_vocab_size
+from megarank.config import compose, padded_vocab_size
 from megarank.stage import build_stage
 from megarank.training.flops import step_flops
 from megarank.training.memory import measure_stage
@@ -24,7 +23,6 @@ from megarank.training.plan import (
     gpu_memory,
     korthikanti_layer_bytes,
     layer_terms,
-    padded_vocab,
     paper_layer_terms,
     plan_memory,
     suggestions,
@@ -186,7 +184,7 @@ def test_distributed_optimizer_bytes_per_parameter_follow_megatron():
 
 def test_vocab_padding_and_flops_reuse_the_model_code():
     cfg = compose(["model=qwen2_7b", "parallel=tp4_pp2"])
-    assert padded_vocab(cfg.model) == padded_vocab_size(cfg.model.vocab_size, 128) == 152064
+    assert padded_vocab_size(cfg.model) == 152064
     plan = plan_memory(cfg, 16)
     seqs = cfg.trainer.global_batch_size * cfg.task.group_size
     assert plan.step_flops == step_flops(cfg.model, cfg.data.max_length, seqs)

@@ -19,8 +19,7 @@ from megarank.checkpoint.hf import (
     tp_slice,
 )
 from megarank.checkpoint.hf_mappings import rules_for
-from megarank.config import compose
-from megarank.models.build import padded_vocab_size
+from megarank.config import compose, padded_vocab_size
 from megarank.stage import build_stage
 from tests.helpers.hf_tiny import save_tiny
 
@@ -40,7 +39,7 @@ def test_rank_reads_equal_slices_of_the_full_tensors(models, kind, tp):
     cfg = compose(["model=hf", f"model.hf_path={models[kind]}", f"task.head={head}"])
     with build_stage(cfg, device="cpu", load_hf=False) as stage:
         m = stage.cfg.model
-        vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by)
+        vocab = padded_vocab_size(m)
         full_bytes, rank_bytes, sliced = 0, [0] * tp, 0
         for local, param in stage.model.module.named_parameters():
             rule, layer = match(global_name(local, 0), rules_for(m))

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import megarank
+from megarank.api import ArgumentError
 from megarank.checkpoint.stream import CheckpointTensors
 from megarank.config import compose
 
@@ -62,5 +63,5 @@ def test_export_writes_bounded_shards_and_casts(checkpoint, tmp_path):
     assert all(t.dtype == torch.bfloat16 for t in cast.values())
     assert all(torch.equal(cast[k], whole[k].to(torch.bfloat16)) for k in whole)
     assert json.loads((half / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    with pytest.raises(ValueError, match="--dtype"):
+    with pytest.raises(ArgumentError, match=r"^dtype \('int8'\) must be one of fp32, bf16"):
         megarank.convert_to_hf(checkpoint, tmp_path / "x", dtype="int8")
