@@ -116,8 +116,8 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path, overrides: Sequence[str
     """Import an HF model directory as a megarank checkpoint (under torchrun each rank reads only
     its shard of the weights, in the layout ``overrides`` ask for).
 
-    ``adapter``: a PEFT LoRA adapter directory for ``hf_dir``; the checkpoint is then a LoRA
-    checkpoint (adapters and head) whose base is ``hf_dir``.
+    ``adapter``: a PEFT LoRA or DoRA adapter directory for ``hf_dir``; the checkpoint is then a
+    LoRA/DoRA checkpoint (adapters and head) whose base is ``hf_dir``.
     """
     from omegaconf import OmegaConf
 
@@ -129,11 +129,16 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path, overrides: Sequence[str
     if adapter is not None:
         from megarank.checkpoint.adapters import adapter_targets, read_adapter
 
-        _, lora = read_adapter(adapter)
+        conf, lora = read_adapter(adapter)
         probe, _ = saved_config(hf_dir, overrides)
         targets = ",".join(adapter_targets(adapter, probe))
-        lora = ["peft=lora", *lora, f"peft.targets=[{targets}]"]
+        lora = [*lora, f"peft.targets=[{targets}]"]  # peft=lora or peft=dora first
     cfg, _ = saved_config(hf_dir, [*lora, *overrides])
+    if adapter is not None and conf.get("use_dora") and cfg.peft.method != "dora":
+        raise ArgumentError("{path}: {0} is a DoRA adapter (use_dora) and peft.method is "
+                            "{method}: DoRA over a 4-bit base (QDoRA) is not supported, and a "
+                            "DoRA adapter imports as peft=dora only", "adapter", path=adapter,
+                            method=cfg.peft.method)
     out_path = Path(out).resolve()
     with build_stage(cfg, device="cpu") as stage:
         if adapter is not None:
@@ -191,8 +196,8 @@ def convert_to_hf(checkpoint: str | Path, out: str | Path, *, as_classifier: boo
     tensors: Any = CheckpointTensors(path)
     lora = peft_enabled(cfg)
     if adapter and not lora:
-        raise ArgumentError("{path}: {0} needs a LoRA checkpoint (peft.method lora), this one "
-                            "trained every weight", "adapter", path=path)
+        raise ArgumentError("{path}: {0} needs a LoRA or DoRA checkpoint (peft.method lora or "
+                            "dora), this one trained every weight", "adapter", path=path)
     if adapter:
         from megarank.checkpoint.adapters import export_adapter
 

@@ -211,10 +211,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=None,
                     help="one seed for mining's draws and training (default: mine's 0 and "
                          "trainer.seed's 1234)")
-    ap.add_argument("--peft", default="lora", choices=("none", "lora"),
+    ap.add_argument("--peft", default="lora", choices=("none", "lora", "dora"),
                     help="lora (default): train LoRA adapters and the head, the encoder frozen; "
+                         "dora: DoRA (LoRA plus a magnitude per output row); "
                          "none: fine-tune every weight")
-    ap.add_argument("--lora-rank", type=int, default=16, help="--peft lora: rank (alpha = 2 x rank)")
+    ap.add_argument("--lora-rank", type=int, default=16,
+                    help="--peft lora/dora: rank (alpha = 2 x rank)")
     ap.add_argument("--fuse-bm25", type=float, default=0.0,
                     help="weight of BM25 in the teacher's scores (megarank mine --fuse-bm25)")
     ap.add_argument("--no-teacher", action="store_true",
@@ -223,7 +225,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="reuse OUT's mined triplets and imported encoder when they are there")
     args = ap.parse_args(argv)
     if args.lr is None:
-        args.lr = 1e-3 if args.peft == "lora" else 1e-4
+        args.lr = 1e-4 if args.peft == "none" else 1e-3
     train_on = [n for n in args.train_on.split(",") if n]
     if not train_on or set(train_on) - set(COLLECTIONS):
         ap.error(f"--train-on takes some of {', '.join(COLLECTIONS)}, got {args.train_on!r}")

@@ -47,6 +47,7 @@ from megarank.models.build import (
     sync_tied_output_layer,
     transformer_config,
 )
+from megarank.models.dora import add_dora, reset_magnitudes
 from megarank.models.lora import add_adapters
 from megarank.models.specs import KernelChoice, check_kernel_support, select_kernels
 from megarank.parallel.env import env_world_size
@@ -57,7 +58,8 @@ logger = logging.getLogger("megarank")  # the run's logger (training/logs.py set
 
 
 def peft_enabled(cfg: DictConfig) -> bool:
-    """Whether the run trains adapters (``peft.method`` lora or qlora) instead of every weight."""
+    """Whether the run trains adapters (``peft.method`` lora, qlora or dora) instead of every
+    weight."""
     return cfg.get("peft") is not None and cfg.peft.method != "none"
 
 
@@ -260,9 +262,12 @@ def build_model(cfg: DictConfig, rt: Runtime, contract: ScoringContract,
     sync_tied_output_layer(model)
     if peft_enabled(cfg):
         # Before DDP: it allocates gradient buffers for what still trains.
-        add_adapters(model, cfg, rt.tp_rank, rt.tp_size)
+        (add_dora if cfg.peft.method == "dora" else add_adapters)(
+            model, cfg, rt.tp_rank, rt.tp_size)
         model.frozen_base_external = bool(cfg.model.hf_path or cfg.model.init_from)
     model.to(rt.device)
+    if peft_enabled(cfg):
+        reset_magnitudes(model)  # DoRA: from the base just loaded, on the device (collective)
     ddp = wrap_model(model, tconfig, cfg.trainer.precision,
                      cfg.parallel.use_distributed_optimizer)
     return ddp, kernels

@@ -1,6 +1,6 @@
 """Switch off one feature at a time and name the tests that catch it.
 
-    python tests/switch_off.py [NAME ...]      # all five when no name is given
+    python tests/switch_off.py [NAME ...]      # all of them when no name is given
 
 Each entry edits one line of the library (an exact text replacement that must match once), runs
 the test files that should notice, lists the tests that failed, and puts the line back (also on
@@ -34,6 +34,28 @@ FEATURES = {
         "return full.chunk(self.tp_size, dim)[self.tp_rank]",
         "return full.chunk(self.tp_size, dim)[0]",
         ["tests/integration/test_lora.py", "tests/distributed/test_lora_layouts.py"],
+    ),
+    "dora-magnitude": (
+        "DoRA's magnitude rescaling (each row's m / ||W + s B A|| taken as 1: plain LoRA)",
+        "megarank/models/dora.py",
+        "factor = magnitude / adapter.weight_norm(linear.weight).to(magnitude.dtype)",
+        "factor = torch.ones_like(magnitude)",
+        ["tests/integration/test_dora.py"],
+    ),
+    "dora-row-norm-reduce": (
+        "DoRA's row norm under TP (a row-parallel rank's norm of its own columns, not reduced)",
+        "megarank/models/dora.py",
+        'if self.parallel == "row" and self.tp_size > 1:',
+        "if False:",
+        ["tests/distributed/test_lora_layouts.py"],
+    ),
+    "dora-init-from": (
+        "DoRA's magnitudes set again after model.init_from loads the base (they stay the norms "
+        "of the weights the model was built with)",
+        "megarank/checkpoint/manager.py",
+        "                reset_magnitudes(self.model)\n",
+        "",
+        ["tests/integration/test_dora.py"],
     ),
     "resume-rng": (
         "resume's RNG restore (Python, NumPy, torch and megatron's tracker states)",

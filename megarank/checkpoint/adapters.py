@@ -1,10 +1,12 @@
-"""LoRA checkpoints to and from Hugging Face: a merged model, or a PEFT adapter directory.
+"""LoRA and DoRA checkpoints to and from Hugging Face: a merged model, or a PEFT adapter directory.
 
 A LoRA checkpoint holds the adapters (``...linear_qkv.lora.a0`` / ``b0`` ..., one pair per HF
-projection) and the trained head; its frozen base is the HF model (``model.hf_path``) or the
+projection; DoRA adds the magnitude ``m0`` ..., PEFT's ``lora_magnitude_vector``) and the trained
+head; its frozen base is the HF model (``model.hf_path``) or the
 megarank checkpoint (``model.init_from``) it was trained from, recorded in its config.
 
-- :class:`MergedTensors`: the full model's tensors with ``W + (alpha / r) * B A`` folded in, read
+- :class:`MergedTensors`: the full model's tensors with ``W + (alpha / r) * B A`` folded in
+  (DoRA: ``m / ||W + (alpha / r) B A|| * (W + (alpha / r) B A)`` row by row), read
   one at a time (the streaming HF export takes it where it takes a checkpoint's tensors).
 - :func:`export_adapter`: ``adapter_config.json`` + ``adapter_model.safetensors`` with HF
   parameter names, which ``peft.PeftModel.from_pretrained(base, dir)`` loads onto the base.
@@ -32,13 +34,15 @@ from megarank.checkpoint.hf import (
 )
 from megarank.checkpoint.hf_mappings import rules_for
 from megarank.config import padded_vocab_size
+from megarank.models.dora import DoraAdapter
 from megarank.models.lora import ADAPTER, PARALLEL, delta_weights
 from megarank.models.specs import TE_FUSED_NORMS
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-_ADAPTER_KEY = re.compile(rf"^(.+)\.{ADAPTER}\.([ab])(\d+)$")
+_ADAPTER_KEY = re.compile(rf"^(.+)\.{ADAPTER}\.([abm])(\d+)$")
+MAGNITUDE = "lora_magnitude_vector"  # PEFT's DoRA magnitude, one per HF projection
 
 
 def _hf_module(hf_weight: str) -> str:
@@ -102,7 +106,8 @@ def base_tensors(cfg: Any, checkpoint: Mapping[str, torch.Tensor]) -> Mapping[st
 
 class MergedTensors(Mapping[str, torch.Tensor]):
     """A LoRA model's full tensors with the adapters merged: ``W + (alpha / r) * B A`` per HF
-    projection, folded into megatron's fused layout by the same transform as the weights."""
+    projection, folded into megatron's fused layout by the same transform as the weights; for
+    DoRA each row o of that is then scaled by ``m[o] / ||row o||`` (PEFT's merge)."""
 
     def __init__(self, checkpoint: Mapping[str, torch.Tensor], cfg: Any) -> None:
         self.ckpt, self.cfg = checkpoint, cfg
@@ -122,9 +127,14 @@ class MergedTensors(Mapping[str, torch.Tensor]):
         a = [self.ckpt[f"{linear}.{ADAPTER}.a{i}"] for i in range(n)]
         b = [self.ckpt[f"{linear}.{ADAPTER}.b{i}"] for i in range(n)]
         rule, _ = match(name, rules_for(self.cfg.model))
-        delta = to_megarank(rule, delta_weights(a, b, self.scale), self.cfg.model,
-                            padded_vocab_size(self.cfg.model))
-        return (t.float() + delta).to(t.dtype)
+        vocab = padded_vocab_size(self.cfg.model)
+        merged = t.float() + to_megarank(rule, delta_weights(a, b, self.scale), self.cfg.model,
+                                         vocab)
+        if f"{linear}.{ADAPTER}.m0" in self.ckpt:  # DoRA: each row rescaled to its magnitude
+            m = to_megarank(rule, [self.ckpt[f"{linear}.{ADAPTER}.m{i}"].float()
+                                   for i in range(n)], self.cfg.model, vocab)
+            merged = merged * (m / torch.linalg.vector_norm(merged, dim=1))[:, None]
+        return merged.to(t.dtype)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -156,17 +166,10 @@ def base_reference(cfg: Any) -> str:
                           "export the merged model instead (without --adapter)")
 
 
-def export_adapter(checkpoint: Mapping[str, torch.Tensor], cfg: Any, out_dir: str | Path,
-                   tokenizer: Any, contract: Any = None, dtype: torch.dtype | None = None) -> Path:
-    """Write a LoRA checkpoint's adapters (and trained head) as a PEFT adapter directory."""
-    from dataclasses import asdict
-
-    from peft import LoraConfig, TaskType
-
-    from megarank.checkpoint.contract import FILE as CONTRACT_FILE
-    from megarank.checkpoint.hf import iter_hf_tensors
-
-    base = base_reference(cfg)
+def _adapter_tensors(checkpoint: Mapping[str, torch.Tensor], cfg: Any,
+                     dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A checkpoint's adapters under PEFT's names (``lora_A`` / ``lora_B``, DoRA's magnitude),
+    and the HF modules they adapt."""
     rules = rules_for(cfg.model)
     tensors: dict[str, torch.Tensor] = {}
     modules: list[str] = []
@@ -175,10 +178,28 @@ def export_adapter(checkpoint: Mapping[str, torch.Tensor], cfg: Any, out_dir: st
         for i, hf in enumerate(hf_names(rule, layer)[:n]):
             module = _hf_module(hf)
             modules.append(module)
-            for which, key in (("a", "lora_A"), ("b", "lora_B")):
+            keys = [("a", "lora_A.weight"), ("b", "lora_B.weight")]
+            if f"{linear}.{ADAPTER}.m{i}" in checkpoint:
+                keys.append(("m", MAGNITUDE))
+            for which, key in keys:
                 t = checkpoint[f"{linear}.{ADAPTER}.{which}{i}"]
-                tensors[f"{PEFT_PREFIX}{module}.{key}.weight"] = (
+                tensors[f"{PEFT_PREFIX}{module}.{key}"] = (
                     t if dtype is None else t.to(dtype)).contiguous()
+    return tensors, modules
+
+
+def export_adapter(checkpoint: Mapping[str, torch.Tensor], cfg: Any, out_dir: str | Path,
+                   tokenizer: Any, contract: Any = None, dtype: torch.dtype | None = None) -> Path:
+    """Write a LoRA/DoRA checkpoint's adapters (and trained head) as a PEFT adapter directory."""
+    from dataclasses import asdict
+
+    from peft import LoraConfig, TaskType
+
+    from megarank.checkpoint.contract import FILE as CONTRACT_FILE
+    from megarank.checkpoint.hf import iter_hf_tensors
+
+    base = base_reference(cfg)
+    tensors, modules = _adapter_tensors(checkpoint, cfg, dtype)
     own = [(n, checkpoint[n]) for n in checkpoint if not _ADAPTER_KEY.match(n)]
     stray = [n for n, _ in own if not n.startswith("head.")]
     if stray:
@@ -192,7 +213,7 @@ def export_adapter(checkpoint: Mapping[str, torch.Tensor], cfg: Any, out_dir: st
         r=cfg.peft.rank, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
         target_modules=sorted(set(modules)), bias="none", task_type=task,
         modules_to_save=_head_modules(cfg) if head_trained else None,
-        base_model_name_or_path=base,
+        base_model_name_or_path=base, use_dora=cfg.peft.method == "dora",
     )
     out = Path(out_dir)
     partial = out.parent / f"{out.name}.partial"
@@ -211,8 +232,8 @@ def export_adapter(checkpoint: Mapping[str, torch.Tensor], cfg: Any, out_dir: st
 
 
 def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], list[str]]:
-    """A PEFT LoRA adapter's settings, checked for what megarank computes, and its
-    ``peft.*`` overrides."""
+    """A PEFT LoRA or DoRA (``use_dora``) adapter's settings, checked for what megarank
+    computes, and its ``peft`` overrides (``peft=lora`` or ``peft=dora`` first)."""
     path = Path(adapter_dir)
     cfg_file = path / ADAPTER_CONFIG
     if not cfg_file.is_file() or not (path / ADAPTER_WEIGHTS).is_file():
@@ -222,7 +243,7 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], list[str]]:
     problems = []
     if conf.get("peft_type") != "LORA":
         problems.append(f"peft_type {conf.get('peft_type')!r} (only LORA)")
-    for key in ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias"):
+    for key in ("use_rslora", "fan_in_fan_out", "lora_bias", "use_qalora"):
         if conf.get(key):
             problems.append(f"{key}=true")
     for key in ("rank_pattern", "alpha_pattern"):
@@ -232,7 +253,8 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], list[str]]:
         problems.append(f"bias={conf['bias']!r}")
     if problems:
         raise ConversionError(f"{cfg_file}: megarank cannot represent {', '.join(problems)}")
-    return conf, [f"peft.rank={conf['r']}", f"peft.alpha={conf['lora_alpha']}",
+    return conf, [f"peft={'dora' if conf.get('use_dora') else 'lora'}", f"peft.rank={conf['r']}",
+                  f"peft.alpha={conf['lora_alpha']}",
                   f"peft.dropout={conf.get('lora_dropout', 0.0)}"]
 
 
@@ -264,6 +286,21 @@ def adapter_targets(adapter_dir: str | Path, cfg: Any) -> list[str]:
     return [t for t in PARALLEL if t in targets]
 
 
+def _load_magnitude(adapter: Any, i: int, tensors: Mapping[str, torch.Tensor], module: str,
+                    adapter_dir: str | Path) -> list[str]:
+    """DoRA: projection ``i``'s magnitude from the adapter (a DoRA model needs one, a LoRA
+    model takes none)."""
+    key = f"{PEFT_PREFIX}{module}.{MAGNITUDE}"
+    if isinstance(adapter, DoraAdapter) != (key in tensors):
+        raise ConversionError(f"{adapter_dir}: {module} {'lacks' if key not in tensors else 'has'}"
+                              f" a DoRA {MAGNITUDE} and the model is "
+                              f"{'DoRA' if key not in tensors else 'LoRA'} (peft.method)")
+    if key not in tensors:
+        return []
+    adapter.set_magnitude(i, tensors[key].float())
+    return [key]
+
+
 def load_adapter(adapter_dir: str | Path, model: torch.nn.Module, cfg: Any,
                  whole_model: bool = True) -> list[str]:
     """Copy a PEFT adapter's A/B tensors (and saved head) into a built LoRA model (this rank's
@@ -285,6 +322,7 @@ def load_adapter(adapter_dir: str | Path, model: torch.nn.Module, cfg: Any,
             if ka in tensors:
                 adapter.set_full(i, tensors[ka].float(), tensors[kb].float())
                 used += [ka, kb]
+                used += _load_magnitude(adapter, i, tensors, module, adapter_dir)
     if inner.head is not None:
         for name, param in inner.head.named_parameters(prefix="head"):
             found = match(name, rules)

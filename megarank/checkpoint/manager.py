@@ -32,6 +32,7 @@ from megarank.checkpoint.dist import (
     resumable_checkpoint,
     save_checkpoint,
 )
+from megarank.models.dora import reset_magnitudes
 from megarank.parallel.megatron import async_save_queue, weights_are_finite
 from megarank.parallel.runtime import Runtime
 
@@ -80,6 +81,12 @@ class CheckpointManager:
         if init_from and (self.resume_from is None or base_always):
             load_model_weights(init_from, self.model, part="base")
         if self.resume_from is None:
+            if init_from:
+                # The weights changed under the optimizer, built before: DoRA's magnitudes
+                # (the norms of W's rows) follow the loaded base, and mixed precision's fp32
+                # main weights are copied again from the model's.
+                reset_magnitudes(self.model)
+                self.optimizer.reload_model_params()
             return {"step": 0, "consumed_samples": 0}
         state = load_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler,
                                 self.rt)

@@ -355,11 +355,13 @@ class PeftConfig:
     ``none`` trains every weight. ``lora`` freezes the backbone and trains, on each target linear,
     ``W x + (alpha / rank) * B A x`` with one (A, B) pair per Hugging Face projection (q, k, v of a
     fused QKV; gate and up of a fused fc1), so adapters convert to and from PEFT exactly.
-    ``qlora`` is LoRA over a base stored 4-bit (NF4, bitsandbytes).
+    ``qlora`` is LoRA over a base stored 4-bit (NF4, bitsandbytes). ``dora`` is PEFT's DoRA:
+    LoRA plus a trained magnitude per output row, ``m / ||W + s B A|| * (W x + s B A x)``
+    (megarank.models.dora); DoRA over a 4-bit base (QDoRA) is not supported.
     """
 
     method: str = "none"
-    """``none``, ``lora`` or ``qlora``."""
+    """``none``, ``lora``, ``qlora`` or ``dora``."""
     rank: int = 16
     """LoRA rank r."""
     alpha: float = 32.0

@@ -110,7 +110,7 @@ def check_mandatory(cfg: Any) -> None:
             f"{name} must be set (e.g. {name}=...)" for name in missing))
 
 
-PEFT_METHODS = ("none", "lora", "qlora")
+PEFT_METHODS = ("none", "lora", "qlora", "dora")
 PEFT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
@@ -138,10 +138,10 @@ def _check_peft(errors: list[str], cfg: Any) -> None:
     if len(set(targets)) != len(targets):
         errors.append(f"peft.targets ({targets}) names a linear twice")
     if cfg.parallel.sequence_parallel:
-        errors.append("peft.method lora/qlora with parallel.sequence_parallel is not supported: "
+        errors.append("peft.method lora/qlora/dora with parallel.sequence_parallel is not supported: "
                       "the adapters read the full sequence")
     if cfg.trainer.kernels == "te":
-        errors.append("peft.method lora/qlora runs on megatron's local layers: Transformer "
+        errors.append("peft.method lora/qlora/dora runs on megatron's local layers: Transformer "
                       "Engine fuses the norm into the linear and hides its input from the "
                       "adapter (set trainer.kernels=auto or local)")
     if pe.method == "qlora" and not cfg.model.hf_path:

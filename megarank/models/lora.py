@@ -128,7 +128,10 @@ class LoraAdapter(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The adapters' output [s, b, out / tp] (column) or [s, b, out] (row) for input x."""
-        x = self.dropout(x)
+        return self.lora_output(self.dropout(x))
+
+    def lora_output(self, x: torch.Tensor) -> torch.Tensor:
+        """``s B A x`` in the fused linear's local layout, for an input already dropped out."""
         outs = []
         for a, b in self.pairs():
             low = F.linear(x, a)
@@ -137,19 +140,23 @@ class LoraAdapter(torch.nn.Module):
             else:
                 low = tensor_parallel.reduce_from_tensor_model_parallel_region(low)
             outs.append(F.linear(low, b))
+        return self.fused(outs) * self.scale
+
+    def fused(self, per_part: list[torch.Tensor]) -> torch.Tensor:
+        """Per-projection tensors (last dim: this rank's rows of each) in the fused linear's
+        local row order."""
         if self.layout == "copy":
-            out = outs[0]
-        elif self.layout == "gate_up":  # megatron's fc1 shard: [this rank's gate; its up]
-            out = torch.cat(outs, dim=-1)
-        else:  # megatron's QKV rows: [group][q heads of the group, k, v]
-            groups, per_group, d = self.geometry
-            local = groups // self.tp_size
-            lead = outs[0].shape[:-1]
-            q = outs[0].reshape(*lead, local, per_group * d)
-            k = outs[1].reshape(*lead, local, d)
-            v = outs[2].reshape(*lead, local, d)
-            out = torch.cat([q, k, v], dim=-1).reshape(*lead, -1)
-        return out * self.scale
+            return per_part[0]
+        if self.layout == "gate_up":  # megatron's fc1 shard: [this rank's gate; its up]
+            return torch.cat(per_part, dim=-1)
+        # megatron's QKV rows: [group][q heads of the group, k, v]
+        groups, per_group, d = self.geometry
+        local = groups // self.tp_size
+        lead = per_part[0].shape[:-1]
+        q = per_part[0].reshape(*lead, local, per_group * d)
+        k = per_part[1].reshape(*lead, local, d)
+        v = per_part[2].reshape(*lead, local, d)
+        return torch.cat([q, k, v], dim=-1).reshape(*lead, -1)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: dict | None = None) -> dict[str, Any]:
@@ -209,12 +216,15 @@ def adapters(model: torch.nn.Module) -> Iterator[tuple[str, str, LoraAdapter]]:
                 yield f"{layer_name}.{owner}.{target}", target, adapter
 
 
-def add_adapters(model: torch.nn.Module, cfg: Any, tp_rank: int, tp_size: int) -> int:
+def add_adapters(model: torch.nn.Module, cfg: Any, tp_rank: int, tp_size: int,
+                 kind: type[LoraAdapter] = LoraAdapter, make_hook: Any = None) -> int:
     """Freeze ``model`` (a CrossEncoder stage) and put LoRA adapters on its target linears.
 
     Returns the number of trainable parameters on this rank. The head stays trainable with
     ``peft.train_head`` (a yes/no head, which is the vocabulary, never). Call before DDP wraps
-    the model: DDP allocates gradient buffers for trainable parameters only.
+    the model: DDP allocates gradient buffers for trainable parameters only. ``kind`` and
+    ``make_hook(adapter, linear)`` (the forward hook; default: add the adapters' output) are how
+    :func:`megarank.models.dora.add_dora` puts DoRA adapters on instead.
     """
     pe, m = cfg.peft, cfg.model
     for p in model.parameters():
@@ -228,15 +238,16 @@ def add_adapters(model: torch.nn.Module, cfg: Any, tp_rank: int, tp_size: int) -
             owner = getattr(layer, _OWNER[target])
             linear = getattr(owner, target)
             parts, layout = projections(target, m)
-            adapter = LoraAdapter(PARALLEL[target], parts, layout, pe.rank, pe.alpha,
-                                  pe.dropout, tp_rank, tp_size, geometry, dtype)
+            adapter = kind(PARALLEL[target], parts, layout, pe.rank, pe.alpha,
+                           pe.dropout, tp_rank, tp_size, geometry, dtype)
             name = f"{layer_name}.{_OWNER[target]}.{target}"
             for i, p in enumerate(parts):
                 a = initial_a(f"{name}.{ADAPTER}.a{i}", (pe.rank, p.in_features),
                               cfg.trainer.seed)
                 adapter.set_full(i, a, torch.zeros(p.out_features, pe.rank))
             linear.add_module(ADAPTER, adapter)
-            linear.register_forward_hook(_hook(adapter))
+            linear.register_forward_hook(
+                _hook(adapter) if make_hook is None else make_hook(adapter, linear))
             linear.sharded_state_dict = _with_adapter_state(linear, adapter)
     embedding = getattr(model.backbone, "embedding", None) or getattr(
         model.backbone, "embeddings", None)

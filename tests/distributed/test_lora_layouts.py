@@ -1,6 +1,7 @@
 """LoRA under every layout: from the same base and adapters, 5 steps of losses (and gradient
 norms) under tp2, pp2 and dp2 (also with the distributed optimizer) equal one process's, for a
-decoder and an encoder; a bf16 run with full recompute follows the fp32 one; and a LoRA run
+decoder and an encoder; DoRA likewise under tp2 (the row-parallel norm reduced over the TP
+group) and pp2; a bf16 run with full recompute follows the fp32 one; and a LoRA run
 resumed after 10 steps equals 20 straight steps, with checkpoints that hold only adapters, head
 and optimizer state, the base being referenced.
 
@@ -29,10 +30,12 @@ LAYOUTS = [  # (name, overrides, processes)
 MODELS = ["gpt_tiny", "bert_tiny"]
 STEPS = 5
 LORA = ["peft=lora", "peft.rank=4", "peft.alpha=16"]
+# DoRA: the layouts whose arithmetic differs from LoRA's (the norms of split rows, split stages).
+DORA_CASES = [("gpt_tiny", "tp2_pp1"), ("gpt_tiny", "tp1_pp2"), ("bert_tiny", "tp2_pp1")]
 
 
-def _common(model, init):
-    return [f"model={model}", *LORA, "task=listwise", "task.group_size=4",
+def _common(model, init, method="lora"):
+    return [f"model={model}", *LORA, f"peft.method={method}", "task=listwise", "task.group_size=4",
             "trainer.global_batch_size=8", "trainer.micro_batch_size=2",
             "trainer.log_interval=1", "trainer.eval_at_end=false", "trainer.save_final=false",
             "optim.lr=1e-2", "data.max_length=64", f"trainer.max_steps={STEPS}",
@@ -71,6 +74,11 @@ def references(tmp, bases):
         megarank.train_model([*_common(model, bases[model]), "parallel=tp1_pp1",
                               f"trainer.output_dir={run}", "trainer.progress_bar=false"])
         out[model] = [r for r in read_metrics(run) if "loss" in r]
+    for model in sorted({m for m, _ in DORA_CASES}):
+        run = tmp / f"ref-dora-{model}"
+        megarank.train_model([*_common(model, bases[model], "dora"), "parallel=tp1_pp1",
+                              f"trainer.output_dir={run}", "trainer.progress_bar=false"])
+        out[f"dora-{model}"] = [r for r in read_metrics(run) if "loss" in r]
     return out
 
 
@@ -78,6 +86,10 @@ def references(tmp, bases):
 def two_ranks(tmp, bases):
     cases = {f"{model}-{name}": train_case([*_common(model, bases[model]), *overrides])
              for model in MODELS for name, overrides, _ in LAYOUTS}
+    layouts = {name: overrides for name, overrides, _ in LAYOUTS}
+    for model, name in DORA_CASES:
+        cases[f"dora-{model}-{name}"] = train_case(
+            [*_common(model, bases[model], "dora"), *layouts[name]])
     # bf16 weights under TP, with and without full recompute.
     for recompute in ("none", "full"):
         cases[f"bf16_{recompute}"] = train_case(
@@ -98,15 +110,18 @@ def _by_step(records, key):
     return {r["step"]: r[key] for r in records if key in r}
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", [*MODELS, "dora-gpt_tiny", "dora-bert_tiny"])
 def test_reference_losses_move(references, model):
     ref = _by_step(references[model], "loss")
     assert sorted(ref) == list(range(1, STEPS + 1))
     assert max(ref.values()) - min(ref.values()) > 0.01, ref
 
 
-@pytest.mark.parametrize("model, name", [(m, name) for m in MODELS for name, _, _ in LAYOUTS],
-                         ids=[f"{m}-{name}" for m in MODELS for name, _, _ in LAYOUTS])
+@pytest.mark.parametrize(
+    "model, name", [(m, name) for m in MODELS for name, _, _ in LAYOUTS]
+    + [(f"dora-{m}", name) for m, name in DORA_CASES],
+    ids=[f"{m}-{name}" for m in MODELS for name, _, _ in LAYOUTS]
+    + [f"dora-{m}-{name}" for m, name in DORA_CASES])
 def test_lora_layout_matches_single_process(references, two_ranks, model, name):
     ref, ref_gn = _by_step(references[model], "loss"), _by_step(references[model], "grad_norm")
     assert sorted(ref) == list(range(1, STEPS + 1))

@@ -74,6 +74,7 @@ def test_model_state_equals_the_tensors(planned_and_measured):
     ("gpt-lora-bf16", ["model=gpt_tiny", "peft=lora", "peft.rank=8", "trainer.precision=bf16"]),
     ("bert-lora", ["model=bert_tiny", "peft=lora", "peft.rank=4",
                    "peft.targets=[linear_qkv,linear_fc2]"]),
+    ("gpt-dora", ["model=gpt_tiny", "peft=dora", "peft.rank=4"]),  # + a magnitude per row
 ])
 def test_lora_model_state_equals_the_tensors(name, overrides):
     # Gradients and optimizer state for the adapters and head only; the frozen base's weights.

@@ -70,6 +70,7 @@ from megarank.training.plan.activations import (
 from megarank.training.plan.fit import GPUS, Fit, fit, gpu_memory, suggestions
 from megarank.training.plan.params import (
     adapter_params,
+    dora_saved_per_token,
     head_params,
     layer_params,
     linear_weights,
@@ -98,7 +99,8 @@ from megarank.training.plan.table import format_plan
 
 __all__ = [
     "DEVICES", "FP32", "GIB", "GPUS", "HEADROOM", "INT64", "RECOMPUTE", "WIDTH", "Fit",
-    "MemoryPlan", "StagePlan", "Term", "adapter_params", "fit", "format_plan", "gpu_memory",
+    "MemoryPlan", "StagePlan", "Term", "adapter_params", "dora_saved_per_token", "fit",
+    "format_plan", "gpu_memory",
     "head_bytes", "head_params", "hf_resolved", "korthikanti_layer_bytes", "largest_token_budget",
     "layer_params", "layer_terms", "linear_weights", "paper_layer_terms",
     "plan_memory", "resolve_device", "stage_params", "stage_terms", "suggestions", "total_params",

@@ -36,18 +36,34 @@ def layer_params(m: Any, tp: int) -> int:
 
 def adapter_params(cfg: Any, tp: int) -> int:
     """LoRA parameters of one layer on one TP rank (``peft``): per HF projection, A [r, in] and
-    B [out, r], the column-parallel B and row-parallel A split over TP."""
+    B [out, r], the column-parallel B and row-parallel A split over TP; DoRA adds a magnitude
+    per output row, split like B."""
     from megarank.models.lora import PARALLEL, projections
 
     r, total = int(cfg.peft.rank), 0
     for target in cfg.peft.targets:
         parts, _ = projections(target, cfg.model)
         for p in parts:
-            if PARALLEL[target] == "column":
-                total += r * p.in_features + p.out_features // tp * r
-            else:
-                total += r * p.in_features // tp + p.out_features * r
+            rows = p.out_features // tp if PARALLEL[target] == "column" else p.out_features
+            cols = p.in_features if PARALLEL[target] == "column" else p.in_features // tp
+            total += r * cols + rows * r + (rows if cfg.peft.method == "dora" else 0)
     return total
+
+
+def dora_saved_per_token(cfg: Any, tp: int, width: int) -> int:
+    """Activation bytes per token of one layer that DoRA keeps beyond LoRA's: for each target
+    linear, its output without bias (``W x``) and the adapters' (``s B A x``), both read by the
+    magnitudes' gradient, ``[out / tp]`` each (column-parallel) or ``[out]`` (row-parallel)."""
+    from megarank.models.lora import PARALLEL, projections
+
+    if cfg.peft.method != "dora":
+        return 0
+    rows = 0
+    for target in cfg.peft.targets:
+        parts, _ = projections(target, cfg.model)
+        out = sum(p.out_features for p in parts)
+        rows += out // tp if PARALLEL[target] == "column" else out
+    return 2 * rows * width
 
 
 def linear_weights(m: Any, tp: int) -> int:

@@ -12,6 +12,7 @@ from megarank.training.plan.activations import head_bytes, kept_bytes, layer_ter
 from megarank.training.plan.fit import fit
 from megarank.training.plan.params import (
     adapter_params,
+    dora_saved_per_token,
     head_params,
     linear_weights,
     stage_params,
@@ -122,9 +123,12 @@ def _stage_plan(cfg: Any, d: Any, r: int, dev: str, per_layer: dict[str, float],
     h = int(m.hidden_size)
     hs = h / d.tp if cfg.parallel.sequence_parallel else h
     extra = stage_terms(cfg, d.tp, d.pp, r, dev)
+    dora = dora_saved_per_token(cfg, d.tp, width) * sequences * length
     saved = {}
     for mode in RECOMPUTE:
         n = layers * per_layer[mode] + kept_bytes(extra, mode, sequences, length)
+        if mode != "full":  # full recompute keeps the layer's input only
+            n += layers * dora
         if r == d.pp - 1:
             n += head_bytes(cfg, sequences, dev)
         saved[mode] = int(n)
@@ -133,7 +137,7 @@ def _stage_plan(cfg: Any, d: Any, r: int, dev: str, per_layer: dict[str, float],
     params = stage_params(cfg, d.tp, d.pp, r)
     weights, trained = params * width, params
     if cfg.peft.method != "none":
-        # LoRA: the base is frozen; adapters (and the classifier head) train.
+        # LoRA/DoRA: the base is frozen; adapters (and the classifier head) train.
         adapters = layers * adapter_params(cfg, d.tp)
         trained = adapters + (head_params(cfg) if r == d.pp - 1 and cfg.peft.train_head
                               else 0)
