@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
 from megarank.checkpoint.contract import FILE as CONTRACT_FILE
@@ -160,6 +160,27 @@ def saved_config(source: str | Path, overrides: Sequence[str] = ()) -> tuple[Dic
     return cfg, path
 
 
+# Config fields a saved model's scoring contract decides, and the contract's name for each.
+CONTRACT_FIELDS = {"task.head": "head", "data.max_length": "max_length",
+                   "data.max_query_length": "max_query_length"}
+
+
+def refuse_contract_overrides(cfg: DictConfig, overrides: Sequence[str],
+                              contract: ScoringContract, path: Path) -> None:
+    """An override of a field the saved contract decides must agree with it: a saved model
+    scores pairs as its ``scoring.json`` says, so a different value would be silently replaced."""
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key not in CONTRACT_FIELDS:
+            continue
+        given, saved = OmegaConf.select(cfg, key), getattr(contract, CONTRACT_FIELDS[key])
+        if given != saved:
+            raise ValueError(
+                f"{key}={given}: {path / CONTRACT_FILE} says {CONTRACT_FIELDS[key]} {saved}, and "
+                "a saved model scores pairs as its scoring contract says; drop the override "
+                "(to cut pairs shorter when serving, use its max_length setting)")
+
+
 def open_stage(source: str | Path, overrides: Sequence[str] = (), *, device: str | None = None,
                require_contract: bool = True) -> Stage:
     """A saved model ready to score: a checkpoint, a run directory (its latest checkpoint) or an
@@ -173,6 +194,7 @@ def open_stage(source: str | Path, overrides: Sequence[str] = (), *, device: str
     expect = None
     if require_contract or (path / CONTRACT_FILE).is_file():
         expect = read_contract(path)
+        refuse_contract_overrides(cfg, overrides, expect, path)
     if is_checkpoint(source):
         return build_stage(cfg, load_hf=False, expect=expect, device=device, checkpoint=path)
     return build_stage(cfg, expect=expect, device=device)

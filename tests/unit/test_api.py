@@ -103,3 +103,18 @@ def test_an_argument_error_names_the_parameter_and_the_command_its_flag():
     assert str(e) == "max_shard_mb ('{-1}') must be positive, with dtype"
     assert e.as_flags() == "--max-shard-mb ('{-1}') must be positive, with --dtype"
     assert isinstance(e, ValueError)
+
+
+def test_an_override_the_scoring_contract_decides_is_refused_not_replaced(trained, tmp_path):
+    """data.max_length=128 on a model saved at 64 was silently scored at 64."""
+    import torch.distributed as dist
+
+    out, _ = trained
+    hf = megarank.convert_to_hf(out, tmp_path / "hf")
+    for model in (out, hf):
+        with pytest.raises(ValueError, match=r"data.max_length=128: .*scoring.json says "
+                                             r"max_length 64"):
+            megarank.load_scorer(model, ["data.max_length=128"])
+        assert not dist.is_initialized()
+    with megarank.load_scorer(hf, ["data.max_length=64", "task.head=classifier"]) as scorer:
+        assert scorer.stage.contract.max_length == 64  # agreeing overrides are fine
