@@ -15,28 +15,18 @@ from transformers import AutoModelForSequenceClassification
 import megarank
 from megarank.checkpoint.stream import CheckpointTensors
 from tests.helpers.hf_tiny import save_tiny
-from tests.integration.test_lora import BERT_TARGETS, DECODER_TARGETS, TOL, _hf_scores, _pairs
+from tests.integration.test_lora import (
+    TOL,
+    _hf_scores,
+    _pairs,
+    _peft_adapter,
+    assert_exports_score_as_trained,
+)
 
 
 def _peft_dora(base_dir, out, kind: str):
-    """A PEFT DoRA adapter whose A, B, magnitudes and head are all set to known values: the
-    magnitudes scaled off ``||W + s B A||`` by factors in [0.25, 2.5], so the rescaling is not the identity."""
-    base = AutoModelForSequenceClassification.from_pretrained(base_dir)
-    bert = kind == "bert"
-    cfg = LoraConfig(r=4, lora_alpha=12, target_modules=BERT_TARGETS if bert else DECODER_TARGETS,
-                     task_type=TaskType.SEQ_CLS, use_dora=True,
-                     modules_to_save=["pooler"] if bert else None)
-    model = get_peft_model(base, cfg)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_A" in name or "lora_B" in name or "modules_to_save" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-        for name, p in model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                p.mul_(0.25 + 2.25 * torch.rand(p.shape, generator=g))  # x [0.25, 2.5]
-    model.save_pretrained(out)
-    return model
+    """A PEFT DoRA adapter whose A, B, magnitudes and head are all set to known values."""
+    return _peft_adapter(base_dir, out, kind, dora=True)
 
 
 @pytest.mark.parametrize("kind", ["llama", "bert"])
@@ -110,15 +100,7 @@ def test_trained_dora_exports_score_as_the_trained_model(tmp_path):
     assert (m - torch.linalg.vector_norm(w, dim=1)).abs().max() > 1e-4
     assert (trained - _hf_scores(base, collator, pairs, False)).abs().max() > 1e-3
 
-    merged = megarank.convert_to_hf(run, tmp_path / "merged")
-    torch.testing.assert_close(
-        _hf_scores(AutoModelForSequenceClassification.from_pretrained(merged), collator, pairs,
-                   False), trained, atol=TOL, rtol=0)
-    adapter = megarank.convert_to_hf(run, tmp_path / "adapter", adapter=True)
-    peft_model = PeftModel.from_pretrained(
-        AutoModelForSequenceClassification.from_pretrained(base_dir), adapter)
-    torch.testing.assert_close(_hf_scores(peft_model, collator, pairs, False), trained,
-                               atol=TOL, rtol=0)
+    assert_exports_score_as_trained(run, base_dir, collator, pairs, trained, tmp_path)
 
 
 def test_dora_from_init_from_starts_at_the_base(tmp_path):

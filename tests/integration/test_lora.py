@@ -39,19 +39,38 @@ def _hf_scores(model: torch.nn.Module, collator, pairs, bert: bool) -> torch.Ten
         return model.eval()(**kw).logits[:, 0].float()
 
 
-def _peft_adapter(base_dir, out, kind: str):
-    """A PEFT LoRA adapter on a tiny HF model with every A, B (q, k and v apart) and the head set
-    to known non-zero values."""
+def assert_exports_score_as_trained(run, base_dir, collator, pairs, trained, tmp_path):
+    """The merged export (transformers) and the adapter export (PeftModel over the HF base) of a
+    trained decoder run both score ``pairs`` as the run does, to TOL."""
+    merged = megarank.convert_to_hf(run, tmp_path / "merged")
+    torch.testing.assert_close(
+        _hf_scores(AutoModelForSequenceClassification.from_pretrained(merged), collator, pairs,
+                   False), trained, atol=TOL, rtol=0)
+    adapter = megarank.convert_to_hf(run, tmp_path / "adapter", adapter=True)
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(base_dir), adapter)
+    torch.testing.assert_close(_hf_scores(peft_model, collator, pairs, False), trained,
+                               atol=TOL, rtol=0)
+
+
+def _peft_adapter(base_dir, out, kind: str, dora: bool = False):
+    """A PEFT LoRA (or DoRA) adapter on a tiny HF model with every A, B (q, k and v apart) and
+    the head set to known non-zero values; DoRA's magnitudes scaled off ``||W + s B A||`` by
+    factors in [0.25, 2.5], so its rescaling is not the identity."""
     base = AutoModelForSequenceClassification.from_pretrained(base_dir)
     bert = kind == "bert"
     cfg = LoraConfig(r=4, lora_alpha=12, target_modules=BERT_TARGETS if bert else DECODER_TARGETS,
-                     task_type=TaskType.SEQ_CLS, modules_to_save=["pooler"] if bert else None)
+                     task_type=TaskType.SEQ_CLS, use_dora=dora,
+                     modules_to_save=["pooler"] if bert else None)
     model = get_peft_model(base, cfg)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
+            if "lora_A" in name or "lora_B" in name or "modules_to_save" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(0.25 + 2.25 * torch.rand(p.shape, generator=g))  # x [0.25, 2.5]
     model.save_pretrained(out)
     return model
 
@@ -116,15 +135,7 @@ def test_trained_lora_exports_score_as_the_trained_model(tmp_path):
                              collator, pairs, False)
     assert (trained - base_scores).abs().max() > 1e-3  # training moved the scores
 
-    merged = megarank.convert_to_hf(run, tmp_path / "merged")
-    torch.testing.assert_close(
-        _hf_scores(AutoModelForSequenceClassification.from_pretrained(merged), collator, pairs,
-                   False), trained, atol=TOL, rtol=0)
-    adapter = megarank.convert_to_hf(run, tmp_path / "adapter", adapter=True)
-    peft_model = PeftModel.from_pretrained(
-        AutoModelForSequenceClassification.from_pretrained(base_dir), adapter)
-    torch.testing.assert_close(_hf_scores(peft_model, collator, pairs, False), trained,
-                               atol=TOL, rtol=0)
+    assert_exports_score_as_trained(run, base_dir, collator, pairs, trained, tmp_path)
 
 
 def test_lora_trains_only_adapters_and_head(tmp_path):
