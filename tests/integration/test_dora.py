@@ -24,15 +24,10 @@ from tests.integration.test_lora import (
 )
 
 
-def _peft_dora(base_dir, out, kind: str):
-    """A PEFT DoRA adapter whose A, B, magnitudes and head are all set to known values."""
-    return _peft_adapter(base_dir, out, kind, dora=True)
-
-
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_peft_dora_adapter_in_and_out_scores_as_peft(kind, tmp_path):
     base_dir = save_tiny(kind, tmp_path)
-    peft_model = _peft_dora(base_dir, tmp_path / "adapter", kind)
+    peft_model = _peft_adapter(base_dir, tmp_path / "adapter", kind, dora=True)
     pairs, bert = _pairs(), kind == "bert"
 
     ckpt = megarank.convert_from_hf(base_dir, tmp_path / "ckpt", adapter=tmp_path / "adapter")
@@ -133,7 +128,7 @@ def test_dora_refusals(tmp_path):
     from megarank.config import ConfigError, compose, validate
 
     base_dir = save_tiny("llama", tmp_path)
-    _peft_dora(base_dir, tmp_path / "dora", "llama")
+    _peft_adapter(base_dir, tmp_path / "dora", "llama", dora=True)
     with pytest.raises(ValueError, match="QDoRA"):
         megarank.convert_from_hf(base_dir, tmp_path / "q", ["peft.method=qlora"],
                                  adapter=tmp_path / "dora")
