@@ -8,7 +8,7 @@ Writes synthetic FlagEmbedding triplets: each group a distinct query of 8 words,
 shipped Cranfield corpus), with teacher scores, as mined hard negatives share one corpus. The
 smaller files are the first lines of the largest. For each size:
 
-- ``megarank prepare`` (gpt_tiny's tokenizer, data.max_length=128) in its own process: time,
+- ``megarank prepare`` (gpt_tiny's tokenizer, pair.max_length=128) in its own process: time,
   documents (positives + negatives read) per second, size on disk, peak memory;
 - training from the prepared directory and, up to ``--jsonl-max`` groups, from the JSONL (which
   training prepares in memory at start-up): one process (one rank), gpt_tiny, 16 documents a
@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL = ["model=gpt_tiny", "data.max_length=128"]
+MODEL = ["model=gpt_tiny", "pair.max_length=128"]
 TRAIN = ["data=cranfield", "task=listwise", "task.group_size=16", "trainer.micro_batch_size=2",
          "trainer.global_batch_size=8", "trainer.log_interval=1", "trainer.eval_at_end=false",
          "trainer.save_final=false", "trainer.progress_bar=false", "optim.warmup_steps=1"]

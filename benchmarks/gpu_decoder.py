@@ -43,7 +43,7 @@ def _full_vocab_head_class():
 
 def merged(batches: list):
     """One right-padded PairBatch of ``batches``' rows (a step's groups, to cut by tokens)."""
-    from megarank.data.collate import PairBatch
+    from megarank.data.batch import PairBatch
 
     width = max(b.input_ids.shape[1] for b in batches)
 
@@ -59,7 +59,7 @@ def merged(batches: list):
 
 def synthetic_batches(n: int, groups: int, group_size: int, seq: int, vocab: int, seed: int):
     """``n`` PairBatches of ``groups`` x ``group_size`` sequences, lengths 0.6-1.0 x seq."""
-    from megarank.data.collate import PairBatch
+    from megarank.data.batch import PairBatch
 
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -81,8 +81,8 @@ def run(args, head: str, full_vocab: bool, extra: tuple[str, ...] = ()) -> dict:
     from megarank.models.heads import YesNoHead
     from megarank.stage import build_stage
 
-    overrides = [f"model={args.model}", f"task.head={head}", f"task.group_size={args.group_size}",
-                 f"trainer.precision={args.precision}", f"data.max_length={args.seq}",
+    overrides = [f"model={args.model}", f"pair.head={head}", f"task.group_size={args.group_size}",
+                 f"trainer.precision={args.precision}", f"pair.max_length={args.seq}",
                  f"trainer.micro_batch_size={args.micro_groups}",
                  f"trainer.global_batch_size={args.micro_groups * args.micro_batches}",
                  f"trainer.max_steps={args.steps + args.warmup}", f"trainer.kernels={args.kernels}",
@@ -118,7 +118,7 @@ def measure(args, stage, full_vocab: bool) -> dict:
 
     cfg, d, rt, model = stage.cfg, stage.derived, stage.rt, stage.model
     optimizer, scheduler = build_optimizer(cfg, model)
-    counters = StepCounters(model=cfg.model, head=cfg.task.head)
+    counters = StepCounters(model=cfg.model, head=cfg.pair.head)
     per_step = args.micro_groups * args.micro_batches  # groups a step (one rank)
     fwd = make_forward_step(cfg.task, rt.device, counters,
                             groups_per_step=per_step if args.token_budget else None)
@@ -168,7 +168,7 @@ def measure(args, stage, full_vocab: bool) -> dict:
     name = torch.cuda.get_device_name() if cuda else "cpu"
     m = mfu(achieved, name) if cuda else None
     return {
-        "head": "full-vocab output layer" if full_vocab else cfg.task.head,
+        "head": "full-vocab output layer" if full_vocab else cfg.pair.head,
         "kernels": stage.kernels.name, "step_s": step,
         "pairs_per_s": per_step * args.group_size / step,
         "tokens_per_s": statistics.median(tok / t for tok, t in zip(tokens, times, strict=True)),

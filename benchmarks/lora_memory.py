@@ -33,7 +33,7 @@ ROWS = [("full fine-tune", []), ("LoRA r=16", ["peft=lora", "peft.rank=16", "pef
 def _overrides(args) -> list[str]:
     return [f"model={args.model}", "model.tokenizer=${asset:tokenizers/bert-uncased}",
             "trainer.device=cpu", f"trainer.precision={args.precision}",
-            f"data.max_length={args.seq}", "data.max_query_length=16",
+            f"pair.max_length={args.seq}", "pair.max_query_length=16",
             f"task.group_size={args.group_size}", "trainer.micro_batch_size=1",
             "trainer.global_batch_size=1", "model.hidden_dropout=0.0",
             "model.attention_dropout=0.0"]

@@ -42,7 +42,7 @@ def main() -> None:
     print("| model | max abs d score | max score | d loss | d grad norm | packed tokens / padded |")
     print("|---|---|---|---|---|---|")
     for model in args.models.split(","):
-        cfg = compose([f"model={model}", "data.max_length=128", "data.max_query_length=16",
+        cfg = compose([f"model={model}", "pair.max_length=128", "pair.max_query_length=16",
                        "model.hidden_dropout=0", "model.attention_dropout=0",
                        "task.group_size=4", f"trainer.precision={precision}"])
         with build_stage(cfg, load_hf=False, device="cuda" if cuda else "cpu") as stage:

@@ -167,7 +167,7 @@ def synthetic_steps(args, kind: str, vocab: int) -> list[list]:
     [100, vocab), pad id 0; encoders: token type 1 on the document; pooled position 0 (encoder)
     or the last real token (decoder)."""
 
-    from megarank.data.collate import PairBatch
+    from megarank.data.batch import PairBatch
 
     g = torch.Generator().manual_seed(args.seed)
     rows, seq = args.groups * args.group_size, args.seq
@@ -519,8 +519,8 @@ def prepare_megarank(args, system: str, kind: str, steps: list, device) -> Prepa
     micro_groups = args.groups * (args.micro_batches if one_mb else 1)
     n_steps = args.warmup + args.steps + 4
     overrides = [f"model={preset(args, kind)}", f"task.group_size={args.group_size}",
-                 "task.head=classifier", f"trainer.precision={'bf16' if cuda else 'fp32'}",
-                 f"data.max_length={_max_length(args)}",
+                 "pair.head=classifier", f"trainer.precision={'bf16' if cuda else 'fp32'}",
+                 f"pair.max_length={_max_length(args)}",
                  f"trainer.micro_batch_size={micro_groups}",
                  f"trainer.global_batch_size={args.groups * args.micro_batches}",
                  f"trainer.max_steps={n_steps}", f"trainer.kernels={args.kernels}",

@@ -29,7 +29,7 @@ teacher / T is CE(scores, softmax(teacher / T)), which differs from that KL by t
 entropy, a constant: the same gradients. The teacher scores are the triplets' pos_scores and
 neg_scores (``megarank mine --retriever dense``), so distill needs --triplets.
 
-Tokens. megarank cuts the query to data.max_query_length (32) tokens, then the document to fit
+Tokens. megarank cuts the query to pair.max_query_length (32) tokens, then the document to fit
 max_length; sentence-transformers truncates the pair longest_first. The queries given to
 sentence-transformers (training and evaluation) are pre-cut to the same 32 tokens (at a token
 boundary, via offsets), after which longest_first only ever cuts the document (while max_length
@@ -117,7 +117,7 @@ def megarank_overrides(args: argparse.Namespace, layout: str, work: Path,
         f"trainer.micro_batch_size={micro}", f"trainer.max_steps={args.steps}",
         f"trainer.seed={args.seed}", f"optim.lr={args.lr}", f"optim.warmup_steps={warmup}",
         "optim.decay_style=linear", "data=custom",
-        f"data.train_path={work / 'train_triplets.jsonl'}", f"data.max_length={args.max_length}",
+        f"data.train_path={work / 'train_triplets.jsonl'}", f"pair.max_length={args.max_length}",
         "trainer.log_interval=1", "trainer.eval_at_end=false",
         f"trainer.output_dir={work / f'megarank_{layout}'}", "trainer.progress_bar=false",
         "trainer.device=cpu", *args.megarank_overrides,
@@ -316,7 +316,7 @@ def main() -> None:
     # the starting head), and its collator is megarank's tokenization.
     cfg, tokenizer, collator = starting_point(
         compose_config(megarank_overrides(args, "tp1", work, warmup)), work / "st_head_init.pt")
-    mql = cfg.data.max_query_length
+    mql = cfg.pair.max_query_length
 
     groups, num_groups = materialise_groups(train_path, args.group_size, args.groups_per_step,
                                             args.steps, args.seed)

@@ -121,8 +121,8 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path, overrides: Sequence[str
     """
     from omegaconf import OmegaConf
 
-    from megarank.checkpoint.contract import FILE as CONTRACT_FILE
     from megarank.checkpoint.dist import save_model_checkpoint
+    from megarank.data.contract import FILE as CONTRACT_FILE
     from megarank.stage import build_stage, saved_config
 
     lora: list[str] = []
@@ -276,7 +276,7 @@ def evaluate_model(model: str | Path, collection: str | Path | RerankTask, *,
 def prepare_data(inputs: Sequence[str | Path], out: str | Path, overrides: Sequence[str] = (),
                  progress: bool = True) -> PrepareStats:
     """Tokenize triplet JSONL ``inputs`` once, with the tokenizer and truncation that the config
-    ``overrides`` (``model=...``, ``data.max_length=...``) give, into the prepared dataset
+    ``overrides`` (``model=...``, ``pair.max_length=...``) give, into the prepared dataset
     directory ``out`` (written atomically), which training takes as ``data.train_path=OUT``.
     No model and no process group is built. See ``megarank.data.prepared``."""
     from megarank.checkpoint.hf import apply_hf_config

@@ -1,6 +1,6 @@
 """Convert between Hugging Face models and megarank checkpoints.
 
-    megarank convert from-hf --hf DIR --out CKPT [hydra overrides, e.g. parallel=tp2_pp2 task.head=yes_no]
+    megarank convert from-hf --hf DIR --out CKPT [hydra overrides, e.g. parallel=tp2_pp2 pair.head=yes_no]
     megarank convert to-hf --ckpt CKPT_OR_RUN_DIR --out DIR [--as-classifier] [--best] [--adapter]
 
 from-hf reads each rank's shard of the weights straight from the HF files (run it under torchrun
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--adapter", default=None,
                    help="a PEFT LoRA adapter directory for --hf: import a LoRA checkpoint")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides (parallel=..., task.head=...)")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides (parallel=..., pair.head=...)")
     q = sub.add_parser("to-hf", help="megarank checkpoint -> HF model directory")
     q.add_argument("--ckpt", required=True, help="checkpoint directory or run directory")
     q.add_argument("--out", required=True, help="HF model directory to write")

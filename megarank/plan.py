@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 2 -m megarank.plan --measure [overrides]   # planned vs measured
 
 For every pipeline stage: weights, gradients, optimizer state with the plain and with the
-distributed optimizer, activations per micro-batch (groups x documents x data.max_length) for
+distributed optimizer, activations per micro-batch (groups x documents x pair.max_length) for
 each trainer.recompute mode, the micro-batches in flight, and the total per GPU; then the FLOPs
 of a step. ``--gpu`` says whether the largest stage fits that card (a name: H100-80GB, H200,
 A100-40GB, ...; or a size in GiB) with ``--headroom`` of it left free, and warns, with the
@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.gpu:
             budget = largest_token_budget(cfg, world, args.gpu, args.headroom, device)
             print(f"largest micro-batch by tokens that fits {args.gpu}: " + (
-                f"data.tokens_per_micro_batch={budget} ({budget / cfg.data.max_length:.1f} "
-                f"sequences of data.max_length={cfg.data.max_length})" if budget else
-                "none (not even one group at data.max_length)"), flush=True)
+                f"data.tokens_per_micro_batch={budget} ({budget / cfg.pair.max_length:.1f} "
+                f"sequences of pair.max_length={cfg.pair.max_length})" if budget else
+                "none (not even one group at pair.max_length)"), flush=True)
         if args.measure:
             print("\nmeasured on this machine (one training step):\n"
                   + comparison, flush=True)

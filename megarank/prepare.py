@@ -1,6 +1,6 @@
 """``megarank prepare``: triplet JSONL files -> a prepared (tokenized, memory-mapped) dataset.
 
-    megarank prepare --input FILE.jsonl [FILE ...] --out DIR [hydra overrides: model=... data.max_length=...]
+    megarank prepare --input FILE.jsonl [FILE ...] --out DIR [hydra overrides: model=... pair.max_length=...]
 
 Each distinct query and document is tokenized once with the model's tokenizer and truncation;
 groups are stored as index arrays, teacher scores beside them. Train with

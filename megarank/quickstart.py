@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     hf_dir, preset = MODELS[args.model]
     if not (args.keep_data and (out / "imported" / "megarank.json").is_file()):
         timings["import"] = _run(["megarank.convert", "from-hf", "--hf", package_path(hf_dir), "--out",
-                                  str(out / "imported"), f"data.max_length={args.max_length}"],
+                                  str(out / "imported"), f"pair.max_length={args.max_length}"],
                                  log=out / "import.log")
 
     # 3. Train with torchrun: data parallel over gloo ranks.
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         "task=listwise", f"task.loss={args.loss}",
         f"task.teacher_temperature={args.teacher_temperature}",
         f"task.group_size={args.group_size}", "data=custom",
-        f"data.train_path={triplets}", f"data.max_length={args.max_length}",
+        f"data.train_path={triplets}", f"pair.max_length={args.max_length}",
         f"trainer.max_steps={args.steps}", f"trainer.global_batch_size={args.groups_per_step}",
         f"trainer.micro_batch_size={micro}", f"optim.lr={args.lr}",
         f"optim.warmup_steps={warmup}", "optim.decay_style=linear",

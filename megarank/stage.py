@@ -19,16 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from transformers import AutoTokenizer
 
-from megarank.checkpoint.contract import FILE as CONTRACT_FILE
-from megarank.checkpoint.contract import (
-    ScoringContract,
-    apply_contract,
-    make_contract,
-    read_contract,
-)
 from megarank.checkpoint.dist import META_FILE, load_model_weights, read_meta, resolve_checkpoint
 from megarank.checkpoint.hf import apply_hf_config, load_hf_weights
 from megarank.config import (
@@ -40,6 +33,14 @@ from megarank.config import (
     validate,
 )
 from megarank.data.collate import PairCollator
+from megarank.data.contract import FILE as CONTRACT_FILE
+from megarank.data.contract import (
+    ScoringContract,
+    check_against,
+    make_contract,
+    pair_fields,
+    read_contract,
+)
 from megarank.eval.rerank import score_pairs
 from megarank.eval.scorer import PairScorer
 from megarank.models.build import (
@@ -98,14 +99,12 @@ def build_stage(cfg: DictConfig, *, load_hf: bool = True, expect: ScoringContrac
 
     ``load_hf``: read ``model.hf_path``'s weights (when set) into the stage, sharded to this
     rank. ``checkpoint``: load a megarank checkpoint's model weights instead (any layout).
-    ``expect``: a saved scoring contract; its fields are applied to ``cfg`` and the contract this
-    config derives must equal it, or building stops with both shown. ``device`` overrides
+    ``expect``: a saved scoring contract; the contract ``cfg`` derives must equal it, or building
+    stops naming each differing config field. ``device`` overrides
     ``trainer.device``. On any error the runtime is shut down before it propagates.
     """
     apply_hf_config(cfg)
     check_mandatory(cfg)
-    if expect is not None:
-        apply_contract(cfg, expect)
     derived = validate(cfg, env_world_size())
     rt = init_runtime(derived.tp, derived.pp, cfg.trainer.seed, device or cfg.trainer.device)
     try:
@@ -144,48 +143,34 @@ def saved_config(source: str | Path, overrides: Sequence[str] = ()) -> tuple[Dic
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: neither a megarank checkpoint, a run directory nor a "
                                 "Hugging Face model directory (no config.json)")
-    # An HF export of megarank's carries its scoring contract: it sets the defaults (head,
-    # lengths, prompt), so that importing it back scores exactly as it did; overrides win.
-    contract = read_contract(path) if (path / CONTRACT_FILE).is_file() else None
-    fields = [] if contract is None else [
-        f"task.head={contract.head}", f"data.max_length={contract.max_length}",
-        f"data.max_query_length={contract.max_query_length}"]
-    cfg = compose(["model=hf", f"model.hf_path={path.resolve()}", *fields, *overrides])
+    # An HF export of megarank's carries its scoring contract and no megarank config: the
+    # contract gives the pair format's fields (overrides win, and are then checked against it).
+    cfg = compose(["model=hf", f"model.hf_path={path.resolve()}", *overrides])
     apply_hf_config(cfg)
-    # A template holds newlines and braces, which Hydra's override grammar does not carry.
-    if (contract is not None and contract.prompt_template is not None
-            and contract.pair_format != "chat"  # a chat prompt's fields are the task's
-            and not any(o.startswith("model.prompt_template=") for o in overrides)):
-        cfg.model.prompt_template = contract.prompt_template
+    if (path / CONTRACT_FILE).is_file():
+        given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+        for name, value in saved_pair_fields(read_contract(path), path).items():
+            if f"pair.{name}" not in given:
+                cfg.pair[name] = value
     return cfg, path
 
 
-# Config fields a saved model's scoring contract decides, and the contract's name for each.
-CONTRACT_FIELDS = {"task.head": "head", "data.max_length": "max_length",
-                   "data.max_query_length": "max_query_length"}
-
-
-def refuse_contract_overrides(cfg: DictConfig, overrides: Sequence[str],
-                              contract: ScoringContract, path: Path) -> None:
-    """An override of a field the saved contract decides must agree with it: a saved model
-    scores pairs as its ``scoring.json`` says, so a different value would be silently replaced."""
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key not in CONTRACT_FIELDS:
-            continue
-        given, saved = OmegaConf.select(cfg, key), getattr(contract, CONTRACT_FIELDS[key])
-        if given != saved:
-            raise ValueError(
-                f"{key}={given}: {path / CONTRACT_FILE} says {CONTRACT_FIELDS[key]} {saved}, and "
-                "a saved model scores pairs as its scoring contract says; drop the override "
-                "(to cut pairs shorter when serving, use its max_length setting)")
+def saved_pair_fields(contract: ScoringContract, path: Path) -> dict[str, Any]:
+    """The ``pair`` fields of an HF export's contract, its answer tokens read back as text."""
+    fields = pair_fields(contract)
+    if contract.yes_token_id is not None:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        fields["yes_token"] = tokenizer.decode([contract.yes_token_id])
+        fields["no_token"] = tokenizer.decode([contract.no_token_id])
+    return fields
 
 
 def open_stage(source: str | Path, overrides: Sequence[str] = (), *, device: str | None = None,
                require_contract: bool = True) -> Stage:
     """A saved model ready to score: a checkpoint, a run directory (its latest checkpoint) or an
     HF export, with its weights loaded into the layout ``overrides`` ask for (e.g.
-    ``parallel=tp2_pp1`` under torchrun) and its ``scoring.json`` checked.
+    ``parallel=tp2_pp1`` under torchrun) and its ``scoring.json`` checked: an override that
+    would score pairs otherwise than it says is refused, naming the field.
 
     ``require_contract=False`` accepts a checkpoint without ``scoring.json`` (the contract is
     then derived from its config).
@@ -194,7 +179,6 @@ def open_stage(source: str | Path, overrides: Sequence[str] = (), *, device: str
     expect = None
     if require_contract or (path / CONTRACT_FILE).is_file():
         expect = read_contract(path)
-        refuse_contract_overrides(cfg, overrides, expect, path)
     if is_checkpoint(source):
         return build_stage(cfg, load_hf=False, expect=expect, device=device, checkpoint=path)
     return build_stage(cfg, expect=expect, device=device)
@@ -206,19 +190,17 @@ def saved_contract(checkpoint: str | Path) -> tuple[DictConfig, Any, ScoringCont
     derived contract."""
     cfg, path = saved_config(checkpoint)
     expect = read_contract(path) if (path / CONTRACT_FILE).is_file() else None
-    if expect is not None:
-        apply_contract(cfg, expect)
     tokenizer = build_tokenizer(cfg)
     return cfg, tokenizer, checked_contract(cfg, tokenizer, expect)
 
 
 def checked_contract(cfg: DictConfig, tokenizer: Any,
                      expect: ScoringContract | None) -> ScoringContract:
-    """The contract ``cfg`` and ``tokenizer`` derive; it must equal a saved one (``expect``)."""
-    contract = make_contract(cfg, tokenizer)
-    if expect is not None and contract != expect:
-        raise ValueError(f"the saved scoring contract does not match how this model would "
-                         f"score: saved {expect}, derived {contract}")
+    """The contract ``cfg``'s pair format and ``tokenizer`` derive; it must equal a saved one
+    (``expect``), or the differing config fields are named."""
+    contract = make_contract(cfg.pair, cfg.model.family, tokenizer)
+    if expect is not None:
+        check_against(expect, contract, CONTRACT_FILE)
     return contract
 
 
@@ -238,11 +220,7 @@ def build_collator(cfg: DictConfig, contract: ScoringContract, tokenizer: Any) -
     batch padding multiple or packing and MaxP training's windows, which change no score)."""
     d = cfg.data
     return PairCollator(
-        tokenizer, kind="encoder" if contract.family == "bert" else "decoder",
-        max_length=contract.max_length, max_query_length=contract.max_query_length,
-        template=contract.prompt_template, pad_to_multiple_of=cfg.data.pad_to_multiple_of,
-        pooling=contract.pooling, prefix=contract.prompt_prefix,
-        suffix=contract.prompt_suffix or "", instruction=contract.instruction,
+        tokenizer, contract, pad_to_multiple_of=d.pad_to_multiple_of,
         train_windows=d.train_passages if d.passages == "max" else 1,
         window_stride=d.passage_stride,
         packed_multiple=d.packed_multiple if d.packing else None,
@@ -266,7 +244,7 @@ def build_model(cfg: DictConfig, rt: Runtime, contract: ScoringContract,
     check_kernel_support(cfg.parallel.sequence_parallel, kernels)
     tconfig = transformer_config(cfg, rt.device, kernels.name)
     ids = None
-    if cfg.task.head == "yes_no":
+    if cfg.pair.head == "yes_no":
         ids = (contract.yes_token_id, contract.no_token_id)
     model = build_cross_encoder(cfg, tconfig, kernels, rt.is_first_stage, rt.is_last_stage, ids)
     if load_hf:

@@ -195,8 +195,8 @@ def export_adapter(checkpoint: Mapping[str, torch.Tensor], cfg: Any, out_dir: st
 
     from peft import LoraConfig, TaskType
 
-    from megarank.checkpoint.contract import FILE as CONTRACT_FILE
     from megarank.checkpoint.hf import iter_hf_tensors
+    from megarank.data.contract import FILE as CONTRACT_FILE
 
     base = base_reference(cfg)
     tensors, modules = _adapter_tensors(checkpoint, cfg, dtype)
@@ -205,10 +205,10 @@ def export_adapter(checkpoint: Mapping[str, torch.Tensor], cfg: Any, out_dir: st
     if stray:
         raise ConversionError(f"the checkpoint holds trained weights outside the adapters and "
                               f"head ({stray[0]}, ...): export the merged model instead")
-    head_trained = bool(own) and cfg.task.head == "classifier"
+    head_trained = bool(own) and cfg.pair.head == "classifier"
     for hf, t in iter_hf_tensors(own, cfg):
         tensors[f"{PEFT_PREFIX}{hf}"] = (t if dtype is None else t.to(dtype)).contiguous()
-    task = TaskType.SEQ_CLS if cfg.task.head == "classifier" else TaskType.CAUSAL_LM
+    task = TaskType.SEQ_CLS if cfg.pair.head == "classifier" else TaskType.CAUSAL_LM
     config = LoraConfig(
         r=cfg.peft.rank, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
         target_modules=sorted(set(modules)), bias="none", task_type=task,

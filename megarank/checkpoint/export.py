@@ -18,8 +18,6 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from megarank.checkpoint.contract import FILE as CONTRACT_FILE
-from megarank.checkpoint.contract import ScoringContract
 from megarank.checkpoint.hf import ConversionError, iter_hf_tensors, read_hf_config
 from megarank.checkpoint.hf_mappings import EXPORT_ARCHITECTURES
 from megarank.checkpoint.templates import (
@@ -28,6 +26,8 @@ from megarank.checkpoint.templates import (
     serving_notes,
     vllm_fields,
 )
+from megarank.data.contract import FILE as CONTRACT_FILE
+from megarank.data.contract import ScoringContract
 from megarank.parallel.env import group_rank_and_size
 
 
@@ -92,7 +92,7 @@ def _export_tensors(params: Mapping[str, torch.Tensor], cfg: Any, as_classifier:
     yes/no head (``with_head``) becomes lm_head or a score row."""
     head = "head.output_weight"
     yield from iter_hf_tensors(((n, params[n]) for n in params if n != head), cfg)
-    if cfg.task.head != "yes_no" or not with_head:
+    if cfg.pair.head != "yes_no" or not with_head:
         return
     w = params[head] if head in params else params["backbone.embedding.word_embeddings.weight"]
     if as_classifier:
@@ -210,7 +210,7 @@ def export_hf(params: Mapping[str, torch.Tensor], cfg: Any, out_dir: str | Path,
         partial.mkdir(parents=True)
     _barrier(world)
     mt = hf_model_type(cfg.model)
-    head = "classifier" if (cfg.task.head == "classifier" or as_classifier) else "yes_no"
+    head = "classifier" if (cfg.pair.head == "classifier" or as_classifier) else "yes_no"
     key = (mt, head)
     if key not in EXPORT_ARCHITECTURES:
         raise ConversionError(f"cannot export model_type {mt} with a {head} head")

@@ -143,7 +143,7 @@ def _decoder_overrides(hf: dict[str, Any], mt: str, where: str) -> dict[str, Any
     if hf.get("use_sliding_window"):
         raise ConversionError(f"{where}: use_sliding_window=true is not supported")
     # Mistral applies `sliding_window` to every layer; up to that many tokens it is full causal
-    # attention, so it is kept and validate() holds data.max_length to it. (Qwen2 configs carry a
+    # attention, so it is kept and validate() holds pair.max_length to it. (Qwen2 configs carry a
     # sliding_window too, unused unless use_sliding_window.)
     window = hf.get("sliding_window") if mt == "mistral" else None
     heads = hf["num_attention_heads"]

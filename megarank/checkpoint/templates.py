@@ -21,7 +21,7 @@ import json
 import string
 from typing import Any
 
-from megarank.checkpoint.contract import ScoringContract
+from megarank.data.contract import ScoringContract
 
 TEMPLATE_FILE = "score_template.jinja"
 

@@ -45,6 +45,31 @@ REMOVED_FIELDS = {
     "task": ("pooling",),
 }
 
+# Fields older checkpoints keep in another group: the pair format was spread over model, task
+# and data before it became the ``pair`` group. (group, field) -> the pair field.
+MOVED_TO_PAIR = {
+    ("model", "prompt_template"): "template", ("task", "head"): "head",
+    ("task", "yes_token"): "yes_token", ("task", "no_token"): "no_token",
+    ("task", "prompt_prefix"): "prefix", ("task", "prompt_pair"): "template",
+    ("task", "prompt_suffix"): "suffix", ("task", "instruction"): "instruction",
+    ("data", "max_length"): "max_length", ("data", "max_query_length"): "max_query_length",
+}
+
+
+def _pair_of_old_config(saved: dict) -> dict:
+    """The ``pair`` group of a config saved before it existed (empty for a newer one). A chat
+    prompt's pair text wins over the plain decoder template, as it did."""
+    pair: dict = {}
+    chat = (saved.get("task") or {}).get("prompt_prefix") is not None
+    for (group, name), field in MOVED_TO_PAIR.items():
+        values = saved.get(group) or {}
+        if name not in values:
+            continue
+        if field == "template" and (group == "model") == chat:
+            continue
+        pair[field] = values[name]
+    return pair
+
 
 def from_saved(saved: dict, overrides: list[str] | None = None) -> DictConfig:
     """A checkpoint's saved config, on top of today's schema defaults, with Hydra-style overrides.
@@ -56,9 +81,12 @@ def from_saved(saved: dict, overrides: list[str] | None = None) -> DictConfig:
     from omegaconf import OmegaConf
 
     cfg = compose([])
+    if "pair" not in saved:
+        saved = {**saved, "pair": _pair_of_old_config(saved)}
     for group, values in saved.items():
         if group in cfg:
-            values = {k: v for k, v in values.items() if k not in REMOVED_FIELDS.get(group, ())}
+            values = {k: v for k, v in values.items() if k not in REMOVED_FIELDS.get(group, ())
+                      and (group, k) not in MOVED_TO_PAIR}
             cfg[group] = OmegaConf.merge(cfg[group], values)
     for item in overrides or []:
         key, _, value = item.partition("=")

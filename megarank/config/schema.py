@@ -61,10 +61,10 @@ class ModelConfig:
     """``llama3`` scaling: the context length the model was pre-trained with before scaling."""
     sliding_window: int | None = None
     """Decoders: the HF model's attention window (Mistral); megarank attends over the whole
-    sequence, which is the same while data.max_length <= sliding_window (validate() checks it)."""
+    sequence, which is the same while pair.max_length <= sliding_window (validate() checks it)."""
     position_offset: int = 0
     """Encoders: the position id of the first token. RoBERTa and XLM-RoBERTa: pad_token_id + 1
-    (fairseq keeps the rows below for padding), so data.max_length may use
+    (fairseq keeps the rows below for padding), so pair.max_length may use
     max_position_embeddings - position_offset positions."""
     encoder_head: str = "bert"
     """Encoders' classifier on the first token: ``bert`` (BertPooler dense + tanh, dropout,
@@ -97,8 +97,6 @@ class ModelConfig:
     """Std of the normal initialisation of weights."""
     tokenizer: str = str(ASSETS / "tokenizers" / "bert-uncased")
     """A Hugging Face tokenizer directory (or hub name, where a hub is reachable)."""
-    prompt_template: str = "Query: {query}\nDocument: {document}\nRelevant:"
-    """Decoders: how a (query, document) pair is written; the document is truncated first."""
     tie_word_embeddings: bool = False
     """Decoders: the LM output layer is the input embedding (matters for the yes/no head)."""
     hf_model_type: str | None = None
@@ -159,6 +157,14 @@ class TaskConfig:
     distill_term: str = "kl"
     """What distill_weight adds: ``kl`` (the distill loss), ``margin_mse``, or ``ranknet`` /
     ``lambdarank`` / ``listnet`` on the teacher's order."""
+@dataclass
+class PairConfig:
+    """The pair format: how a (query, document) pair becomes the tokens a model scores, and what
+    it scores there. The one definition of it: the scoring contract (``scoring.json``, see
+    megarank/data/contract.py) is built from this group alone and read by the collator,
+    export, serving and evaluation; a saved model's contract is checked against it, never
+    written back into it."""
+
     head: str = "classifier"
     """``classifier`` (a linear score on the pooled state, HF *ForSequenceClassification) or
     ``yes_no`` (decoders: logit("yes") - logit("no") at the last token, as Qwen3-Reranker)."""
@@ -166,15 +172,22 @@ class TaskConfig:
     """yes_no head: the text of the positive answer token."""
     no_token: str = "no"
     """yes_no head: the text of the negative answer token."""
-    prompt_prefix: str | None = None
+    max_length: int = 128
+    """Tokens per (query, document) pair, special and template tokens included; the document
+    is truncated first."""
+    max_query_length: int = 32
+    """Tokens kept of the query before the document is fitted."""
+    template: str = "Query: {query}\nDocument: {document}\nRelevant:"
+    """Decoders: how a pair is written, {query} and {document} (and, with a chat prompt,
+    {instruction}) filled in. Without ``prefix`` its pieces are tokenized apart and the
+    document cut to fit; with ``prefix`` (a chat prompt) the filled-in text is tokenized as one
+    and cut at its end to fit max_length, the query cut first to max_query_length. Encoders use
+    the tokenizer's own pair template ([CLS] query [SEP] document [SEP]) and ignore this."""
+    prefix: str | None = None
     """Decoders: a chat prompt's text before the pair (a system turn and the start of the user
-    turn), tokenized on its own and never cut. Set, it replaces model.prompt_template by
-    prompt_prefix + prompt_pair + prompt_suffix (task=qwen3_reranker: Qwen3-Reranker's)."""
-    prompt_pair: str = "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
-    """Chat prompt: the pair text, {instruction}, {query} and {document} filled in, tokenized as
-    one text and cut at its end to fit data.max_length (the query first to
-    data.max_query_length)."""
-    prompt_suffix: str = ""
+    turn), tokenized on its own and never cut; set, it selects the chat layout
+    (pair=qwen3_reranker: Qwen3-Reranker's)."""
+    suffix: str = ""
     """Chat prompt: the text after the pair (end of the user turn, the assistant's opening),
     tokenized on its own and never cut."""
     instruction: str | None = None
@@ -193,10 +206,6 @@ class DataConfig:
     directory ``megarank prepare`` wrote from such files (tokenized once, memory-mapped)."""
     max_records: int | None = None
     """Read only the first N records (None: all)."""
-    max_length: int = 128
-    """Tokens per (query, document) pair; the document is truncated first."""
-    max_query_length: int = 32
-    """Tokens kept of the query before the document is fitted."""
     pad_to_multiple_of: int = 8
     """Dynamic padding per micro-batch is rounded up to this."""
     packing: bool = False
@@ -214,10 +223,10 @@ class DataConfig:
     micro-batches of at most this many tokens (the packed row's width with data.packing, else
     rows x padded width), so short pairs make larger micro-batches; their number varies by step
     and each one's loss counts by its share of the step's groups. At least one group at its
-    longest (task.group_size x data.max_length). None: trainer.micro_batch_size groups each."""
+    longest (task.group_size x pair.max_length). None: trainer.micro_batch_size groups each."""
     passages: str = "first"
     """How training, evaluation and scoring read a document longer than a pair holds:
-    ``first`` (FirstP: its first data.max_length tokens) or ``max`` (MaxP: windows of it, each
+    ``first`` (FirstP: its first pair.max_length tokens) or ``max`` (MaxP: windows of it, each
     scored with the query, the best window's score is the document's; training's loss reads
     that score, so the gradient goes to the best window)."""
     passage_stride: int | None = None
@@ -384,6 +393,7 @@ class TrainConfig:
     model: ModelConfig = MISSING
     parallel: ParallelConfig = MISSING
     task: TaskConfig = MISSING
+    pair: PairConfig = field(default_factory=PairConfig)
     data: DataConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -395,6 +405,7 @@ GROUPS: dict[str, type] = {
     "model": ModelConfig,
     "parallel": ParallelConfig,
     "task": TaskConfig,
+    "pair": PairConfig,
     "data": DataConfig,
     "trainer": TrainerConfig,
     "optim": OptimConfig,

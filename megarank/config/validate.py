@@ -162,9 +162,9 @@ def validate(cfg: Any, world_size: int) -> Derived:
 
     _choice(errors, "model.family", m.family, FAMILIES)
     _choice(errors, "task.loss", t.loss, LOSSES)
-    _choice(errors, "task.head", t.head, ("classifier", "yes_no"))
-    if t.head == "yes_no" and m.family != "gpt":
-        errors.append(f"task.head yes_no needs a decoder (model.family gpt), not {m.family!r}")
+    _choice(errors, "pair.head", cfg.pair.head, ("classifier", "yes_no"))
+    if cfg.pair.head == "yes_no" and m.family != "gpt":
+        errors.append(f"pair.head yes_no needs a decoder (model.family gpt), not {m.family!r}")
     _choice(errors, "optim.decay_style", o.decay_style, DECAY_STYLES)
     _choice(errors, "trainer.precision", tr.precision, PRECISIONS)
     _choice(errors, "trainer.device", tr.device, DEVICES)
@@ -209,8 +209,8 @@ def validate(cfg: Any, world_size: int) -> Derived:
     if m.position_offset < 0 or (m.position_offset and m.family != "bert"):
         errors.append(f"model.position_offset ({m.position_offset}) must be >= 0, and 0 unless "
                       "model.family is bert")
-    if m.sliding_window is not None and cfg.data.max_length > m.sliding_window:
-        errors.append(f"data.max_length ({cfg.data.max_length}) must be <= model.sliding_window "
+    if m.sliding_window is not None and cfg.pair.max_length > m.sliding_window:
+        errors.append(f"pair.max_length ({cfg.pair.max_length}) must be <= model.sliding_window "
                       f"({m.sliding_window}): megarank attends over the whole sequence")
 
     # World and batch layout.
@@ -241,14 +241,14 @@ def validate(cfg: Any, world_size: int) -> Derived:
             num_micro = tr.global_batch_size // dp
         rows = t.group_size * (cfg.data.train_passages if cfg.data.passages == "max" else 1)
         if cfg.data.packing:
-            need = -(-rows * cfg.data.max_length // cfg.data.packed_multiple) * \
+            need = -(-rows * cfg.pair.max_length // cfg.data.packed_multiple) * \
                 cfg.data.packed_multiple
         else:
-            need = rows * cfg.data.max_length
+            need = rows * cfg.pair.max_length
         if budget < need:
             errors.append(
                 f"data.tokens_per_micro_batch ({budget}) must hold one whole group at its "
-                f"longest: {rows} rows x data.max_length ({cfg.data.max_length}) = {need}")
+                f"longest: {rows} rows x pair.max_length ({cfg.pair.max_length}) = {need}")
     elif tr.micro_batch_size <= 0:
         errors.append(f"trainer.micro_batch_size ({tr.micro_batch_size}) must be positive")
     elif dp:
@@ -272,9 +272,9 @@ def validate(cfg: Any, world_size: int) -> Derived:
         errors.append(f"data.passage_stride ({cfg.data.passage_stride}) must be >= 1")
     if cfg.data.train_passages < 1:
         errors.append(f"data.train_passages ({cfg.data.train_passages}) must be >= 1")
-    if cfg.data.passages == "max" and cfg.task.prompt_prefix is not None:
+    if cfg.data.passages == "max" and cfg.pair.prefix is not None:
         errors.append("data.passages=max needs query and document tokenized apart; a chat "
-                      "prompt (task.prompt_prefix) tokenizes each pair whole")
+                      "prompt (pair.prefix) tokenizes each pair whole")
     if cfg.data.prefetch_steps < 0:
         errors.append(f"data.prefetch_steps ({cfg.data.prefetch_steps}) must be >= 0")
     try:
@@ -303,15 +303,16 @@ def validate(cfg: Any, world_size: int) -> Derived:
         errors.append(f"task.hard_weight ({t.hard_weight}) must be >= 0")
     if t.hard_weight == 0 and t.distill_weight == 0:
         errors.append("task.hard_weight and task.distill_weight are both 0: nothing to train")
-    if t.prompt_prefix is not None:
+    pf = cfg.pair
+    if pf.prefix is not None:
         if m.family != "gpt":
-            errors.append(f"task.prompt_prefix (a chat prompt) needs a decoder (model.family "
+            errors.append(f"pair.prefix (a chat prompt) needs a decoder (model.family "
                           f"gpt), not {m.family!r}")
-        problem = chat_template_problem(t.prompt_pair)
+        problem = chat_template_problem(pf.template)
         if problem:
-            errors.append(f"task.prompt_pair: {problem}")
-        if "{instruction}" in t.prompt_pair and t.instruction is None:
-            errors.append("task.prompt_pair has {instruction}: task.instruction must be set "
+            errors.append(f"pair.template: {problem}")
+        if "{instruction}" in pf.template and pf.instruction is None:
+            errors.append("pair.template has {instruction}: pair.instruction must be set "
                           "(the default of records without one)")
 
     # Features that need something else.
@@ -335,16 +336,16 @@ def validate(cfg: Any, world_size: int) -> Derived:
     if p.use_distributed_optimizer and tr.precision == "fp16":
         errors.append("parallel.use_distributed_optimizer with trainer.precision fp16 is not "
                       "supported; use bf16")
-    if cfg.data.max_length > m.max_position_embeddings - m.position_offset:
+    if cfg.pair.max_length > m.max_position_embeddings - m.position_offset:
         offset = f" - model.position_offset ({m.position_offset})" if m.position_offset else ""
         errors.append(
-            f"data.max_length ({cfg.data.max_length}) must be <= "
+            f"pair.max_length ({cfg.pair.max_length}) must be <= "
             f"model.max_position_embeddings ({m.max_position_embeddings}){offset}"
         )
-    if cfg.data.max_query_length >= cfg.data.max_length:
+    if cfg.pair.max_query_length >= cfg.pair.max_length:
         errors.append(
-            f"data.max_query_length ({cfg.data.max_query_length}) must be < "
-            f"data.max_length ({cfg.data.max_length})"
+            f"pair.max_query_length ({cfg.pair.max_query_length}) must be < "
+            f"pair.max_length ({cfg.pair.max_length})"
         )
     for name in ("max_steps", "log_interval"):
         if getattr(tr, name) <= 0:

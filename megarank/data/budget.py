@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import torch
 
-from megarank.data.collate import PairBatch
+from megarank.data.batch import PairBatch
 from megarank.data.packing import packed_width
 
 

@@ -15,60 +15,11 @@ so only attention (not the linears, norms and MLPs) sees padding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
-from megarank.data.collate import PairBatch
-
-
-@dataclass
-class PackedPairs:
-    """Where each pair of a packed row starts and ends; megatron passes it through its layers as
-    ``packed_seq_params`` (``qkv_format`` "sbhd": the row keeps its batch dimension of 1, so
-    megatron applies RoPE and calls the core attention unchanged)."""
-
-    cu_seqlens: torch.Tensor
-    """[S + 1] int32: segment boundaries in the row (the pairs, then a padding segment when the
-    row was rounded up)."""
-    max_seqlen: int
-    """The longest segment, in tokens (a host int: no device sync to read it)."""
-    position_ids: torch.Tensor
-    """[1, T] long: each token's position inside its own pair."""
-    gather_index: torch.Tensor
-    """[S, L] long (L = max_seqlen): the row position of segment s's j-th token; T (one past the
-    row) where segment s is shorter than j + 1. Used by the unpacked attention path."""
-    key_mask: torch.Tensor
-    """[S, L] bool: True on the real tokens of ``gather_index``."""
-    scatter_index: torch.Tensor
-    """[T] long: each row position's place in the flattened [S * L] layout (the inverse of
-    ``gather_index``)."""
-    segment_lengths: tuple[int, ...] = ()
-    """The segments' lengths on the host (FLOP accounting reads these, not a tensor)."""
-    qkv_format: str = "sbhd"
-
-    @property
-    def num_segments(self) -> int:
-        return self.gather_index.shape[0]
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedPairs:
-        """A copy with every tensor on ``device``."""
-        return replace(
-            self,
-            cu_seqlens=self.cu_seqlens.to(device, non_blocking=non_blocking),
-            position_ids=self.position_ids.to(device, non_blocking=non_blocking),
-            gather_index=self.gather_index.to(device, non_blocking=non_blocking),
-            key_mask=self.key_mask.to(device, non_blocking=non_blocking),
-            scatter_index=self.scatter_index.to(device, non_blocking=non_blocking),
-        )
-
-    def pin_memory(self) -> PackedPairs:
-        """A copy in page-locked host memory (for asynchronous copies to the GPU)."""
-        return replace(
-            self, cu_seqlens=self.cu_seqlens.pin_memory(),
-            position_ids=self.position_ids.pin_memory(),
-            gather_index=self.gather_index.pin_memory(), key_mask=self.key_mask.pin_memory(),
-            scatter_index=self.scatter_index.pin_memory())
+from megarank.data.batch import PackedPairs, PairBatch
 
 
 def packed_width(num_tokens: int, multiple: int) -> int:

@@ -48,7 +48,8 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from megarank.data.collate import PairBatch, PairCollator
+from megarank.data.batch import PairBatch
+from megarank.data.collate import PairCollator
 from megarank.data.groups import _warn_short_once, draw_group
 from megarank.data.triplets import TripletRecord, iter_triplets
 
@@ -60,9 +61,9 @@ _TOKENIZE_BATCH = 4096  # texts per batched tokenizer call: large enough to amor
 _SETTING_FIELDS = {
     "tokenizer_class": "model.tokenizer",
     "tokenizer_size": "model.tokenizer", "tokenizer_sha256": "model.tokenizer",
-    "kind": "model.family", "template": "model.prompt_template", "max_length": "data.max_length",
-    "max_query_length": "data.max_query_length",
-    "document_tokens": "data.max_length (less the pair's special tokens), and "
+    "kind": "model.family", "template": "pair.template", "max_length": "pair.max_length",
+    "max_query_length": "pair.max_query_length",
+    "document_tokens": "pair.max_length (less the pair's special tokens), and "
                        "data.train_passages with data.passage_stride under data.passages=max",
 }
 # Settings recorded for information, never compared: where the tokenizer was read from. The same
@@ -160,7 +161,7 @@ class _Builder:
     def __init__(self, collator: PairCollator, out: Path | None) -> None:
         if not collator.pretokenizable:
             raise PreparedError(
-                "this model's chat prompt (task=qwen3_reranker) tokenizes each (query, document) "
+                "this model's chat prompt (pair=qwen3_reranker) tokenizes each (query, document) "
                 "text whole, so texts cannot be tokenized once ahead; train it from the JSONL")
         self.settings = collator.token_settings()
         self.dtype = np.dtype(np.uint16 if self.settings["tokenizer_size"] <= 65536 else np.int32)
@@ -258,7 +259,7 @@ class PreparedData:
         if not collator.pretokenizable:
             raise PreparedError(
                 f"{self.where}: a prepared dataset holds per-text token ids, but this model's "
-                "chat prompt (task=qwen3_reranker) tokenizes each pair whole; train it from JSONL")
+                "chat prompt (pair=qwen3_reranker) tokenizes each pair whole; train it from JSONL")
         have, want = self.meta["settings"], collator.token_settings()
         differ = [k for k in want if k not in _INFORMATION_ONLY and have.get(k) != want[k]]
         diffs = [f"{k} (config field {_SETTING_FIELDS.get(k, k)}): prepared with {have.get(k)!r},"

@@ -6,7 +6,7 @@ One JSON object a line::
 
 `neg` may be missing (read as empty); the score lists are optional and kept for distillation;
 an optional "instruction" (or FlagEmbedding's "prompt") string fills a chat prompt's
-{instruction} (task=qwen3_reranker); any other key ("type", ...) is ignored. Every problem is reported as
+{instruction} (pair=qwen3_reranker); any other key ("type", ...) is ignored. Every problem is reported as
 `DataFormatError("path:lineno: ...")`: a bad row is never dropped silently, because a silently
 shorter training set shows up only as a worse model weeks later.
 """

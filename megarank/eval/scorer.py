@@ -13,8 +13,10 @@ import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megarank.data.batch import PairBatch
 from megarank.data.budget import gather_rows, length_passes
-from megarank.data.collate import PairBatch, PairCollator, max_over_windows
+from megarank.data.collate import PairCollator
+from megarank.data.truncation import max_over_windows
 from megarank.parallel.runtime import Runtime
 
 
@@ -112,8 +114,8 @@ class PairScorer:
         slot: dict[str, int] = {}
         query_of_pair = [slot.setdefault(p[0], len(slot)) for p in pairs]
         query_ids = c.tokenize_queries(list(slot))
-        row_query, row_ids, windows = c.window_rows(
-            query_ids, c.full_documents([p[1] for p in pairs]), query_of_pair)
+        row_query, row_ids, windows = c.truncation.window_rows(
+            query_ids, c.truncation.full_documents([p[1] for p in pairs]), query_of_pair)
         chunk = self.batch_size * self.CHUNK_BATCHES
         encoded = [c.encode_tokens(query_ids, row_ids[i:i + chunk], row_query[i:i + chunk], 1)
                    for i in range(0, len(row_ids), chunk)]

@@ -64,7 +64,7 @@ def build_cross_encoder(cfg, tconfig: TransformerConfig, kernels: KernelChoice,
                         answer_ids: tuple[int, int] | None = None) -> CrossEncoder:
     """This pipeline stage of the cross-encoder (embeddings on the first, head on the last).
 
-    ``answer_ids``: the (yes, no) token ids for ``task.head=yes_no``.
+    ``answer_ids``: the (yes, no) token ids for ``pair.head=yes_no``.
     """
     m = cfg.model
     vocab = padded_vocab_size(m)
@@ -83,7 +83,7 @@ def build_cross_encoder(cfg, tconfig: TransformerConfig, kernels: KernelChoice,
             tconfig, gpt_layer_spec(m.normalization, m.qk_layernorm, kernels.name), vocab,
             m.max_position_embeddings, m.rotary_base, pre_process, post_process, scaling,
         )
-    yes_no = cfg.task.head == "yes_no"
+    yes_no = cfg.pair.head == "yes_no"
     head = None
     if post_process and yes_no:
         tied = backbone.embedding.word_embeddings if (m.tie_word_embeddings and pre_process) else None

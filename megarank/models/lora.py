@@ -256,7 +256,7 @@ def add_adapters(model: torch.nn.Module, cfg: Any, tp_rank: int, tp_size: int,
         # (reentrant) activation recompute would then run no backward through the layers and
         # leave every adapter's gradient zero. The input is marked to need one.
         embedding.register_forward_hook(_input_needs_grad)
-    if pe.train_head and cfg.task.head == "classifier" and model.head is not None:
+    if pe.train_head and cfg.pair.head == "classifier" and model.head is not None:
         for p in model.head.parameters():
             p.requires_grad_(True)
     if pe.method == "qlora":

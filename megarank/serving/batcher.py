@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 
+from megarank.data.batch import PairBatch
 from megarank.data.budget import gather_rows, length_passes
-from megarank.data.collate import PairBatch, max_over_windows
+from megarank.data.truncation import max_over_windows
 
 ScoreFn = Callable[[PairBatch], torch.Tensor]
 """Scores [N] (float32) of one batch of rows; the batcher calls it from the scoring thread."""

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from megarank.data.collate import PairBatch
+from megarank.data.batch import PairBatch
 from megarank.eval.scorer import score_batches
 from megarank.parallel.env import env_world_size
 from megarank.serving.batcher import DynamicBatcher

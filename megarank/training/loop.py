@@ -13,9 +13,9 @@ import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import DictConfig, OmegaConf
 
-from megarank.checkpoint.contract import write_contract
 from megarank.checkpoint.manager import CheckpointManager
 from megarank.config import padded_vocab_size
+from megarank.data.contract import write_contract
 from megarank.eval.rerank import HeldOutEval
 from megarank.parallel.megatron import build_optimizer
 from megarank.parallel.runtime import Runtime
@@ -85,7 +85,7 @@ class Trainer:
             self.cfg.logging, self.run_config,
             pairs_per_step=self.tr.global_batch_size * self.cfg.task.group_size,
             device_name=device_name(self.rt.device))
-        self.counters = StepCounters(model=self.cfg.model, head=self.cfg.task.head)
+        self.counters = StepCounters(model=self.cfg.model, head=self.cfg.pair.head)
         self.forward_step = make_forward_step(
             self.cfg.task, self.rt.device, self.counters, lambda: self.step in poison_steps,
             groups_per_step=(self.tr.global_batch_size // self.derived.dp
@@ -162,7 +162,7 @@ class Trainer:
         micro_batches = next(self.batches)
         stats, grad_norm, lr, updated = train_step(
             self.forward_backward, self.forward_step, iter(micro_batches), self.model,
-            self.optimizer, self.scheduler, len(micro_batches), self.cfg.data.max_length,
+            self.optimizer, self.scheduler, len(micro_batches), self.cfg.pair.max_length,
             self.derived.pairs_per_micro_batch, self.counters, self.rt, self.stop.requested,
         )
         self.count_health(step, updated)

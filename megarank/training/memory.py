@@ -13,7 +13,7 @@ on the tensors themselves.
 
 The micro-batches are synthetic and full length (random token ids, no padding), so they have
 exactly the shape the plan assumes: ``trainer.micro_batch_size`` groups x ``task.group_size``
-documents x ``data.max_length`` tokens.
+documents x ``pair.max_length`` tokens.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from megarank.data.collate import PairBatch
+from megarank.data.batch import PairBatch
 
 
 def _storage(t: torch.Tensor) -> tuple[int, int]:
@@ -118,9 +118,9 @@ class MeasuredMemory:
 
 def synthetic_batch(cfg: Any, seed: int = 0) -> PairBatch:
     """A full-length micro-batch of random ids: micro_batch_size groups x group_size documents
-    x data.max_length tokens, no padding, pooled as the family pools."""
+    x pair.max_length tokens, no padding, pooled as the family pools."""
     n = int(cfg.trainer.micro_batch_size) * int(cfg.task.group_size)
-    s = int(cfg.data.max_length)
+    s = int(cfg.pair.max_length)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, int(cfg.model.vocab_size), (n, s), generator=g)
     mask = torch.ones(n, s, dtype=torch.long)
@@ -185,7 +185,7 @@ def measure_stage(stage: Any) -> MeasuredMemory:
         torch.cuda.reset_peak_memory_stats()
     with tracker.active():
         train_step(get_forward_backward_func(), forward_step, batches, model, optimizer,
-                   scheduler, d.num_microbatches, int(cfg.data.max_length),
+                   scheduler, d.num_microbatches, int(cfg.pair.max_length),
                    d.pairs_per_micro_batch)
     cuda_peak = int(torch.cuda.max_memory_allocated()) if cuda else None
     grads = sum(p.main_grad.numel() * p.main_grad.element_size() for p in params.values()

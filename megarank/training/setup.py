@@ -53,7 +53,7 @@ def build_data(cfg: DictConfig, rt: Runtime, collator: PairCollator, consumed_sa
 
     ``data.train_path`` is a prepared dataset directory (``megarank prepare``; memory-mapped) or
     a triplet JSONL, which is prepared in memory the same way, so both give the same batches.
-    Only the chat layout (task=qwen3_reranker), which tokenizes each pair whole, takes JSONL
+    Only the chat layout (pair=qwen3_reranker), which tokenizes each pair whole, takes JSONL
     records as text.
     """
     dataset, collate = _training_groups(cfg, collator)

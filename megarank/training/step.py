@@ -19,7 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megarank.data.collate import PairBatch, max_over_windows
+from megarank.data.batch import PairBatch
+from megarank.data.truncation import max_over_windows
 from megarank.parallel.megatron import grads_finite_tensor
 from megarank.parallel.runtime import Runtime, current_runtime
 from megarank.training.flops import step_flops

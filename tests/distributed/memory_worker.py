@@ -123,7 +123,7 @@ def measure_optimizer(overrides: list[str]) -> dict:
         _, grad_norm, _, _ = train_step(get_forward_backward_func(), forward_step,
                                      iter(next(batches)),
                                      stage.model, optimizer, scheduler, d.num_microbatches,
-                                     stage.cfg.data.max_length, d.pairs_per_micro_batch)
+                                     stage.cfg.pair.max_length, d.pairs_per_micro_batch)
         row = optimizer_state_bytes(optimizer, stage.model)
         row["grad_norm"] = grad_norm
         row["model_params"] = sum(p.numel() for p in stage.model.parameters())

@@ -30,11 +30,11 @@ def test_export_on_two_ranks_equals_one_process(tmp_path):
     run = tmp_path / "run"
     # A checkpoint to export, trained in this process; the exports then run here (one process)
     # and as the one case of a 2-rank launch.
-    megarank.train_model(["model=gpt_tiny", "task=listwise", "task.head=yes_no",
+    megarank.train_model(["model=gpt_tiny", "task=listwise", "pair.head=yes_no",
                           "task.group_size=2", "trainer.max_steps=2",
                           "trainer.global_batch_size=2", "trainer.micro_batch_size=2",
-                          "trainer.eval_at_end=false", "data.max_length=32",
-                          "data.max_query_length=8", "data.max_records=4",
+                          "trainer.eval_at_end=false", "pair.max_length=32",
+                          "pair.max_query_length=8", "data.max_records=4",
                           "trainer.progress_bar=false", f"trainer.output_dir={run}"])
     one, two = tmp_path / "one", tmp_path / "two"
     args = ["to-hf", "--ckpt", run, "--max-shard-mb", "1"]

@@ -26,7 +26,7 @@ COMMON = ["model=gpt_tiny", "task=listwise", "task.group_size=4", "trainer.max_s
           "trainer.global_batch_size=4", "trainer.micro_batch_size=1", "trainer.log_interval=1",
           "trainer.save_interval=3", "trainer.eval_at_end=false", "trainer.progress_bar=false",
           "optim.lr=1e-3", "optim.warmup_steps=2", "model.hidden_dropout=0.1",
-          "model.attention_dropout=0.1", "data.max_length=64"]
+          "model.attention_dropout=0.1", "pair.max_length=64"]
 
 
 def _logged_steps(run: Path) -> int:

@@ -41,7 +41,7 @@ CASES = [(ref, *layout) for ref, (_, _, layouts) in REFERENCES.items() for layou
 def _common(model, extra):
     return [f"model={model}", "task=listwise", "task.group_size=4", "trainer.global_batch_size=8",
             "trainer.micro_batch_size=2", "trainer.log_interval=1", "trainer.eval_at_end=false",
-            "trainer.save_final=false", "optim.lr=2e-3", "data.max_length=64", *extra,
+            "trainer.save_final=false", "optim.lr=2e-3", "pair.max_length=64", *extra,
             f"trainer.max_steps={STEPS}"]
 
 

@@ -38,7 +38,7 @@ def _common(model, init, method="lora"):
     return [f"model={model}", *LORA, f"peft.method={method}", "task=listwise", "task.group_size=4",
             "trainer.global_batch_size=8", "trainer.micro_batch_size=2",
             "trainer.log_interval=1", "trainer.eval_at_end=false", "trainer.save_final=false",
-            "optim.lr=1e-2", "data.max_length=64", f"trainer.max_steps={STEPS}",
+            "optim.lr=1e-2", "pair.max_length=64", f"trainer.max_steps={STEPS}",
             f"model.init_from={init}"]
 
 
@@ -46,7 +46,7 @@ def _resume_common(init):
     return ["model=gpt_tiny", *LORA, "peft.dropout=0.1", "task=listwise", "task.group_size=4",
             "trainer.max_steps=20", "trainer.global_batch_size=4", "trainer.micro_batch_size=1",
             "trainer.log_interval=1", "trainer.eval_at_end=false", "optim.lr=5e-3",
-            "optim.warmup_steps=3", "data.max_length=64", f"model.init_from={init}"]
+            "optim.warmup_steps=3", "pair.max_length=64", f"model.init_from={init}"]
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from tests.helpers.cases import run_cases, train_case
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-COMMON = ["task=listwise", "task.group_size=4", "data=cranfield", "data.max_length=128",
-          "data.max_query_length=16", "model.hidden_dropout=0", "model.attention_dropout=0",
+COMMON = ["task=listwise", "task.group_size=4", "data=cranfield", "pair.max_length=128",
+          "pair.max_query_length=16", "model.hidden_dropout=0", "model.attention_dropout=0",
           "trainer.max_steps=2", "trainer.global_batch_size=4", "trainer.micro_batch_size=1",
           "trainer.log_interval=1", "trainer.save_final=false", "trainer.eval_at_end=false",
           "optim.warmup_steps=0"]

@@ -17,7 +17,7 @@ from tests.helpers.parity_capture import read_stdout
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-SHAPE = ["task.group_size=8", "trainer.micro_batch_size=2", "data.max_length=128",
+SHAPE = ["task.group_size=8", "trainer.micro_batch_size=2", "pair.max_length=128",
          "trainer.device=cpu"]
 LAYOUTS = {
     "tp2": ["model=gpt_tiny", "parallel=tp2_pp1", "trainer.global_batch_size=4"],

@@ -20,7 +20,7 @@ from tests.helpers.runs import run_cli
 pytestmark = pytest.mark.distributed
 
 COMMON = ["model=gpt_tiny", "task.group_size=4", "trainer.max_steps=5", "trainer.log_interval=1",
-          "trainer.eval_at_end=false", "trainer.save_final=false", "data.max_length=64",
+          "trainer.eval_at_end=false", "trainer.save_final=false", "pair.max_length=64",
           "optim.lr=1e-3", "model.init_method_std=0.1"]
 SINGLE = {"fp32": [], "selective": ["trainer.recompute=selective"],
           "full": ["trainer.recompute=full"], "bf16": ["trainer.precision=bf16"],
@@ -105,7 +105,7 @@ def _activations(tmp_path, overrides):
 
 # 16 pairs (2 groups of 8) x 128 tokens through gpt_tiny (4 layers, hidden 64, SwiGLU 128).
 ACTIVATIONS = ["model=gpt_tiny", "task.group_size=8", "trainer.micro_batch_size=2",
-               "data.max_length=128", "trainer.device=cpu"]
+               "pair.max_length=128", "trainer.device=cpu"]
 
 
 def test_recompute_lowers_saved_activations(tmp_path):

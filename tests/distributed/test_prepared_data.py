@@ -23,7 +23,7 @@ CRANFIELD = ASSETS / "cranfield" / "train_triplets.jsonl"
 COMMON = ["model=gpt_tiny", "task=listwise", "task.group_size=4", "task.distill_weight=0.5",
           "trainer.max_steps=30", "trainer.global_batch_size=8", "trainer.micro_batch_size=2",
           "trainer.log_interval=1", "trainer.eval_at_end=false", "optim.lr=1e-3",
-          "optim.warmup_steps=3", "model.hidden_dropout=0.1", "data.max_length=64"]
+          "optim.warmup_steps=3", "model.hidden_dropout=0.1", "pair.max_length=64"]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def data(tmp_path_factory):
             out.write(json.dumps(row) + "\n")
     prepared = root / "prep"
     proc = run_cli("megarank.prepare", ["--input", jsonl, "--out", prepared, "model=gpt_tiny",
-                                        "data.max_length=64"])
+                                        "pair.max_length=64"])
     assert "112 groups" in proc.stderr
     return jsonl, prepared
 
@@ -77,11 +77,11 @@ def test_training_refuses_a_dataset_prepared_with_other_truncation(tmp_path, dat
     _, prepared = data
     try:
         with pytest.raises(PreparedError) as refused:
-            megarank.train_model([*COMMON[:-1], "data.max_length=128",
+            megarank.train_model([*COMMON[:-1], "pair.max_length=128",
                                   f"data.train_path={prepared}",
                                   f"trainer.output_dir={tmp_path / 'run'}", "trainer.max_steps=5",
                                   "trainer.progress_bar=false"])
     finally:
         shutdown()
-    assert "max_length (config field data.max_length): prepared with 64, this run has 128" in (
+    assert "max_length (config field pair.max_length): prepared with 64, this run has 128" in (
         str(refused.value))

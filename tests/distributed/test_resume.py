@@ -22,14 +22,14 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 DROPOUT = ["model=gpt_tiny", "task=listwise", "task.group_size=4", "trainer.max_steps=40",
            "trainer.global_batch_size=4", "trainer.micro_batch_size=1", "trainer.log_interval=1",
            "trainer.eval_at_end=false", "optim.lr=1e-3", "optim.warmup_steps=5",
-           "model.hidden_dropout=0.1", "model.attention_dropout=0.1", "data.max_length=64"]
+           "model.hidden_dropout=0.1", "model.attention_dropout=0.1", "pair.max_length=64"]
 # tp2_pp1 for 10 steps, then resumed as tp1_pp2: the model and Adam state are resharded from the
 # checkpoint. Dropout is off: dropout streams are per TP rank, so they cannot carry over to
 # another layout.
 RESHARD = ["model=gpt_tiny", "task=listwise", "task.group_size=4", "trainer.max_steps=20",
            "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "trainer.log_interval=1",
            "trainer.eval_at_end=false", "optim.lr=1e-3", "optim.warmup_steps=2",
-           "data.max_length=64"]
+           "pair.max_length=64"]
 
 
 def _losses(records):

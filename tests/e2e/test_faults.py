@@ -23,7 +23,7 @@ from tests.helpers.runs import read_metrics
 BASE = ["model=bert_tiny", "model.num_layers=2", "task=listwise", "task.group_size=4",
         "trainer.global_batch_size=2", "trainer.micro_batch_size=2", "trainer.log_interval=1",
         "trainer.eval_interval=0", "trainer.eval_at_end=false", "trainer.progress_bar=false",
-        "data.max_length=32", "data.max_query_length=8", "optim.lr=1e-3", "data.max_records=16"]
+        "pair.max_length=32", "pair.max_query_length=8", "optim.lr=1e-3", "data.max_records=16"]
 
 
 def _train(out: Path, *overrides: str, poison: frozenset[int] = frozenset()) -> dict:

@@ -32,7 +32,7 @@ STEPS = 4
 # What a CPU needs instead of the presets' 16-GPU layout; everything else is the preset's.
 CPU = ["parallel=tp1_pp1", "parallel.sequence_parallel=false", "trainer.device=cpu",
        "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "task.group_size=4",
-       "data.max_length=128", "data.max_query_length=24", f"trainer.max_steps={STEPS}",
+       "pair.max_length=128", "pair.max_query_length=24", f"trainer.max_steps={STEPS}",
        "trainer.log_interval=1", "trainer.eval_at_end=false", "trainer.progress_bar=false",
        "trainer.save_interval=0", "optim.warmup_steps=0", f"optim.lr={LR}",
        f"data.train_path={TRIPLETS}"]
@@ -41,7 +41,7 @@ CPU = ["parallel=tp1_pp1", "parallel.sequence_parallel=false", "trainer.device=c
 # preset -> (tiny model writer, overrides it needs: the chat prompt takes ~70 tokens)
 MODELS = {
     "qwen3_reranker_8b": (lambda root: save_qwen3_reranker(root, tied=False),
-                          ["data.max_length=192"]),
+                          ["pair.max_length=192"]),
     "qwen2p5_7b_classifier": (lambda root: save_tiny("qwen2", root), []),
     "llama3_8b_classifier": (lambda root: save_tiny("llama3", root), []),
 }
@@ -88,7 +88,7 @@ def test_preset_imports_trains_resumes_exports_and_scores(preset, tmp_path):
     assert cfg.model.name == "hf" and cfg.trainer.precision == "bf16"
     assert cfg.parallel.use_distributed_optimizer and cfg.trainer.recompute == "none"
     yes_no = preset.startswith("qwen3_reranker")
-    assert cfg.task.head == ("yes_no" if yes_no else "classifier")
+    assert cfg.pair.head == ("yes_no" if yes_no else "classifier")
 
     full = tmp_path / "full"
     megarank.train_model([*base, f"trainer.output_dir={full}"])
@@ -113,7 +113,7 @@ def test_preset_imports_trains_resumes_exports_and_scores(preset, tmp_path):
 
     pairs = _pairs()
     with megarank.load_scorer(export, ["trainer.device=cpu"]) as scorer:
-        assert scorer.stage.contract.head == cfg.task.head
+        assert scorer.stage.contract.head == cfg.pair.head
         if yes_no:
             assert scorer.stage.contract.pair_format == "chat"
         from_export = torch.tensor(scorer.score(pairs))

@@ -39,7 +39,7 @@ def models(minilm, tmp_path_factory) -> dict[str, Path]:
     Qwen3 yes/no checkpoint and its export."""
     root = tmp_path_factory.mktemp("serve-models")
     lm = save_tiny("qwen3", root, causal_lm=True)
-    qwen_ckpt = megarank.convert_from_hf(lm, root / "qwen3_yes_no_ckpt", ["task.head=yes_no"])
+    qwen_ckpt = megarank.convert_from_hf(lm, root / "qwen3_yes_no_ckpt", ["pair.head=yes_no"])
     qwen = megarank.convert_to_hf(qwen_ckpt, root / "qwen3_yes_no")
     return {"minilm": minilm["export"], "qwen3": qwen, "qwen3_ckpt": qwen_ckpt}
 

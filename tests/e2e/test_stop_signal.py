@@ -23,7 +23,7 @@ def test_sigusr1_saves_and_exits(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "megarank.train", "model=gpt_tiny", "trainer.max_steps=100000",
          "trainer.log_interval=1", "trainer.eval_at_end=false", "trainer.progress_bar=false",
-         "data.max_length=64", f"trainer.output_dir={out}"],
+         "pair.max_length=64", f"trainer.output_dir={out}"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
@@ -40,7 +40,7 @@ def test_sigusr1_saves_and_exits(tmp_path):
 
     megarank.train_model(["model=gpt_tiny", f"trainer.max_steps={step + 2}",
                           "trainer.log_interval=1", "trainer.eval_at_end=false",
-                          "trainer.progress_bar=false", "data.max_length=64",
+                          "trainer.progress_bar=false", "pair.max_length=64",
                           "trainer.resume=true", f"trainer.output_dir={out}"])
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
     assert steps[-2:] == [step + 1, step + 2]

@@ -34,7 +34,7 @@ def short_run_overrides(out: Path, task: str = "listwise", lr: str = "1e-3",
         "trainer.log_interval=1", "trainer.save_interval=0",
         f"trainer.save_final={str(save_final).lower()}",
         "trainer.eval_interval=3", "trainer.eval_at_start=true",
-        "trainer.progress_bar=false", "data.max_length=64", "data.max_query_length=16",
+        "trainer.progress_bar=false", "pair.max_length=64", "pair.max_query_length=16",
         "data.eval_top_k=5", "data.eval_max_queries=8", f"optim.lr={lr}",
         "optim.warmup_steps=0", f"trainer.output_dir={out}",
     ]

@@ -103,7 +103,7 @@ def test_dora_from_init_from_starts_at_the_base(tmp_path):
     # initialisation: the magnitudes, and bf16's fp32 main copies of them, must follow it.
     common = ["model=gpt_tiny", "task.group_size=4", "trainer.global_batch_size=4",
               "trainer.micro_batch_size=2", "trainer.log_interval=1", "trainer.eval_interval=0",
-              "trainer.eval_at_end=false", "trainer.progress_bar=false", "data.max_length=48"]
+              "trainer.eval_at_end=false", "trainer.progress_bar=false", "pair.max_length=48"]
     init = tmp_path / "init"
     megarank.train_model([*common, "trainer.stop_at_step=0", "model.init_method_std=0.1",
                           f"trainer.output_dir={init}"])

@@ -114,7 +114,7 @@ def _train(out, base_dir, steps: int, extra=()):
         "task=listwise", "task.group_size=4", f"trainer.max_steps={steps}",
         "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "trainer.log_interval=1",
         "trainer.save_interval=0", "trainer.eval_interval=0", "trainer.eval_at_end=false",
-        "trainer.progress_bar=false", "data.max_length=64", "data.max_query_length=16",
+        "trainer.progress_bar=false", "pair.max_length=64", "pair.max_query_length=16",
         "optim.lr=5e-3", "optim.weight_decay=0.0", "model.hidden_dropout=0.0",
         "model.attention_dropout=0.0", f"trainer.output_dir={out}", *extra,
     ])
@@ -143,7 +143,7 @@ def test_lora_trains_only_adapters_and_head(tmp_path):
     common = ["model=gpt_tiny", "peft=lora", "peft.rank=4", "task.group_size=4",
               "trainer.max_steps=20", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
               "trainer.log_interval=1", "trainer.save_interval=10", "trainer.eval_interval=0",
-              "trainer.eval_at_end=false", "trainer.progress_bar=false", "data.max_length=48",
+              "trainer.eval_at_end=false", "trainer.progress_bar=false", "pair.max_length=48",
               "optim.lr=5e-3"]
     megarank.train_model([*common, "trainer.stop_at_step=0", f"trainer.output_dir={tmp_path / 'init'}"])
     megarank.train_model([*common, f"trainer.output_dir={tmp_path / 'run'}"])
@@ -208,7 +208,7 @@ def test_qlora_stores_the_base_4bit_and_trains(tmp_path):
     scores, weight_bytes = {}, {}
     for method in ("lora", "qlora"):
         cfg = compose(["model=hf", f"model.hf_path={base_dir}", f"peft={method}",
-                       "trainer.device=cpu", "data.max_length=64", "data.max_query_length=16"])
+                       "trainer.device=cpu", "pair.max_length=64", "pair.max_query_length=16"])
         from megarank.checkpoint.hf import apply_hf_config
 
         apply_hf_config(cfg)
@@ -253,8 +253,8 @@ def test_qwen3_reranker_lora_adapter_scores_as_peft(tmp_path):
 
     base_dir = save_qwen3_reranker(tmp_path)
     run = tmp_path / "run"
-    _train(run, base_dir, 4, extra=["task=qwen3_reranker", "task.group_size=4",
-                                    "data.max_length=192", "data.max_query_length=24"])
+    _train(run, base_dir, 4, extra=["pair=qwen3_reranker", "task.group_size=4",
+                                    "pair.max_length=192", "pair.max_query_length=24"])
     pairs = _pairs(6)
     with megarank.load_scorer(run) as scorer:
         trained = torch.tensor(scorer.score(pairs))

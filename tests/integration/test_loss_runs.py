@@ -42,8 +42,8 @@ def test_real_training_run_lowers_each_new_loss(task, extra, tmp_path):
         f"data.train_path={data}", "trainer.max_steps=24",
         "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "trainer.log_interval=1",
         "trainer.save_interval=0", "trainer.eval_interval=0", "trainer.eval_at_end=false",
-        "trainer.save_final=false", "trainer.progress_bar=false", "data.max_length=64",
-        "data.max_query_length=16", "optim.lr=2e-3", "optim.warmup_steps=0",
+        "trainer.save_final=false", "trainer.progress_bar=false", "pair.max_length=64",
+        "pair.max_query_length=16", "optim.lr=2e-3", "optim.warmup_steps=0",
         f"trainer.output_dir={out}",
     ])
     cfg = (out / "config.yaml").read_text()

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 
 import megarank
 from megarank.config.schema import ASSETS
-from megarank.data.collate import windows
+from megarank.data.truncation import windows
 
 FILLER = "the wing of a plane flies over water"
 
@@ -75,7 +75,7 @@ def test_windows_cover_the_document():
 
 def test_maxp_finds_what_lies_past_the_first_window(tmp_path):
     model = megarank.convert_from_hf(_keyword_model(tmp_path), tmp_path / "ckpt",
-                                     ["data.max_length=64", "data.max_query_length=8"])
+                                     ["pair.max_length=64", "pair.max_query_length=8"])
     coll, run = _collection(tmp_path)
     pairs = [("animals", " ".join([FILLER] * 25) + " zebra"), ("animals", "a zebra"),
              ("animals", FILLER)]
@@ -118,7 +118,7 @@ def _train_long(tmp_path, passages: str):
         "model=hf", f"model.hf_path={_keyword_model(tmp_path, 0.1, 0.02)}", "task=listwise",
         "task.group_size=4", "data=beir",
         f"data.train_path={_long_triplets(tmp_path / 'long.jsonl')}", f"data.passages={passages}",
-        "data.max_length=64", "data.max_query_length=8", "trainer.max_steps=30",
+        "pair.max_length=64", "pair.max_query_length=8", "trainer.max_steps=30",
         "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "trainer.log_interval=1",
         "trainer.save_interval=0", "trainer.eval_interval=0", "trainer.eval_at_end=false",
         "trainer.progress_bar=false", "optim.lr=2e-3", "optim.warmup_steps=0",
@@ -151,14 +151,15 @@ def test_maxp_training_learns_what_lies_past_the_first_window(tmp_path):
 def test_maxp_training_batches_hold_every_window_of_a_document():
     """A training batch under MaxP: a row per window of each document (its first
     train_windows), ``windows`` naming them, and the best window's score is the document's."""
-    from megarank.data.collate import PairCollator, max_over_windows
+    from megarank.data.truncation import max_over_windows
+    from tests.helpers.pairs import pair_collator
 
     tok = AutoTokenizer.from_pretrained(ASSETS / "tokenizers" / "bert-uncased")
-    c = PairCollator(tok, kind="encoder", max_length=16, max_query_length=4, train_windows=3)
+    c = pair_collator(tok, "encoder", max_length=16, max_query_length=4, train_windows=3)
     budget = 16 - 3 - 1  # a one-token query: 12 document tokens a window, a stride of 6
-    assert c.document_tokens == 13 + 2 * 6
+    assert c.truncation.document_tokens == 13 + 2 * 6
     doc = list(range(1000, 1040))
-    kept = doc[: c.document_tokens]
+    kept = doc[: c.truncation.document_tokens]
     batch = c.encode_windows([[7]], [kept, doc[:5]], [0, 0], 2, teacher=[0.5, 0.1],
                              max_windows=3)
     assert batch.windows.tolist() == [[0, 1, 2], [3, -1, -1]]
@@ -181,7 +182,7 @@ def test_served_maxp_scores_are_the_scorers(tmp_path):
     from megarank.serving.engine import RerankEngine, ServeLimits
 
     model = megarank.convert_from_hf(_keyword_model(tmp_path), tmp_path / "ckpt",
-                                     ["data.max_length=64", "data.max_query_length=8"])
+                                     ["pair.max_length=64", "pair.max_query_length=8"])
     pairs = [("animals", " ".join([FILLER] * 25) + " zebra"), ("animals", "a zebra"),
              ("animals", FILLER), ("animals", " ".join([FILLER] * 40))]
     for mode in ("first", "max"):
@@ -203,13 +204,13 @@ def test_served_maxp_scores_are_the_scorers(tmp_path):
 def test_a_dataset_prepared_for_firstp_is_refused_for_maxp_training(tmp_path):
     """A prepared dataset holds each document cut to what one window needs; MaxP training needs
     more of it, so the dataset is refused with the config field named, not read short."""
-    from megarank.data.collate import PairCollator
     from megarank.data.prepared import PreparedError, open_prepared, prepare
+    from tests.helpers.pairs import pair_collator
 
     tok = AutoTokenizer.from_pretrained(ASSETS / "tokenizers" / "bert-uncased")
 
     def collator(windows):
-        return PairCollator(tok, kind="encoder", max_length=64, max_query_length=8,
+        return pair_collator(tok, "encoder", max_length=64, max_query_length=8,
                             train_windows=windows)
 
     prepare([_long_triplets(tmp_path / "long.jsonl")], tmp_path / "prepared", collator(1))

@@ -32,7 +32,7 @@ FIELDS = ("input_ids", "attention_mask", "token_type_ids", "pool_index", "teache
 
 
 def _overrides(model: str, max_length: int = 64) -> list[str]:
-    return [f"model={model}", f"data.max_length={max_length}", "task=listwise",
+    return [f"model={model}", f"pair.max_length={max_length}", "task=listwise",
             "task.group_size=8", "trainer.micro_batch_size=2", "trainer.global_batch_size=4"]
 
 
@@ -137,7 +137,7 @@ def test_another_tokenizer_or_truncation_is_refused(tmp_path):
     prepare_data([CRANFIELD], tmp_path / "prep", _overrides("bert_tiny"), progress=False)
     data = open_prepared(tmp_path / "prep")
     _, longer = _collator(_overrides("bert_tiny", max_length=128))
-    with pytest.raises(PreparedError, match=r"max_length \(config field data.max_length\): "
+    with pytest.raises(PreparedError, match=r"max_length \(config field pair.max_length\): "
                                             r"prepared with 64, this run has 128"):
         data.check_settings(longer)
     _, decoder = _collator(_overrides("gpt_tiny"))
@@ -247,8 +247,8 @@ def test_chat_prompts_read_jsonl_as_text_and_cannot_be_prepared(tmp_path):
     from tests.helpers.hf_tiny import save_qwen3_reranker
 
     hf = save_qwen3_reranker(tmp_path / "q3r")
-    overrides = ["model=hf", f"model.hf_path={hf}", "task=qwen3_reranker", "task.group_size=4",
-                 "data.max_length=128", "trainer.micro_batch_size=2",
+    overrides = ["model=hf", f"model.hf_path={hf}", "pair=qwen3_reranker", "task.group_size=4",
+                 "pair.max_length=128", "trainer.micro_batch_size=2",
                  "trainer.global_batch_size=2", f"data.train_path={CRANFIELD}"]
     cfg, collator = _collator(overrides)
     assert not collator.pretokenizable

@@ -15,7 +15,7 @@ import torch
 
 def main(argv: list[str] | None = None) -> None:
     from megarank.config import compose
-    from megarank.data.collate import PairBatch
+    from megarank.data.batch import PairBatch
     from megarank.eval.scorer import score_batches
     from megarank.stage import build_stage
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     for job in jobs:
         source, head, batch_file = job.split("|")
         cfg = compose(["model=hf", f"model.hf_path={source}", f"parallel={parallel}",
-                       f"task.head={head}"])
+                       f"pair.head={head}"])
         # Every job builds on the runtime the first brought up (same layout).
         stage = build_stage(cfg, device="cpu")
         model, rt = stage.model, stage.rt

@@ -1,6 +1,6 @@
 """A decoder export scores the same in libraries that never read scoring.json.
 
-A tiny Qwen3-Reranker-style model (task=qwen3_reranker) is imported and exported, as the causal
+A tiny Qwen3-Reranker-style model (pair=qwen3_reranker) is imported and exported, as the causal
 LM and --as-classifier. Then the README's transformers snippet (run from the README itself),
 sentence-transformers' CrossEncoder and `megarank score` give the same scores to 1e-5, and the
 config.json fields vLLM's score loader reads are those it needs: its from_2_way_softmax rule,
@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from megarank.checkpoint.contract import read_contract
 from megarank.config.schema import ASSETS
+from megarank.data.contract import read_contract
 from megarank.data.triplets import read_triplets
 from tests.helpers.hf_tiny import save_qwen3_reranker
 from tests.helpers.runs import REPO, run_cli
@@ -39,8 +39,8 @@ def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     src = save_qwen3_reranker(root)
     ckpt = root / "ckpt"
-    run_cli("megarank.convert", ["from-hf", "--hf", src, "--out", ckpt, "task=qwen3_reranker",
-                                 f"data.max_length={MAX_LEN}", "data.max_query_length=64"])
+    run_cli("megarank.convert", ["from-hf", "--hf", src, "--out", ckpt, "pair=qwen3_reranker",
+                                 f"pair.max_length={MAX_LEN}", "pair.max_query_length=64"])
     lm, cls = root / "lm", root / "cls"
     run_cli("megarank.convert", ["to-hf", "--ckpt", ckpt, "--out", lm])
     run_cli("megarank.convert", ["to-hf", "--ckpt", ckpt, "--out", cls, "--as-classifier"])

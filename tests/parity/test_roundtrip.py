@@ -39,7 +39,7 @@ def imported(tmp_path_factory):
             for kind, causal_lm, _ in KINDS}
     run_cases({kind: cli_case("megarank.convert", [
         "from-hf", "--hf", made[kind][0], "--out", made[kind][1], "parallel=tp2_pp2",
-        f"task.head={head}"]) for kind, _, head in KINDS}, nproc=4)
+        f"pair.head={head}"]) for kind, _, head in KINDS}, nproc=4)
     return made
 
 
@@ -71,7 +71,7 @@ def test_hf_megarank_hf_is_bitwise(imported, kind, causal_lm, head, tmp_path):
 def test_yes_no_exported_as_classifier_gives_identical_scores(tmp_path):
     src = save_tiny("qwen3", tmp_path, causal_lm=True)
     ckpt = tmp_path / "ckpt"
-    run_cli("megarank.convert", ["from-hf", "--hf", src, "--out", ckpt, "task.head=yes_no"])
+    run_cli("megarank.convert", ["from-hf", "--hf", src, "--out", ckpt, "pair.head=yes_no"])
     out = tmp_path / "cls"
     run_cli("megarank.convert", ["to-hf", "--ckpt", ckpt, "--out", out, "--as-classifier"])
     assert json.loads((out / "config.json").read_text())["architectures"] == [

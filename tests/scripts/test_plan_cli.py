@@ -12,7 +12,7 @@ from megarank.training.plan import plan_memory
 from tests.helpers.runs import run_cli
 
 ARGS = ["model=qwen2_7b", "parallel=tp4_pp2", "trainer.precision=bf16",
-        "trainer.global_batch_size=32", "trainer.micro_batch_size=1", "data.max_length=512"]
+        "trainer.global_batch_size=32", "trainer.micro_batch_size=1", "pair.max_length=512"]
 
 
 def _plan(*args: str) -> subprocess.CompletedProcess:

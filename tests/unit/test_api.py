@@ -22,7 +22,7 @@ def trained(tmp_path_factory):
         "model=bert_tiny", "task=listwise", "task.group_size=4", "trainer.max_steps=6",
         "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "trainer.log_interval=1",
         "trainer.save_interval=0", "trainer.eval_interval=0", "trainer.eval_at_end=false",
-        "trainer.progress_bar=false", "data.max_length=64", "data.max_query_length=16",
+        "trainer.progress_bar=false", "pair.max_length=64", "pair.max_query_length=16",
         "optim.lr=1e-3", "optim.warmup_steps=0", f"trainer.output_dir={out}",
     ])
     return out, record
@@ -106,15 +106,17 @@ def test_an_argument_error_names_the_parameter_and_the_command_its_flag():
 
 
 def test_an_override_the_scoring_contract_decides_is_refused_not_replaced(trained, tmp_path):
-    """data.max_length=128 on a model saved at 64 was silently scored at 64."""
+    """pair.max_length=128 on a model saved at 64 was silently scored at 64 (the contract was
+    written back into the config); now the config is checked against the contract, never
+    overwritten by it, on every path that builds a saved model."""
     import torch.distributed as dist
 
     out, _ = trained
     hf = megarank.convert_to_hf(out, tmp_path / "hf")
     for model in (out, hf):
-        with pytest.raises(ValueError, match=r"data.max_length=128: .*scoring.json says "
-                                             r"max_length 64"):
-            megarank.load_scorer(model, ["data.max_length=128"])
+        with pytest.raises(ValueError, match=r"pair.max_length: the config gives max_length "
+                                             r"128, scoring.json says 64"):
+            megarank.load_scorer(model, ["pair.max_length=128"])
         assert not dist.is_initialized()
-    with megarank.load_scorer(hf, ["data.max_length=64", "task.head=classifier"]) as scorer:
+    with megarank.load_scorer(hf, ["pair.max_length=64", "pair.head=classifier"]) as scorer:
         assert scorer.stage.contract.max_length == 64  # agreeing overrides are fine

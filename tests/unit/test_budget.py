@@ -42,8 +42,8 @@ def _rows(batch) -> list[list[int]]:
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("maxp", [False, True], ids=["firstp", "maxp"])
 def test_split_keeps_groups_whole_in_order_and_within_the_budget(packing, maxp):
-    cfg = compose(["model=bert_tiny", "task.group_size=3", "data.max_length=64",
-                   "data.max_query_length=8", f"data.packing={str(packing).lower()}",
+    cfg = compose(["model=bert_tiny", "task.group_size=3", "pair.max_length=64",
+                   "pair.max_query_length=8", f"data.packing={str(packing).lower()}",
                    "data.packed_multiple=8",
                    *(["data.passages=max", "data.train_passages=2"] if maxp else [])])
     with build_stage(cfg, load_hf=False, device="cpu") as stage:
@@ -51,7 +51,7 @@ def test_split_keeps_groups_whole_in_order_and_within_the_budget(packing, maxp):
         groups = _groups(8, 3)
         whole = c(groups)
         if maxp:  # as training reads MaxP groups (prepared tokens, each document's windows)
-            docs = c.full_documents([d for g in groups for d in g.docs])
+            docs = c.truncation.full_documents([d for g in groups for d in g.docs])
             whole = replace(c.encode_windows(c.tokenize_queries([g.query for g in groups]), docs,
                                              [i for i in range(8) for _ in range(3)], 3,
                                              max_windows=2),
@@ -89,11 +89,11 @@ def test_split_keeps_groups_whole_in_order_and_within_the_budget(packing, maxp):
 
 
 def test_the_budget_must_hold_a_group_at_its_longest():
-    cfg = compose(["model=bert_tiny", "task.group_size=4", "data.max_length=128",
+    cfg = compose(["model=bert_tiny", "task.group_size=4", "pair.max_length=128",
                    "data.tokens_per_micro_batch=500"])
     with pytest.raises(ConfigError, match=r"data.tokens_per_micro_batch \(500\).*= 512"):
         validate(cfg, world_size=1)
-    cfg = compose(["model=bert_tiny", "task.group_size=4", "data.max_length=128",
+    cfg = compose(["model=bert_tiny", "task.group_size=4", "pair.max_length=128",
                    "data.tokens_per_micro_batch=512", "trainer.global_batch_size=3"])
     with pytest.raises(ConfigError, match="multiple of the data-parallel size"):
         validate(cfg, world_size=2)
@@ -105,7 +105,7 @@ def _train(tmp_path, name, extra):
     out = tmp_path / name
     megarank.train_model([
         "model=gpt_tiny", "task=listwise", "task.group_size=4", "data=cranfield",
-        "data.max_length=256", "data.max_query_length=16", "model.hidden_dropout=0",
+        "pair.max_length=256", "pair.max_query_length=16", "model.hidden_dropout=0",
         "model.attention_dropout=0", "trainer.max_steps=3", "trainer.global_batch_size=4",
         "trainer.micro_batch_size=1", "trainer.log_interval=1", "trainer.save_final=false",
         "trainer.eval_at_end=false", "trainer.progress_bar=false", "optim.warmup_steps=0",

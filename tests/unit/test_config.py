@@ -87,7 +87,7 @@ def test_yaml_typo_fails_at_compose(tmp_path, monkeypatch):
         (["trainer.max_nonfinite_steps=0"], 1, ["trainer.max_nonfinite_steps (0)"]),
         (["parallel.sequence_parallel=true"], 1, ["parallel.sequence_parallel"]),
         (["model.num_query_groups=3"], 1, ["model.num_query_groups"]),
-        (["data.max_length=1024"], 1, ["data.max_length (1024)", "model.max_position_embeddings"]),
+        (["pair.max_length=1024"], 1, ["pair.max_length (1024)", "model.max_position_embeddings"]),
         (["task.loss=contrastive"], 1, ["task.loss ('contrastive')"]),
     ],
 )
@@ -120,7 +120,7 @@ def test_heads_not_divisible_message_is_exact():
         (["trainer.kernels=fast"], 1, ["trainer.kernels ('fast')"]),
         (["trainer.precision=fp8"], 1, ["trainer.precision ('fp8')"]),
         (["trainer.precision=bf16", "trainer.device=cpu"], 1, []),
-        (["model=bert_tiny", "task.head=yes_no"], 1, ["task.head yes_no", "decoder"]),
+        (["model=bert_tiny", "pair.head=yes_no"], 1, ["pair.head yes_no", "decoder"]),
     ],
 )
 def test_gpu_path_options_are_validated(overrides, world, fields):

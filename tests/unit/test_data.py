@@ -11,11 +11,13 @@ import torch
 from transformers import AutoTokenizer
 
 import megarank
+from megarank.config.schema import PairConfig
 from megarank.data import groups as groups_module
-from megarank.data.collate import DEFAULT_DECODER_TEMPLATE, PairBatch, PairCollator
+from megarank.data.batch import PairBatch
 from megarank.data.groups import Group, GroupDataset, check_records, make_group
 from megarank.data.sampler import GroupSampler, epoch_permutation, positions_to_groups
 from megarank.data.triplets import DataFormatError, TripletRecord, read_triplets
+from tests.helpers.pairs import pair_collator
 
 ASSETS = Path(megarank.__file__).parent / "assets"
 CRANFIELD = ASSETS / "collections/cranfield/train_triplets.jsonl"
@@ -263,7 +265,7 @@ def test_group_teacher_scores_follow_their_documents(num_neg):
 
 
 def test_collator_carries_teacher_scores_row_major(tokenizer):
-    collate = PairCollator(tokenizer, kind="encoder", max_length=32, max_query_length=8)
+    collate = pair_collator(tokenizer, "encoder", max_length=32, max_query_length=8)
     groups = [make_group(_scored_record(7), i, 4, 0, 0) for i in range(2)]
     batch = collate(groups)
     assert batch.teacher_scores.tolist() == [s for g in groups for s in g.teacher]
@@ -383,8 +385,8 @@ def _check_right_padded(batch: PairBatch, pad_id: int):
 
 
 def test_encoder_shapes_padding_types(tokenizer, cranfield):
-    collate = PairCollator(
-        tokenizer, kind="encoder", max_length=96, max_query_length=24, pad_to_multiple_of=8
+    collate = pair_collator(
+        tokenizer, "encoder", max_length=96, max_query_length=24, pad_to_multiple_of=8
     )
     groups = _groups(cranfield, 3, 4)
     batch = collate(groups)
@@ -411,7 +413,7 @@ def test_encoder_shapes_padding_types(tokenizer, cranfield):
 
 
 def test_encoder_matches_tokenizer_pair_for_short_pairs(tokenizer, cranfield):
-    collate = PairCollator(tokenizer, kind="encoder", max_length=512, max_query_length=64)
+    collate = pair_collator(tokenizer, "encoder", max_length=512, max_query_length=64)
     pairs = [(r.query, r.pos[0][:200]) for r in cranfield[:6]]
     batch = collate.encode_pairs(pairs)
     assert batch.group_size == 1 and batch.input_ids.shape[0] == 6
@@ -425,8 +427,8 @@ def test_encoder_matches_tokenizer_pair_for_short_pairs(tokenizer, cranfield):
 
 def test_encoder_truncates_document_not_query(tokenizer, cranfield):
     max_length, max_query = 48, 12
-    collate = PairCollator(
-        tokenizer, kind="encoder", max_length=max_length, max_query_length=max_query
+    collate = pair_collator(
+        tokenizer, "encoder", max_length=max_length, max_query_length=max_query
     )
     long_query = " ".join(["boundary layer"] * 20)
     pairs = [(cranfield[0].query, cranfield[0].pos[0]), (long_query, cranfield[1].pos[0])]
@@ -446,10 +448,10 @@ def test_encoder_truncates_document_not_query(tokenizer, cranfield):
 
 
 def test_decoder_template_pool_and_truncation(tokenizer, cranfield):
-    collate = PairCollator(
-        tokenizer, kind="decoder", max_length=64, max_query_length=16, pad_to_multiple_of=4
+    collate = pair_collator(
+        tokenizer, "decoder", max_length=64, max_query_length=16, pad_to_multiple_of=4
     )
-    assert collate.template == DEFAULT_DECODER_TEMPLATE
+    assert collate.template.text == PairConfig().template
     groups = [make_group(cranfield[0], 0, 2, 0, 0), Group("short q", ("tiny doc", "x"), 1)]
     batch = collate(groups)
     assert batch.input_ids.shape == (4, 64)  # the long pair fills max_length, a multiple of 4
@@ -476,8 +478,8 @@ def test_decoder_template_pool_and_truncation(tokenizer, cranfield):
 
 def test_decoder_bos_and_custom_template(cranfield):
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR), bos_token="[unused1]")
-    collate = PairCollator(
-        tok, kind="decoder", max_length=40, max_query_length=8, template="{document} || {query} ?"
+    collate = pair_collator(
+        tok, "decoder", max_length=40, max_query_length=8, template="{document} || {query} ?"
     )
     batch = collate.encode_pairs([("a question", cranfield[0].pos[0])])
     ids = batch.input_ids[0].tolist()
@@ -488,25 +490,23 @@ def test_decoder_bos_and_custom_template(cranfield):
 
 
 def test_collator_validation(tokenizer):
-    with pytest.raises(ValueError, match="kind"):
-        PairCollator(tokenizer, kind="seq2seq", max_length=64, max_query_length=8)
     with pytest.raises(ValueError, match="pad_to_multiple_of"):
-        PairCollator(
-            tokenizer, kind="encoder", max_length=60, max_query_length=8, pad_to_multiple_of=8
+        pair_collator(
+            tokenizer, "encoder", max_length=60, max_query_length=8, pad_to_multiple_of=8
         )
     with pytest.raises(ValueError, match="max_query_length"):
-        PairCollator(tokenizer, kind="encoder", max_length=16, max_query_length=13)
+        pair_collator(tokenizer, "encoder", max_length=16, max_query_length=13)
     with pytest.raises(ValueError, match=r"\{document\}"):
-        PairCollator(
-            tokenizer, kind="decoder", max_length=64, max_query_length=8, template="{query}"
+        pair_collator(
+            tokenizer, "decoder", max_length=64, max_query_length=8, template="{query}"
         )
-    collate = PairCollator(tokenizer, kind="encoder", max_length=64, max_query_length=8)
+    collate = pair_collator(tokenizer, "encoder", max_length=64, max_query_length=8)
     with pytest.raises(ValueError, match="share one size"):
         collate([Group("q", ("a", "b"), 0), Group("q", ("a",), 1)])
 
 
 def test_pair_batch_to(tokenizer):
-    collate = PairCollator(tokenizer, kind="encoder", max_length=32, max_query_length=8)
+    collate = pair_collator(tokenizer, "encoder", max_length=32, max_query_length=8)
     batch = collate.encode_pairs([("q", "d")])
     moved = batch.to("cpu")
     assert moved is not batch and torch.equal(moved.input_ids, batch.input_ids)

@@ -113,19 +113,19 @@ def _cfg(hf_dir, *overrides):
 
 
 def test_positions_after_the_offset_bound_max_length(models):
-    validate(_cfg(models["xlm_roberta"], "data.max_length=128"), 1)
+    validate(_cfg(models["xlm_roberta"], "pair.max_length=128"), 1)
     with pytest.raises(ConfigError) as err:
-        validate(_cfg(models["xlm_roberta"], "data.max_length=130"), 1)
-    assert ("data.max_length (130) must be <= model.max_position_embeddings (130) - "
+        validate(_cfg(models["xlm_roberta"], "pair.max_length=130"), 1)
+    assert ("pair.max_length (130) must be <= model.max_position_embeddings (130) - "
             "model.position_offset (2)") in str(err.value)
 
 
 def test_sliding_window_bounds_max_length(models):
-    cfg = _cfg(models["mistral"], "data.max_length=128")
+    cfg = _cfg(models["mistral"], "pair.max_length=128")
     cfg.model.sliding_window = 64
     with pytest.raises(ConfigError) as err:
         validate(cfg, 1)
-    assert "data.max_length (128) must be <= model.sliding_window (64)" in str(err.value)
+    assert "pair.max_length (128) must be <= model.sliding_window (64)" in str(err.value)
 
 
 def test_headless_roberta_checkpoints_are_read(models, tmp_path):

@@ -64,7 +64,7 @@ def test_clipping_norm_and_scale_equal_megatrons_fallbacks():
 def test_a_training_step_reads_the_device_twice(packing):
     """One read for the step's reduced numbers (loss, counts, the finite check), one for the
     gradient norm that clipping decides on; none per micro-batch or per gradient tensor."""
-    cfg = compose(["model=gpt_tiny", "data.max_length=64", "data.max_query_length=8",
+    cfg = compose(["model=gpt_tiny", "pair.max_length=64", "pair.max_query_length=8",
                    "trainer.micro_batch_size=1", "trainer.global_batch_size=4",
                    "task.group_size=4", f"data.packing={str(packing).lower()}"])
     with build_stage(cfg, load_hf=False, device="cpu") as stage:

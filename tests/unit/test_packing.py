@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from megarank.config import compose
-from megarank.data.collate import max_over_windows
 from megarank.data.packing import pack_batch, pack_lengths
+from megarank.data.truncation import max_over_windows
 from megarank.stage import build_stage
 from megarank.training.losses import group_loss
 
@@ -60,20 +60,20 @@ def _scores_and_grads(stage, batch):
 @pytest.mark.parametrize("model, extra", [
     ("bert_tiny", []),
     ("gpt_tiny", []),
-    ("gpt_tiny", ["task.head=yes_no"]),
+    ("gpt_tiny", ["pair.head=yes_no"]),
 ])
 @pytest.mark.parametrize("maxp", [False, True], ids=["firstp", "maxp"])
 def test_packed_equals_padded(model, extra, maxp):
     """fp32 on the CPU: packed scores, loss and every gradient equal the padded batch's to 1e-5
     (the CPU path: gathered into [pairs, longest] for one SDPA call, gathered back)."""
-    cfg = compose([f"model={model}", "data.max_length=32", "data.max_query_length=8",
+    cfg = compose([f"model={model}", "pair.max_length=32", "pair.max_query_length=8",
                    "model.hidden_dropout=0", "model.attention_dropout=0", "task.group_size=3",
                    "data.packing=true", *extra])
     with build_stage(cfg, load_hf=False, device="cpu") as stage:
         c = stage.collator
         q = c.tokenize_queries(QUERIES[:2])
         if maxp:
-            d = c.full_documents(DOCS)
+            d = c.truncation.full_documents(DOCS)
             padded = c.encode_windows(q, d, [0, 0, 0, 1, 1, 1], 3, max_windows=3)
             assert padded.num_rows > len(DOCS)  # some documents are read as several windows
         else:
@@ -97,7 +97,7 @@ def test_packed_equals_padded(model, extra, maxp):
 def test_pairs_do_not_see_each_other():
     """Without the segment boundaries a packed pair would attend to its neighbours: changing
     pair 0's tokens must leave pair 1's score unchanged (and change pair 0's)."""
-    cfg = compose(["model=bert_tiny", "data.max_length=32", "data.max_query_length=8",
+    cfg = compose(["model=bert_tiny", "pair.max_length=32", "pair.max_query_length=8",
                    "model.hidden_dropout=0",
                    "model.attention_dropout=0", "task.group_size=2"])
     with build_stage(cfg, load_hf=False, device="cpu") as stage, torch.no_grad():
@@ -122,7 +122,7 @@ def _train(tmp_path, name, extra):
     out = tmp_path / name
     megarank.train_model([
         "model=gpt_tiny", "task=listwise", "task.group_size=4", "data=cranfield",
-        "data.max_length=256", "data.max_query_length=16", "model.hidden_dropout=0",
+        "pair.max_length=256", "pair.max_query_length=16", "model.hidden_dropout=0",
         "model.attention_dropout=0", "trainer.max_steps=4", "trainer.global_batch_size=4",
         "trainer.micro_batch_size=2", "trainer.log_interval=1", "trainer.save_final=false",
         "trainer.eval_at_end=false", "trainer.progress_bar=false", "optim.warmup_steps=0",
@@ -154,7 +154,7 @@ def test_scoring_packs_and_scores_as_padded(passages):
     every score equals the padded one's."""
     from megarank.eval.scorer import PairScorer
 
-    cfg = compose(["model=gpt_tiny", "data.max_length=32", "data.max_query_length=8",
+    cfg = compose(["model=gpt_tiny", "pair.max_length=32", "pair.max_query_length=8",
                    "model.hidden_dropout=0", "model.attention_dropout=0", "data.packing=true",
                    f"data.passages={passages}"])
     pairs = [(q, d) for q in QUERIES for d in DOCS]
@@ -180,7 +180,7 @@ def test_scoring_batches_pairs_by_length_and_keeps_their_order(model, passages):
     pairs' order, equal to the pair's score alone (last-token and [CLS] pooling, MaxP)."""
     from megarank.eval.scorer import PairScorer
 
-    cfg = compose([f"model={model}", "data.max_length=32", "data.max_query_length=8",
+    cfg = compose([f"model={model}", "pair.max_length=32", "pair.max_query_length=8",
                    "model.hidden_dropout=0", "model.attention_dropout=0",
                    f"data.passages={passages}"])
     pairs = [(q, d) for q in QUERIES for d in DOCS]
@@ -194,8 +194,8 @@ def test_scoring_batches_pairs_by_length_and_keeps_their_order(model, passages):
         c = stage.collator
         if passages == "max":  # a row per window, as the scorer cuts them
             query_ids = c.tokenize_queries(QUERIES)
-            row_query, row_ids, _ = c.window_rows(
-                query_ids, c.full_documents([d for _, d in pairs]),
+            row_query, row_ids, _ = c.truncation.window_rows(
+                query_ids, c.truncation.full_documents([d for _, d in pairs]),
                 [i // len(DOCS) for i in range(len(pairs))])
             encoded = c.encode_tokens(query_ids, row_ids, row_query, 1)
         else:

@@ -31,7 +31,7 @@ from tests.helpers.real_geometry import PRESETS, PUBLISHED_PARAMS, write_config_
 
 # 2 groups x 8 documents x 128 tokens per micro-batch, on the CPU.
 SHAPE = ["task.group_size=8", "trainer.micro_batch_size=2", "trainer.global_batch_size=2",
-         "data.max_length=128", "trainer.device=cpu"]
+         "pair.max_length=128", "trainer.device=cpu"]
 
 MEASURED = {
     # decoder: RMSNorm (composite on the CPU), RoPE, GQA, SwiGLU, flash SDPA
@@ -39,7 +39,7 @@ MEASURED = {
     "gpt-full": ["model=gpt_tiny", "trainer.recompute=full"],
     # Qwen3-style: per-head q/k norms and head_dim != hidden / heads; the yes/no head
     "qwen3-yes_no": ["model=gpt_tiny", "model.qk_layernorm=true", "model.head_dim=24",
-                     "task.head=yes_no"],
+                     "pair.head=yes_no"],
     # encoder with dropout: SDPA's math path keeps [s, s] probabilities, masks, and selective
     # recompute drops them
     "bert-dropout-selective": ["model=bert_tiny", "model.hidden_dropout=0.1",
@@ -187,7 +187,7 @@ def test_vocab_padding_and_flops_reuse_the_model_code():
     assert padded_vocab_size(cfg.model) == 152064
     plan = plan_memory(cfg, 16)
     seqs = cfg.trainer.global_batch_size * cfg.task.group_size
-    assert plan.step_flops == step_flops(cfg.model, cfg.data.max_length, seqs)
+    assert plan.step_flops == step_flops(cfg.model, cfg.pair.max_length, seqs)
     # full recompute costs one more forward: a third of the model FLOPs of a step
     assert plan.recompute_flops["full"] == pytest.approx(plan.step_flops / 3, rel=1e-12)
 
@@ -208,7 +208,7 @@ def test_presets_fit_an_h100_on_16_gpus(preset, geometry):
         "bf16", True, True)
     # The whole model, with the LM output layer the classifiers drop, is the published count.
     name, hf = PRESETS[preset], _hf_model(geometry[preset])
-    lm_head = 0 if cfg.task.head == "yes_no" else hf.vocab_size * hf.hidden_size
+    lm_head = 0 if cfg.pair.head == "yes_no" else hf.vocab_size * hf.hidden_size
     assert plan.total_params + lm_head == pytest.approx(PUBLISHED_PARAMS[name], rel=0.005), name
     # Per GPU: 6 + 12/2 = 12 bytes per parameter of model state (bf16, ZeRO-1 over DP 2)
     first = plan.stages[0]
@@ -306,7 +306,7 @@ def test_a_token_budget_is_planned_as_full_length_sequences_and_the_largest_that
     do; `largest_token_budget` returns a budget that fits the card while one step more does not."""
     from megarank.training.plan import largest_token_budget
 
-    base = ["model=qwen2_0p5b", "trainer.precision=bf16", "data.max_length=512",
+    base = ["model=qwen2_0p5b", "trainer.precision=bf16", "pair.max_length=512",
             "data.packing=true", "task.group_size=8", "trainer.global_batch_size=8"]
     fixed = plan_memory(compose([*base, "trainer.micro_batch_size=2"]), 1, "cuda")
     budget = plan_memory(compose([*base, "data.tokens_per_micro_batch=8192"]), 1, "cuda")

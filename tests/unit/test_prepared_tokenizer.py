@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 import megarank
 from megarank.data.collate import PairCollator
 from megarank.data.prepared import PreparedError, open_prepared, prepare
+from tests.helpers.pairs import pair_collator
 
 ASSETS = Path(megarank.__file__).parent / "assets"
 TOKENIZER_DIR = ASSETS / "tokenizers/bert-uncased"
@@ -26,7 +27,7 @@ def _copy_tokenizer(root: Path) -> Path:
 
 
 def _collator(tokenizer_dir: Path) -> PairCollator:
-    return PairCollator(AutoTokenizer.from_pretrained(str(tokenizer_dir)), kind="encoder",
+    return pair_collator(AutoTokenizer.from_pretrained(str(tokenizer_dir)), "encoder",
                         max_length=64, max_query_length=32)
 
 

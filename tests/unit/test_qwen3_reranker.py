@@ -1,4 +1,4 @@
-"""task=qwen3_reranker scores as the Qwen3-Reranker model card does.
+"""pair=qwen3_reranker scores as the Qwen3-Reranker model card does.
 
 The reference is the model card's code, written out here with transformers alone: prefix + the
 "<Instruct>/<Query>/<Document>" text (truncated to max_length - prefix - suffix tokens) + suffix,
@@ -15,10 +15,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import megarank
 from megarank.config.schema import ASSETS
-from megarank.data.collate import PairCollator
 from megarank.data.groups import Group
 from megarank.data.triplets import read_triplets
 from tests.helpers.hf_tiny import save_qwen3_reranker
+from tests.helpers.pairs import pair_collator
 
 # Verbatim from the Qwen3-Reranker model card.
 PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the "
@@ -64,7 +64,7 @@ def reranker(tmp_path_factory):
     root = tmp_path_factory.mktemp("q3r")
     hf = save_qwen3_reranker(root)
     ckpt = megarank.convert_from_hf(hf, root / "ckpt", [
-        "task=qwen3_reranker", f"data.max_length={MAX_LEN}", f"data.max_query_length={MAX_Q}"])
+        "pair=qwen3_reranker", f"pair.max_length={MAX_LEN}", f"pair.max_query_length={MAX_Q}"])
     return hf, ckpt
 
 
@@ -110,8 +110,8 @@ def test_custom_instruction_per_pair_and_by_config(reranker, pairs, tmp_path):
                                rtol=0)
     # the task's default instruction, set at import
     other = megarank.convert_from_hf(hf, tmp_path / "custom", [
-        "task=qwen3_reranker", f"task.instruction='{CUSTOM}'", f"data.max_length={MAX_LEN}",
-        f"data.max_query_length={MAX_Q}"])
+        "pair=qwen3_reranker", f"pair.instruction='{CUSTOM}'", f"pair.max_length={MAX_LEN}",
+        f"pair.max_query_length={MAX_Q}"])
     with megarank.load_scorer(other, ["trainer.device=cpu"]) as scorer:
         assert scorer.stage.contract.instruction == CUSTOM
         by_config = torch.tensor(scorer.score(pairs))
@@ -122,7 +122,7 @@ def test_custom_instruction_per_pair_and_by_config(reranker, pairs, tmp_path):
 def test_a_long_document_is_cut_before_the_suffix(reranker):
     hf, _ = reranker
     tok = AutoTokenizer.from_pretrained(hf)
-    collator = PairCollator(tok, kind="decoder", max_length=MAX_LEN, max_query_length=MAX_Q,
+    collator = pair_collator(tok, "decoder", max_length=MAX_LEN, max_query_length=MAX_Q,
                             template="<Instruct>: {instruction}\n<Query>: {query}\n"
                                      "<Document>: {document}",
                             prefix=PREFIX, suffix=SUFFIX, instruction=TASK, pad_to_multiple_of=8)
@@ -143,7 +143,7 @@ def test_a_long_document_is_cut_before_the_suffix(reranker):
 def test_training_groups_carry_their_instruction(reranker):
     hf, _ = reranker
     tok = AutoTokenizer.from_pretrained(hf)
-    collator = PairCollator(tok, kind="decoder", max_length=MAX_LEN, max_query_length=MAX_Q,
+    collator = pair_collator(tok, "decoder", max_length=MAX_LEN, max_query_length=MAX_Q,
                             template="<Instruct>: {instruction}\n<Query>: {query}\n"
                                      "<Document>: {document}",
                             prefix=PREFIX, suffix=SUFFIX, instruction=TASK)
@@ -170,12 +170,12 @@ def test_instruction_fields_are_read(tmp_path):
 def test_chat_prompt_config_checks_name_the_fields():
     from megarank.config import ConfigError, compose, validate
 
-    cfg = compose(["task=qwen3_reranker", "model=bert_tiny"])
-    cfg.task.prompt_pair = "{query} {document} {title}"
-    cfg.task.instruction = None
+    cfg = compose(["pair=qwen3_reranker", "model=bert_tiny"])
+    cfg.pair.template = "{query} {document} {title}"
+    cfg.pair.instruction = None
     with pytest.raises(ConfigError) as err:
         validate(cfg, 1)
     msg = str(err.value)
-    assert "task.prompt_prefix (a chat prompt) needs a decoder (model.family gpt)" in msg
-    assert "task.prompt_pair: template may hold only" in msg and "'title'" in msg
-    validate(compose(["task=qwen3_reranker"]), 1)  # the preset itself is valid
+    assert "pair.prefix (a chat prompt) needs a decoder (model.family gpt)" in msg
+    assert "pair.template: template may hold only" in msg and "'title'" in msg
+    validate(compose(["pair=qwen3_reranker"]), 1)  # the preset itself is valid

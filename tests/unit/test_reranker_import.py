@@ -14,12 +14,12 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import megarank
 from megarank.config.schema import ASSETS
-from megarank.data.collate import PairCollator
 from megarank.data.groups import GroupDataset
 from megarank.data.sampler import GroupSampler
 from megarank.data.triplets import read_triplets
 from megarank.training.losses import group_loss
 from tests.helpers.hf_tiny import save_tiny
+from tests.helpers.pairs import pair_collator
 
 TRIPLETS = ASSETS / "collections" / "cranfield" / "train_triplets.jsonl"
 GROUP, GLOBAL, MICRO, MAX_LEN, MAX_Q = 4, 4, 2, 64, 16
@@ -86,7 +86,7 @@ def test_fine_tune_starts_from_the_imported_scores(bge, tmp_path):
         "trainer.max_steps=20", f"trainer.global_batch_size={GLOBAL}",
         f"trainer.micro_batch_size={MICRO}", "trainer.log_interval=1", "trainer.eval_interval=0",
         "trainer.eval_at_end=false", "trainer.progress_bar=false", "trainer.save_interval=0",
-        f"data.max_length={MAX_LEN}", f"data.max_query_length={MAX_Q}", "optim.lr=1e-3",
+        f"pair.max_length={MAX_LEN}", f"pair.max_query_length={MAX_Q}", "optim.lr=1e-3",
         "optim.warmup_steps=0", f"trainer.output_dir={run}", "trainer.device=cpu",
     ])
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
@@ -94,8 +94,8 @@ def test_fine_tune_starts_from_the_imported_scores(bge, tmp_path):
     assert len(losses) == 20
 
     tok = AutoTokenizer.from_pretrained(bge)
-    collator = PairCollator(tok, kind="encoder", max_length=MAX_LEN, max_query_length=MAX_Q,
-                            pad_to_multiple_of=8, pooling="cls")
+    collator = pair_collator(tok, "encoder", max_length=MAX_LEN, max_query_length=MAX_Q,
+                            pad_to_multiple_of=8)
     hf = AutoModelForSequenceClassification.from_pretrained(bge).eval()
     micro = _first_step_groups()
     expected = _hf_loss(hf, collator, micro)

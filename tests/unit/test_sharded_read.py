@@ -36,7 +36,7 @@ def models(tmp_path_factory):
                                       ("xlm_roberta", 4)])
 def test_rank_reads_equal_slices_of_the_full_tensors(models, kind, tp):
     head = "yes_no" if kind == "qwen3" else "classifier"
-    cfg = compose(["model=hf", f"model.hf_path={models[kind]}", f"task.head={head}"])
+    cfg = compose(["model=hf", f"model.hf_path={models[kind]}", f"pair.head={head}"])
     with build_stage(cfg, device="cpu", load_hf=False) as stage:
         m = stage.cfg.model
         vocab = padded_vocab_size(m)

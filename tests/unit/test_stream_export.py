@@ -20,10 +20,10 @@ def checkpoint(tmp_path_factory):
     """A gpt_tiny yes/no checkpoint (untied output layer) after 2 steps."""
     out = tmp_path_factory.mktemp("stream") / "run"
     megarank.train_model([
-        "model=gpt_tiny", "task=listwise", "task.head=yes_no", "task.group_size=2",
+        "model=gpt_tiny", "task=listwise", "pair.head=yes_no", "task.group_size=2",
         "trainer.max_steps=2", "trainer.global_batch_size=2", "trainer.micro_batch_size=2",
-        "trainer.eval_at_end=false", "trainer.progress_bar=false", "data.max_length=32",
-        "data.max_query_length=8", "data.max_records=4", f"trainer.output_dir={out}"])
+        "trainer.eval_at_end=false", "trainer.progress_bar=false", "pair.max_length=32",
+        "pair.max_query_length=8", "data.max_records=4", f"trainer.output_dir={out}"])
     return out
 
 

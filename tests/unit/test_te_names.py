@@ -21,7 +21,7 @@ from transformers import AutoModelForSequenceClassification
 from megarank.checkpoint.dist import save_model_checkpoint
 from megarank.checkpoint.hf import iter_hf_tensors
 from megarank.config import compose
-from megarank.data.collate import PairBatch
+from megarank.data.batch import PairBatch
 from megarank.eval.scorer import score_batches
 from megarank.models.attention import SDPAttention
 from megarank.stage import build_stage

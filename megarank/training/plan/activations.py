@@ -273,7 +273,7 @@ def head_bytes(cfg: Any, sequences: int, device: str) -> int:
     p = float((m.hidden_dropout if m.classifier_dropout is None else m.classifier_dropout) or 0.0)
     # A dropout keeps its mask, and its output becomes the next layer's saved input.
     dropped = h * (mask_width + a)
-    if cfg.task.head == "yes_no":
+    if cfg.pair.head == "yes_no":
         states, fixed = h * a, 2 * h * a
     elif m.family != "bert":
         states, fixed = (dropped if p > 0 else h * a), 0

@@ -77,7 +77,7 @@ def head_params(cfg: Any) -> int:
     """Trainable head parameters of the last stage (the classifier; a yes/no head is the
     vocabulary)."""
     m, h = cfg.model, int(cfg.model.hidden_size)
-    if cfg.task.head == "yes_no":
+    if cfg.pair.head == "yes_no":
         return 0
     return h * h + h + h + 1 if m.family == "bert" else h
 
@@ -96,7 +96,7 @@ def stage_params(cfg: Any, tp: int, pp: int, stage: int) -> int:
     if last:
         if m.family != "bert":
             n += 2 * h if m.normalization == "LayerNorm" else h  # final norm
-        if cfg.task.head == "yes_no":
+        if cfg.pair.head == "yes_no":
             # The LM output layer: its own vocab-parallel copy unless tied on a single stage.
             if not (m.tie_word_embeddings and first):
                 n += vocab_rows * h

@@ -111,7 +111,7 @@ class MemoryPlan:
     documents: int
     """Documents per group (``task.group_size``)."""
     length: int
-    """Tokens per sequence planned for (``data.max_length``: the longest a micro-batch pads to)."""
+    """Tokens per sequence planned for (``pair.max_length``: the longest a micro-batch pads to)."""
     num_microbatches: int
     """Micro-batches per step on each data-parallel rank."""
     global_batch: int

@@ -78,7 +78,7 @@ def plan_memory(cfg: Any, world_size: int, device: str | None = None) -> MemoryP
     d = validate(cfg, world_size)
     dev = resolve_device(cfg, device)
     m, tr = cfg.model, cfg.trainer
-    length = int(cfg.data.max_length)
+    length = int(cfg.pair.max_length)
     windows = int(cfg.data.train_passages) if cfg.data.passages == "max" else 1
     budget = cfg.data.tokens_per_micro_batch
     sequences = budget / length if budget else d.pairs_per_micro_batch * windows
@@ -95,8 +95,8 @@ def plan_memory(cfg: Any, world_size: int, device: str | None = None) -> MemoryP
                "full": int(per_layer["none"] - per_layer["full"])}
     stages = [_stage_plan(cfg, d, r, dev, per_layer, working, sequences) for r in range(d.pp)]
     seqs_per_step = int(tr.global_batch_size) * int(cfg.task.group_size) * windows
-    flops = step_flops(m, length, seqs_per_step, head=cfg.task.head)
-    fwd = forward_flops_breakdown(m, length, head=cfg.task.head)
+    flops = step_flops(m, length, seqs_per_step, head=cfg.pair.head)
+    fwd = forward_flops_breakdown(m, length, head=cfg.pair.head)
     recompute_flops = {"none": 0.0, "selective": fwd["attention"] * seqs_per_step,
                        "full": sum(fwd.values()) * seqs_per_step}
     return MemoryPlan(
@@ -118,7 +118,7 @@ def _stage_plan(cfg: Any, d: Any, r: int, dev: str, per_layer: dict[str, float],
     layer's ``per_layer`` bytes per recompute mode, for ``sequences`` per micro-batch)."""
     m, tr = cfg.model, cfg.trainer
     width = WIDTH[tr.precision]
-    length = int(cfg.data.max_length)
+    length = int(cfg.pair.max_length)
     layers = int(m.num_layers) // d.pp
     h = int(m.hidden_size)
     hs = h / d.tp if cfg.parallel.sequence_parallel else h
@@ -158,14 +158,14 @@ def _stage_plan(cfg: Any, d: Any, r: int, dev: str, per_layer: dict[str, float],
 def largest_token_budget(cfg: Any, world_size: int, gpu: str, headroom: float = HEADROOM,
                          device: str | None = None) -> int | None:
     """The largest ``data.tokens_per_micro_batch`` whose plan fits ``gpu`` (in steps of
-    data.packed_multiple with packing, else of data.max_length), or None when not even one
+    data.packed_multiple with packing, else of pair.max_length), or None when not even one
     group at its longest fits. The config's other choices (recompute, optimizer) stay."""
     from omegaconf import OmegaConf
 
     d = cfg.data
-    step = int(d.packed_multiple if d.packing else d.max_length)
+    step = int(d.packed_multiple if d.packing else cfg.pair.max_length)
     windows = int(d.train_passages) if d.passages == "max" else 1
-    least = -(-int(cfg.task.group_size) * windows * int(d.max_length) // step)
+    least = -(-int(cfg.task.group_size) * windows * int(cfg.pair.max_length) // step)
 
     def fits(k: int) -> bool:
         c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))

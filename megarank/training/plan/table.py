@@ -95,5 +95,5 @@ def _fit_lines(plan: MemoryPlan, gpu: str, headroom: float) -> list[str]:
         tips = suggestions(plan, gpu, headroom)
         lines.append("  would fit with: " + "; ".join(tips) if tips else
                      "  no recompute or optimizer setting makes it fit: use more GPUs "
-                     "(TP/PP), a shorter data.max_length or a smaller micro-batch")
+                     "(TP/PP), a shorter pair.max_length or a smaller micro-batch")
     return lines

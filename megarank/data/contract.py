@@ -62,45 +62,90 @@ CHAT_TRUNCATION = ("query to max_query_length (as text), then the pair text cut 
                    "max_length; prompt_prefix and prompt_suffix are never cut")
 
 
-def answer_token_ids(tokenizer: Any, task: Any) -> tuple[int, int]:
-    """The single-token ids of task.yes_token and task.no_token (yes/no head)."""
+def answer_token_ids(tokenizer: Any, pair: Any) -> tuple[int, int]:
+    """The single-token ids of pair.yes_token and pair.no_token (yes/no head)."""
     ids = []
     for field_name in ("yes_token", "no_token"):
-        text = task[field_name]
+        text = pair[field_name]
         toks = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(toks) != 1:
-            raise ValueError(f"task.{field_name} ({text!r}) must be one token of the tokenizer, "
+            raise ValueError(f"pair.{field_name} ({text!r}) must be one token of the tokenizer, "
                              f"got {len(toks)}: {toks}")
         ids.append(toks[0])
     return ids[0], ids[1]
 
 
-def make_contract(cfg: Any, tokenizer: Any) -> ScoringContract:
-    """The contract of a run with this config and tokenizer."""
-    decoder = cfg.model.family == "gpt"
-    chat = decoder and cfg.task.prompt_prefix is not None
+def make_contract(pair: Any, family: str, tokenizer: Any) -> ScoringContract:
+    """The contract of the pair format ``pair`` (the config's ``pair`` group) for a model of
+    ``family`` with ``tokenizer``: the one place a scoring contract is made."""
+    decoder = family == "gpt"
+    chat = decoder and pair.prefix is not None
     yes = no = None
-    if cfg.task.head == "yes_no":
-        yes, no = answer_token_ids(tokenizer, cfg.task)
+    if pair.head == "yes_no":
+        yes, no = answer_token_ids(tokenizer, pair)
     pair_format, template = "[CLS] query [SEP] document [SEP]", None
     if chat:
-        pair_format, template = "chat", cfg.task.prompt_pair
+        pair_format, template = "chat", pair.template
     elif decoder:
-        pair_format, template = "template", cfg.model.prompt_template
+        pair_format, template = "template", pair.template
     return ScoringContract(
-        format=FORMAT, family=cfg.model.family, head=cfg.task.head,
-        pooling=POOLING[cfg.model.family], pair_format=pair_format, prompt_template=template,
-        max_length=cfg.data.max_length, max_query_length=cfg.data.max_query_length,
+        format=FORMAT, family=family, head=pair.head,
+        pooling=POOLING[family], pair_format=pair_format, prompt_template=template,
+        max_length=pair.max_length, max_query_length=pair.max_query_length,
         truncation=CHAT_TRUNCATION if chat else
         "query to max_query_length, then the document to fit max_length",
         padding_side="right",
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
         else tokenizer.eos_token_id,
         yes_token_id=yes, no_token_id=no,
-        prompt_prefix=cfg.task.prompt_prefix if chat else None,
-        prompt_suffix=cfg.task.prompt_suffix if chat else None,
-        instruction=cfg.task.instruction if chat else None,
+        prompt_prefix=pair.prefix if chat else None,
+        prompt_suffix=pair.suffix if chat else None,
+        instruction=pair.instruction if chat else None,
     )
+
+
+def pair_fields(contract: ScoringContract) -> dict[str, Any]:
+    """The ``pair`` config fields a saved contract decides (for a model directory that brings
+    no megarank config: an HF export); the answer tokens are the tokenizer's texts of its ids
+    and are left to the caller."""
+    fields: dict[str, Any] = {"head": contract.head, "max_length": contract.max_length,
+                              "max_query_length": contract.max_query_length}
+    if contract.prompt_template is not None:
+        fields["template"] = contract.prompt_template
+    if contract.pair_format == "chat":
+        fields.update(prefix=contract.prompt_prefix, suffix=contract.prompt_suffix or "",
+                      instruction=contract.instruction)
+    return fields
+
+
+# The config field that decides each contract field.
+CONFIG_FIELD = {
+    "family": "model.family", "pooling": "model.family", "head": "pair.head",
+    "pair_format": "pair.prefix", "prompt_template": "pair.template",
+    "max_length": "pair.max_length", "max_query_length": "pair.max_query_length",
+    "truncation": "pair.prefix", "pad_token_id": "model.tokenizer",
+    "yes_token_id": "pair.yes_token", "no_token_id": "pair.no_token",
+    "prompt_prefix": "pair.prefix", "prompt_suffix": "pair.suffix",
+    "instruction": "pair.instruction",
+}
+
+
+class ContractMismatch(ValueError):
+    """The config would score pairs otherwise than a saved model's scoring contract says."""
+
+
+def check_against(saved: ScoringContract, derived: ScoringContract, where: str) -> None:
+    """Raise ContractMismatch, naming each config field and both values, unless the contract the
+    config derives equals the saved one (``where``: the saved contract's file)."""
+    diffs = [f"{CONFIG_FIELD.get(k, k)}: the config gives {k} {v!r}, {where} says "
+             f"{getattr(saved, k)!r}" for k, v in asdict(derived).items()
+             if getattr(saved, k) != v]
+    if diffs:
+        raise ContractMismatch(
+            f"{where} does not match how this model would score with this config: "
+            + "; ".join(diffs) + ". A saved model scores pairs as its scoring contract says: "
+            "drop any override of these fields (to cut pairs shorter when serving, use its "
+            "max_length setting)")
 
 
 def write_contract(directory: str | Path, contract: ScoringContract) -> Path:
@@ -108,20 +153,6 @@ def write_contract(directory: str | Path, contract: ScoringContract) -> Path:
     path = Path(directory) / FILE
     path.write_text(contract.to_json())
     return path
-
-
-def apply_contract(cfg: Any, contract: ScoringContract) -> None:
-    """Set the config fields a saved contract decides (head, lengths, prompt), in place."""
-    cfg.task.head = contract.head
-    cfg.data.max_length = contract.max_length
-    cfg.data.max_query_length = contract.max_query_length
-    if contract.pair_format == "chat":
-        cfg.task.prompt_prefix = contract.prompt_prefix
-        cfg.task.prompt_pair = contract.prompt_template
-        cfg.task.prompt_suffix = contract.prompt_suffix
-        cfg.task.instruction = contract.instruction
-    elif contract.prompt_template is not None:
-        cfg.model.prompt_template = contract.prompt_template
 
 
 def read_contract(directory: str | Path) -> ScoringContract:
