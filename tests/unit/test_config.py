@@ -178,3 +178,43 @@ def test_padded_vocab_size_names_the_fields_of_a_bad_divisor():
     model = SimpleNamespace(vocab_size=100, make_vocab_size_divisible_by=0)
     with pytest.raises(ConfigError, match=r"model.make_vocab_size_divisible_by \(0\)"):
         padded_vocab_size(model)
+
+
+def test_a_config_saved_before_the_pair_group_loads_with_its_pair_format():
+    """Run directories written when the pair format lived in model, task and data load with
+    the same format in ``pair``; a chat prompt's pair text wins over the plain template."""
+    from megarank.config import from_saved
+
+    plain = {"model": {"prompt_template": "Q {query} D {document}"},
+             "task": {"head": "yes_no", "yes_token": "Y", "no_token": "N"},
+             "data": {"max_length": 64, "max_query_length": 16}}
+    cfg = from_saved(plain)
+    assert (cfg.pair.template, cfg.pair.head, cfg.pair.yes_token, cfg.pair.no_token,
+            cfg.pair.max_length, cfg.pair.max_query_length, cfg.pair.prefix) == (
+        "Q {query} D {document}", "yes_no", "Y", "N", 64, 16, None)
+    chat = {"model": {"prompt_template": "Q {query} D {document}"},
+            "task": {"prompt_prefix": "<s>", "prompt_pair": "{instruction} {query} {document}",
+                     "prompt_suffix": "</s>", "instruction": "judge"}}
+    cfg = from_saved(chat)
+    assert (cfg.pair.prefix, cfg.pair.template, cfg.pair.suffix, cfg.pair.instruction) == (
+        "<s>", "{instruction} {query} {document}", "</s>", "judge")
+
+
+def test_a_contract_mismatch_names_the_config_fields_that_decide_it():
+    from dataclasses import replace
+
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from megarank.config.schema import ASSETS, PairConfig
+    from megarank.data.contract import ContractMismatch, check_against, make_contract
+
+    tok = AutoTokenizer.from_pretrained(str(ASSETS / "tokenizers" / "bert-uncased"))
+    saved = make_contract(OmegaConf.structured(PairConfig()), "gpt", tok)
+    check_against(saved, saved, "scoring.json")  # equal: nothing to say
+    derived = replace(saved, max_length=256, prompt_template="{query} {document}")
+    with pytest.raises(ContractMismatch) as e:
+        check_against(saved, derived, "run/scoring.json")
+    said = str(e.value)
+    assert "pair.max_length: the config gives max_length 256, run/scoring.json says 128" in said
+    assert "pair.template: the config gives prompt_template '{query} {document}'" in said
