@@ -127,7 +127,7 @@ def main() -> None:
     py = [sys.executable, "-m", "megarank.convert"]
     # What the export process holds before it reads a tensor: the interpreter and its imports.
     _, base = timed([sys.executable, "-c", "import megarank.api, megarank.checkpoint.export, "
-                     "megarank.checkpoint.stream, megarank.stage, time; time.sleep(2)"])
+                     "megarank.checkpoint.stream, megarank.bundle, time; time.sleep(2)"])
     rows = [("from-hf (1 process)", *timed(py + [
                 "from-hf", "--hf", str(work / "hf"), "--out", str(work / "ckpt"),
                 f"trainer.precision={args.precision}", "trainer.device=cpu"])),

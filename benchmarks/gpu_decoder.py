@@ -77,9 +77,9 @@ def synthetic_batches(n: int, groups: int, group_size: int, seq: int, vocab: int
 def run(args, head: str, full_vocab: bool, extra: tuple[str, ...] = ()) -> dict:
     """Train ``args.steps`` steps; return the measured row. ``extra``: more overrides (LoRA)."""
     import megarank.models.build as build
+    from megarank.bundle import build_bundle
     from megarank.config import compose
     from megarank.models.heads import YesNoHead
-    from megarank.stage import build_stage
 
     overrides = [f"model={args.model}", f"pair.head={head}", f"task.group_size={args.group_size}",
                  f"trainer.precision={args.precision}", f"pair.max_length={args.seq}",
@@ -100,15 +100,15 @@ def run(args, head: str, full_vocab: bool, extra: tuple[str, ...] = ()) -> dict:
     try:
         # Validates the config for this world (WORLD_SIZE) and brings up the runtime; random
         # weights (no model.hf_path).
-        stage = build_stage(compose(overrides), load_hf=any("hf_path" in o for o in extra),
+        bundle = build_bundle(compose(overrides), load_hf=any("hf_path" in o for o in extra),
                             device=args.device)
     finally:
         build.YesNoHead = YesNoHead
-    with stage:
-        return measure(args, stage, full_vocab)
+    with bundle:
+        return measure(args, bundle, full_vocab)
 
 
-def measure(args, stage, full_vocab: bool) -> dict:
+def measure(args, bundle, full_vocab: bool) -> dict:
     """Time ``args.warmup`` + ``args.steps`` training steps of ``stage`` on synthetic batches."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -116,11 +116,11 @@ def measure(args, stage, full_vocab: bool) -> dict:
     from megarank.training.flops import mfu
     from megarank.training.step import StepCounters, make_forward_step, train_step
 
-    cfg, d, rt, model = stage.cfg, stage.derived, stage.rt, stage.model
+    cfg, d, runtime, model = bundle.cfg, bundle.derived, bundle.runtime, bundle.model
     optimizer, scheduler = build_optimizer(cfg, model)
     counters = StepCounters(model=cfg.model, head=cfg.pair.head)
     per_step = args.micro_groups * args.micro_batches  # groups a step (one rank)
-    fwd = make_forward_step(cfg.task, rt.device, counters,
+    fwd = make_forward_step(cfg.task, runtime.device, counters,
                             groups_per_step=per_step if args.token_budget else None)
     fb = get_forward_backward_func()
     made = synthetic_batches((args.steps + args.warmup) * args.micro_batches,
@@ -132,15 +132,15 @@ def measure(args, stage, full_vocab: bool) -> dict:
     if args.token_budget:
         from megarank.data.budget import split_by_tokens
 
-        c = stage.collator
+        c = bundle.collator
         steps = [split_by_tokens(merged(s), args.token_budget, c.pad_to_multiple_of,
                                  c.packed_multiple) for s in steps]
-    steps = [[stage.collator.model_layout(b) for b in s] for s in steps]
-    if rt.device.type == "cuda":
+    steps = [[bundle.collator.model_layout(b) for b in s] for s in steps]
+    if runtime.device.type == "cuda":
         steps = [[b.pin_memory() for b in s] for s in steps]
     shapes = {tuple(b.input_ids.shape) for s in steps for b in s}
     micro = statistics.mean(len(s) for s in steps)
-    cuda = rt.device.type == "cuda"
+    cuda = runtime.device.type == "cuda"
     times, flops, tokens, padded = [], [], [], []
     cold = []
     if cuda:
@@ -169,7 +169,7 @@ def measure(args, stage, full_vocab: bool) -> dict:
     m = mfu(achieved, name) if cuda else None
     return {
         "head": "full-vocab output layer" if full_vocab else cfg.pair.head,
-        "kernels": stage.kernels.name, "step_s": step,
+        "kernels": bundle.kernels.name, "step_s": step,
         "pairs_per_s": per_step * args.group_size / step,
         "tokens_per_s": statistics.median(tok / t for tok, t in zip(tokens, times, strict=True)),
         "tflops": achieved / 1e12, "mfu": f"{m[0]:.1%} (peak {m[1]})" if m else "n/a",
@@ -179,7 +179,7 @@ def measure(args, stage, full_vocab: bool) -> dict:
         "layout": ("packed" if cfg.data.packing else "padded") + (
             f" x{micro:.1f} (<= {args.token_budget} tokens)" if args.token_budget
             else f" x{args.micro_batches}"),
-        "device": name, "reason": stage.kernels.reason,
+        "device": name, "reason": bundle.kernels.reason,
     }
 
 

@@ -30,16 +30,16 @@ def worker(hf_dir: str, tp: int, out: str) -> None:
     """One rank under torchrun: build the stage, load the HF weights, write this rank's record."""
     import psutil
 
+    from megarank.bundle import build_bundle
     from megarank.checkpoint.hf import HFWeights, load_hf_weights
     from megarank.config import compose, padded_vocab_size
-    from megarank.stage import build_stage
 
     cfg = compose(["model=hf", f"model.hf_path={hf_dir}", f"parallel=tp{tp}_pp1",
                    "trainer.device=cpu"])
     me = psutil.Process()
-    with build_stage(cfg, device="cpu", load_hf=False) as stage:
-        rt, m = stage.rt, stage.cfg.model
-        module = stage.model.module
+    with build_bundle(cfg, device="cpu", load_hf=False) as bundle:
+        runtime, m = bundle.runtime, bundle.cfg.model
+        module = bundle.model.module
         params = sum(p.numel() * p.element_size() for p in module.parameters())
         before = me.memory_full_info().pss
         peak, done = [before], threading.Event()
@@ -53,14 +53,14 @@ def worker(hf_dir: str, tp: int, out: str) -> None:
         sampler.start()
         weights = HFWeights(hf_dir)
         t0 = time.perf_counter()
-        load_hf_weights(module, hf_dir, stage.cfg, rt.tp_rank, rt.tp_size, rt.pp_rank,
-                        rt.pp_size, padded_vocab_size(m),
+        load_hf_weights(module, hf_dir, bundle.cfg, runtime.tp_rank, runtime.tp_size, runtime.pp_rank,
+                        runtime.pp_size, padded_vocab_size(m),
                         weights=weights)
         seconds = time.perf_counter() - t0
         done.set()
         sampler.join()
         peak[0] = max(peak[0], me.memory_full_info().pss)
-        record = {"tp": tp, "rank": rt.rank, "bytes_read": weights.bytes_read,
+        record = {"tp": tp, "rank": runtime.rank, "bytes_read": weights.bytes_read,
                   "param_bytes": params, "pss_before": before, "pss_peak": peak[0],
                   "seconds": seconds}
     Path(f"{out}.rank{record['rank']}.json").write_text(json.dumps(record))

@@ -43,8 +43,8 @@ def worker(args, extra: list[str], hf_dir: str | None) -> dict:
     """One row: build, measure one step, time ``args.steps`` more."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megarank.bundle import build_bundle
     from megarank.config import compose
-    from megarank.stage import build_stage
     from megarank.training.memory import measure_stage, synthetic_batch
     from megarank.training.step import StepCounters, make_forward_step, train_step
 
@@ -53,23 +53,23 @@ def worker(args, extra: list[str], hf_dir: str | None) -> dict:
         overrides += ["model=hf", f"model.hf_path={hf_dir}",
                       "model.tokenizer=${asset:tokenizers/bert-uncased}"]
     cfg = compose(overrides)
-    with build_stage(cfg) as stage:
-        trainable = sum(p.numel() for p in stage.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in stage.model.parameters())
-        measured = measure_stage(stage)
+    with build_bundle(cfg) as bundle:
+        trainable = sum(p.numel() for p in bundle.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in bundle.model.parameters())
+        measured = measure_stage(bundle)
         from megarank.parallel.megatron import build_optimizer
 
-        optimizer, scheduler = build_optimizer(stage.cfg, stage.model)
-        fwd = make_forward_step(stage.cfg.task, stage.rt.device, StepCounters())
+        optimizer, scheduler = build_optimizer(bundle.cfg, bundle.model)
+        fwd = make_forward_step(bundle.cfg.task, bundle.runtime.device, StepCounters())
         fb = get_forward_backward_func()
         times = []
         for i in range(args.steps):
-            batches = iter([synthetic_batch(stage.cfg, seed=i)])
+            batches = iter([synthetic_batch(bundle.cfg, seed=i)])
             t0 = time.perf_counter()
-            train_step(fb, fwd, batches, stage.model, optimizer, scheduler, 1, args.seq,
+            train_step(fb, fwd, batches, bundle.model, optimizer, scheduler, 1, args.seq,
                        args.group_size)
             times.append(time.perf_counter() - t0)
-        quantized = sum(m.packed.numel() for m in stage.model.modules()
+        quantized = sum(m.packed.numel() for m in bundle.model.modules()
                         if type(m).__name__ == "QuantizedWeight")
     return {"trainable": trainable, "params": total, "grads": measured.grads,
             "optimizer": measured.optimizer, "weights": measured.weights + quantized,

@@ -26,10 +26,10 @@ def main() -> None:
     ap.add_argument("--models", default="bert_tiny,gpt_tiny")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from megarank.bundle import build_bundle
     from megarank.config import compose
     from megarank.data.packing import pack_batch
     from megarank.models import attention
-    from megarank.stage import build_stage
     from megarank.training.losses import group_loss
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
@@ -45,14 +45,14 @@ def main() -> None:
         cfg = compose([f"model={model}", "pair.max_length=128", "pair.max_query_length=16",
                        "model.hidden_dropout=0", "model.attention_dropout=0",
                        "task.group_size=4", f"trainer.precision={precision}"])
-        with build_stage(cfg, load_hf=False, device="cuda" if cuda else "cpu") as stage:
-            c, m = stage.collator, stage.model
+        with build_bundle(cfg, load_hf=False, device="cuda" if cuda else "cpu") as bundle:
+            c, m = bundle.collator, bundle.model
             padded = c.encode_tokens(c.tokenize_queries(queries), c.tokenize_documents(docs),
                                      [0] * 4 + [1] * 4, 4)
             packed = pack_batch(padded, 64)
             out = []
             for b in (padded, packed):
-                b = b.to(stage.rt.device)
+                b = b.to(bundle.runtime.device)
                 m.zero_grad_buffer()
                 scores = m(b.input_ids, b.attention_mask, b.token_type_ids, b.pool_index,
                            packed=b.packed)

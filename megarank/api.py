@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from megarank.data.mining import RETRIEVERS
 from megarank.data.triplets import iter_triplets, read_pairs
 from megarank.parallel.env import env_world_size, is_main_process
-from megarank.training.plan import (
+from megarank.training.sizing import (
     HEADROOM,
     fit,
     format_plan,
@@ -44,18 +44,18 @@ __all__ = ["HEADROOM", "RETRIEVERS", "ArgumentError", "Scorer", "check_teacher",
 if TYPE_CHECKING:  # the heavy imports (megatron-core, transformers) wait for the first call
     from omegaconf import DictConfig
 
+    from megarank.bundle import Scorer
     from megarank.data.mining import MineStats
     from megarank.data.prepared import PrepareStats
     from megarank.eval.rerank import RerankTask
     from megarank.serving.engine import RerankEngine
-    from megarank.stage import Scorer
-    from megarank.training.plan import MemoryPlan
+    from megarank.training.sizing import MemoryPlan
 
 
 def __getattr__(name: str) -> Any:
-    """``megarank.api.Scorer`` (:class:`megarank.stage.Scorer`), loaded on first use."""
+    """``megarank.api.Scorer`` (:class:`megarank.bundle.Scorer`), loaded on first use."""
     if name == "Scorer":
-        from megarank.stage import Scorer
+        from megarank.bundle import Scorer
 
         return Scorer
     raise AttributeError(f"module 'megarank.api' has no attribute {name!r}")
@@ -104,9 +104,9 @@ def train_model(config: DictConfig | Sequence[str] = ()) -> dict[str, Any]:
 def load_scorer(model: str | Path, overrides: Sequence[str] = (), *, device: str | None = None,
                 batch_size: int = 64) -> Scorer:
     """A megarank checkpoint, run directory (its latest checkpoint) or HF export, as a
-    :class:`megarank.stage.Scorer`; its ``scoring.json`` is checked against what the config
+    :class:`megarank.bundle.Scorer`; its ``scoring.json`` is checked against what the config
     would build."""
-    from megarank.stage import load_scorer as load
+    from megarank.bundle import load_scorer as load
 
     return load(model, overrides, device=device, batch_size=batch_size)
 
@@ -121,9 +121,9 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path, overrides: Sequence[str
     """
     from omegaconf import OmegaConf
 
-    from megarank.checkpoint.dist import save_model_checkpoint
+    from megarank.bundle import build_bundle, saved_config
+    from megarank.checkpoint.sharded import save_model_checkpoint
     from megarank.data.contract import FILE as CONTRACT_FILE
-    from megarank.stage import build_stage, saved_config
 
     lora: list[str] = []
     if adapter is not None:
@@ -140,26 +140,26 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path, overrides: Sequence[str
                             "DoRA adapter imports as peft=dora only", "adapter", path=adapter,
                             method=cfg.peft.method)
     out_path = Path(out).resolve()
-    with build_stage(cfg, device="cpu") as stage:
+    with build_bundle(cfg, device="cpu") as bundle:
         if adapter is not None:
             from megarank.checkpoint.adapters import load_adapter
 
-            load_adapter(adapter, stage.model, stage.cfg, whole_model=stage.rt.pp_size == 1)
+            load_adapter(adapter, bundle.model, bundle.cfg, whole_model=bundle.runtime.pp_size == 1)
         # The contract goes in with the weights (under its own name, recorded in megarank.json),
         # so the checkpoint is never complete without it.
         staging = out_path.parent / f".{out_path.name}.contract"
-        if stage.rt.is_main:
+        if bundle.runtime.is_main:
             staging.mkdir(parents=True, exist_ok=True)
-            (staging / CONTRACT_FILE).write_text(stage.contract.to_json())
+            (staging / CONTRACT_FILE).write_text(bundle.contract.to_json())
         try:
             save_model_checkpoint(
-                out_path, stage.model, stage.rt,
-                meta={"config": OmegaConf.to_container(stage.cfg, resolve=True),
-                      "source": str(hf_dir), "layout": stage.derived.__dict__},
+                out_path, bundle.model, bundle.runtime,
+                meta={"config": OmegaConf.to_container(bundle.cfg, resolve=True),
+                      "source": str(hf_dir), "layout": bundle.derived.__dict__},
                 extra_files=[staging / CONTRACT_FILE],
             )
         finally:
-            if stage.rt.is_main:
+            if bundle.runtime.is_main:
                 shutil.rmtree(staging, ignore_errors=True)
     return out_path
 
@@ -180,12 +180,12 @@ def convert_to_hf(checkpoint: str | Path, out: str | Path, *, as_classifier: boo
     where training read it), or with ``adapter`` as a PEFT adapter directory for that base.
     """
 
-    from megarank.checkpoint.dist import resolve_checkpoint
+    from megarank.bundle import peft_enabled, saved_contract
     from megarank.checkpoint.export import export_hf
+    from megarank.checkpoint.sharded import resolve_checkpoint
     from megarank.checkpoint.stream import CheckpointTensors
     from megarank.parallel.megatron import DTYPES
     from megarank.parallel.runtime import cpu_process_group
-    from megarank.stage import peft_enabled, saved_contract
 
     if dtype is not None and dtype not in DTYPES:
         raise ArgumentError("{0} ({value!r}) must be one of {choices}", "dtype", value=dtype,
@@ -222,7 +222,7 @@ def evaluate_model(model: str | Path, collection: str | Path | RerankTask, *,
     """Rerank a first-stage run's top ``top_k`` for a collection's judged queries and measure it
     against the first stage (ir-measures, cross-checked by megarank's metrics).
 
-    ``collection``: a BEIR folder, or a task ``megarank.eval.rerank.prepare`` already read and
+    ``collection``: a BEIR folder, or a task ``megarank.eval.rerank.read_rerank_task`` already read and
     checked (then ``run``, ``split``, ``top_k`` and ``depth`` are the task's). Every input is
     checked before the model is built. Rank 0 writes ``out_dir`` (run.megarank.trec,
     metrics.json) and with ``verbose`` prints the table. Returns the metrics.json record.
@@ -230,6 +230,7 @@ def evaluate_model(model: str | Path, collection: str | Path | RerankTask, *,
     ``teacher``: a sentence-transformers model directory whose cosine similarity ranks the same
     candidates as a third row (and run.teacher.trec), scored on rank 0 before the model is built.
     """
+    from megarank.bundle import open_bundle
     from megarank.eval.report import (
         check_teacher,
         format_table,
@@ -237,32 +238,31 @@ def evaluate_model(model: str | Path, collection: str | Path | RerankTask, *,
         teacher_run,
         write_report,
     )
-    from megarank.eval.rerank import RerankTask, prepare, rerank
+    from megarank.eval.rerank import RerankTask, read_rerank_task, rerank
     from megarank.parallel.env import is_main_process
-    from megarank.stage import open_stage
     from megarank.training.logs import logger, setup_logging
 
-    task = collection if isinstance(collection, RerankTask) else prepare(
+    task = collection if isinstance(collection, RerankTask) else read_rerank_task(
         collection, run, split, top_k, depth)
     teacher_ranked = None
     if teacher is not None:
         check_teacher(teacher)
         if is_main_process():  # the row is rank 0's to print and write
             teacher_ranked = teacher_run(task, teacher, batch_size, progress=verbose)
-    with open_stage(model, overrides) as stage:
-        rt = stage.rt
-        setup_logging(rt)
+    with open_bundle(model, overrides) as bundle:
+        runtime = bundle.runtime
+        setup_logging(runtime)
         if task.skipped_unjudged:
             logger.info(f"skipped {len(task.skipped_unjudged)} {task.split} queries without "
                         "judgements")
         if task.empty:
             logger.info(f"{len(task.empty)} judged queries have no candidate in "
                         f"{task.run_path}: they count as 0 in both rows")
-        reranked = rerank(task, stage.model, rt, stage.collator, batch_size,
-                          passages=stage.cfg.data.passages)
+        reranked = rerank(task, bundle.model, runtime, bundle.collator, batch_size,
+                          passages=bundle.cfg.data.passages)
         result = summarise(task, reranked, str(model), teacher_ranked,
                            None if teacher is None else str(teacher))
-        if rt.is_main:
+        if runtime.is_main:
             if result["cross_check_max_abs_diff"] > 1e-9:
                 logger.warning("ir-measures and megarank's metrics disagree by "
                                f"{result['cross_check_max_abs_diff']:.3g}")
@@ -279,25 +279,25 @@ def prepare_data(inputs: Sequence[str | Path], out: str | Path, overrides: Seque
     ``overrides`` (``model=...``, ``pair.max_length=...``) give, into the prepared dataset
     directory ``out`` (written atomically), which training takes as ``data.train_path=OUT``.
     No model and no process group is built. See ``megarank.data.prepared``."""
+    from megarank.bundle import build_collator, build_tokenizer, checked_contract
     from megarank.checkpoint.hf import apply_hf_config
     from megarank.config import validate
-    from megarank.data.prepared import prepare
-    from megarank.stage import build_collator, build_tokenizer, checked_contract
+    from megarank.data.prepared import write_prepared
 
     cfg = compose_config(overrides)
     apply_hf_config(cfg)
     validate(cfg, 1)
     tokenizer = build_tokenizer(cfg)
     collator = build_collator(cfg, checked_contract(cfg, tokenizer, None), tokenizer)
-    return prepare(inputs, out, collator, progress)
+    return write_prepared(inputs, out, collator, progress)
 
 
 def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path,
                  names: Sequence[str] | None = None, *, verbose: bool = False) -> dict[str, Path]:
     """Several runs' training loss and evaluation metrics over steps, side by side: writes
     ``comparison.csv``, ``comparison.md`` and ``comparison.png`` into ``out_dir`` (see
-    ``megarank.eval.compare``); with ``verbose`` prints the per-run summary. Returns the paths."""
-    from megarank.eval.compare import load_runs, summary_markdown, write_comparison
+    ``megarank.eval.run_curves``); with ``verbose`` prints the per-run summary. Returns the paths."""
+    from megarank.eval.run_curves import load_runs, summary_markdown, write_comparison
 
     runs = load_runs(run_dirs, names)
     paths = write_comparison(runs, out_dir)
@@ -359,9 +359,9 @@ def rerank_task(collection: str | Path, run: str | Path | None = None, split: st
     """The judged queries of ``collection`` (a BEIR-layout folder) with the top ``top_k`` (to
     ``depth``) candidates of its first-stage ``run`` (default ``run.bm25.trec``), as
     :func:`evaluate_model` reranks them; bad files are refused naming the file and line."""
-    from megarank.eval.rerank import prepare
+    from megarank.eval.rerank import read_rerank_task
 
-    return prepare(collection, run, split, top_k, depth)
+    return read_rerank_task(collection, run, split, top_k, depth)
 
 
 def check_teacher(embedder: str | Path) -> None:

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     pairs = read_pairs(args.pairs)
     with load_scorer(args.model, args.overrides, batch_size=args.batch_size) as scorer:
         scores = scorer.score(pairs)
-        if scorer.stage.rt.is_main:
+        if scorer.bundle.runtime.is_main:
             with open(args.out, "w") as f:
                 for s in scores:
                     f.write(json.dumps({"score": s}) + "\n")

@@ -59,7 +59,7 @@ FEATURES = {
     ),
     "resume-rng": (
         "resume's RNG restore (Python, NumPy, torch and megatron's tracker states)",
-        "megarank/checkpoint/dist.py",
+        "megarank/checkpoint/sharded.py",
         "def _restore_rng(state: dict[str, Any], device: torch.device) -> None:\n",
         "def _restore_rng(state: dict[str, Any], device: torch.device) -> None:\n    return\n",
         ["tests/distributed/test_resume.py", "tests/distributed/test_lora_layouts.py"],

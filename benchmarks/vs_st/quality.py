@@ -1,6 +1,6 @@
 """Every model measured alike: the same candidates, the same scorer, megarank's metrics.
 
-The candidates are megarank's reranking task (``megarank.eval.rerank.prepare``: the judged test
+The candidates are megarank's reranking task (``megarank.eval.rerank.read_rerank_task``: the judged test
 queries and their BM25 top k). Every trained model, megarank's exports and sentence-transformers'
 alike, is scored by ``sentence_transformers.CrossEncoder(dir).predict`` (raw logits); the teacher
 by ``megarank.data.mining.dense_rescorer``, the bi-encoder cosine that ``megarank mine
@@ -18,7 +18,7 @@ from typing import Any
 from megarank.data.mining import dense_rescorer
 from megarank.data.ranking import Run, build_run
 from megarank.eval.report import compute_metrics
-from megarank.eval.rerank import RerankTask, prepare
+from megarank.eval.rerank import RerankTask, read_rerank_task
 from vs_st.pairs import count_token_mismatches, cut_query
 
 
@@ -40,7 +40,7 @@ def eval_sets(collections: dict[str, Path], top_k: int, max_queries: int | None,
     """Per collection: the judged test queries (the first ``max_queries``), BM25's top k."""
     out = {}
     for name, path in collections.items():
-        task = prepare(path, split="test", top_k=top_k).restricted(max_queries)
+        task = read_rerank_task(path, split="test", top_k=top_k).restricted(max_queries)
         keys = task.pairs()
         ours = task.texts(keys)
         cut = {q: cut_query(tokenizer, task.collection.queries[q], max_query_length)

@@ -91,7 +91,7 @@ def adapter_linears(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
 def base_tensors(cfg: Any, checkpoint: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
     """Where a LoRA checkpoint's frozen base is read from: the checkpoint itself when it holds
     it (a base that came from nowhere else), else ``model.init_from`` or ``model.hf_path``."""
-    from megarank.checkpoint.dist import resolve_checkpoint
+    from megarank.checkpoint.sharded import resolve_checkpoint
     from megarank.checkpoint.stream import CheckpointTensors
 
     if cfg.model.init_from:
@@ -153,7 +153,7 @@ def _head_modules(cfg: Any) -> list[str]:
 def base_reference(cfg: Any) -> str:
     """The HF model an adapter applies to: ``model.hf_path``, or the HF source that
     ``model.init_from`` was imported from."""
-    from megarank.checkpoint.dist import read_meta
+    from megarank.checkpoint.sharded import read_meta
 
     if cfg.model.hf_path:
         return str(cfg.model.hf_path)
@@ -307,7 +307,7 @@ def load_adapter(adapter_dir: str | Path, model: torch.nn.Module, cfg: Any,
     parts). Projections the adapter does not cover keep B = 0. ``whole_model``: this stage is
     the whole model (no pipeline split), so every tensor of the adapter must find its place.
     Returns the HF keys used."""
-    from megarank.checkpoint.dist import innermost
+    from megarank.checkpoint.sharded import innermost
     from megarank.models.lora import adapters
 
     inner = innermost(model)

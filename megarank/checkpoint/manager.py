@@ -4,7 +4,7 @@ The training loop offers every step and the manager decides: a step is saved whe
 ``trainer.save_interval`` or ``trainer.save_final`` asks for it, or when its evaluation is the
 best so far (``trainer.keep_best``). It never saves right after a skipped step nor weights that
 are not finite, so ``latest`` always holds weights that still give a finite loss. Saves go
-through megarank/checkpoint/dist.py (atomic; with ``trainer.async_save`` in megatron's writer
+through megarank/checkpoint/sharded.py (atomic; with ``trainer.async_save`` in megatron's writer
 process, one save in flight at a time); once a checkpoint is complete the best is marked and
 the older ones pruned (``trainer.keep_last``, which never drops the best). On resume it takes the
 newest intact checkpoint and names the damaged ones it passed over.
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megarank.checkpoint.dist import (
+from megarank.checkpoint.sharded import (
     CheckpointError,
     best_checkpoint,
     checkpoint_bytes,
@@ -41,24 +41,24 @@ class CheckpointManager:
     """Save, retention (keep_last, keep_best), asynchronous saves and resume for one run's
     ``checkpoints/`` directory.
 
-    ``tr`` is the run's ``trainer`` config group; ``meta`` goes into every checkpoint's
+    ``trainer`` is the run's ``trainer`` config group; ``meta`` goes into every checkpoint's
     megarank.json. ``write`` takes a log line; ``log`` takes the record of an asynchronous save
     that completed (``checkpoint``, ``save_total_s``, ``save_bytes``), whose step is the
     caller's.
     """
 
-    def __init__(self, root: Path, tr: Any, rt: Runtime, model: torch.nn.Module, optimizer: Any,
+    def __init__(self, root: Path, trainer: Any, runtime: Runtime, model: torch.nn.Module, optimizer: Any,
                  scheduler: Any, meta: dict[str, Any], write: Callable[[str], None],
                  log: Callable[[dict[str, Any]], None], resume_from: Path | None = None,
                  resume_notes: Sequence[str] = ()) -> None:
         self.root = Path(root)
-        self.tr, self.rt, self.meta = tr, rt, meta
+        self.trainer, self.runtime, self.meta = trainer, runtime, meta
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.write, self.log = write, log
         self.resume_from, self.resume_notes = resume_from, list(resume_notes)
         self.rng_restored = True
-        self.queue = async_save_queue() if tr.async_save else None
-        marked = best_checkpoint(self.root) if tr.keep_best else None
+        self.queue = async_save_queue() if trainer.async_save else None
+        marked = best_checkpoint(self.root) if trainer.keep_best else None
         self.best_value: float | None = marked["value"] if marked else None
 
     @staticmethod
@@ -89,7 +89,7 @@ class CheckpointManager:
                 self.optimizer.reload_model_params()
             return {"step": 0, "consumed_samples": 0}
         state = load_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler,
-                                self.rt)
+                                self.runtime)
         self.rng_restored = state.pop("rng_restored")
         return state
 
@@ -101,10 +101,10 @@ class CheckpointManager:
             self.write(f"resumed from {self.resume_from} at step {step}" + (
                 "" if self.rng_restored else "; its layout differs from this run's, so the "
                 "per-rank RNG states (dropout) start from the seed"))
-        elif self.tr.resume and self.resume_notes:
+        elif self.trainer.resume and self.resume_notes:
             raise CheckpointError(f"trainer.resume=true but no checkpoint under {self.root} is "
                                   "intact: " + " | ".join(self.resume_notes))
-        elif self.tr.resume:
+        elif self.trainer.resume:
             self.write(f"trainer.resume=true but {self.root} holds no checkpoint: starting fresh")
 
     def maybe_save(self, step: int, final: bool, record: dict[str, Any],
@@ -122,12 +122,12 @@ class CheckpointManager:
                        f"checkpoint stays {self.latest}")
             return
         t0 = time.perf_counter()
-        best = record.get(f"eval/{self.tr.keep_best}") if new_best else None
+        best = record.get(f"eval/{self.trainer.keep_best}") if new_best else None
         if new_best:
             self.best_value = best  # taken now, so a later evaluation compares against it
         self.wait()  # one save in flight at a time: the previous one completes first
         save_checkpoint(self.root, step, self.model, self.optimizer, self.scheduler, train_state,
-                        self.rt, self.meta, async_queue=self.queue,
+                        self.runtime, self.meta, async_queue=self.queue,
                         on_complete=self._completion(step, t0, best, record))
         record.update(save_s=time.perf_counter() - t0)
 
@@ -151,13 +151,13 @@ class CheckpointManager:
         self.queue.close(abort=not flush)
 
     def _due(self, step: int, final: bool) -> bool:
-        tr = self.tr
-        return bool((tr.save_interval and step % tr.save_interval == 0)
-                    or (final and tr.save_final))
+        trainer = self.trainer
+        return bool((trainer.save_interval and step % trainer.save_interval == 0)
+                    or (final and trainer.save_final))
 
     def _improved(self, record: dict[str, Any]) -> bool:
         """Whether this step's evaluation beats the best so far (trainer.keep_best)."""
-        value = record.get(f"eval/{self.tr.keep_best}") if self.tr.keep_best else None
+        value = record.get(f"eval/{self.trainer.keep_best}") if self.trainer.keep_best else None
         return value is not None and (self.best_value is None or value > self.best_value)
 
     def _completion(self, step: int, t0: float, best: float | None,
@@ -168,9 +168,9 @@ class CheckpointManager:
 
         def completed(path: Path) -> None:
             done = {"save_total_s": time.perf_counter() - t0}
-            if best is not None and self.rt.is_main:
-                mark_best(self.root, path, self.tr.keep_best, best, step)
-            if self.rt.is_main:
+            if best is not None and self.runtime.is_main:
+                mark_best(self.root, path, self.trainer.keep_best, best, step)
+            if self.runtime.is_main:
                 done["save_bytes"] = checkpoint_bytes(path)
                 self._prune()
             dist.barrier()
@@ -179,12 +179,12 @@ class CheckpointManager:
             else:
                 self.log({"checkpoint": path.name, **done})
             self.write(f"saved {path} in {done['save_total_s']:.1f} s" + (
-                f"; best {self.tr.keep_best} so far ({best:.4f})" if best is not None else ""))
+                f"; best {self.trainer.keep_best} so far ({best:.4f})" if best is not None else ""))
 
         return completed
 
     def _prune(self) -> None:
         """Keep the newest trainer.keep_last checkpoints (and the best); rank 0."""
-        if self.tr.keep_last is not None:
-            for old in prune_checkpoints(self.root, self.tr.keep_last):
-                self.write(f"trainer.keep_last={self.tr.keep_last}: deleted {old.name}")
+        if self.trainer.keep_last is not None:
+            for old in prune_checkpoints(self.root, self.trainer.keep_last):
+                self.write(f"trainer.keep_last={self.trainer.keep_last}: deleted {old.name}")

@@ -116,19 +116,19 @@ PEFT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 def _check_peft(errors: list[str], cfg: Any) -> None:
     """The peft group: rank, alpha, dropout, targets, and what adapters cannot run with."""
-    pe = cfg.get("peft")
-    if pe is None:
+    peft = cfg.get("peft")
+    if peft is None:
         return
-    _choice(errors, "peft.method", pe.method, PEFT_METHODS)
-    if pe.method == "none":
+    _choice(errors, "peft.method", peft.method, PEFT_METHODS)
+    if peft.method == "none":
         return
-    if pe.rank < 1:
-        errors.append(f"peft.rank ({pe.rank}) must be >= 1")
-    if not pe.alpha > 0:
-        errors.append(f"peft.alpha ({pe.alpha}) must be positive")
-    if not 0 <= pe.dropout < 1:
-        errors.append(f"peft.dropout ({pe.dropout}) must be in [0, 1)")
-    targets = list(pe.targets)
+    if peft.rank < 1:
+        errors.append(f"peft.rank ({peft.rank}) must be >= 1")
+    if not peft.alpha > 0:
+        errors.append(f"peft.alpha ({peft.alpha}) must be positive")
+    if not 0 <= peft.dropout < 1:
+        errors.append(f"peft.dropout ({peft.dropout}) must be in [0, 1)")
+    targets = list(peft.targets)
     if not targets:
         errors.append(f"peft.targets is empty: name some of {', '.join(PEFT_TARGETS)}")
     for t in targets:
@@ -144,10 +144,10 @@ def _check_peft(errors: list[str], cfg: Any) -> None:
         errors.append("peft.method lora/qlora/dora runs on megatron's local layers: Transformer "
                       "Engine fuses the norm into the linear and hides its input from the "
                       "adapter (set trainer.kernels=auto or local)")
-    if pe.method == "qlora" and not cfg.model.hf_path:
+    if peft.method == "qlora" and not cfg.model.hf_path:
         errors.append("peft.method qlora quantizes the base as it is read from a Hugging Face "
                       "model: set model.hf_path")
-    if pe.method == "qlora" and cfg.trainer.precision == "fp16":
+    if peft.method == "qlora" and cfg.trainer.precision == "fp16":
         errors.append("peft.method qlora computes in bf16 or fp32 (trainer.precision), not fp16")
 
 
@@ -156,7 +156,7 @@ def validate(cfg: Any, world_size: int) -> Derived:
 
     Raises ConfigError listing every problem found, each naming its fields.
     """
-    m, p, t, tr, o = cfg.model, cfg.parallel, cfg.task, cfg.trainer, cfg.optim
+    m, p, t, trainer, o = cfg.model, cfg.parallel, cfg.task, cfg.trainer, cfg.optim
     errors: list[str] = []
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
 
@@ -166,10 +166,10 @@ def validate(cfg: Any, world_size: int) -> Derived:
     if cfg.pair.head == "yes_no" and m.family != "gpt":
         errors.append(f"pair.head yes_no needs a decoder (model.family gpt), not {m.family!r}")
     _choice(errors, "optim.decay_style", o.decay_style, DECAY_STYLES)
-    _choice(errors, "trainer.precision", tr.precision, PRECISIONS)
-    _choice(errors, "trainer.device", tr.device, DEVICES)
-    _choice(errors, "trainer.kernels", tr.kernels, ("auto", "te", "local"))
-    _choice(errors, "trainer.recompute", tr.recompute, ("none", "selective", "full"))
+    _choice(errors, "trainer.precision", trainer.precision, PRECISIONS)
+    _choice(errors, "trainer.device", trainer.device, DEVICES)
+    _choice(errors, "trainer.kernels", trainer.kernels, ("auto", "te", "local"))
+    _choice(errors, "trainer.recompute", trainer.recompute, ("none", "selective", "full"))
     _choice(errors, "model.normalization", m.normalization, ("RMSNorm", "LayerNorm"))
     _choice(errors, "model.activation", m.activation, ("silu", "gelu"))
     _choice(
@@ -233,12 +233,12 @@ def validate(cfg: Any, world_size: int) -> Derived:
         # Micro-batches are cut by tokens (megarank.data.budget): trainer.micro_batch_size is
         # not read; each rank takes global_batch_size / dp groups a step, in as many
         # micro-batches as they need (at most one a group).
-        if dp and (tr.global_batch_size < dp or tr.global_batch_size % dp):
+        if dp and (trainer.global_batch_size < dp or trainer.global_batch_size % dp):
             errors.append(
-                f"trainer.global_batch_size ({tr.global_batch_size}) must be a positive multiple "
+                f"trainer.global_batch_size ({trainer.global_batch_size}) must be a positive multiple "
                 f"of the data-parallel size ({dp}) with data.tokens_per_micro_batch")
         elif dp:
-            num_micro = tr.global_batch_size // dp
+            num_micro = trainer.global_batch_size // dp
         rows = t.group_size * (cfg.data.train_passages if cfg.data.passages == "max" else 1)
         if cfg.data.packing:
             need = -(-rows * cfg.pair.max_length // cfg.data.packed_multiple) * \
@@ -249,21 +249,21 @@ def validate(cfg: Any, world_size: int) -> Derived:
             errors.append(
                 f"data.tokens_per_micro_batch ({budget}) must hold one whole group at its "
                 f"longest: {rows} rows x pair.max_length ({cfg.pair.max_length}) = {need}")
-    elif tr.micro_batch_size <= 0:
-        errors.append(f"trainer.micro_batch_size ({tr.micro_batch_size}) must be positive")
+    elif trainer.micro_batch_size <= 0:
+        errors.append(f"trainer.micro_batch_size ({trainer.micro_batch_size}) must be positive")
     elif dp:
-        per_step = tr.micro_batch_size * dp
-        if tr.global_batch_size % per_step != 0:
+        per_step = trainer.micro_batch_size * dp
+        if trainer.global_batch_size % per_step != 0:
             errors.append(
-                f"trainer.global_batch_size ({tr.global_batch_size}) must be divisible by "
-                f"trainer.micro_batch_size ({tr.micro_batch_size}) * data-parallel size ({dp})"
+                f"trainer.global_batch_size ({trainer.global_batch_size}) must be divisible by "
+                f"trainer.micro_batch_size ({trainer.micro_batch_size}) * data-parallel size ({dp})"
             )
         else:
-            num_micro = tr.global_batch_size // per_step
+            num_micro = trainer.global_batch_size // per_step
             if num_micro == 0:
                 errors.append(
-                    f"trainer.global_batch_size ({tr.global_batch_size}) must be at least "
-                    f"trainer.micro_batch_size ({tr.micro_batch_size}) * data-parallel size ({dp})"
+                    f"trainer.global_batch_size ({trainer.global_batch_size}) must be at least "
+                    f"trainer.micro_batch_size ({trainer.micro_batch_size}) * data-parallel size ({dp})"
                 )
 
     # Data.
@@ -333,7 +333,7 @@ def validate(cfg: Any, world_size: int) -> Derived:
             f"parallel.sequence_parallel with data.packing needs data.packed_multiple "
             f"({cfg.data.packed_multiple}) divisible by parallel.tensor_model_parallel_size "
             f"({tp})")
-    if p.use_distributed_optimizer and tr.precision == "fp16":
+    if p.use_distributed_optimizer and trainer.precision == "fp16":
         errors.append("parallel.use_distributed_optimizer with trainer.precision fp16 is not "
                       "supported; use bf16")
     if cfg.pair.max_length > m.max_position_embeddings - m.position_offset:
@@ -348,16 +348,16 @@ def validate(cfg: Any, world_size: int) -> Derived:
             f"pair.max_length ({cfg.pair.max_length})"
         )
     for name in ("max_steps", "log_interval"):
-        if getattr(tr, name) <= 0:
-            errors.append(f"trainer.{name} ({getattr(tr, name)}) must be positive")
+        if getattr(trainer, name) <= 0:
+            errors.append(f"trainer.{name} ({getattr(trainer, name)}) must be positive")
     for name in ("eval_interval", "save_interval"):
-        if getattr(tr, name) < 0:
-            errors.append(f"trainer.{name} ({getattr(tr, name)}) must be >= 0 (0 turns it off)")
-    if o.warmup_steps < 0 or (o.warmup_steps and o.warmup_steps >= tr.max_steps):
+        if getattr(trainer, name) < 0:
+            errors.append(f"trainer.{name} ({getattr(trainer, name)}) must be >= 0 (0 turns it off)")
+    if o.warmup_steps < 0 or (o.warmup_steps and o.warmup_steps >= trainer.max_steps):
         # megatron's scheduler asserts warmup < decay steps, deep inside the first step.
         errors.append(
             f"optim.warmup_steps ({o.warmup_steps}) must be >= 0 and < trainer.max_steps "
-            f"({tr.max_steps})"
+            f"({trainer.max_steps})"
         )
     if not o.lr > 0:
         errors.append(f"optim.lr ({o.lr}) must be positive")
@@ -370,15 +370,15 @@ def validate(cfg: Any, world_size: int) -> Derived:
                       f"({o.adam_beta2}) must be in [0, 1)")
     if o.clip_grad < 0:
         errors.append(f"optim.clip_grad ({o.clip_grad}) must be >= 0 (0 turns clipping off)")
-    if tr.keep_last is not None and tr.keep_last < 1:
-        errors.append(f"trainer.keep_last ({tr.keep_last}) must be >= 1, or null to keep all")
-    if tr.keep_best is not None:
-        _choice(errors, "trainer.keep_best", tr.keep_best, EVAL_METRICS)
-        if not cfg.data.eval_collection or not (tr.eval_interval or tr.eval_at_end):
+    if trainer.keep_last is not None and trainer.keep_last < 1:
+        errors.append(f"trainer.keep_last ({trainer.keep_last}) must be >= 1, or null to keep all")
+    if trainer.keep_best is not None:
+        _choice(errors, "trainer.keep_best", trainer.keep_best, EVAL_METRICS)
+        if not cfg.data.eval_collection or not (trainer.eval_interval or trainer.eval_at_end):
             errors.append("trainer.keep_best needs evaluation: data.eval_collection and "
                           "trainer.eval_interval (or trainer.eval_at_end)")
-    if tr.max_nonfinite_steps < 1:
-        errors.append(f"trainer.max_nonfinite_steps ({tr.max_nonfinite_steps}) must be >= 1")
+    if trainer.max_nonfinite_steps < 1:
+        errors.append(f"trainer.max_nonfinite_steps ({trainer.max_nonfinite_steps}) must be >= 1")
 
     _check_peft(errors, cfg)
 
@@ -390,6 +390,6 @@ def validate(cfg: Any, world_size: int) -> Derived:
         pp=pp,
         dp=dp,
         num_microbatches=num_micro,
-        pairs_per_micro_batch=(1 if budget is not None else tr.micro_batch_size)
+        pairs_per_micro_batch=(1 if budget is not None else trainer.micro_batch_size)
         * t.group_size,
     )

@@ -280,7 +280,7 @@ def _write_npy(path: Path, a: np.ndarray) -> None:
         np.save(f, a)
 
 
-def prepare(inputs: Sequence[str | Path], out: str | Path, collator: PairCollator,
+def write_prepared(inputs: Sequence[str | Path], out: str | Path, collator: PairCollator,
             progress: bool = True) -> PrepareStats:
     """Stream triplet JSONL `inputs` (in order) into the prepared dataset directory `out`.
 

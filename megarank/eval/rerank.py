@@ -81,7 +81,7 @@ class RerankTask:
         )
 
 
-def prepare(collection: str | Path, run: str | Path | None = None, split: str | None = None,
+def read_rerank_task(collection: str | Path, run: str | Path | None = None, split: str | None = None,
             top_k: int = 100, depth: int | None = None) -> RerankTask:
     """Read and check every input (no model is built): the collection, the run and the split.
 
@@ -125,7 +125,7 @@ def with_tail(reranked: Run, tail: dict[str, list[str]]) -> Run:
     return out
 
 
-def score_pairs(scorer: PairScorer, model: torch.nn.Module, rt: Runtime,
+def score_pairs(scorer: PairScorer, model: torch.nn.Module, runtime: Runtime,
                 pairs: list[tuple[str, str]], desc: str = "score",
                 progress: bool = True) -> torch.Tensor:
     """PairScorer.score with a progress bar on rank 0: pairs go in chunks of whole batches, so
@@ -133,22 +133,22 @@ def score_pairs(scorer: PairScorer, model: torch.nn.Module, rt: Runtime,
     if not pairs:
         return torch.zeros(0)
     # Several batches per data-parallel rank per chunk keeps every rank busy between bar updates.
-    chunk = scorer.batch_size * rt.dp_size * 4
+    chunk = scorer.batch_size * runtime.dp_size * 4
     out = []
-    with tqdm(total=len(pairs), desc=desc, unit="pair", disable=not (progress and rt.is_main),
+    with tqdm(total=len(pairs), desc=desc, unit="pair", disable=not (progress and runtime.is_main),
               file=sys.stderr, dynamic_ncols=True) as bar:
         for i in range(0, len(pairs), chunk):
-            out.append(scorer.score(model, rt, pairs[i:i + chunk]))
+            out.append(scorer.score(model, runtime, pairs[i:i + chunk]))
             bar.update(len(out[-1]))
     return torch.cat(out)
 
 
-def rerank(task: RerankTask, model: torch.nn.Module, rt: Runtime, collator: PairCollator,
+def rerank(task: RerankTask, model: torch.nn.Module, runtime: Runtime, collator: PairCollator,
            batch_size: int = 64, progress: bool = True, passages: str = "first") -> Run:
     """The task's candidates scored by ``model``, with the first stage's tail kept below them
     (the same run on every rank). ``passages``: FirstP or MaxP (``PairScorer``)."""
     keys = task.pairs()
-    scores = score_pairs(PairScorer(collator, batch_size, passages), model, rt,
+    scores = score_pairs(PairScorer(collator, batch_size, passages), model, runtime,
                          task.texts(keys), "rerank", progress)
     return with_tail(build_run(keys, scores.tolist(), task.candidates), task.tail)
 
@@ -160,15 +160,15 @@ class HeldOutEval:
     def __init__(self, collection_dir: str, run_path: str | None, split: str, top_k: int,
                  max_queries: int | None, collator: PairCollator, batch_size: int,
                  metrics: tuple[str, ...] = METRICS, passages: str = "first") -> None:
-        self.task = prepare(collection_dir, run_path, split, top_k).restricted(max_queries)
+        self.task = read_rerank_task(collection_dir, run_path, split, top_k).restricted(max_queries)
         if not self.task.pairs():
             raise ValueError(f"{self.task.run_path}: no candidates for the {split} queries")
         self.collator, self.batch_size = collator, batch_size
         self.metrics = list(metrics)
         self.passages = passages
 
-    def run(self, model: torch.nn.Module, rt: Runtime) -> dict[str, float]:
+    def run(self, model: torch.nn.Module, runtime: Runtime) -> dict[str, float]:
         """Rerank and return the metrics (the same on every rank)."""
-        reranked = rerank(self.task, model, rt, self.collator, self.batch_size, progress=False,
+        reranked = rerank(self.task, model, runtime, self.collator, self.batch_size, progress=False,
                           passages=self.passages)
         return mean_metrics(reranked, self.task.qrels, self.metrics)

@@ -21,18 +21,18 @@ from megarank.parallel.runtime import Runtime
 
 
 @torch.no_grad()
-def score_batches(model: torch.nn.Module, rt: Runtime, batches: list[PairBatch]) -> torch.Tensor:
+def score_batches(model: torch.nn.Module, runtime: Runtime, batches: list[PairBatch]) -> torch.Tensor:
     """Scores of every row of ``batches`` (the same list on every rank), float32 on the CPU.
     Padded or packed (one row of pairs end to end) batches alike: a score per pair."""
     offsets = [0]
     for b in batches:
         offsets.append(offsets[-1] + b.num_rows)
-    taken = range(rt.dp_rank, len(batches), rt.dp_size)  # every dp_size-th batch, in turn
+    taken = range(runtime.dp_rank, len(batches), runtime.dp_size)  # every dp_size-th batch, in turn
     mine = [batches[i] for i in taken]
-    out = torch.zeros(offsets[-1], dtype=torch.float32, device=rt.device)
+    out = torch.zeros(offsets[-1], dtype=torch.float32, device=runtime.device)
     if mine:
         def step(it, m):
-            b = next(it).to(rt.device)
+            b = next(it).to(runtime.device)
             s = m(b.input_ids, b.attention_mask, b.token_type_ids, b.pool_index,
                   packed=b.packed)
             return s, lambda x: (x.sum() * 0.0, {"scores": x.detach().float()})
@@ -47,7 +47,7 @@ def score_batches(model: torch.nn.Module, rt: Runtime, batches: list[PairBatch])
             )
         finally:
             model.train(was_training)
-        if rt.is_last_stage and rt.tp_rank == 0:
+        if runtime.is_last_stage and runtime.tp_rank == 0:
             for i, r in zip(taken, results, strict=True):
                 out[offsets[i]:offsets[i + 1]] = r["scores"]
     dist.all_reduce(out)
@@ -91,24 +91,24 @@ class PairScorer:
             base += chunk.num_rows
         return batches, torch.tensor(order, dtype=torch.long)
 
-    def _score_rows(self, model: torch.nn.Module, rt: Runtime,
+    def _score_rows(self, model: torch.nn.Module, runtime: Runtime,
                     encoded: list[PairBatch]) -> torch.Tensor:
         """Scores of ``encoded``'s rows, in order, computed in batches by length."""
         batches, order = self._by_length(encoded)
         scores = torch.empty(len(order), dtype=torch.float32)
-        scores[order] = score_batches(model, rt, batches)
+        scores[order] = score_batches(model, runtime, batches)
         return scores
 
-    def score(self, model: torch.nn.Module, rt: Runtime,
+    def score(self, model: torch.nn.Module, runtime: Runtime,
               pairs: list[tuple[str, str]]) -> torch.Tensor:
         """Scores [len(pairs)] (float32, CPU) of (query text, document text) pairs."""
         if self.passages == "max":
-            return self._max_over_windows(model, rt, pairs)
+            return self._max_over_windows(model, runtime, pairs)
         chunk = self.batch_size * self.CHUNK_BATCHES
-        return self._score_rows(model, rt, [self.collator.encode_pairs(pairs[i:i + chunk])
+        return self._score_rows(model, runtime, [self.collator.encode_pairs(pairs[i:i + chunk])
                                             for i in range(0, len(pairs), chunk)])
 
-    def _max_over_windows(self, model: torch.nn.Module, rt: Runtime,
+    def _max_over_windows(self, model: torch.nn.Module, runtime: Runtime,
                           pairs: list[tuple[str, str]]) -> torch.Tensor:
         c = self.collator
         slot: dict[str, int] = {}
@@ -119,4 +119,4 @@ class PairScorer:
         chunk = self.batch_size * self.CHUNK_BATCHES
         encoded = [c.encode_tokens(query_ids, row_ids[i:i + chunk], row_query[i:i + chunk], 1)
                    for i in range(0, len(row_ids), chunk)]
-        return max_over_windows(self._score_rows(model, rt, encoded), windows)
+        return max_over_windows(self._score_rows(model, runtime, encoded), windows)

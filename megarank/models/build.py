@@ -17,11 +17,11 @@ from megarank.parallel.megatron import DTYPES, fusion_settings
 
 def transformer_config(cfg, device: torch.device, kernels: str = "local") -> TransformerConfig:
     """megatron TransformerConfig from the model, parallel and trainer groups."""
-    m, p, tr = cfg.model, cfg.parallel, cfg.trainer
-    recompute = {} if tr.recompute == "none" else {"recompute_granularity": tr.recompute}
-    if tr.recompute == "full":
+    m, p, trainer = cfg.model, cfg.parallel, cfg.trainer
+    recompute = {} if trainer.recompute == "none" else {"recompute_granularity": trainer.recompute}
+    if trainer.recompute == "full":
         recompute.update(recompute_method="uniform", recompute_num_layers=1)
-    dtype = DTYPES[tr.precision]
+    dtype = DTYPES[trainer.precision]
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -44,8 +44,8 @@ def transformer_config(cfg, device: torch.device, kernels: str = "local") -> Tra
         sequence_parallel=p.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
-        bf16=tr.precision == "bf16",
-        fp16=tr.precision == "fp16",
+        bf16=trainer.precision == "bf16",
+        fp16=trainer.precision == "fp16",
         # Always initialise, even when an HF import overwrites the weights: megatron sets the
         # tensor-parallel attributes of its parameters (which grad-norm and the TP slicing of the
         # import rely on) only while initialising them.

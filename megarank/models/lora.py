@@ -226,7 +226,7 @@ def add_adapters(model: torch.nn.Module, cfg: Any, tp_rank: int, tp_size: int,
     ``make_hook(adapter, linear)`` (the forward hook; default: add the adapters' output) are how
     :func:`megarank.models.dora.add_dora` puts DoRA adapters on instead.
     """
-    pe, m = cfg.peft, cfg.model
+    peft, m = cfg.peft, cfg.model
     for p in model.parameters():
         p.requires_grad_(False)
     heads = m.num_attention_heads
@@ -234,17 +234,17 @@ def add_adapters(model: torch.nn.Module, cfg: Any, tp_rank: int, tp_size: int,
     geometry = (groups, heads // groups, m.head_dim or m.hidden_size // heads)
     dtype = next(model.parameters()).dtype
     for layer_name, layer in transformer_layers(model):
-        for target in pe.targets:
+        for target in peft.targets:
             owner = getattr(layer, _OWNER[target])
             linear = getattr(owner, target)
             parts, layout = projections(target, m)
-            adapter = kind(PARALLEL[target], parts, layout, pe.rank, pe.alpha,
-                           pe.dropout, tp_rank, tp_size, geometry, dtype)
+            adapter = kind(PARALLEL[target], parts, layout, peft.rank, peft.alpha,
+                           peft.dropout, tp_rank, tp_size, geometry, dtype)
             name = f"{layer_name}.{_OWNER[target]}.{target}"
             for i, p in enumerate(parts):
-                a = initial_a(f"{name}.{ADAPTER}.a{i}", (pe.rank, p.in_features),
+                a = initial_a(f"{name}.{ADAPTER}.a{i}", (peft.rank, p.in_features),
                               cfg.trainer.seed)
-                adapter.set_full(i, a, torch.zeros(p.out_features, pe.rank))
+                adapter.set_full(i, a, torch.zeros(p.out_features, peft.rank))
             linear.add_module(ADAPTER, adapter)
             linear.register_forward_hook(
                 _hook(adapter) if make_hook is None else make_hook(adapter, linear))
@@ -256,10 +256,10 @@ def add_adapters(model: torch.nn.Module, cfg: Any, tp_rank: int, tp_size: int,
         # (reentrant) activation recompute would then run no backward through the layers and
         # leave every adapter's gradient zero. The input is marked to need one.
         embedding.register_forward_hook(_input_needs_grad)
-    if pe.train_head and cfg.pair.head == "classifier" and model.head is not None:
+    if peft.train_head and cfg.pair.head == "classifier" and model.head is not None:
         for p in model.head.parameters():
             p.requires_grad_(True)
-    if pe.method == "qlora":
+    if peft.method == "qlora":
         quantize_base(model)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -94,24 +94,24 @@ def wrap_model(model: torch.nn.Module, tconfig: TransformerConfig, precision: st
 
 def build_optimizer(cfg: DictConfig, model: DistributedDataParallel) -> tuple[Any, Any]:
     """megatron's AdamW (weight decay off for biases and norms) and its LR scheduler."""
-    o, tr = cfg.optim, cfg.trainer
+    o, trainer = cfg.optim, cfg.trainer
     opt_config = OptimizerConfig(
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-        clip_grad=o.clip_grad, bf16=tr.precision == "bf16", fp16=tr.precision == "fp16",
-        params_dtype=DTYPES[tr.precision],
+        clip_grad=o.clip_grad, bf16=trainer.precision == "bf16", fp16=trainer.precision == "fp16",
+        params_dtype=DTYPES[trainer.precision],
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         loss_scale=o.loss_scale, initial_loss_scale=o.initial_loss_scale,
     )
     optimizer = get_megatron_optimizer(opt_config, [model])
     use_fused_torch_adamw(optimizer)
     # fp16: the schedules multiply the loss by the current loss scale before backward.
-    model.config.grad_scale_func = optimizer.scale_loss if tr.precision == "fp16" else None
+    model.config.grad_scale_func = optimizer.scale_loss if trainer.precision == "fp16" else None
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
-        lr_warmup_steps=o.warmup_steps, lr_decay_steps=tr.max_steps,
+        lr_warmup_steps=o.warmup_steps, lr_decay_steps=trainer.max_steps,
         lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-        wd_incr_steps=tr.max_steps, wd_incr_style="constant",
+        wd_incr_steps=trainer.max_steps, wd_incr_style="constant",
     )
     return optimizer, scheduler
 

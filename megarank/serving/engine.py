@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
+from megarank.bundle import Scorer, build_collator, load_scorer
 from megarank.data.batch import PairBatch
 from megarank.eval.scorer import score_batches
 from megarank.parallel.env import env_world_size
 from megarank.serving.batcher import DynamicBatcher
-from megarank.stage import Scorer, build_collator, load_scorer
 
 RELEVANCE = ("raw", "sigmoid")
 """What ``relevance_score`` reports: the model's raw score, or its sigmoid."""
@@ -64,12 +64,12 @@ class RerankEngine:
                  tokenizer_threads: int = 1) -> None:
         if relevance not in RELEVANCE:
             raise ValueError(f"relevance must be one of {', '.join(RELEVANCE)}, got {relevance!r}")
-        stage = scorer.stage
-        self.scorer, self.stage, self.limits, self.relevance = scorer, stage, limits, relevance
+        bundle = scorer.bundle
+        self.scorer, self.bundle, self.limits, self.relevance = scorer, bundle, limits, relevance
         self.source = str(source) if source is not None else None
         self.name = name or (Path(source).resolve().name if source is not None else "megarank")
-        contract = stage.contract
-        self.collator = stage.collator
+        contract = bundle.contract
+        self.collator = bundle.collator
         if max_length is not None and max_length != contract.max_length:
             if max_length > contract.max_length:
                 raise ValueError(f"--max-length ({max_length}) is longer than the model's "
@@ -77,7 +77,7 @@ class RerankEngine:
             # A shorter cut, by the contract's own rule: query first, then the document.
             shorter = dataclasses.replace(contract, max_length=max_length)
             try:
-                self.collator = build_collator(stage.cfg, shorter, stage.tokenizer)
+                self.collator = build_collator(bundle.cfg, shorter, bundle.tokenizer)
             except ValueError as e:
                 raise ValueError(f"--max-length {max_length}: {e}") from e
         self.max_length = self.collator.max_length
@@ -88,7 +88,7 @@ class RerankEngine:
             raise ValueError(f"--max-documents must be >= 1, got {limits.max_documents}")
         if limits.max_text_chars < 1:
             raise ValueError(f"--max-text-chars must be >= 1, got {limits.max_text_chars}")
-        device = stage.rt.device
+        device = bundle.runtime.device
 
         def on_thread_start() -> None:
             if device.type == "cuda":
@@ -96,7 +96,7 @@ class RerankEngine:
 
         # FirstP, or MaxP (data.passages=max): every window of a document a row, its best
         # window's score the document's, as `megarank score` and `evaluate` score it.
-        self.passages = stage.cfg.data.passages
+        self.passages = bundle.cfg.data.passages
         encode = (self.collator.encode_pair_windows if self.passages == "max"
                   else self.collator.encode_pairs)
         self.batcher = DynamicBatcher(
@@ -121,7 +121,7 @@ class RerankEngine:
             raise
 
     def _score(self, batch: PairBatch) -> torch.Tensor:
-        return score_batches(self.stage.model, self.stage.rt, [self.collator.model_layout(batch)])
+        return score_batches(self.bundle.model, self.bundle.runtime, [self.collator.model_layout(batch)])
 
     # ----------------------------------------------------------------------------- lifecycle
     def warm_up(self) -> list[float]:
@@ -151,14 +151,14 @@ class RerankEngine:
 
     def info(self) -> dict[str, Any]:
         """The model and the limits it is served with (start-up line, ``/health``)."""
-        c = self.stage.contract
-        rt = self.stage.rt
+        c = self.bundle.contract
+        runtime = self.bundle.runtime
         return {
             "model": self.name, "source": self.source, "family": c.family, "head": c.head,
             "pooling": c.pooling, "passages": self.passages, "max_length": self.max_length,
             "contract_max_length": c.max_length, "max_query_length": c.max_query_length,
-            "relevance_score": self.relevance, "device": str(rt.device),
-            "precision": str(self.stage.cfg.trainer.precision),
+            "relevance_score": self.relevance, "device": str(runtime.device),
+            "precision": str(self.bundle.cfg.trainer.precision),
             "threads": torch.get_num_threads(),
             "max_batch_tokens": self.limits.max_batch_tokens,
             "max_wait_ms": self.limits.max_wait_ms, "max_documents": self.limits.max_documents,

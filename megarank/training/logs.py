@@ -19,12 +19,12 @@ from megarank.training.flops import mfu
 logger = logging.getLogger("megarank")
 
 
-def setup_logging(rt: Runtime, level: str = "INFO") -> None:
+def setup_logging(runtime: Runtime, level: str = "INFO") -> None:
     """Log INFO lines on rank 0 only; other ranks report warnings and errors."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"[megarank r{rt.rank}] %(message)s"))
+    handler.setFormatter(logging.Formatter(f"[megarank r{runtime.rank}] %(message)s"))
     logger.handlers[:] = [handler]
-    logger.setLevel(level if rt.is_main else "WARNING")
+    logger.setLevel(level if runtime.is_main else "WARNING")
     logger.propagate = False
 
 
@@ -59,18 +59,18 @@ class MetricsLog:
     the last record), so a step is accounted with `add_step` and its rates taken with
     `flush_window`."""
 
-    def __init__(self, rt: Runtime, output_dir: Path, total_steps: int, start_step: int,
+    def __init__(self, runtime: Runtime, output_dir: Path, total_steps: int, start_step: int,
                  progress_bar: bool, logging_cfg: Any | None = None,
                  run_config: dict | None = None, pairs_per_step: int = 0,
                  device_name: str | None = None):
-        self.active = rt.is_main
+        self.active = runtime.is_main
         self.bar = None
         self.wandb = None
         self.tensorboard = None
         if self.active:
             self._open(output_dir, total_steps, start_step, progress_bar, logging_cfg, run_config)
         # Started last: the first window's rates leave out opening the writers.
-        self.window = Window(pairs_per_step, rt.world_size, device_name)
+        self.window = Window(pairs_per_step, runtime.world_size, device_name)
 
     def _open(self, output_dir: Path, total_steps: int, start_step: int, progress_bar: bool,
               logging_cfg: Any | None, run_config: dict | None) -> None:

@@ -1,6 +1,6 @@
 """The training loop, after torchtitan's: a `Trainer` holds the run's state as attributes and
 `Trainer.train` reads as its steps (train_step, log, maybe_evaluate, maybe_save); the model
-stage comes from megarank/stage.py, checkpoints from a `CheckpointManager` and the metric
+stage comes from megarank/bundle.py, checkpoints from a `CheckpointManager` and the metric
 record from a `MetricsLog`. Whatever way the run ends, one ``finally`` closes what it opened."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import DictConfig, OmegaConf
 
+from megarank.bundle import ModelBundle, build_bundle, peft_enabled
 from megarank.checkpoint.manager import CheckpointManager
 from megarank.config import padded_vocab_size
 from megarank.data.contract import write_contract
 from megarank.eval.rerank import HeldOutEval
 from megarank.parallel.megatron import build_optimizer
 from megarank.parallel.runtime import Runtime
-from megarank.stage import Stage, build_stage, peft_enabled
 from megarank.training.flops import peak_tflops
 from megarank.training.logs import MetricsLog, setup_logging
 from megarank.training.setup import build_data, resolve_output_dir
@@ -37,14 +37,14 @@ def train(cfg: DictConfig, poison_steps: frozenset[int] = frozenset()) -> dict[s
     shut down on return. ``poison_steps``: fault injection for tests (those steps' scores are
     made NaN).
     """
-    tr = cfg.trainer
+    trainer = cfg.trainer
     # A resumed run loads its checkpoint instead of the HF weights: pick the checkpoint first
     # (file checks only, no process group needed yet).
     resume_from, notes = None, []
-    if tr.resume and tr.output_dir:
-        resume_from, notes = CheckpointManager.resumable(tr.output_dir)
-    with build_stage(cfg, load_hf=resume_from is None) as stage:
-        return Trainer(stage, resume_from, notes, poison_steps).train()
+    if trainer.resume and trainer.output_dir:
+        resume_from, notes = CheckpointManager.resumable(trainer.output_dir)
+    with build_bundle(cfg, load_hf=resume_from is None) as bundle:
+        return Trainer(bundle, resume_from, notes, poison_steps).train()
 
 
 class Trainer:
@@ -57,44 +57,44 @@ class Trainer:
     the data, the metric record and the checkpoint queue; `train` closes them.
     """
 
-    def __init__(self, stage: Stage, resume_from: Path | None, resume_notes: list[str],
+    def __init__(self, bundle: ModelBundle, resume_from: Path | None, resume_notes: list[str],
                  poison_steps: frozenset[int] = frozenset()) -> None:
-        self.stage, self.cfg, self.derived = stage, stage.cfg, stage.derived
-        self.rt, self.model, self.tr = stage.rt, stage.model, stage.cfg.trainer
-        setup_logging(self.rt, self.cfg.logging.level)
-        self.out = resolve_output_dir(self.cfg, self.rt)
+        self.bundle, self.cfg, self.derived = bundle, bundle.cfg, bundle.derived
+        self.runtime, self.model, self.trainer = bundle.runtime, bundle.model, bundle.cfg.trainer
+        setup_logging(self.runtime, self.cfg.logging.level)
+        self.out = resolve_output_dir(self.cfg, self.runtime)
         self.run_config = OmegaConf.to_container(self.cfg, resolve=True)
-        if self.rt.is_main:
+        if self.runtime.is_main:
             OmegaConf.save(self.cfg, self.out / "config.yaml", resolve=True)
         self.optimizer, self.scheduler = build_optimizer(self.cfg, self.model)
         self.checkpoints = CheckpointManager(
-            self.out / "checkpoints", self.tr, self.rt, self.model, self.optimizer,
+            self.out / "checkpoints", self.trainer, self.runtime, self.model, self.optimizer,
             self.scheduler, self._checkpoint_meta(), write=lambda line: self.metrics.write(line),
             log=lambda done: self.metrics.log({"step": self.step, **done}),
             resume_from=resume_from, resume_notes=resume_notes)
         self.train_state = self.checkpoints.restore(self.cfg.model.init_from,
                                                     base_always=peft_enabled(self.cfg))
         self.step = self.train_state["step"]
-        if self.rt.is_main:
-            write_contract(self.out, stage.contract)
-        self.dataset, self.batches = build_data(self.cfg, self.rt, stage.collator,
+        if self.runtime.is_main:
+            write_contract(self.out, bundle.contract)
+        self.dataset, self.batches = build_data(self.cfg, self.runtime, bundle.collator,
                                                 self.train_state["consumed_samples"])
         self.evaluator = self._evaluator()
         self.metrics = MetricsLog(
-            self.rt, self.out, self.tr.max_steps, self.step, self.tr.progress_bar,
+            self.runtime, self.out, self.trainer.max_steps, self.step, self.trainer.progress_bar,
             self.cfg.logging, self.run_config,
-            pairs_per_step=self.tr.global_batch_size * self.cfg.task.group_size,
-            device_name=device_name(self.rt.device))
+            pairs_per_step=self.trainer.global_batch_size * self.cfg.task.group_size,
+            device_name=device_name(self.runtime.device))
         self.counters = StepCounters(model=self.cfg.model, head=self.cfg.pair.head)
         self.forward_step = make_forward_step(
-            self.cfg.task, self.rt.device, self.counters, lambda: self.step in poison_steps,
-            groups_per_step=(self.tr.global_batch_size // self.derived.dp
+            self.cfg.task, self.runtime.device, self.counters, lambda: self.step in poison_steps,
+            groups_per_step=(self.trainer.global_batch_size // self.derived.dp
                              if self.cfg.data.tokens_per_micro_batch else None))
         self.forward_backward = get_forward_backward_func()
         self.stop = StopSignal()
         self.skipped_steps, self.nonfinite_in_a_row = 0, 0
-        self.last = (self.tr.max_steps if self.tr.stop_at_step is None
-                     else min(self.tr.stop_at_step, self.tr.max_steps))
+        self.last = (self.trainer.max_steps if self.trainer.stop_at_step is None
+                     else min(self.trainer.stop_at_step, self.trainer.max_steps))
         self.record: dict[str, Any] = {"step": self.step}
 
     def train(self) -> dict[str, Any]:
@@ -128,8 +128,8 @@ class Trainer:
         cfg, derived = self.cfg, self.derived
         self.metrics.write(f"world {derived.world_size} = tp {derived.tp} x pp {derived.pp} x "
                            f"dp {derived.dp}; {self._batch_layout()}; kernels: "
-                           f"{self.stage.kernels.name} ({self.stage.kernels.reason})")
-        self.metrics.write(describe_fusions(self.model, self.optimizer, self.rt))
+                           f"{self.bundle.kernels.name} ({self.bundle.kernels.reason})")
+        self.metrics.write(describe_fusions(self.model, self.optimizer, self.runtime))
         n_params = sum(p.numel() for p in self.model.parameters())
         n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.metrics.write(
@@ -143,7 +143,7 @@ class Trainer:
     def maybe_evaluate_at_start(self) -> None:
         """trainer.eval_at_start: the held-out metrics before the first step, as their own
         record."""
-        if self.tr.eval_at_start and self.evaluator is not None:
+        if self.trainer.eval_at_start and self.evaluator is not None:
             self.metrics.log({"step": self.step, **self.evaluate()})
 
     def finish_without_steps(self) -> None:
@@ -163,13 +163,13 @@ class Trainer:
         stats, grad_norm, lr, updated = train_step(
             self.forward_backward, self.forward_step, iter(micro_batches), self.model,
             self.optimizer, self.scheduler, len(micro_batches), self.cfg.pair.max_length,
-            self.derived.pairs_per_micro_batch, self.counters, self.rt, self.stop.requested,
+            self.derived.pairs_per_micro_batch, self.counters, self.runtime, self.stop.requested,
         )
         self.count_health(step, updated)
         self.checkpoints.poll()
         self.metrics.add_step(stats, len(micro_batches), self.batches.take_wait())
         self.train_state = {"step": step, "consumed_samples": self.train_state["consumed_samples"]
-                            + self.tr.global_batch_size}
+                            + self.trainer.global_batch_size}
         if stats["stop"]:
             self.metrics.write(f"stop requested ({self.stop.name}): saving at step {step} and "
                                "exiting")
@@ -189,7 +189,7 @@ class Trainer:
         """The step's record: its rates over the window since the last logged step when it is
         logged (every trainer.log_interval steps, the final step, a skipped one)."""
         record: dict[str, Any] = {"step": step}
-        if step % self.tr.log_interval == 0 or final or self.nonfinite_in_a_row:
+        if step % self.trainer.log_interval == 0 or final or self.nonfinite_in_a_row:
             record.update(self.metrics.flush_window(), lr=lr, grad_norm=grad_norm,
                           consumed_samples=self.train_state["consumed_samples"],
                           skipped_steps=self.skipped_steps)
@@ -198,25 +198,25 @@ class Trainer:
     def stop_if_diverged(self, step: int) -> None:
         """Stop after trainer.max_nonfinite_steps skipped steps in a row; every rank agrees, as
         the step's stats are reduced over all of them."""
-        if self.nonfinite_in_a_row < self.tr.max_nonfinite_steps:
+        if self.nonfinite_in_a_row < self.trainer.max_nonfinite_steps:
             return
         self.checkpoints.wait()  # the last good save completes before the stop
         self.metrics.log(self.record)
         raise NonFiniteError(
             f"step {step}: {self.nonfinite_in_a_row} steps in a row with a non-finite loss or "
-            f"gradient (trainer.max_nonfinite_steps={self.tr.max_nonfinite_steps}); stopping. "
+            f"gradient (trainer.max_nonfinite_steps={self.trainer.max_nonfinite_steps}); stopping. "
             f"The last good checkpoint is {self.checkpoints.latest}; lower optim.lr or check "
             "the data")
 
     def evaluate(self) -> dict[str, float]:
         """The held-out metrics now, as ``eval/<metric>``."""
-        return {f"eval/{k}": v for k, v in self.evaluator.run(self.model, self.rt).items()}
+        return {f"eval/{k}": v for k, v in self.evaluator.run(self.model, self.runtime).items()}
 
     def maybe_evaluate(self, step: int, final: bool) -> None:
         """Evaluate into the step's record every trainer.eval_interval steps and at the end
         (trainer.eval_at_end)."""
-        tr = self.tr
-        due = (tr.eval_interval and step % tr.eval_interval == 0) or (final and tr.eval_at_end)
+        trainer = self.trainer
+        due = (trainer.eval_interval and step % trainer.eval_interval == 0) or (final and trainer.eval_at_end)
         if due and self.evaluator is not None:
             self.record.update(self.evaluate())
 
@@ -240,11 +240,11 @@ class Trainer:
         self.metrics.close()
 
     def _evaluator(self) -> HeldOutEval | None:
-        data, tr = self.cfg.data, self.tr
-        if not (data.eval_collection and (tr.eval_interval or tr.eval_at_end or tr.eval_at_start)):
+        data, trainer = self.cfg.data, self.trainer
+        if not (data.eval_collection and (trainer.eval_interval or trainer.eval_at_end or trainer.eval_at_start)):
             return None
         return HeldOutEval(data.eval_collection, data.eval_run, data.eval_split, data.eval_top_k,
-                           data.eval_max_queries, self.stage.collator, tr.eval_batch_size,
+                           data.eval_max_queries, self.bundle.collator, trainer.eval_batch_size,
                            passages=data.passages)
 
     def _checkpoint_meta(self) -> dict[str, Any]:
@@ -255,16 +255,16 @@ class Trainer:
         return meta
 
     def _batch_layout(self) -> str:
-        cfg, derived, tr = self.cfg, self.derived, self.tr
+        cfg, derived, trainer = self.cfg, self.derived, self.trainer
         if cfg.data.tokens_per_micro_batch:
-            return (f"{tr.global_batch_size // derived.dp} groups x {cfg.task.group_size} docs "
+            return (f"{trainer.global_batch_size // derived.dp} groups x {cfg.task.group_size} docs "
                     f"per rank per step in micro-batches of at most "
                     f"{cfg.data.tokens_per_micro_batch} tokens")
-        return (f"{derived.num_microbatches} micro-batches of {tr.micro_batch_size} groups x "
+        return (f"{derived.num_microbatches} micro-batches of {trainer.micro_batch_size} groups x "
                 f"{cfg.task.group_size} docs per rank per step")
 
 
-def describe_fusions(model: Any, optimizer: Any, rt: Runtime) -> str:
+def describe_fusions(model: Any, optimizer: Any, runtime: Runtime) -> str:
     """A start-up line: which fused paths are on, the optimizer, and the MFU peak used."""
     c = model.config
     fused = {"bias+activation": c.bias_activation_fusion, "bias+dropout+add": c.bias_dropout_fusion,
@@ -276,7 +276,7 @@ def describe_fusions(model: Any, optimizer: Any, rt: Runtime) -> str:
                      for g in getattr(getattr(o, "optimizer", None), "param_groups", []))
     line = (f"fusions on: {', '.join(on)}; optimizer: {', '.join(sorted(set(inner)))}"
             f"{' (fused)' if fused_adam else ''}")
-    name = device_name(rt.device)
+    name = device_name(runtime.device)
     if name is not None:
         peak = peak_tflops(name)
         line += (f"; MFU against {peak[1]} bf16 dense peak {peak[0]} TFLOP/s" if peak else

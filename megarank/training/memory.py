@@ -1,4 +1,4 @@
-"""Measured memory of a built stage: the figures ``megarank.training.plan`` estimates, counted
+"""Measured memory of a built stage: the figures ``megarank.training.sizing`` estimates, counted
 on the tensors themselves.
 
 - weights: the bytes of the stage's parameters (shared storage counted once);
@@ -145,28 +145,29 @@ def optimizer_state_bytes(optimizer: Any, model: torch.nn.Module) -> int:
     return total
 
 
-def measure_stage(stage: Any) -> MeasuredMemory:
-    """Build the optimizer of a built stage, run one training step on synthetic full-length
-    micro-batches and measure (see the module docstring). The stage's weights change."""
+def measure_stage(bundle: Any) -> MeasuredMemory:
+    """Build the optimizer of a built model bundle (this rank's pipeline stage), run one
+    training step on synthetic full-length micro-batches and measure (see the module
+    docstring). The bundle's weights change."""
     import torch.distributed as dist
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megarank.parallel.megatron import build_optimizer
     from megarank.training.step import StepCounters, make_forward_step, train_step
 
-    cfg, model, rt = stage.cfg, stage.model, stage.rt
+    cfg, model, runtime = bundle.cfg, bundle.model, bundle.runtime
     params = {id(p): p for p in model.parameters()}
     weights = {}
     for p in params.values():
         ptr, _ = _storage(p)
         weights[(ptr, p.storage_offset(), p.numel())] = p.numel() * p.element_size()
     optimizer, scheduler = build_optimizer(cfg, model)
-    forward_step = make_forward_step(cfg.task, rt.device, StepCounters())
-    d = stage.derived
+    forward_step = make_forward_step(cfg.task, runtime.device, StepCounters())
+    d = bundle.derived
 
     # One micro-batch's forward, outside the schedule (a pipeline stage cannot run one alone).
     saved = None
-    if rt.pp_size == 1:
+    if runtime.pp_size == 1:
         model.train()
         model.zero_grad_buffer()
         tracker = SavedTensors(model)
@@ -179,7 +180,7 @@ def measure_stage(stage: Any) -> MeasuredMemory:
 
     batches = (synthetic_batch(cfg, seed=i) for i in range(d.num_microbatches))
     tracker = SavedTensors(model)
-    cuda = rt.device.type == "cuda"
+    cuda = runtime.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -208,10 +209,10 @@ def measure(cfg: Any, device: str | None = None) -> list[tuple[MeasuredMemory, i
     Shuts the process group down before it returns."""
     import torch.distributed as dist
 
-    from megarank.stage import build_stage
+    from megarank.bundle import build_bundle
 
-    with build_stage(cfg, load_hf=False, device=device) as stage:
-        mine = (measure_stage(stage), stage.rt.pp_rank)
+    with build_bundle(cfg, load_hf=False, device=device) as bundle:
+        mine = (measure_stage(bundle), bundle.runtime.pp_rank)
         every: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(every, mine)
     return every

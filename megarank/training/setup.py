@@ -1,4 +1,4 @@
-"""What a training run needs beyond its model stage (megarank/stage.py builds that): the run
+"""What a training run needs beyond its model stage (megarank/bundle.py builds that): the run
 directory and this data-parallel rank's stream of micro-batches."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from megarank.parallel.runtime import Runtime
 from megarank.training.losses import needs_teacher as _needs_teacher
 
 
-def resolve_output_dir(cfg: DictConfig, rt: Runtime) -> Path:
+def resolve_output_dir(cfg: DictConfig, runtime: Runtime) -> Path:
     """trainer.output_dir, or a fresh dated directory chosen on rank 0 and shared with all ranks."""
     name = cfg.trainer.output_dir
     if name is None:
@@ -39,13 +39,13 @@ def resolve_output_dir(cfg: DictConfig, rt: Runtime) -> Path:
     holder = [str(Path(name).resolve())]
     dist.broadcast_object_list(holder, src=0)
     out = Path(holder[0])
-    if rt.is_main:
+    if runtime.is_main:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     dist.barrier()
     return out
 
 
-def build_data(cfg: DictConfig, rt: Runtime, collator: PairCollator, consumed_samples: int):
+def build_data(cfg: DictConfig, runtime: Runtime, collator: PairCollator, consumed_samples: int):
     """The training groups and an endless iterator of this DP rank's steps, each a list of its
     micro-batches (a `Prefetcher`: ``data.prefetch_steps`` steps are made ahead on a background
     thread). Micro-batches hold trainer.micro_batch_size groups, or are cut by tokens
@@ -57,16 +57,16 @@ def build_data(cfg: DictConfig, rt: Runtime, collator: PairCollator, consumed_sa
     records as text.
     """
     dataset, collate = _training_groups(cfg, collator)
-    tr, budget = cfg.trainer, cfg.data.tokens_per_micro_batch
-    per_rank = tr.global_batch_size // rt.dp_size
+    trainer, budget = cfg.trainer, cfg.data.tokens_per_micro_batch
+    per_rank = trainer.global_batch_size // runtime.dp_size
     # With a token budget one draw of the sampler is the rank's whole step, cut afterwards.
     sampler = GroupSampler(
-        len(dataset), per_rank if budget else tr.micro_batch_size, rt.dp_rank, rt.dp_size,
+        len(dataset), per_rank if budget else trainer.micro_batch_size, runtime.dp_rank, runtime.dp_size,
         cfg.trainer.seed, consumed_samples=consumed_samples,
     )
-    num_microbatches = tr.global_batch_size // (tr.micro_batch_size * rt.dp_size)
+    num_microbatches = trainer.global_batch_size // (trainer.micro_batch_size * runtime.dp_size)
     steps = _steps(sampler, collate, collator, budget, num_microbatches,
-                   pin=rt.device.type == "cuda")
+                   pin=runtime.device.type == "cuda")
     return dataset, Prefetcher(steps, cfg.data.prefetch_steps)
 
 

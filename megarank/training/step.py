@@ -112,7 +112,7 @@ def make_forward_step(task: Any, device: torch.device, counters: StepCounters,
 
 def train_step(forward_backward, forward_step, data: Iterator[PairBatch], model, optimizer,
                scheduler, num_microbatches: int, seq_length: int, pairs_per_micro_batch: int,
-               counters: StepCounters | None = None, rt: Runtime | None = None,
+               counters: StepCounters | None = None, runtime: Runtime | None = None,
                stop_requested: bool = False) -> tuple[dict[str, float], float, float, bool]:
     """One optimizer step over ``num_microbatches`` micro-batches.
 
@@ -135,9 +135,9 @@ def train_step(forward_backward, forward_step, data: Iterator[PairBatch], model,
         micro_batch_size=pairs_per_micro_batch, forward_only=False,
     )
     lr = optimizer.param_groups[0]["lr"]
-    if rt is None:
-        rt = current_runtime(next(model.parameters()).device)
-    stats = reduce_step_stats(losses, counters or StepCounters(), rt, stop_requested, model)
+    if runtime is None:
+        runtime = current_runtime(next(model.parameters()).device)
+    stats = reduce_step_stats(losses, counters or StepCounters(), runtime, stop_requested, model)
     if not stats["finite"]:
         return stats, float("nan"), lr, False
     _, grad_norm, _ = optimizer.step()
@@ -145,7 +145,7 @@ def train_step(forward_backward, forward_step, data: Iterator[PairBatch], model,
     return stats, float(grad_norm) if grad_norm is not None else float("nan"), lr, True
 
 
-def reduce_step_stats(losses: list[dict], counters: StepCounters, rt: Runtime,
+def reduce_step_stats(losses: list[dict], counters: StepCounters, runtime: Runtime,
                       stop_requested: bool = False, model: Any = None) -> dict[str, Any]:
     """Global mean loss, token and FLOP counts of a step, any rank's stop request and whether
     every rank's losses and gradients are finite, on every rank: one all-reduce and one read.
@@ -154,19 +154,19 @@ def reduce_step_stats(losses: list[dict], counters: StepCounters, rt: Runtime,
     (contributed once per DP rank, by TP rank 0). Tokens and FLOPs: summed over DP ranks (first
     stage, TP rank 0). ``model``: whose gradient buffers are checked (None: losses only).
     """
-    device = rt.device if rt.device.type == "cuda" else torch.device("cpu")
+    device = runtime.device if runtime.device.type == "cuda" else torch.device("cpu")
     # Host numbers travel in one small copy; the device-side terms are added to them there.
     host = torch.tensor([0.0, counters.real_tokens, counters.padded_tokens, counters.flops,
                          float(stop_requested), 0.0], dtype=torch.float64)
-    if not (rt.is_first_stage and rt.tp_rank == 0):
+    if not (runtime.is_first_stage and runtime.tp_rank == 0):
         host[1:4] = 0.0
     t = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
     bad = torch.zeros((), dtype=torch.bool, device=device)
     if losses:
         stacked = torch.stack([d["loss"].reshape(()) for d in losses]).to(device)
         bad = bad | ~torch.isfinite(stacked).all()
-        if rt.is_last_stage and rt.tp_rank == 0:
-            t[0] = stacked.double().mean() / rt.dp_size
+        if runtime.is_last_stage and runtime.tp_rank == 0:
+            t[0] = stacked.double().mean() / runtime.dp_size
     if model is not None:
         bad = bad | ~grads_finite_tensor(model).to(device)
     t[5] = bad.double()

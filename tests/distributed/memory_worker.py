@@ -31,10 +31,10 @@ import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megarank.bundle import build_bundle
 from megarank.config import compose
 from megarank.parallel.megatron import build_optimizer
 from megarank.parallel.runtime import shutdown
-from megarank.stage import build_stage
 from megarank.training.setup import build_data
 from megarank.training.step import StepCounters, make_forward_step, train_step
 
@@ -47,9 +47,9 @@ def _storage(t: torch.Tensor) -> tuple[int, int]:
     return s.data_ptr(), s.nbytes()
 
 
-def saved_activation_bytes(stage, batch) -> tuple[int, int, dict[str, torch.Tensor]]:
+def saved_activation_bytes(bundle, batch) -> tuple[int, int, dict[str, torch.Tensor]]:
     """(bytes, tensors) autograd saves during one forward of ``batch``, and the gradients."""
-    model = stage.model
+    model = bundle.model
     weights = {_storage(p)[0] for p in model.parameters()}
     saved: dict[int, int] = {}
     count = 0
@@ -64,7 +64,7 @@ def saved_activation_bytes(stage, batch) -> tuple[int, int, dict[str, torch.Tens
 
     model.train()
     model.zero_grad_buffer()
-    forward_step = make_forward_step(stage.cfg.task, stage.rt.device, StepCounters())
+    forward_step = make_forward_step(bundle.cfg.task, bundle.runtime.device, StepCounters())
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         scores, loss_func = forward_step(iter([batch]), model)
         loss, _ = loss_func(scores)
@@ -95,16 +95,16 @@ def measure_activations(overrides: list[str]) -> dict:
     out: dict = {}
     ref = None
     for mode in RECOMPUTE:
-        stage = build_stage(compose([*overrides, f"trainer.recompute={mode}"]), load_hf=False)
-        _, batches = build_data(stage.cfg, stage.rt, stage.collator, 0)
+        bundle = build_bundle(compose([*overrides, f"trainer.recompute={mode}"]), load_hf=False)
+        _, batches = build_data(bundle.cfg, bundle.runtime, bundle.collator, 0)
         batch = next(batches)[0]  # the first step's first micro-batch
-        nbytes, count, grads = saved_activation_bytes(stage, batch)
+        nbytes, count, grads = saved_activation_bytes(bundle, batch)
         if ref is None:
             ref = grads
         diff = max(float((grads[n] - ref[n]).abs().max()) for n in ref)
         out[mode] = {"bytes": nbytes, "tensors": count, "max_grad_diff_vs_none": diff,
                      "batch_shape": list(batch.input_ids.shape)}
-        del stage, grads, batches  # the process group stays up for the next build
+        del bundle, grads, batches  # the process group stays up for the next build
     for mode in RECOMPUTE:
         out[mode]["ratio_vs_none"] = out[mode]["bytes"] / out["none"]["bytes"]
     return out
@@ -115,22 +115,22 @@ def measure_optimizer(overrides: list[str]) -> dict:
     for precision, zero1 in OPTIMIZERS:
         cfg = compose([*overrides, f"trainer.precision={precision}",
                        f"parallel.use_distributed_optimizer={str(zero1).lower()}"])
-        stage = build_stage(cfg, load_hf=False)
-        optimizer, scheduler = build_optimizer(stage.cfg, stage.model)
-        _, batches = build_data(stage.cfg, stage.rt, stage.collator, 0)
-        forward_step = make_forward_step(stage.cfg.task, stage.rt.device, StepCounters())
-        d = stage.derived
+        bundle = build_bundle(cfg, load_hf=False)
+        optimizer, scheduler = build_optimizer(bundle.cfg, bundle.model)
+        _, batches = build_data(bundle.cfg, bundle.runtime, bundle.collator, 0)
+        forward_step = make_forward_step(bundle.cfg.task, bundle.runtime.device, StepCounters())
+        d = bundle.derived
         _, grad_norm, _, _ = train_step(get_forward_backward_func(), forward_step,
                                      iter(next(batches)),
-                                     stage.model, optimizer, scheduler, d.num_microbatches,
-                                     stage.cfg.pair.max_length, d.pairs_per_micro_batch)
-        row = optimizer_state_bytes(optimizer, stage.model)
+                                     bundle.model, optimizer, scheduler, d.num_microbatches,
+                                     bundle.cfg.pair.max_length, d.pairs_per_micro_batch)
+        row = optimizer_state_bytes(optimizer, bundle.model)
         row["grad_norm"] = grad_norm
-        row["model_params"] = sum(p.numel() for p in stage.model.parameters())
+        row["model_params"] = sum(p.numel() for p in bundle.model.parameters())
         per_rank = [None] * dist.get_world_size()
         dist.all_gather_object(per_rank, row)
         out[f"{precision}/{'zero1' if zero1 else 'plain'}"] = per_rank
-        del stage, optimizer, scheduler, batches
+        del bundle, optimizer, scheduler, batches
     return out
 
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import megarank
-from megarank.eval.compare import load_runs, read_curves
+from megarank.eval.run_curves import load_runs, read_curves
 from tests.helpers.artefacts import short_run_overrides, train_in_process
 
 

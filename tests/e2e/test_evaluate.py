@@ -13,7 +13,7 @@ import pytest
 from megarank.data.beir import read_trec_run
 from megarank.data.triplets import read_triplets
 from megarank.eval.report import compute_metrics
-from megarank.eval.rerank import prepare
+from megarank.eval.rerank import read_rerank_task
 from tests.helpers.runs import data_dir, run_cli, run_module
 
 ROOT = data_dir("cranfield")
@@ -61,7 +61,7 @@ def test_outputs_are_written_and_agree(ckpt_eval):
     assert m["first_stage"]["nDCG@10"] == pytest.approx(BM25_TEST_NDCG10, abs=1e-3)
     assert m["cross_check_max_abs_diff"] < 1e-9
     # The metrics are those of the written file, ranked as the file ranks (ties by docid).
-    task = prepare(ROOT, top_k=20)
+    task = read_rerank_task(ROOT, top_k=20)
     assert compute_metrics(run, task.qrels, 20)[0] == m["megarank"]
     assert "first stage (run.bm25.trec)" in stdout and "megarank" in stdout
     assert "NDCG@10" in stdout and "MRR@10" in stdout and "R@20" in stdout
@@ -89,7 +89,7 @@ def test_depth_keeps_the_first_stage_tail_below_the_reranked_top_k(models, ckpt_
     stdout = _evaluate(models[0], out, "--top-k", "10", "--depth", "20").stdout
     m = json.loads((out / "metrics.json").read_text())
     run, bm25 = _scores(out), read_trec_run(ROOT / "run.bm25.trec")
-    task = prepare(ROOT, top_k=10, depth=20)
+    task = read_rerank_task(ROOT, top_k=10, depth=20)
     assert m["pairs"] == 113 * 10 and m["depth"] == 20
     for q, scores in run.items():
         first = task.candidates[q] + task.tail[q]
@@ -108,7 +108,7 @@ def test_depth_keeps_the_first_stage_tail_below_the_reranked_top_k(models, ckpt_
 def test_first_stage_row_at_top_100_is_bm25():
     # The row the command prints (prepare + compute_metrics, no model needed) against the known
     # number and against ir-measures on the whole run file.
-    task = prepare(ROOT, top_k=100)
+    task = read_rerank_task(ROOT, top_k=100)
     row, gap = compute_metrics(task.first_stage, task.qrels, 100)
     assert row["nDCG@10"] == pytest.approx(BM25_TEST_NDCG10, abs=1e-3)
     assert gap < 1e-9
@@ -140,7 +140,7 @@ def test_qrels_with_unknown_query_is_refused(tmp_path):
 
 
 def test_query_without_candidates_counts_as_zero(models, tmp_path):
-    task = prepare(ROOT, top_k=5)
+    task = read_rerank_task(ROOT, top_k=5)
     gone = next(iter(task.qrels))
     run = tmp_path / "run.trec"
     run.write_text("".join(line + "\n" for line in (ROOT / "run.bm25.trec").read_text()

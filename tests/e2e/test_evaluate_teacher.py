@@ -13,7 +13,7 @@ from megarank.config.schema import package_path
 from megarank.data.beir import read_trec_run
 from megarank.data.ranking import rank_documents
 from megarank.eval.report import compute_metrics
-from megarank.eval.rerank import prepare
+from megarank.eval.rerank import read_rerank_task
 from tests.helpers.artefacts import torch_threads
 from tests.helpers.runs import data_dir, run_cli
 
@@ -56,7 +56,7 @@ def test_the_teacher_row_is_the_bi_encoders_known_number(three_way):
 def test_the_teacher_run_ranks_by_the_bi_encoders_cosine(three_way):
     out, _ = three_way
     run = read_trec_run(out / "run.teacher.trec")
-    task = prepare(ROOT, split="test", top_k=50)
+    task = read_rerank_task(ROOT, split="test", top_k=50)
     assert compute_metrics(run, task.qrels, 50)[0] == json.loads(
         (out / "metrics.json").read_text())["teacher"]
     # the same candidates, ordered by sentence-transformers' own cosine similarity

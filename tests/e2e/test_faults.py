@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megarank.checkpoint.dist import (
+from megarank.checkpoint.sharded import (
     CheckpointError,
     complete_checkpoints,
     latest_checkpoint,
@@ -130,7 +130,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path):
 
 def test_keep_best_marks_and_keeps_the_best_checkpoint(tmp_path):
     import megarank
-    from megarank.checkpoint.dist import best_checkpoint
+    from megarank.checkpoint.sharded import best_checkpoint
     from megarank.config.schema import ASSETS
 
     out = tmp_path / "run"
@@ -155,7 +155,7 @@ def test_keep_best_marks_and_keeps_the_best_checkpoint(tmp_path):
 
 
 def test_async_save_writes_the_same_checkpoints_while_training_goes_on(tmp_path):
-    from megarank.checkpoint.dist import read_meta
+    from megarank.checkpoint.sharded import read_meta
 
     sync, asyn = tmp_path / "sync", tmp_path / "async"
     common = ["trainer.max_steps=6", "trainer.save_interval=2"]

@@ -61,7 +61,7 @@ def _transformers_scores(export: Path, scorer, pairs, yes_no: bool) -> torch.Ten
     """transformers' scores of the export on the token ids megarank's collator writes."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    batch = scorer.stage.collator.encode_pairs(pairs)
+    batch = scorer.bundle.collator.encode_pairs(pairs)
     last = batch.attention_mask.sum(1) - 1
     rows = torch.arange(len(pairs))
     with torch.no_grad():
@@ -69,7 +69,7 @@ def _transformers_scores(export: Path, scorer, pairs, yes_no: bool) -> torch.Ten
             model = AutoModelForCausalLM.from_pretrained(export).eval()
             logits = model(input_ids=batch.input_ids,
                            attention_mask=batch.attention_mask).logits[rows, last]
-            c = scorer.stage.contract
+            c = scorer.bundle.contract
             return logits[:, c.yes_token_id] - logits[:, c.no_token_id]
         model = AutoModelForSequenceClassification.from_pretrained(export).eval()
         hidden = model.model(input_ids=batch.input_ids,
@@ -113,9 +113,9 @@ def test_preset_imports_trains_resumes_exports_and_scores(preset, tmp_path):
 
     pairs = _pairs()
     with megarank.load_scorer(export, ["trainer.device=cpu"]) as scorer:
-        assert scorer.stage.contract.head == cfg.pair.head
+        assert scorer.bundle.contract.head == cfg.pair.head
         if yes_no:
-            assert scorer.stage.contract.pair_format == "chat"
+            assert scorer.bundle.contract.pair_format == "chat"
         from_export = torch.tensor(scorer.score(pairs))
         theirs = _transformers_scores(export, scorer, pairs, yes_no)
     torch.testing.assert_close(theirs, from_export, atol=1e-4, rtol=0)

@@ -33,8 +33,8 @@ def test_peft_dora_adapter_in_and_out_scores_as_peft(kind, tmp_path):
     ckpt = megarank.convert_from_hf(base_dir, tmp_path / "ckpt", adapter=tmp_path / "adapter")
     with megarank.load_scorer(ckpt) as scorer:
         ours = torch.tensor(scorer.score(pairs))
-        collator = scorer.stage.collator
-        assert scorer.stage.cfg.peft.method == "dora"
+        collator = scorer.bundle.collator
+        assert scorer.bundle.cfg.peft.method == "dora"
     theirs = _hf_scores(peft_model, collator, pairs, bert)
     # The same A, B and head as plain LoRA: the magnitudes alone move the scores by far more
     # than the tolerance.
@@ -86,7 +86,7 @@ def test_trained_dora_exports_score_as_the_trained_model(tmp_path):
     pairs = _pairs()
     with megarank.load_scorer(run) as scorer:
         trained = torch.tensor(scorer.score(pairs))
-        collator = scorer.stage.collator
+        collator = scorer.bundle.collator
     held = CheckpointTensors(run / "checkpoints" / "step_0000006")
     base = AutoModelForSequenceClassification.from_pretrained(base_dir)
     # Training moved the magnitudes off the norms of W's rows they started at.

@@ -84,8 +84,8 @@ def test_peft_adapter_in_and_out_scores_as_peft(kind, tmp_path):
     ckpt = megarank.convert_from_hf(base_dir, tmp_path / "ckpt", adapter=tmp_path / "adapter")
     with megarank.load_scorer(ckpt) as scorer:
         ours = torch.tensor(scorer.score(pairs))
-        collator = scorer.stage.collator
-        assert scorer.stage.cfg.peft.rank == 4 and scorer.stage.cfg.peft.alpha == 12
+        collator = scorer.bundle.collator
+        assert scorer.bundle.cfg.peft.rank == 4 and scorer.bundle.cfg.peft.alpha == 12
     theirs = _hf_scores(peft_model, collator, pairs, bert)
     base_only = _hf_scores(AutoModelForSequenceClassification.from_pretrained(base_dir),
                            collator, pairs, bert)
@@ -130,7 +130,7 @@ def test_trained_lora_exports_score_as_the_trained_model(tmp_path):
     pairs = _pairs()
     with megarank.load_scorer(run) as scorer:
         trained = torch.tensor(scorer.score(pairs))
-        collator = scorer.stage.collator
+        collator = scorer.bundle.collator
     base_scores = _hf_scores(AutoModelForSequenceClassification.from_pretrained(base_dir),
                              collator, pairs, False)
     assert (trained - base_scores).abs().max() > 1e-3  # training moved the scores
@@ -172,20 +172,20 @@ def test_config_refusals():
 
 
 def _adapter_grads(recompute: str) -> dict[str, torch.Tensor]:
-    from megarank.stage import build_stage
+    from megarank.bundle import build_bundle
 
     cfg = compose(["model=gpt_tiny", "peft=lora", "peft.rank=4", "trainer.device=cpu",
                    f"trainer.recompute={recompute}", "model.init_method_std=0.1"])
-    with build_stage(cfg, load_hf=False) as stage:
+    with build_bundle(cfg, load_hf=False) as bundle:
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
-            for name, p in stage.model.named_parameters():
+            for name, p in bundle.model.named_parameters():
                 if ".lora.b" in name:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-        batch = stage.collator.encode_pairs(_pairs(4))
-        stage.model(batch.input_ids, batch.attention_mask, batch.token_type_ids,
+        batch = bundle.collator.encode_pairs(_pairs(4))
+        bundle.model(batch.input_ids, batch.attention_mask, batch.token_type_ids,
                     batch.pool_index).sum().backward()
-        return {n: p.main_grad.clone() for n, p in stage.model.named_parameters()
+        return {n: p.main_grad.clone() for n, p in bundle.model.named_parameters()
                 if p.requires_grad}
 
 
@@ -200,8 +200,8 @@ def test_recompute_keeps_the_adapters_gradients():
 
 
 def test_qlora_stores_the_base_4bit_and_trains(tmp_path):
+    from megarank.bundle import build_bundle
     from megarank.models.lora import QuantizedWeight
-    from megarank.stage import build_stage
 
     base_dir = save_tiny("llama", tmp_path)
     pairs = _pairs()
@@ -212,8 +212,8 @@ def test_qlora_stores_the_base_4bit_and_trains(tmp_path):
         from megarank.checkpoint.hf import apply_hf_config
 
         apply_hf_config(cfg)
-        with build_stage(cfg) as stage:
-            layers = stage.model.module.backbone.decoder.layers
+        with build_bundle(cfg) as bundle:
+            layers = bundle.model.module.backbone.decoder.layers
             linears = [getattr(getattr(layer, o), t) for layer in layers
                        for o, t in (("self_attention", "linear_qkv"), ("self_attention", "linear_proj"),
                                     ("mlp", "linear_fc1"), ("mlp", "linear_fc2"))]
@@ -225,7 +225,7 @@ def test_qlora_stores_the_base_4bit_and_trains(tmp_path):
                 else lin.weight.numel() * lin.weight.element_size() for lin in linears)
             from megarank.api import Scorer
 
-            scores[method] = torch.tensor(Scorer(stage).score(pairs))
+            scores[method] = torch.tensor(Scorer(bundle).score(pairs))
     # NF4 packs two weights a byte: 1/8 of fp32 (the block scales are kept apart).
     assert weight_bytes["qlora"] * 8 == weight_bytes["lora"]
     # The same model up to NF4's rounding: different scores, in nearly the same order.
@@ -258,8 +258,8 @@ def test_qwen3_reranker_lora_adapter_scores_as_peft(tmp_path):
     pairs = _pairs(6)
     with megarank.load_scorer(run) as scorer:
         trained = torch.tensor(scorer.score(pairs))
-        batch = scorer.stage.collator.encode_pairs(pairs)
-        yes, no = scorer.stage.contract.yes_token_id, scorer.stage.contract.no_token_id
+        batch = scorer.bundle.collator.encode_pairs(pairs)
+        yes, no = scorer.bundle.contract.yes_token_id, scorer.bundle.contract.no_token_id
     held = set(CheckpointTensors(run / "checkpoints" / "step_0000004"))
     assert held and all(".lora." in n for n in held)  # nothing of the head or vocabulary
 

@@ -204,7 +204,7 @@ def test_served_maxp_scores_are_the_scorers(tmp_path):
 def test_a_dataset_prepared_for_firstp_is_refused_for_maxp_training(tmp_path):
     """A prepared dataset holds each document cut to what one window needs; MaxP training needs
     more of it, so the dataset is refused with the config field named, not read short."""
-    from megarank.data.prepared import PreparedError, open_prepared, prepare
+    from megarank.data.prepared import PreparedError, open_prepared, write_prepared
     from tests.helpers.pairs import pair_collator
 
     tok = AutoTokenizer.from_pretrained(ASSETS / "tokenizers" / "bert-uncased")
@@ -213,7 +213,7 @@ def test_a_dataset_prepared_for_firstp_is_refused_for_maxp_training(tmp_path):
         return pair_collator(tok, "encoder", max_length=64, max_query_length=8,
                             train_windows=windows)
 
-    prepare([_long_triplets(tmp_path / "long.jsonl")], tmp_path / "prepared", collator(1))
+    write_prepared([_long_triplets(tmp_path / "long.jsonl")], tmp_path / "prepared", collator(1))
     data = open_prepared(tmp_path / "prepared")
     data.check_settings(collator(1))
     with pytest.raises(PreparedError, match=r"document_tokens .*data\.train_passages"):

@@ -14,16 +14,16 @@ import pytest
 import torch
 
 from megarank.api import compose_config, prepare_data
+from megarank.bundle import build_collator, build_tokenizer, checked_contract
 from megarank.checkpoint.hf import apply_hf_config
 from megarank.config import ConfigError, validate
 from megarank.data.groups import GroupDataset
 from megarank.data.mining import embed_once
 from megarank.data.prefetch import Prefetcher
-from megarank.data.prepared import PreparedError, open_prepared, prepare
+from megarank.data.prepared import PreparedError, open_prepared, write_prepared
 from megarank.data.sampler import GroupSampler
 from megarank.data.triplets import DataFormatError, read_triplets
 from megarank.parallel.runtime import Runtime
-from megarank.stage import build_collator, build_tokenizer, checked_contract
 from megarank.training.setup import build_data
 from tests.helpers.runs import ASSETS
 
@@ -76,13 +76,13 @@ def test_prepared_batches_equal_the_jsonl_paths_over_two_epochs_dp2(tmp_path, sc
     per_epoch = len(records) // 4  # micro-steps of 2 groups x 2 ranks
     steps = 2 * per_epoch + 3      # two whole epochs and into the third
     for dp_rank in (0, 1):
-        rt = _runtime(dp_rank, 2)
+        runtime = _runtime(dp_rank, 2)
         # The text path as it was before prepared data: tokenized per step from the records.
         sampler = iter(GroupSampler(len(records), 2, dp_rank, 2, cfg.trainer.seed))
         texts = [collator([reference[i, e] for i, e in next(sampler)]) for _ in range(steps)]
-        _, jsonl_steps = build_data(cfg, rt, collator, 0)
+        _, jsonl_steps = build_data(cfg, runtime, collator, 0)
         cfg_prep = compose_config([*overrides, f"data.train_path={tmp_path / 'prep'}"])
-        _, prep_steps = build_data(cfg_prep, rt, collator, 0)
+        _, prep_steps = build_data(cfg_prep, runtime, collator, 0)
         from_jsonl, from_prep = chain.from_iterable(jsonl_steps), chain.from_iterable(prep_steps)
         for step, want in enumerate(texts):
             a, b = next(from_jsonl), next(from_prep)
@@ -100,10 +100,10 @@ def test_resume_position_gives_the_uninterrupted_batches(tmp_path, scored):
     overrides = _overrides("bert_tiny")
     prepare_data([scored], tmp_path / "prep", overrides, progress=False)
     cfg, collator = _collator([*overrides, f"data.train_path={tmp_path / 'prep'}"])
-    rt = _runtime(1, 2)
-    _, full = build_data(cfg, rt, collator, 0)  # a step: one micro-batch a rank (4 groups, DP 2)
+    runtime = _runtime(1, 2)
+    _, full = build_data(cfg, runtime, collator, 0)  # a step: one micro-batch a rank (4 groups, DP 2)
     batches = [b for _ in range(40) for b in next(full)]
-    _, resumed = build_data(cfg, rt, collator, 4 * 30)  # consumed_samples after 30 steps
+    _, resumed = build_data(cfg, runtime, collator, 4 * 30)  # consumed_samples after 30 steps
     resumed_batches = chain.from_iterable(resumed)
     for want in batches[30:]:
         got = next(resumed_batches)
@@ -116,7 +116,7 @@ def test_resume_position_gives_the_uninterrupted_batches(tmp_path, scored):
 def test_prepared_arrays_are_memory_mapped_and_hold_each_text_once(tmp_path, scored):
     overrides = _overrides("gpt_tiny")
     _, collator = _collator(overrides)
-    prepare([scored, CRANFIELD], tmp_path / "prep", collator, progress=False)
+    write_prepared([scored, CRANFIELD], tmp_path / "prep", collator, progress=False)
     data = open_prepared(tmp_path / "prep")
     assert isinstance(data.doc_tokens, np.memmap)
     assert isinstance(data.a["neg_docs"], np.memmap)
@@ -165,7 +165,7 @@ def test_malformed_line_deep_in_a_large_file_stops_prepare_and_leaves_nothing(tm
     _, collator = _collator(_overrides("bert_tiny"))
     out = tmp_path / "out" / "prep"
     with pytest.raises(DataFormatError, match=rf"^{big.resolve()}:{bad_line}: malformed JSON"):
-        prepare([big], out, collator, progress=False)
+        write_prepared([big], out, collator, progress=False)
     assert not out.exists()
     assert list(out.parent.iterdir()) == []  # the temporary directory is gone too
     # A directory that is not a complete prepared dataset is refused before training starts.
@@ -253,7 +253,7 @@ def test_chat_prompts_read_jsonl_as_text_and_cannot_be_prepared(tmp_path):
     cfg, collator = _collator(overrides)
     assert not collator.pretokenizable
     with pytest.raises(PreparedError, match="chat prompt"):
-        prepare([CRANFIELD], tmp_path / "prep", collator, progress=False)
+        write_prepared([CRANFIELD], tmp_path / "prep", collator, progress=False)
     assert not (tmp_path / "prep").exists()
     records = read_triplets(CRANFIELD)
     reference = GroupDataset(records, 4, cfg.trainer.seed)

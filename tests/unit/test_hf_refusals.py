@@ -69,9 +69,9 @@ def test_shapes_that_disagree_with_the_config_are_refused(llama, tmp_path):
     # config.json claims a wider MLP than the weights have.
     import shutil
 
+    from megarank.bundle import build_bundle
     from megarank.config import compose
     from megarank.parallel.runtime import shutdown
-    from megarank.stage import build_stage
 
     d = tmp_path / "m"
     shutil.copytree(llama, d)
@@ -79,8 +79,8 @@ def test_shapes_that_disagree_with_the_config_are_refused(llama, tmp_path):
     cfg = compose(["model=hf", f"model.hf_path={d}"])
     try:
         with pytest.raises(ConversionError) as err:
-            build_stage(cfg, device="cpu")
+            build_bundle(cfg, device="cpu")
         msg = str(err.value)
         assert "mlp.gate_proj.weight" in msg and "(256, 64)" in msg and "(192, 64)" in msg
     finally:
-        shutdown()  # build_stage shuts down on error; a second call is harmless
+        shutdown()  # build_bundle shuts down on error; a second call is harmless

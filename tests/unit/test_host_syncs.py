@@ -15,9 +15,9 @@ from megatron.core.optimizer import clip_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch.overrides import TorchFunctionMode
 
+from megarank.bundle import build_bundle
 from megarank.config import compose
 from megarank.parallel.megatron import _foreach_l2_norm, _foreach_scale, build_optimizer
-from megarank.stage import build_stage
 from megarank.training.step import StepCounters, make_forward_step, train_step
 
 READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
@@ -67,24 +67,24 @@ def test_a_training_step_reads_the_device_twice(packing):
     cfg = compose(["model=gpt_tiny", "pair.max_length=64", "pair.max_query_length=8",
                    "trainer.micro_batch_size=1", "trainer.global_batch_size=4",
                    "task.group_size=4", f"data.packing={str(packing).lower()}"])
-    with build_stage(cfg, load_hf=False, device="cpu") as stage:
+    with build_bundle(cfg, load_hf=False, device="cpu") as bundle:
         assert clip_grads.l2_norm_impl is not mcore_utils.local_multi_tensor_l2_norm
-        optimizer, scheduler = build_optimizer(cfg, stage.model)
-        c = stage.collator
+        optimizer, scheduler = build_optimizer(cfg, bundle.model)
+        c = bundle.collator
         q = c.tokenize_queries(["lift on a wing", "drag"])
         d = c.tokenize_documents(["the force on a wing", "a cone", "flow", "shock waves"] * 2)
         batches = iter([c.model_layout(c.encode_tokens(q, d, [0] * 4 + [1] * 4, 4))
                         for _ in range(8)])
         counters = StepCounters(model=cfg.model)
-        forward_step = make_forward_step(cfg.task, stage.rt.device, counters)
+        forward_step = make_forward_step(cfg.task, bundle.runtime.device, counters)
         run = get_forward_backward_func()
-        train_step(run, forward_step, batches, stage.model, optimizer, scheduler, 4, 64, 8,
-                   counters, stage.rt)
+        train_step(run, forward_step, batches, bundle.model, optimizer, scheduler, 4, 64, 8,
+                   counters, bundle.runtime)
         reads = HostReads()
         counters.reset()
         with reads:
-            stats, norm, _, updated = train_step(run, forward_step, batches, stage.model,
+            stats, norm, _, updated = train_step(run, forward_step, batches, bundle.model,
                                                  optimizer, scheduler, 4, 64, 8, counters,
-                                                 stage.rt)
+                                                 bundle.runtime)
     assert updated and stats["finite"] and norm > 0
     assert sum(reads.sites.values()) == 2, reads.sites

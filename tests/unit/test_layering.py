@@ -14,6 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
 from importlinter.cli import lint_imports
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,3 +77,17 @@ def test_the_contract_fails_when_a_command_goes_around_the_api(tmp_path, capsys,
     assert "3 kept, 1 broken" in out
     assert "Commands use only megarank_probe.api and megarank_probe.config BROKEN" in out
     assert "megarank_probe.score -> megarank_probe.data.triplets" in out
+
+
+@pytest.mark.parametrize("old, new", [
+    ("megarank.stage", "megarank.bundle"), ("megarank.training.plan", "megarank.training.sizing"),
+    ("megarank.eval.compare", "megarank.eval.run_curves"),
+    ("megarank.checkpoint.dist", "megarank.checkpoint.sharded"),
+    ("megarank.checkpoint.contract", "megarank.data.contract"),
+])
+def test_renamed_modules_leave_no_alias_behind(old, new):
+    """A name that misled was replaced, not kept beside its new one."""
+    import importlib.util
+
+    assert importlib.util.find_spec(new) is not None
+    assert importlib.util.find_spec(old) is None

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megarank.bundle import build_bundle
 from megarank.config import compose
 from megarank.data.packing import pack_batch, pack_lengths
 from megarank.data.truncation import max_over_windows
-from megarank.stage import build_stage
 from megarank.training.losses import group_loss
 
 QUERIES = ["what is lift", "boundary layer transition on a flat plate at high mach numbers",
@@ -44,8 +44,8 @@ def test_layout_of_a_packed_row():
         pack_lengths(torch.tensor([3, 2, 4]), 8)
 
 
-def _scores_and_grads(stage, batch):
-    model = stage.model  # megatron DDP: gradients accumulate in each parameter's main_grad
+def _scores_and_grads(bundle, batch):
+    model = bundle.model  # megatron DDP: gradients accumulate in each parameter's main_grad
     model.zero_grad_buffer()
     scores = model(batch.input_ids, batch.attention_mask, batch.token_type_ids,
                    batch.pool_index, packed=batch.packed)
@@ -69,8 +69,8 @@ def test_packed_equals_padded(model, extra, maxp):
     cfg = compose([f"model={model}", "pair.max_length=32", "pair.max_query_length=8",
                    "model.hidden_dropout=0", "model.attention_dropout=0", "task.group_size=3",
                    "data.packing=true", *extra])
-    with build_stage(cfg, load_hf=False, device="cpu") as stage:
-        c = stage.collator
+    with build_bundle(cfg, load_hf=False, device="cpu") as bundle:
+        c = bundle.collator
         q = c.tokenize_queries(QUERIES[:2])
         if maxp:
             d = c.truncation.full_documents(DOCS)
@@ -85,8 +85,8 @@ def test_packed_equals_padded(model, extra, maxp):
         assert packed.input_ids.shape[0] == 1
         assert packed.input_ids.shape[1] % cfg.data.packed_multiple == 0
         assert packed.input_ids.numel() < padded.input_ids.numel()
-        s0, l0, g0 = _scores_and_grads(stage, padded)
-        s1, l1, g1 = _scores_and_grads(stage, packed)
+        s0, l0, g0 = _scores_and_grads(bundle, padded)
+        s1, l1, g1 = _scores_and_grads(bundle, packed)
     torch.testing.assert_close(s1, s0, rtol=0, atol=1e-5)
     torch.testing.assert_close(l1, l0, rtol=0, atol=1e-5)
     assert g1.keys() == g0.keys() and len(g0) > 4
@@ -100,15 +100,15 @@ def test_pairs_do_not_see_each_other():
     cfg = compose(["model=bert_tiny", "pair.max_length=32", "pair.max_query_length=8",
                    "model.hidden_dropout=0",
                    "model.attention_dropout=0", "task.group_size=2"])
-    with build_stage(cfg, load_hf=False, device="cpu") as stage, torch.no_grad():
-        c = stage.collator
+    with build_bundle(cfg, load_hf=False, device="cpu") as bundle, torch.no_grad():
+        c = bundle.collator
         q = c.tokenize_queries(["lift"])
         a = pack_batch(c.encode_tokens(q, c.tokenize_documents(DOCS[:2]), [0, 0], 2), 8)
         b = pack_batch(c.encode_tokens(q, c.tokenize_documents(["drag", DOCS[1]]), [0, 0], 2),
                        8)
-        sa = stage.model(a.input_ids, a.attention_mask, a.token_type_ids, a.pool_index,
+        sa = bundle.model(a.input_ids, a.attention_mask, a.token_type_ids, a.pool_index,
                          packed=a.packed)
-        sb = stage.model(b.input_ids, b.attention_mask, b.token_type_ids, b.pool_index,
+        sb = bundle.model(b.input_ids, b.attention_mask, b.token_type_ids, b.pool_index,
                          packed=b.packed)
     assert abs(float(sa[0] - sb[0])) > 1e-4
     assert float(sa[1]) == pytest.approx(float(sb[1]), abs=1e-6)
@@ -158,16 +158,16 @@ def test_scoring_packs_and_scores_as_padded(passages):
                    "model.hidden_dropout=0", "model.attention_dropout=0", "data.packing=true",
                    f"data.passages={passages}"])
     pairs = [(q, d) for q in QUERIES for d in DOCS]
-    with build_stage(cfg, load_hf=False, device="cpu") as stage:
+    with build_bundle(cfg, load_hf=False, device="cpu") as bundle:
         seen = []
-        hook = stage.model.module.register_forward_pre_hook(
+        hook = bundle.model.module.register_forward_pre_hook(
             lambda _m, args, kwargs: seen.append((args[0].shape, kwargs.get("packed"))),
             with_kwargs=True)
-        scorer = PairScorer(stage.collator, 8, passages)
-        packed = scorer.score(stage.model, stage.rt, pairs)
+        scorer = PairScorer(bundle.collator, 8, passages)
+        packed = scorer.score(bundle.model, bundle.runtime, pairs)
         assert seen and all(shape[0] == 1 and p is not None for shape, p in seen)
-        stage.collator.packed_multiple = None
-        padded = scorer.score(stage.model, stage.rt, pairs)
+        bundle.collator.packed_multiple = None
+        padded = scorer.score(bundle.model, bundle.runtime, pairs)
         hook.remove()
     assert packed.shape == (len(pairs),)
     torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
@@ -184,14 +184,14 @@ def test_scoring_batches_pairs_by_length_and_keeps_their_order(model, passages):
                    "model.hidden_dropout=0", "model.attention_dropout=0",
                    f"data.passages={passages}"])
     pairs = [(q, d) for q in QUERIES for d in DOCS]
-    with build_stage(cfg, load_hf=False, device="cpu") as stage:
+    with build_bundle(cfg, load_hf=False, device="cpu") as bundle:
         computed = []
-        hook = stage.model.module.register_forward_pre_hook(
+        hook = bundle.model.module.register_forward_pre_hook(
             lambda _m, args, kwargs: computed.append(args[0].numel()), with_kwargs=True)
-        batched = PairScorer(stage.collator, 4, passages).score(stage.model, stage.rt, pairs)
+        batched = PairScorer(bundle.collator, 4, passages).score(bundle.model, bundle.runtime, pairs)
         hook.remove()
-        alone = PairScorer(stage.collator, 1, passages).score(stage.model, stage.rt, pairs)
-        c = stage.collator
+        alone = PairScorer(bundle.collator, 1, passages).score(bundle.model, bundle.runtime, pairs)
+        c = bundle.collator
         if passages == "max":  # a row per window, as the scorer cuts them
             query_ids = c.tokenize_queries(QUERIES)
             row_query, row_ids, _ = c.truncation.window_rows(

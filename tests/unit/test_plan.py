@@ -1,4 +1,4 @@
-"""megarank.training.plan: its figures against tensors measured on models built here, against
+"""megarank.training.sizing: its figures against tensors measured on models built here, against
 Megatron-LM's published formulas, and for the 7B/8B presets' real geometry. In one process.
 
 Measured (megarank.training.memory, a world of one, CPU): weights, gradients and optimizer
@@ -12,11 +12,11 @@ import math
 
 import pytest
 
+from megarank.bundle import build_bundle
 from megarank.config import compose, padded_vocab_size
-from megarank.stage import build_stage
 from megarank.training.flops import step_flops
 from megarank.training.memory import measure_stage
-from megarank.training.plan import (
+from megarank.training.sizing import (
     GIB,
     fit,
     format_plan,
@@ -54,8 +54,8 @@ MEASURED = {
 def planned_and_measured(request):
     overrides = [*SHAPE, *MEASURED[request.param]]
     plan = plan_memory(compose(overrides), 1, device="cpu")
-    with build_stage(compose(overrides), load_hf=False) as stage:
-        measured = measure_stage(stage)
+    with build_bundle(compose(overrides), load_hf=False) as bundle:
+        measured = measure_stage(bundle)
     return request.param, plan, measured
 
 
@@ -80,8 +80,8 @@ def test_lora_model_state_equals_the_tensors(name, overrides):
     # Gradients and optimizer state for the adapters and head only; the frozen base's weights.
     cfg = [*SHAPE, *overrides]
     plan = plan_memory(compose(cfg), 1, device="cpu")
-    with build_stage(compose(cfg), load_hf=False) as stage:
-        m = measure_stage(stage)
+    with build_bundle(compose(cfg), load_hf=False) as bundle:
+        m = measure_stage(bundle)
     s = plan.stages[0]
     assert (s.params, s.weights, s.grads, s.optim_plain) == (
         m.params, m.weights, m.grads, m.optimizer), name
@@ -304,7 +304,7 @@ def test_a_token_budget_is_planned_as_full_length_sequences_and_the_largest_that
     """data.tokens_per_micro_batch: the micro-batch planned as budget / length sequences at full
     length, so a budget of two groups' tokens plans what two full groups of fixed micro-batches
     do; `largest_token_budget` returns a budget that fits the card while one step more does not."""
-    from megarank.training.plan import largest_token_budget
+    from megarank.training.sizing import largest_token_budget
 
     base = ["model=qwen2_0p5b", "trainer.precision=bf16", "pair.max_length=512",
             "data.packing=true", "task.group_size=8", "trainer.global_batch_size=8"]

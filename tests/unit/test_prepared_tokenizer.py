@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 import megarank
 from megarank.data.collate import PairCollator
-from megarank.data.prepared import PreparedError, open_prepared, prepare
+from megarank.data.prepared import PreparedError, open_prepared, write_prepared
 from tests.helpers.pairs import pair_collator
 
 ASSETS = Path(megarank.__file__).parent / "assets"
@@ -47,7 +47,7 @@ def prepared(tmp_path) -> tuple[Path, Path]:
     triplets = tmp_path / "triplets.jsonl"
     triplets.write_text("".join(CRANFIELD.read_text().splitlines(keepends=True)[:4]))
     tokenizer_a = _copy_tokenizer(tmp_path / "A")
-    prepare([triplets], tmp_path / "prep", _collator(tokenizer_a), progress=False)
+    write_prepared([triplets], tmp_path / "prep", _collator(tokenizer_a), progress=False)
     return tmp_path / "prep", tokenizer_a
 
 

@@ -83,11 +83,11 @@ def test_scores_equal_the_model_card(reranker, pairs):
     assert any(len(x) == MAX_LEN for x in ids), "no document was long enough to be cut"
     assert p_yes.max() - p_yes.min() > 0.02, "reference scores hardly differ"
     with megarank.load_scorer(ckpt, ["trainer.device=cpu"]) as scorer:
-        c = scorer.stage.contract
+        c = scorer.bundle.contract
         assert (c.pair_format, c.prompt_prefix, c.prompt_suffix, c.instruction) == (
             "chat", PREFIX, SUFFIX, TASK)
         ours = torch.tensor(scorer.score(pairs))
-        batch = scorer.stage.collator.encode_pairs(pairs)
+        batch = scorer.bundle.collator.encode_pairs(pairs)
     got = [row[: int(n)].tolist() for row, n in zip(batch.input_ids, batch.attention_mask.sum(1),
                                                     strict=True)]
     assert got == ids  # token for token, truncated rows included
@@ -113,7 +113,7 @@ def test_custom_instruction_per_pair_and_by_config(reranker, pairs, tmp_path):
         "pair=qwen3_reranker", f"pair.instruction='{CUSTOM}'", f"pair.max_length={MAX_LEN}",
         f"pair.max_query_length={MAX_Q}"])
     with megarank.load_scorer(other, ["trainer.device=cpu"]) as scorer:
-        assert scorer.stage.contract.instruction == CUSTOM
+        assert scorer.bundle.contract.instruction == CUSTOM
         by_config = torch.tensor(scorer.score(pairs))
     torch.testing.assert_close(by_config, torch.logit(p_custom.double()).float(), atol=1e-5,
                                rtol=0)

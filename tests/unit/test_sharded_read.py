@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megarank.bundle import build_bundle
 from megarank.checkpoint.hf import (
     HFWeights,
     global_name,
@@ -20,7 +21,6 @@ from megarank.checkpoint.hf import (
 )
 from megarank.checkpoint.hf_mappings import rules_for
 from megarank.config import compose, padded_vocab_size
-from megarank.stage import build_stage
 from tests.helpers.hf_tiny import save_tiny
 
 
@@ -37,11 +37,11 @@ def models(tmp_path_factory):
 def test_rank_reads_equal_slices_of_the_full_tensors(models, kind, tp):
     head = "yes_no" if kind == "qwen3" else "classifier"
     cfg = compose(["model=hf", f"model.hf_path={models[kind]}", f"pair.head={head}"])
-    with build_stage(cfg, device="cpu", load_hf=False) as stage:
-        m = stage.cfg.model
+    with build_bundle(cfg, device="cpu", load_hf=False) as bundle:
+        m = bundle.cfg.model
         vocab = padded_vocab_size(m)
         full_bytes, rank_bytes, sliced = 0, [0] * tp, 0
-        for local, param in stage.model.module.named_parameters():
+        for local, param in bundle.model.module.named_parameters():
             rule, layer = match(global_name(local, 0), rules_for(m))
             names = hf_names(rule, layer)
             reference = HFWeights(models[kind])

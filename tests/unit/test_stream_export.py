@@ -28,11 +28,11 @@ def checkpoint(tmp_path_factory):
 
 
 def test_tensors_read_one_at_a_time_equal_the_model(checkpoint):
-    from megarank.checkpoint.dist import resolve_checkpoint
+    from megarank.checkpoint.sharded import resolve_checkpoint
 
     lazy = CheckpointTensors(resolve_checkpoint(checkpoint))
     with megarank.load_scorer(checkpoint) as scorer:
-        params = dict(scorer.stage.model.module.named_parameters())
+        params = dict(scorer.bundle.model.module.named_parameters())
         assert sorted(lazy) == sorted(params)
         for name, p in params.items():
             assert torch.equal(lazy[name], p.detach()), name

@@ -18,13 +18,13 @@ from megatron.core.tensor_parallel import ColumnParallelLinear
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from megarank.checkpoint.dist import save_model_checkpoint
+from megarank.bundle import build_bundle
 from megarank.checkpoint.hf import iter_hf_tensors
+from megarank.checkpoint.sharded import save_model_checkpoint
 from megarank.config import compose
 from megarank.data.batch import PairBatch
 from megarank.eval.scorer import score_batches
 from megarank.models.attention import SDPAttention
-from megarank.stage import build_stage
 from tests.helpers.hf_tiny import random_batch, save_tiny
 
 TE_NORMS = ("self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight")
@@ -80,10 +80,10 @@ def models(tmp_path_factory):
     return {k: save_tiny(k, root) for k in ("llama", "qwen3")}
 
 
-def _scores(stage, batch) -> torch.Tensor:
+def _scores(bundle, batch) -> torch.Tensor:
     b = PairBatch(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                   batch["last"], 1, 0)
-    return score_batches(stage.model, stage.rt, [b])
+    return score_batches(bundle.model, bundle.runtime, [b])
 
 
 def _reference(hf_dir, batch) -> torch.Tensor:
@@ -95,18 +95,18 @@ def _reference(hf_dir, batch) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_hf_import_and_export_with_te_names(te_spec, models, kind):
     batch = random_batch(kind=kind)
-    with build_stage(compose(["model=hf", f"model.hf_path={models[kind]}"]),
-                     device="cpu") as stage:
-        names = [n for n, _ in stage.model.module.named_parameters()]
+    with build_bundle(compose(["model=hf", f"model.hf_path={models[kind]}"]),
+                     device="cpu") as bundle:
+        names = [n for n, _ in bundle.model.module.named_parameters()]
         for te, local in zip(TE_NORMS, LOCAL_NORMS, strict=True):
             assert f"backbone.decoder.layers.0.{te}" in names
             assert not any(n.endswith(local) for n in names)
         # import: the TE-named norms hold HF's input / post-attention norms
-        torch.testing.assert_close(_scores(stage, batch), _reference(models[kind], batch),
+        torch.testing.assert_close(_scores(bundle, batch), _reference(models[kind], batch),
                                    atol=1e-5, rtol=0)
         # export: back to HF's names, bitwise
-        state = {n: p.detach() for n, p in stage.model.module.named_parameters()}
-        exported = dict(iter_hf_tensors(state.items(), stage.cfg))
+        state = {n: p.detach() for n, p in bundle.model.module.named_parameters()}
+        exported = dict(iter_hf_tensors(state.items(), bundle.cfg))
     original = load_file(models[kind] / "model.safetensors")
     assert sorted(exported) == sorted(original)
     for name, tensor in original.items():
@@ -119,21 +119,21 @@ def test_checkpoints_move_between_local_and_te_names(te_spec, models, tmp_path):
     reference = _reference(hf, batch)
     cfg = lambda: compose(["model=hf", f"model.hf_path={hf}"])  # noqa: E731
 
-    def save(stage, path):
+    def save(bundle, path):
         from omegaconf import OmegaConf
 
-        save_model_checkpoint(path, stage.model, stage.rt,
-                              meta={"config": OmegaConf.to_container(stage.cfg, resolve=True)})
+        save_model_checkpoint(path, bundle.model, bundle.runtime,
+                              meta={"config": OmegaConf.to_container(bundle.cfg, resolve=True)})
 
     # TE names -> checkpoint (written with the local names) -> a local-spec model
-    with build_stage(cfg(), device="cpu") as stage:
-        sd = stage.model.module.sharded_state_dict()
+    with build_bundle(cfg(), device="cpu") as bundle:
+        sd = bundle.model.module.sharded_state_dict()
         keys = {v.key for v in sd.values() if hasattr(v, "key")}
         assert "backbone.decoder.layers.input_layernorm.weight" in keys  # layers stacked
         assert not any(k.endswith(TE_NORMS) for k in keys)
-        save(stage, tmp_path / "from_te")
+        save(bundle, tmp_path / "from_te")
     te_spec.undo()
-    with build_stage(cfg(), load_hf=False, device="cpu", checkpoint=tmp_path / "from_te") as local:
+    with build_bundle(cfg(), load_hf=False, device="cpu", checkpoint=tmp_path / "from_te") as local:
         assert any(n.endswith(LOCAL_NORMS[0]) for n, _ in local.model.module.named_parameters())
         torch.testing.assert_close(_scores(local, batch), reference, atol=1e-5, rtol=0)
         save(local, tmp_path / "from_local")
@@ -144,7 +144,7 @@ def test_checkpoints_move_between_local_and_te_names(te_spec, models, tmp_path):
     te_spec.setattr("megarank.models.build.gpt_layer_spec",
                     lambda n, q, k: gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
                         qk_layernorm=q))
-    with build_stage(cfg(), load_hf=False, device="cpu",
+    with build_bundle(cfg(), load_hf=False, device="cpu",
                      checkpoint=tmp_path / "from_local") as te:
         params = dict(te.model.module.named_parameters())
         assert f"backbone.decoder.layers.0.{TE_NORMS[0]}" in params

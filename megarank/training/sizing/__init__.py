@@ -60,15 +60,15 @@ The package splits the plan by what it plans: ``params`` (parameters per GPU), `
 headroom), ``table`` (:func:`format_plan`); ``records`` holds the dataclasses they share.
 """
 
-from megarank.training.plan.activations import (
+from megarank.training.sizing.activations import (
     head_bytes,
     korthikanti_layer_bytes,
     layer_terms,
     paper_layer_terms,
     stage_terms,
 )
-from megarank.training.plan.fit import GPUS, Fit, fit, gpu_memory, suggestions
-from megarank.training.plan.params import (
+from megarank.training.sizing.fit import GPUS, Fit, fit, gpu_memory, suggestions
+from megarank.training.sizing.params import (
     adapter_params,
     dora_saved_per_token,
     head_params,
@@ -77,7 +77,7 @@ from megarank.training.plan.params import (
     stage_params,
     total_params,
 )
-from megarank.training.plan.records import (
+from megarank.training.sizing.records import (
     DEVICES,
     FP32,
     GIB,
@@ -89,13 +89,13 @@ from megarank.training.plan.records import (
     StagePlan,
     Term,
 )
-from megarank.training.plan.stages import (
+from megarank.training.sizing.stages import (
     hf_resolved,
     largest_token_budget,
     plan_memory,
     resolve_device,
 )
-from megarank.training.plan.table import format_plan
+from megarank.training.sizing.table import format_plan
 
 __all__ = [
     "DEVICES", "FP32", "GIB", "GPUS", "HEADROOM", "INT64", "RECOMPUTE", "WIDTH", "Fit",

@@ -3,8 +3,8 @@ whether the largest stage fits a card."""
 
 from __future__ import annotations
 
-from megarank.training.plan.fit import fit, suggestions
-from megarank.training.plan.records import GIB, HEADROOM, RECOMPUTE, MemoryPlan
+from megarank.training.sizing.fit import fit, suggestions
+from megarank.training.sizing.records import GIB, HEADROOM, RECOMPUTE, MemoryPlan
 
 
 def _unit(plan: MemoryPlan) -> tuple[str, int]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from megarank.training.plan.records import GIB, HEADROOM, RECOMPUTE, MemoryPlan
+from megarank.training.sizing.records import GIB, HEADROOM, RECOMPUTE, MemoryPlan
 
 # Memory of known cards in GiB, as NVIDIA's datasheets print it (HBM/GDDR capacities are binary:
 # the "80 GB" of an H100 is 80 GiB of HBM3). Names match case-insensitively, with or without the

@@ -83,11 +83,11 @@ def _whole(model: torch.nn.Module) -> bool:
     return not getattr(innermost(model), "frozen_base_external", False)
 
 
-def _rng_object(rt: Runtime, state: Any) -> ShardedObject:
+def _rng_object(runtime: Runtime, state: Any) -> ShardedObject:
     # One RNG state per (pp, tp, dp) rank: dropout streams differ by rank and must resume so.
     return ShardedObject(
-        "rng_state", state, (rt.pp_size, rt.tp_size, rt.dp_size),
-        (rt.pp_rank, rt.tp_rank, rt.dp_rank), replica_id=0,
+        "rng_state", state, (runtime.pp_size, runtime.tp_size, runtime.dp_size),
+        (runtime.pp_rank, runtime.tp_rank, runtime.dp_rank), replica_id=0,
     )
 
 
@@ -132,7 +132,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: Any,
-                    scheduler: Any, train_state: dict[str, Any], rt: Runtime,
+                    scheduler: Any, train_state: dict[str, Any], runtime: Runtime,
                     meta: dict[str, Any], async_queue: Any = None,
                     on_complete: Callable[[Path], None] | None = None) -> Path:
     """Write a complete training checkpoint of ``step`` under ``root``; collective.
@@ -148,7 +148,7 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd,
                                                   metadata=optimizer_sharding_metadata()),
-        "rng": _rng_object(rt, _capture_rng(rt.device)),
+        "rng": _rng_object(runtime, _capture_rng(runtime.device)),
         "scheduler": scheduler.state_dict(),
         "train_state": dict(train_state),
     }
@@ -156,7 +156,7 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     contract = root.parent / "scoring.json"  # the scoring contract travels with every checkpoint
 
     def complete() -> None:
-        if rt.is_main:
+        if runtime.is_main:
             tmp = root / f"{LATEST}.tmp"
             tmp.write_text(final.name)
             os.replace(tmp, root / LATEST)
@@ -164,22 +164,22 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
         if on_complete is not None:
             on_complete(final)
 
-    write_atomically(final, state, {**meta, "step": step, "train_state": dict(train_state)}, rt,
+    write_atomically(final, state, {**meta, "step": step, "train_state": dict(train_state)}, runtime,
                      extra_files=[contract] if contract.is_file() else [],
                      async_queue=async_queue, then=complete)
     return final
 
 
-def save_model_checkpoint(path: str | Path, model: torch.nn.Module, rt: Runtime,
+def save_model_checkpoint(path: str | Path, model: torch.nn.Module, runtime: Runtime,
                           meta: dict[str, Any], extra_files: list[Path] = ()) -> Path:
     """Write the model weights alone (e.g. an HF import) as a megarank checkpoint; collective."""
     state = {"model": model_state(model)}
-    write_atomically(Path(path), state, {**meta, "step": 0, "train_state": None}, rt,
+    write_atomically(Path(path), state, {**meta, "step": 0, "train_state": None}, runtime,
                      extra_files=list(extra_files))
     return Path(path)
 
 
-def write_atomically(final: Path, state: dict[str, Any], meta: dict[str, Any], rt: Runtime,
+def write_atomically(final: Path, state: dict[str, Any], meta: dict[str, Any], runtime: Runtime,
                      extra_files: list[Path], async_queue: Any = None,
                      then: Callable[[], None] | None = None) -> None:
     """dist_checkpointing.save into ``final.partial``, then rename once every rank is done.
@@ -193,9 +193,9 @@ def write_atomically(final: Path, state: dict[str, Any], meta: dict[str, Any], r
     partial = final.parent / f"{final.name}.partial"
 
     def finish() -> None:
-        with _saving(final, partial, rt):
+        with _saving(final, partial, runtime):
             dist.barrier()
-            if rt.is_main:
+            if runtime.is_main:
                 for f in extra_files:
                     shutil.copy(f, partial / f.name)
                 files = {str(p.relative_to(partial)): p.stat().st_size
@@ -208,8 +208,8 @@ def write_atomically(final: Path, state: dict[str, Any], meta: dict[str, Any], r
         if then is not None:
             then()
 
-    with _saving(final, partial, rt):
-        if rt.is_main:
+    with _saving(final, partial, runtime):
+        if runtime.is_main:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         dist.barrier()
@@ -224,7 +224,7 @@ def write_atomically(final: Path, state: dict[str, Any], meta: dict[str, Any], r
 
 
 @contextlib.contextmanager
-def _saving(final: Path, partial: Path, rt: Runtime) -> Iterator[None]:
+def _saving(final: Path, partial: Path, runtime: Runtime) -> Iterator[None]:
     """A failed save removes its partial directory; a full disk is said plainly."""
     try:
         yield
@@ -234,7 +234,7 @@ def _saving(final: Path, partial: Path, rt: Runtime) -> Iterator[None]:
         # torch's writers do not always keep the errno: a device with (almost) nothing left
         # after a failed write is taken as full too.
         full = _disk_full(e) or shutil.disk_usage(final.parent).free < 2**20
-        if rt.is_main:
+        if runtime.is_main:
             shutil.rmtree(partial, ignore_errors=True)
         if full:
             raise CheckpointError(
@@ -382,7 +382,7 @@ def mark_best(root: str | Path, checkpoint: Path, metric: str, value: float, ste
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                    rt: Runtime) -> dict[str, Any]:
+                    runtime: Runtime) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and RNG from ``path``; return the saved train state.
 
     The model and optimizer reshard to any TP/PP/DP layout. The RNG states are per rank of the
@@ -395,7 +395,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any, sc
     saved = json.loads((path / META_FILE).read_text()).get("layout") or {}
     # A checkpoint that does not record its layout is taken to be this run's.
     same_layout = not saved or (saved.get("tp"), saved.get("pp"), saved.get("dp")) == (
-        rt.tp_size, rt.pp_size, rt.dp_size)
+        runtime.tp_size, runtime.pp_size, runtime.dp_size)
     prepare_optimizer_for_load(optimizer)
     model_sd = model_state(model)
     template = {
@@ -404,14 +404,14 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any, sc
                                                   metadata=optimizer_sharding_metadata()),
     }
     if same_layout:
-        template["rng"] = _rng_object(rt, None)
+        template["rng"] = _rng_object(runtime, None)
     loaded = _load(path, template)
     _unwrap(model).load_state_dict(loaded["model"], strict=_whole(model))
     optimizer.load_state_dict(loaded["optimizer"])
     separate_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
-        _restore_rng(loaded["rng"], rt.device)
+        _restore_rng(loaded["rng"], runtime.device)
     return {**loaded["train_state"], "rng_restored": same_layout}
 
 

@@ -8,9 +8,9 @@ from typing import Any
 
 from megarank.config.validate import validate
 from megarank.training.flops import forward_flops_breakdown, step_flops
-from megarank.training.plan.activations import head_bytes, kept_bytes, layer_terms, stage_terms
-from megarank.training.plan.fit import fit
-from megarank.training.plan.params import (
+from megarank.training.sizing.activations import head_bytes, kept_bytes, layer_terms, stage_terms
+from megarank.training.sizing.fit import fit
+from megarank.training.sizing.params import (
     adapter_params,
     dora_saved_per_token,
     head_params,
@@ -18,7 +18,7 @@ from megarank.training.plan.params import (
     stage_params,
     total_params,
 )
-from megarank.training.plan.records import (
+from megarank.training.sizing.records import (
     DEVICES,
     FP32,
     HEADROOM,
@@ -77,7 +77,7 @@ def plan_memory(cfg: Any, world_size: int, device: str | None = None) -> MemoryP
     cfg = hf_resolved(cfg)
     d = validate(cfg, world_size)
     dev = resolve_device(cfg, device)
-    m, tr = cfg.model, cfg.trainer
+    m, trainer = cfg.model, cfg.trainer
     length = int(cfg.pair.max_length)
     windows = int(cfg.data.train_passages) if cfg.data.passages == "max" else 1
     budget = cfg.data.tokens_per_micro_batch
@@ -94,18 +94,18 @@ def plan_memory(cfg: Any, world_size: int, device: str | None = None) -> MemoryP
     working = {"none": 0, "selective": int(max(0.0, core - after)),
                "full": int(per_layer["none"] - per_layer["full"])}
     stages = [_stage_plan(cfg, d, r, dev, per_layer, working, sequences) for r in range(d.pp)]
-    seqs_per_step = int(tr.global_batch_size) * int(cfg.task.group_size) * windows
+    seqs_per_step = int(trainer.global_batch_size) * int(cfg.task.group_size) * windows
     flops = step_flops(m, length, seqs_per_step, head=cfg.pair.head)
     fwd = forward_flops_breakdown(m, length, head=cfg.pair.head)
     recompute_flops = {"none": 0.0, "selective": fwd["attention"] * seqs_per_step,
                        "full": sum(fwd.values()) * seqs_per_step}
     return MemoryPlan(
         name=str(m.name), world_size=world_size, tp=d.tp, pp=d.pp, dp=d.dp,
-        precision=str(tr.precision), device=dev, recompute=str(tr.recompute),
+        precision=str(trainer.precision), device=dev, recompute=str(trainer.recompute),
         distributed_optimizer=bool(cfg.parallel.use_distributed_optimizer),
         sequence_parallel=bool(cfg.parallel.sequence_parallel),
-        groups=int(tr.micro_batch_size), documents=int(cfg.task.group_size), length=length,
-        num_microbatches=d.num_microbatches, global_batch=int(tr.global_batch_size),
+        groups=int(trainer.micro_batch_size), documents=int(cfg.task.group_size), length=length,
+        num_microbatches=d.num_microbatches, global_batch=int(trainer.global_batch_size),
         total_params=total_params(cfg), stages=stages, layer_terms=terms, step_flops=flops,
         recompute_flops=recompute_flops, windows=windows,
         token_budget=int(budget) if budget else None,
@@ -116,8 +116,8 @@ def _stage_plan(cfg: Any, d: Any, r: int, dev: str, per_layer: dict[str, float],
                 working: dict[str, int], sequences: float) -> StagePlan:
     """Pipeline stage ``r`` of the layout ``d``: its model state and its activations (one
     layer's ``per_layer`` bytes per recompute mode, for ``sequences`` per micro-batch)."""
-    m, tr = cfg.model, cfg.trainer
-    width = WIDTH[tr.precision]
+    m, trainer = cfg.model, cfg.trainer
+    width = WIDTH[trainer.precision]
     length = int(cfg.pair.max_length)
     layers = int(m.num_layers) // d.pp
     h = int(m.hidden_size)
@@ -146,7 +146,7 @@ def _stage_plan(cfg: Any, d: Any, r: int, dev: str, per_layer: dict[str, float],
         if cfg.peft.method == "qlora":  # NF4: two weights a byte, in place of `width`
             base = layers * linear_weights(m, d.tp)
             weights -= base * width - base // 2
-    optim = trained * (8 if tr.precision == "fp32" else 12)
+    optim = trained * (8 if trainer.precision == "fp32" else 12)
     return StagePlan(
         stage=r, layers=layers, params=params, weights=weights, grads=trained * FP32,
         optim_plain=optim, optim_distributed=int(math.ceil(optim / d.dp)),

@@ -1,15 +1,15 @@
 """Activation bytes autograd keeps for backward: one transformer layer written as terms for the
 kernels megarank runs (:func:`layer_terms`), the paper's layer (:func:`paper_layer_terms`,
 :func:`korthikanti_layer_bytes`), the tensors outside the layers and the head's. The sources and
-the kernel-by-kernel reasoning are in the package docstring (``megarank.training.plan``)."""
+the kernel-by-kernel reasoning are in the package docstring (``megarank.training.sizing``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import Any
 
-from megarank.training.plan.params import geometry
-from megarank.training.plan.records import FP32, INT64, RECOMPUTE, WIDTH, Term
+from megarank.training.sizing.params import geometry
+from megarank.training.sizing.records import FP32, INT64, RECOMPUTE, WIDTH, Term
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,9 @@ class _Layer:
 
 
 def _layer(cfg: Any, tp: int, device: str, length: int) -> _Layer:
-    m, p, tr = cfg.model, cfg.parallel, cfg.trainer
+    m, p, trainer = cfg.model, cfg.parallel, cfg.trainer
     h, nq, nkv, d, ffn = geometry(m)
-    a = WIDTH[tr.precision]
+    a = WIDTH[trainer.precision]
     sp = bool(p.sequence_parallel)
     cpu = device == "cpu"
     rms = m.normalization == "RMSNorm"
@@ -224,9 +224,9 @@ def kept_bytes(terms: list[Term], mode: str, sequences: int, length: int) -> flo
 def stage_terms(cfg: Any, tp: int, pp: int, stage: int, device: str) -> list[Term]:
     """Activation terms outside the transformer layers on one stage: the embeddings (first
     stage), tensors shared by every layer of the stage, the final norm (last)."""
-    m, tr = cfg.model, cfg.trainer
+    m, trainer = cfg.model, cfg.trainer
     h = int(m.hidden_size)
-    a = WIDTH[tr.precision]
+    a = WIDTH[trainer.precision]
     sp = bool(cfg.parallel.sequence_parallel)
     hs = h / tp if sp else h
     cpu = device == "cpu"

@@ -1,12 +1,13 @@
-"""The stage builder: the one place a runnable model stage is assembled, for every command.
+"""The model bundle builder: the one place a runnable model (this rank's part of it, with its
+runtime, tokenizer, scoring contract and collator) is assembled, for every command.
 
     config -> validation -> runtime -> tokenizer -> scoring contract -> model -> weights -> collator
 
-:func:`build_stage` does it for a composed config (training, an HF import); :func:`open_stage`
+:func:`build_bundle` does it for a composed config (training, an HF import); :func:`open_bundle`
 for a saved model, a megarank checkpoint, a run directory or an HF export, whose ``scoring.json``
 decides how it scores and is checked against what the config would build. The pair collator is
 built from the contract (family, pooled token, prompt, lengths), never from re-derived config, so
-what the contract records is what the model does. A :class:`Stage` owns the process group it
+what the contract records is what the model does. A :class:`ModelBundle` owns the process group it
 brought up: ``close()`` (or leaving its ``with`` block) shuts it down, also when building fails.
 """
 
@@ -22,8 +23,8 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoTokenizer
 
-from megarank.checkpoint.dist import META_FILE, load_model_weights, read_meta, resolve_checkpoint
 from megarank.checkpoint.hf import apply_hf_config, load_hf_weights
+from megarank.checkpoint.sharded import META_FILE, load_model_weights, read_meta, resolve_checkpoint
 from megarank.config import (
     Derived,
     check_mandatory,
@@ -65,13 +66,13 @@ def peft_enabled(cfg: DictConfig) -> bool:
 
 
 @dataclass
-class Stage:
+class ModelBundle:
     """This rank's part of a built model, with everything needed to run or score it."""
 
     cfg: DictConfig
     """The resolved config (HF geometry and contract fields applied)."""
     derived: Derived
-    rt: Runtime
+    runtime: Runtime
     tokenizer: Any
     contract: ScoringContract
     """How this model scores a pair; the collator follows it."""
@@ -86,15 +87,15 @@ class Stage:
         """Shut down megatron's parallel state and the process group (safe to call twice)."""
         shutdown()
 
-    def __enter__(self) -> Stage:
+    def __enter__(self) -> ModelBundle:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def build_stage(cfg: DictConfig, *, load_hf: bool = True, expect: ScoringContract | None = None,
-                device: str | None = None, checkpoint: str | Path | None = None) -> Stage:
+def build_bundle(cfg: DictConfig, *, load_hf: bool = True, expect: ScoringContract | None = None,
+                device: str | None = None, checkpoint: str | Path | None = None) -> ModelBundle:
     """Validate ``cfg`` for this world, bring up the runtime and build this rank's stage.
 
     ``load_hf``: read ``model.hf_path``'s weights (when set) into the stage, sharded to this
@@ -106,7 +107,7 @@ def build_stage(cfg: DictConfig, *, load_hf: bool = True, expect: ScoringContrac
     apply_hf_config(cfg)
     check_mandatory(cfg)
     derived = validate(cfg, env_world_size())
-    rt = init_runtime(derived.tp, derived.pp, cfg.trainer.seed, device or cfg.trainer.device)
+    runtime = init_runtime(derived.tp, derived.pp, cfg.trainer.seed, device or cfg.trainer.device)
     try:
         tokenizer = build_tokenizer(cfg)
         contract = checked_contract(cfg, tokenizer, expect)
@@ -115,7 +116,7 @@ def build_stage(cfg: DictConfig, *, load_hf: bool = True, expect: ScoringContrac
         base_elsewhere = checkpoint is not None and peft_enabled(cfg)
         if cfg.model.hf_path and ((checkpoint is None and load_hf) or base_elsewhere):
             weights = str(cfg.model.hf_path)
-        model, kernels = build_model(cfg, rt, contract, load_hf=weights is not None)
+        model, kernels = build_model(cfg, runtime, contract, load_hf=weights is not None)
         if base_elsewhere and cfg.model.init_from:
             load_model_weights(cfg.model.init_from, model, part="base")
         if checkpoint is not None:
@@ -124,7 +125,7 @@ def build_stage(cfg: DictConfig, *, load_hf: bool = True, expect: ScoringContrac
     except BaseException:
         shutdown()
         raise
-    return Stage(cfg, derived, rt, tokenizer, contract, collator, model, kernels, weights)
+    return ModelBundle(cfg, derived, runtime, tokenizer, contract, collator, model, kernels, weights)
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -165,8 +166,8 @@ def saved_pair_fields(contract: ScoringContract, path: Path) -> dict[str, Any]:
     return fields
 
 
-def open_stage(source: str | Path, overrides: Sequence[str] = (), *, device: str | None = None,
-               require_contract: bool = True) -> Stage:
+def open_bundle(source: str | Path, overrides: Sequence[str] = (), *, device: str | None = None,
+               require_contract: bool = True) -> ModelBundle:
     """A saved model ready to score: a checkpoint, a run directory (its latest checkpoint) or an
     HF export, with its weights loaded into the layout ``overrides`` ask for (e.g.
     ``parallel=tp2_pp1`` under torchrun) and its ``scoring.json`` checked: an override that
@@ -180,8 +181,8 @@ def open_stage(source: str | Path, overrides: Sequence[str] = (), *, device: str
     if require_contract or (path / CONTRACT_FILE).is_file():
         expect = read_contract(path)
     if is_checkpoint(source):
-        return build_stage(cfg, load_hf=False, expect=expect, device=device, checkpoint=path)
-    return build_stage(cfg, expect=expect, device=device)
+        return build_bundle(cfg, load_hf=False, expect=expect, device=device, checkpoint=path)
+    return build_bundle(cfg, expect=expect, device=device)
 
 
 def saved_contract(checkpoint: str | Path) -> tuple[DictConfig, Any, ScoringContract]:
@@ -227,14 +228,14 @@ def build_collator(cfg: DictConfig, contract: ScoringContract, tokenizer: Any) -
     )
 
 
-def build_model(cfg: DictConfig, rt: Runtime, contract: ScoringContract,
+def build_model(cfg: DictConfig, runtime: Runtime, contract: ScoringContract,
                 load_hf: bool = True) -> tuple[Any, KernelChoice]:
     """This rank's cross-encoder stage, on its device, wrapped in megatron DDP.
 
     With ``load_hf`` the stage's weights are read from ``model.hf_path``, sharded to this rank's
     part of the layout. The yes/no head's token ids come from the contract.
     """
-    kernels = select_kernels(cfg.trainer.kernels, rt.device)
+    kernels = select_kernels(cfg.trainer.kernels, runtime.device)
     if peft_enabled(cfg) and kernels.name == "te":
         kernels = KernelChoice("local", "peft: LoRA adapters run on megatron's local layers "
                                         "(TE fuses each norm into the linear the adapter reads)")
@@ -242,30 +243,30 @@ def build_model(cfg: DictConfig, rt: Runtime, contract: ScoringContract,
         kernels = KernelChoice("local", "data.packing: packed rows attend through megarank's "
                                         "varlen/SDPA core attention, not TE's")
     check_kernel_support(cfg.parallel.sequence_parallel, kernels)
-    tconfig = transformer_config(cfg, rt.device, kernels.name)
+    tconfig = transformer_config(cfg, runtime.device, kernels.name)
     ids = None
     if cfg.pair.head == "yes_no":
         ids = (contract.yes_token_id, contract.no_token_id)
-    model = build_cross_encoder(cfg, tconfig, kernels, rt.is_first_stage, rt.is_last_stage, ids)
+    model = build_cross_encoder(cfg, tconfig, kernels, runtime.is_first_stage, runtime.is_last_stage, ids)
     if load_hf:
         missing = load_hf_weights(
-            model, cfg.model.hf_path, cfg, rt.tp_rank, rt.tp_size, rt.pp_rank, rt.pp_size,
+            model, cfg.model.hf_path, cfg, runtime.tp_rank, runtime.tp_size, runtime.pp_rank, runtime.pp_size,
             padded_vocab_size(cfg.model),
         )
         init_missing(model, missing, cfg.model.init_method_std)
         params = dict(model.named_parameters())
         for name in missing:  # not in the base: a LoRA checkpoint must hold them
             params[name].not_in_base = True
-        if missing and rt.tp_rank == 0 and rt.dp_rank == 0:
+        if missing and runtime.tp_rank == 0 and runtime.dp_rank == 0:
             logger.warning(f"{cfg.model.hf_path} holds no weights for {', '.join(missing)}: "
                            "they start from a fresh initialisation")
     sync_tied_output_layer(model)
     if peft_enabled(cfg):
         # Before DDP: it allocates gradient buffers for what still trains.
         (add_dora if cfg.peft.method == "dora" else add_adapters)(
-            model, cfg, rt.tp_rank, rt.tp_size)
+            model, cfg, runtime.tp_rank, runtime.tp_size)
         model.frozen_base_external = bool(cfg.model.hf_path or cfg.model.init_from)
-    model.to(rt.device)
+    model.to(runtime.device)
     if peft_enabled(cfg):
         reset_magnitudes(model)  # DoRA: from the base just loaded, on the device (collective)
     ddp = wrap_model(model, tconfig, cfg.trainer.precision,
@@ -294,20 +295,20 @@ class Scorer:
     data-parallel ranks and every rank gets all scores).
     """
 
-    def __init__(self, stage: Stage, batch_size: int = 64) -> None:
-        self.stage = stage
+    def __init__(self, bundle: ModelBundle, batch_size: int = 64) -> None:
+        self.bundle = bundle
         """The model stage: config, runtime, tokenizer, contract, collator, model."""
-        d = stage.cfg.data  # FirstP or MaxP (data.passages)
-        self._scorer = PairScorer(stage.collator, batch_size, d.passages)
+        d = bundle.cfg.data  # FirstP or MaxP (data.passages)
+        self._scorer = PairScorer(bundle.collator, batch_size, d.passages)
 
     def score(self, pairs: Sequence[tuple[str, str]], progress: bool = False) -> list[float]:
         """The score of every (query text, document text) pair, in order."""
-        return score_pairs(self._scorer, self.stage.model, self.stage.rt, list(pairs),
+        return score_pairs(self._scorer, self.bundle.model, self.bundle.runtime, list(pairs),
                            progress=progress).tolist()
 
     def close(self) -> None:
         """Shut down the process group the model was built in."""
-        self.stage.close()
+        self.bundle.close()
 
     def __enter__(self) -> Scorer:
         return self
@@ -320,4 +321,4 @@ def load_scorer(model: str | Path, overrides: Sequence[str] = (), *, device: str
                 batch_size: int = 64) -> Scorer:
     """A megarank checkpoint, run directory (its latest checkpoint) or HF export, as a
     :class:`Scorer`; its ``scoring.json`` is checked against what the config would build."""
-    return Scorer(open_stage(model, overrides, device=device), batch_size)
+    return Scorer(open_bundle(model, overrides, device=device), batch_size)
