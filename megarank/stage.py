@@ -238,7 +238,7 @@ def build_collator(cfg: DictConfig, contract: ScoringContract, tokenizer: Any) -
     batch padding multiple or packing and MaxP training's windows, which change no score)."""
     d = cfg.data
     return PairCollator(
-        tokenizer, kind="encoder" if contract.family == "bert" else "decoder",
+        tokenizer, kind="decoder" if contract.family == "gpt" else "encoder",
         max_length=contract.max_length, max_query_length=contract.max_query_length,
         template=contract.prompt_template, pad_to_multiple_of=cfg.data.pad_to_multiple_of,
         pooling=contract.pooling, prefix=contract.prompt_prefix,

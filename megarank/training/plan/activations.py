@@ -69,8 +69,8 @@ def _layer(cfg: Any, tp: int, device: str, length: int) -> _Layer:
         a=a, hs=h / tp if sp else h, tok=1 / tp if sp else 1, nq_t=nq / tp, nkv_t=nkv / tp,
         ffn_t=ffn / tp, qkv_t=(nq + 2 * nkv) * d / tp, d=d, length=length, cpu=cpu,
         composite=composite, math_path=cpu and float(m.attention_dropout or 0.0) > 0,
-        drop=float(m.hidden_dropout or 0.0) > 0, bert=m.family == "bert",
-        rope=m.family != "bert", gqa=nkv != nq, stats=1 if rms else 2,
+        drop=float(m.hidden_dropout or 0.0) > 0, bert=m.family in ("bert", "deberta"),
+        rope=m.family == "gpt", gqa=nkv != nq, stats=1 if rms else 2,
         nw=FP32 if composite else a, sw=a if (cpu and not rms) else FP32,
         mask_width=a if cpu else 1,
     )
@@ -85,6 +85,12 @@ def layer_terms(cfg: Any, tp: int, device: str, length: int) -> list[Term]:
     if cfg.model.qk_layernorm:
         t += _qk_norm_terms(x)
     t += _math_attention_terms(x) if x.math_path else _fused_attention_terms(x)
+    if cfg.model.family == "deberta":
+        # Disentangled attention: the additive [s, s] position scores per head (c2p + p2c, its
+        # gradient flows to the position projections), kept unless the layer is recomputed.
+        # An estimate, not yet measured against a DeBERTa run.
+        t.append(Term("position scores (additive mask)", x.nq_t * length, x.a,
+                      ("none", "selective")))
     if x.rope and x.cpu:
         # Unfused RoPE: cos and sin, for q and for k, computed again in every layer.
         t.append(Term("RoPE cos/sin", 4 * x.d, x.a, per_position=True))
@@ -230,7 +236,7 @@ def stage_terms(cfg: Any, tp: int, pp: int, stage: int, device: str) -> list[Ter
     sp = bool(cfg.parallel.sequence_parallel)
     hs = h / tp if sp else h
     cpu = device == "cpu"
-    bert = m.family == "bert"
+    bert = m.family in ("bert", "deberta")
     mask_width = a if cpu else 1
     t: list[Term] = []
     if stage == 0:
@@ -275,9 +281,9 @@ def head_bytes(cfg: Any, sequences: int, device: str) -> int:
     dropped = h * (mask_width + a)
     if cfg.task.head == "yes_no":
         states, fixed = h * a, 2 * h * a
-    elif m.family != "bert":
+    elif m.family == "gpt":
         states, fixed = (dropped if p > 0 else h * a), 0
-    elif m.encoder_head == "roberta":  # dropout, dense, tanh, dropout, out_proj
+    elif m.encoder_head in ("roberta", "deberta"):  # dropout, dense, tanh/GELU, dropout, out
         states, fixed = (2 * dropped + h * a if p > 0 else 2 * h * a), 0
     else:  # BERT: dense (pooler), tanh, dropout, classifier
         states, fixed = 2 * h * a + (dropped if p > 0 else 0), 0

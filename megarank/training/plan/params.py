@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from megarank.config import padded_vocab_size
+from megarank.config import ENCODER_FAMILIES, padded_vocab_size
 
 
 def geometry(m: Any) -> tuple[int, int, int, int, int]:
@@ -79,7 +79,20 @@ def head_params(cfg: Any) -> int:
     m, h = cfg.model, int(cfg.model.hidden_size)
     if cfg.task.head == "yes_no":
         return 0
-    return h * h + h + h + 1 if m.family == "bert" else h
+    return h * h + h + h + 1 if m.family in ENCODER_FAMILIES else h
+
+
+def relative_params(m: Any) -> int:
+    """DeBERTa's relative-position table (2 * span rows) and its LayerNorm, held by every
+    pipeline stage (position queries and keys are projected by the shared QKV weights)."""
+    if m.family != "deberta":
+        return 0
+    h = int(m.hidden_size)
+    span = int(m.position_buckets)
+    if span <= 0:
+        span = int(m.max_relative_positions)
+        span = span if span >= 1 else int(m.max_position_embeddings)
+    return 2 * span * h + (2 * h if m.norm_rel_ebd == "layer_norm" else 0)
 
 
 def stage_params(cfg: Any, tp: int, pp: int, stage: int) -> int:
@@ -87,20 +100,22 @@ def stage_params(cfg: Any, tp: int, pp: int, stage: int) -> int:
     m = cfg.model
     h = int(m.hidden_size)
     first, last = stage == 0, stage == pp - 1
-    n = int(m.num_layers) // pp * layer_params(m, tp)
+    n = int(m.num_layers) // pp * layer_params(m, tp) + relative_params(m)
     vocab_rows = padded_vocab_size(m) // tp
     if first:
         n += vocab_rows * h
-        if m.family == "bert":
-            n += int(m.max_position_embeddings) * h + int(m.type_vocab_size) * h + 2 * h
+        if m.family == "bert" or (m.family == "deberta" and m.position_biased_input):
+            n += int(m.max_position_embeddings) * h
+        if m.family in ENCODER_FAMILIES:
+            n += int(m.type_vocab_size) * h + 2 * h
     if last:
-        if m.family != "bert":
+        if m.family not in ENCODER_FAMILIES:
             n += 2 * h if m.normalization == "LayerNorm" else h  # final norm
         if cfg.task.head == "yes_no":
             # The LM output layer: its own vocab-parallel copy unless tied on a single stage.
             if not (m.tie_word_embeddings and first):
                 n += vocab_rows * h
-        elif m.family == "bert":
+        elif m.family in ENCODER_FAMILIES:
             n += h * h + h + h + 1  # pooler / dense (h x h + bias), score (h + bias)
         else:
             n += h  # score, no bias
