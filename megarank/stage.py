@@ -44,6 +44,7 @@ from megarank.eval.rerank import score_pairs
 from megarank.eval.scorer import PairScorer
 from megarank.models.build import (
     build_cross_encoder,
+    sync_pipeline_shared,
     sync_tied_output_layer,
     transformer_config,
 )
@@ -282,6 +283,7 @@ def build_model(cfg: DictConfig, rt: Runtime, contract: ScoringContract,
             logger.warning(f"{cfg.model.hf_path} holds no weights for {', '.join(missing)}: "
                            "they start from a fresh initialisation")
     sync_tied_output_layer(model)
+    sync_pipeline_shared(model)
     if peft_enabled(cfg):
         # Before DDP: it allocates gradient buffers for what still trains.
         (add_dora if cfg.peft.method == "dora" else add_adapters)(

@@ -167,10 +167,6 @@ def _check_deberta(errors: list[str], cfg: Any) -> None:
         errors.append(f"model.pos_att_type ({list(m.pos_att_type)}) must be a subset of "
                       "[c2p, p2c]")
     _choice(errors, "model.norm_rel_ebd", m.norm_rel_ebd, ("layer_norm", "none"))
-    if m.position_biased_input and m.max_position_embeddings < cfg.data.max_length:
-        errors.append(f"data.max_length ({cfg.data.max_length}) must be <= "
-                      f"model.max_position_embeddings ({m.max_position_embeddings}) with "
-                      "model.position_biased_input")
     if cfg.data.packing:
         # A packed row would need each pair's relative positions (an [s, s] index per segment)
         # in the position terms; the padded path computes one index per micro-batch.

@@ -132,3 +132,19 @@ def sync_tied_output_layer(model: CrossEncoder) -> None:
     if not model.pre_process:
         weight.data.zero_()
     dist.all_reduce(weight.data, group=ps.get_embedding_group())
+
+
+def sync_pipeline_shared(model: CrossEncoder) -> None:
+    """Make every pipeline stage's copy of a ``pipeline_shared`` parameter (DeBERTa's
+    relative-position table) equal the first stage's; afterwards megarank.parallel.megatron.
+    finalize_grads sums their gradients, so the copies stay in step."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return
+    src = ps.get_pipeline_model_parallel_first_rank()
+    group = ps.get_pipeline_model_parallel_group()
+    for p in model.parameters():
+        if getattr(p, "pipeline_shared", False):
+            dist.broadcast(p.data, src=src, group=group)

@@ -182,3 +182,22 @@ class DebertaBackbone(BertBackbone):
         super().__init__(config, spec, vocab_size, max_positions, type_vocab_size, pre_process,
                          post_process)
         self.relative = relative
+        if not pre_process:
+            # A copy of the first stage's table: megatron leaves `shared` parameters out of
+            # the gradient norm, so the table counts once.
+            for p in relative.parameters():
+                p.shared = True
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: dict | None = None):
+        """As MegatronModule's, with the later stages' copies of the table saved as replicas
+        of the first stage's (one main replica per checkpoint key)."""
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if not self.pre_process:
+            from megatron.core import parallel_state as ps
+
+            stage = ps.get_pipeline_model_parallel_rank()
+            for key, value in sd.items():
+                if key.startswith(f"{prefix}relative."):
+                    value.replica_id = (stage, *value.replica_id[1:])
+        return sd

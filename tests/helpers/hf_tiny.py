@@ -143,11 +143,15 @@ def make_config(kind: str):
     raise ValueError(kind)
 
 
-def save_tiny(kind: str, root: Path, causal_lm: bool = False, seed: int = 0) -> Path:
-    """Save a tiny random model (sequence classifier, or causal LM) with the shipped tokenizer."""
+def save_tiny(kind: str, root: Path, causal_lm: bool = False, seed: int = 0,
+              changes: dict | None = None, name: str | None = None) -> Path:
+    """Save a tiny random model (sequence classifier, or causal LM) with the shipped tokenizer,
+    or its kind's; ``changes``: config fields set on ``make_config(kind)``, saved as ``name``."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cfg = make_config(kind)
+    for key, value in (changes or {}).items():
+        setattr(cfg, key, value)
     torch.manual_seed(seed)
     if causal_lm:
         model = AutoModelForCausalLM.from_config(cfg)
@@ -159,7 +163,7 @@ def save_tiny(kind: str, root: Path, causal_lm: bool = False, seed: int = 0) -> 
         for name, p in model.named_parameters():
             if "norm" in name.lower() or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
-    out = root / f"{kind}{'_lm' if causal_lm else ''}"
+    out = root / (name or f"{kind}{'_lm' if causal_lm else ''}")
     model.save_pretrained(out)
     if kind in ROBERTA_KINDS:
         encoder_tokenizer(kind).save_pretrained(out)
