@@ -42,9 +42,12 @@ DEBERTA_SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
 DEBERTA_V3 = dict(relative_attention=True, position_buckets=8, max_relative_positions=-1,
                   norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"],
                   position_biased_input=False, type_vocab_size=0)
+# Weights of std 0.1: at HF's 0.02 attention is near uniform and dropping a position term moves
+# the scores by ~5e-6, under the parity tolerance; at 0.1 by ~3e-2.
 DEBERTA_COMMON = dict(COMMON, vocab_size=ENC_VOCAB, pad_token_id=0, layer_norm_eps=1e-7,
                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                      pooler_hidden_size=64, pooler_dropout=0.0, **DEBERTA_V3)
+                      pooler_hidden_size=64, pooler_dropout=0.0, initializer_range=0.1,
+                      **DEBERTA_V3)
 
 # Llama 3 RoPE scaling with its band limits moved to this model's scale, so that the head's 8
 # frequencies fall in all three bands (kept, blended, divided by the factor).
@@ -152,6 +155,7 @@ def save_tiny(kind: str, root: Path, causal_lm: bool = False, seed: int = 0,
     cfg = make_config(kind)
     for key, value in (changes or {}).items():
         setattr(cfg, key, value)
+    out = root / (name or f"{kind}{'_lm' if causal_lm else ''}")
     torch.manual_seed(seed)
     if causal_lm:
         model = AutoModelForCausalLM.from_config(cfg)
@@ -160,10 +164,9 @@ def save_tiny(kind: str, root: Path, causal_lm: bool = False, seed: int = 0,
         model = AutoModelForSequenceClassification.from_config(cfg)
     # Non-trivial norms and biases, so a mapping mistake cannot hide behind ones and zeros.
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name.lower() or name.endswith("bias"):
+        for pname, p in model.named_parameters():
+            if "norm" in pname.lower() or pname.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
-    out = root / (name or f"{kind}{'_lm' if causal_lm else ''}")
     model.save_pretrained(out)
     if kind in ROBERTA_KINDS:
         encoder_tokenizer(kind).save_pretrained(out)
