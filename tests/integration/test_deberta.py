@@ -5,7 +5,6 @@ a fresh deberta_tiny run exports a directory transformers scores as the run does
 
 from __future__ import annotations
 
-import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
@@ -46,7 +45,6 @@ def test_variants_score_like_transformers(tmp_path):
                                    msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.slow
 def test_fresh_run_exports_as_transformers_scores_it(tmp_path):
     run = tmp_path / "run"
     megarank.train_model([
