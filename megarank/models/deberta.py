@@ -155,16 +155,21 @@ class DisentangledSelfAttention(SelfAttention):
         """hidden_states [s, b, h] -> (output [s, b, h], bias of the output projection)."""
         query, key, value = self.get_query_key_value_tensors(hidden_states)
         relative = self._relative[0]
+        # HF drops the table out in every layer (hidden_dropout_prob); the table is replicated
+        # over TP ranks, so the mask comes from the default generator, the same on each.
+        table = torch.nn.functional.dropout(relative.table(), self.config.hidden_dropout,
+                                            self.training)
         # The table goes through this rank's QKV shard as a sequence of 2 * span tokens (the
         # column-parallel linear sums its input gradient over TP ranks).
-        pos_q, pos_k, _ = self.get_query_key_value_tensors(relative.table()[:, None])
-        ctx = self.core_attention(
-            query, key, value, attention_mask,
-            pos_query=pos_q[:, 0] if self.p2c else None,
-            pos_key=pos_k[:, 0] if self.c2p else None,
-            index=relative.index(hidden_states.shape[0], hidden_states.device),
-            packed_seq_params=packed_seq_params,
-        )
+        pos_q, pos_k, _ = self.get_query_key_value_tensors(table[:, None])
+        args = (query, key, value, attention_mask, pos_q[:, 0] if self.p2c else None,
+                pos_k[:, 0] if self.c2p else None,
+                relative.index(hidden_states.shape[0], hidden_states.device))
+        if self.checkpoint_core_attention and self.training:
+            # Selective recompute: the [s, s] scores and probabilities are made again in backward.
+            ctx = tensor_parallel.checkpoint(self.core_attention, False, *args)
+        else:
+            ctx = self.core_attention(*args, packed_seq_params=packed_seq_params)
         return self.linear_proj(ctx)
 
 

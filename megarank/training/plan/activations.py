@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from megarank.training.plan.params import geometry
+from megarank.training.plan.params import geometry, relative_span
 from megarank.training.plan.records import FP32, INT64, RECOMPUTE, WIDTH, Term
 
 
@@ -84,13 +84,10 @@ def layer_terms(cfg: Any, tp: int, device: str, length: int) -> list[Term]:
     t = _input_terms(x)
     if cfg.model.qk_layernorm:
         t += _qk_norm_terms(x)
-    t += _math_attention_terms(x) if x.math_path else _fused_attention_terms(x)
     if cfg.model.family == "deberta":
-        # Disentangled attention: the additive [s, s] position scores per head (c2p + p2c, its
-        # gradient flows to the position projections), kept unless the layer is recomputed.
-        # An estimate, not yet measured against a DeBERTa run.
-        t.append(Term("position scores (additive mask)", x.nq_t * length, x.a,
-                      ("none", "selective")))
+        t += _disentangled_attention_terms(x, cfg.model)
+    else:
+        t += _math_attention_terms(x) if x.math_path else _fused_attention_terms(x)
     if x.rope and x.cpu:
         # Unfused RoPE: cos and sin, for q and for k, computed again in every layer.
         t.append(Term("RoPE cos/sin", 4 * x.d, x.a, per_position=True))
@@ -147,6 +144,30 @@ def _math_attention_terms(x: _Layer) -> list[Term]:
                       ("selective",)))
     elif x.rope:
         t.append(Term("query (after RoPE), kept for recompute", x.nq_t * d, a, ("selective",)))
+    return t
+
+
+def _disentangled_attention_terms(x: _Layer, m: Any) -> list[Term]:
+    """DeBERTa's core attention (megarank.models.deberta): per position term, a copy of the
+    queries (c2p) or keys (p2c) and their [s, 2 span] scores against the table, which the
+    gather keeps; SDPA with an additive mask that needs a gradient takes its math path (scaled
+    query and key copies, [s, s] probabilities); the [s, s] bucket index per layer.
+    Selective recompute keeps only the inputs (the QKV output). Measured on the CPU in fp32."""
+    a, d, core = x.a, x.d, ("none",)
+    span2 = 2 * relative_span(m)
+    t = [Term("QKV output (held by the value view)", x.qkv_t, a)]
+    for term, heads in (("c2p", x.nq_t), ("p2c", x.nkv_t)):
+        if term in m.pos_att_type:
+            t.append(Term(f"{term}: query/key copy", heads * d, a, core))
+            t.append(Term(f"{term}: scores against the table", x.nq_t * span2, a, core))
+    for name in ("scaled query", "key copy"):  # the value: a view of the QKV output
+        t.append(Term(name, x.nq_t * d, a, core))
+    names = ["attention probabilities"]
+    if x.math_path:  # attention dropout
+        names += ["attention dropout mask", "dropped attention probabilities"]
+    t += [Term(name, x.nq_t * x.length, a, core) for name in names]
+    t.append(Term("relative-position index", x.length, INT64, per_position=True))
+    t.append(Term("padding mask", 1, 1, core))
     return t
 
 

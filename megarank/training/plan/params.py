@@ -88,11 +88,17 @@ def relative_params(m: Any) -> int:
     if m.family != "deberta":
         return 0
     h = int(m.hidden_size)
-    span = int(m.position_buckets)
-    if span <= 0:
-        span = int(m.max_relative_positions)
-        span = span if span >= 1 else int(m.max_position_embeddings)
-    return 2 * span * h + (2 * h if m.norm_rel_ebd == "layer_norm" else 0)
+    return 2 * relative_span(m) * h + (2 * h if m.norm_rel_ebd == "layer_norm" else 0)
+
+
+def relative_span(m: Any) -> int:
+    """DeBERTa's span: position_buckets when positive, else max_relative_positions, else
+    max_position_embeddings (its table has 2 * span rows)."""
+    if int(m.position_buckets) > 0:
+        return int(m.position_buckets)
+    if int(m.max_relative_positions) >= 1:
+        return int(m.max_relative_positions)
+    return int(m.max_position_embeddings)
 
 
 def stage_params(cfg: Any, tp: int, pp: int, stage: int) -> int:
