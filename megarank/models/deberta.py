@@ -157,8 +157,9 @@ class DisentangledSelfAttention(SelfAttention):
         relative = self._relative[0]
         # HF drops the table out in every layer (hidden_dropout_prob); the table is replicated
         # over TP ranks, so the mask comes from the default generator, the same on each.
-        table = torch.nn.functional.dropout(relative.table(), self.config.hidden_dropout,
-                                            self.training)
+        table = relative.table()
+        if self.training and self.config.hidden_dropout > 0:
+            table = torch.nn.functional.dropout(table, self.config.hidden_dropout)
         # The table goes through this rank's QKV shard as a sequence of 2 * span tokens (the
         # column-parallel linear sums its input gradient over TP ranks).
         pos_q, pos_k, _ = self.get_query_key_value_tensors(table[:, None])
