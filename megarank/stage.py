@@ -261,6 +261,9 @@ def build_model(cfg: DictConfig, rt: Runtime, contract: ScoringContract,
     if peft_enabled(cfg) and kernels.name == "te":
         kernels = KernelChoice("local", "peft: LoRA adapters run on megatron's local layers "
                                         "(TE fuses each norm into the linear the adapter reads)")
+    if cfg.model.family == "deberta" and kernels.name == "te":
+        kernels = KernelChoice("local", "model.family deberta: disentangled attention runs on "
+                                        "megatron's local layers (megarank.models.specs)")
     if cfg.data.packing and kernels.name == "te":
         kernels = KernelChoice("local", "data.packing: packed rows attend through megarank's "
                                         "varlen/SDPA core attention, not TE's")
