@@ -94,7 +94,8 @@ def _deberta_fields(m: Any) -> dict[str, Any]:
     """DebertaV2Config fields of a DeBERTa backbone built without an HF source."""
     return dict(
         layer_norm_eps=m.layernorm_epsilon, type_vocab_size=m.type_vocab_size, hidden_act="gelu",
-        relative_attention=True, share_att_key=True, position_buckets=m.position_buckets,
+        relative_attention=True, share_att_key=m.share_att_key,
+        position_buckets=m.position_buckets,
         max_relative_positions=m.max_relative_positions, norm_rel_ebd=m.norm_rel_ebd,
         pos_att_type=list(m.pos_att_type), position_biased_input=m.position_biased_input,
         pooler_hidden_size=m.hidden_size, pooler_hidden_act="gelu",

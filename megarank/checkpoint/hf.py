@@ -151,8 +151,6 @@ def _deberta_refusals(hf: dict[str, Any], where: str) -> None:
     refused = {
         "relative_attention": (not hf.get("relative_attention", False),
                                "false (megarank builds DeBERTa's relative attention only)"),
-        "share_att_key": (not hf.get("share_att_key", False),
-                          "false (separate pos_key_proj / pos_query_proj are not supported)"),
         "conv_kernel_size": (hf.get("conv_kernel_size", 0) > 0,
                              f"{hf.get('conv_kernel_size')} (the convolution layer beside the "
                              "first layer is not supported)"),
@@ -190,6 +188,7 @@ def _deberta_overrides(hf: dict[str, Any], where: str) -> dict[str, Any]:
         max_relative_positions=hf.get("max_relative_positions", -1), norm_rel_ebd=norm,
         pos_att_type=_deberta_pos_att_type(hf, where),
         position_biased_input=bool(hf.get("position_biased_input", True)),
+        share_att_key=bool(hf.get("share_att_key", False)),
         hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
         attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
         classifier_dropout=hf.get("cls_dropout"), pooler_dropout=hf.get("pooler_dropout", 0.0),

@@ -109,6 +109,9 @@ DEBERTA: tuple[Rule, ...] = (
              "qkv")
         for p in ("weight", "bias")
     ),
+    # share_att_key false: position projections of their own, head rows as the query's.
+    *(Rule(f"{_BL}.self_attention.{n}.{p}", (f"{_DH}.attention.self.{n}.{p}",))
+      for n in ("pos_key_proj", "pos_query_proj") for p in ("weight", "bias")),
     *(Rule(f"{_BL}.self_attention.linear_proj.{p}", (f"{_DH}.attention.output.dense.{p}",))
       for p in ("weight", "bias")),
     *(Rule(f"{_BL}.post_attention_layernorm.{p}", (f"{_DH}.attention.output.LayerNorm.{p}",))

@@ -101,6 +101,9 @@ class ModelConfig:
     """DeBERTa: the position terms added to content-to-content attention, a subset of ``c2p``
     (query to key position) and ``p2c`` (key to query position); scores are divided by
     sqrt(head_dim * (1 + number of terms))."""
+    share_att_key: bool = True
+    """DeBERTa: position queries and keys come from each layer's content query and key weights
+    (v3); false: from position projections of their own (HF pos_query_proj, pos_key_proj)."""
     position_biased_input: bool = False
     """DeBERTa: add learned absolute positions to the input embeddings (v3: false)."""
     pooler_dropout: float = 0.0

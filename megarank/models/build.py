@@ -83,7 +83,8 @@ def build_cross_encoder(cfg, tconfig: TransformerConfig, kernels: KernelChoice,
         )
     elif m.family == "deberta":
         backbone = DebertaBackbone(
-            tconfig, functools.partial(deberta_layer_spec, pos_att_type=tuple(m.pos_att_type)),
+            tconfig, functools.partial(deberta_layer_spec, pos_att_type=tuple(m.pos_att_type),
+                                       share_att_key=m.share_att_key),
             vocab, m.max_position_embeddings if m.position_biased_input else 0,
             m.type_vocab_size, pre_process, post_process,
             dict(position_buckets=m.position_buckets,

@@ -6,7 +6,8 @@ A DeBERTa layer is BERT's post-LN layer with another attention score. Besides co
 (q_i . k_j), each query reads the relative position of each key (c2p: q_i . Pk[d(i, j)]) and each
 key the relative position of each query (p2c: k_j . Pq[d(i, j)]), where P is one table of
 2 * span relative-position embeddings shared by all layers (LayerNorm'ed when ``norm_rel_ebd`` is
-``layer_norm``) projected through each layer's own query and key weights (``share_att_key``), and
+``layer_norm``) projected through each layer's own query and key weights (``share_att_key``, as
+v3) or its own position projections (``share_att_key`` false), and
 d(i, j) the bucket of i - j shifted into [0, 2 * span). The scores are divided by
 sqrt(head_dim * (1 + number of position terms)). v3 adds no absolute positions to the input.
 
@@ -137,17 +138,44 @@ class DisentangledAttention(MegatronModule):
 
 
 class DisentangledSelfAttention(SelfAttention):
-    """megatron's SelfAttention whose fused QKV projection also projects the shared position
-    table (shared keys: position queries and keys go through the content query and key
-    weights, LoRA adapters included), for :class:`DisentangledAttention`."""
+    """megatron's SelfAttention that also projects the shared position table for
+    :class:`DisentangledAttention`: through its fused QKV projection (``share_att_key``: position
+    queries and keys use the content query and key weights, LoRA adapters included), or through
+    position projections of its own, column-parallel like the query (HF ``pos_key_proj`` for
+    c2p, ``pos_query_proj`` for p2c)."""
 
     def __init__(self, config: TransformerConfig, submodules, layer_number: int,
                  attn_mask_type: AttnMaskType = AttnMaskType.padding,
                  relative: RelativePositions | None = None,
-                 pos_att_type: tuple[str, ...] = ("p2c", "c2p"), **kwargs) -> None:
+                 pos_att_type: tuple[str, ...] = ("p2c", "c2p"), share_att_key: bool = True,
+                 **kwargs) -> None:
         super().__init__(config, submodules, layer_number, attn_mask_type, **kwargs)
         self._relative = [relative]  # a list: the table is the backbone's parameter, not ours
         self.c2p, self.p2c = "c2p" in pos_att_type, "p2c" in pos_att_type
+        self.share_att_key = share_att_key
+        if not share_att_key:
+            def projection() -> tensor_parallel.ColumnParallelLinear:
+                return tensor_parallel.ColumnParallelLinear(
+                    config.hidden_size, self.query_projection_size, config=config,
+                    init_method=config.init_method, bias=True, gather_output=False)
+
+            self.pos_key_proj = projection() if self.c2p else None
+            self.pos_query_proj = projection() if self.p2c else None
+
+    def _position_heads(self, table: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """The table [2 span, h] -> this rank's heads of its position queries and keys,
+        [2 span, heads, d] each (None for a term pos_att_type leaves out)."""
+        if self.share_att_key:
+            # The table goes through this rank's QKV shard as a sequence of 2 * span tokens
+            # (the column-parallel linear sums its input gradient over TP ranks).
+            pos_q, pos_k, _ = self.get_query_key_value_tensors(table[:, None])
+            return (pos_q[:, 0] if self.p2c else None), (pos_k[:, 0] if self.c2p else None)
+        shape = (table.shape[0], self.num_attention_heads_per_partition,
+                 self.hidden_size_per_attention_head)
+        out = []
+        for proj in (self.pos_query_proj, self.pos_key_proj):
+            out.append(None if proj is None else proj(table[:, None])[0].view(shape))
+        return tuple(out)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 packed_seq_params: object | None = None, **unused: object
@@ -160,11 +188,8 @@ class DisentangledSelfAttention(SelfAttention):
         table = relative.table()
         if self.training and self.config.hidden_dropout > 0:
             table = torch.nn.functional.dropout(table, self.config.hidden_dropout)
-        # The table goes through this rank's QKV shard as a sequence of 2 * span tokens (the
-        # column-parallel linear sums its input gradient over TP ranks).
-        pos_q, pos_k, _ = self.get_query_key_value_tensors(table[:, None])
-        args = (query, key, value, attention_mask, pos_q[:, 0] if self.p2c else None,
-                pos_k[:, 0] if self.c2p else None,
+        pos_q, pos_k = self._position_heads(table)
+        args = (query, key, value, attention_mask, pos_q, pos_k,
                 relative.index(hidden_states.shape[0], hidden_states.device))
         if self.checkpoint_core_attention and self.training:
             # Selective recompute: the [s, s] scores and probabilities are made again in backward.

@@ -126,7 +126,8 @@ def bert_layer_spec(kernels: str) -> ModuleSpec:
     )
 
 
-def deberta_layer_spec(relative: RelativePositions, pos_att_type: tuple[str, ...]) -> ModuleSpec:
+def deberta_layer_spec(relative: RelativePositions, pos_att_type: tuple[str, ...],
+                       share_att_key: bool = True) -> ModuleSpec:
     """BERT's post-LN layer with DeBERTa's disentangled attention reading ``relative``.
 
     Always megatron's local linears: TE's fused attention takes no per-layer position terms, and
@@ -136,7 +137,8 @@ def deberta_layer_spec(relative: RelativePositions, pos_att_type: tuple[str, ...
     attention = spec.submodules.self_attention
     spec.submodules.self_attention = ModuleSpec(
         module=DisentangledSelfAttention,
-        params={**attention.params, "relative": relative, "pos_att_type": tuple(pos_att_type)},
+        params={**attention.params, "relative": relative, "pos_att_type": tuple(pos_att_type),
+                "share_att_key": share_att_key},
         submodules=SelfAttentionSubmodules(
             linear_qkv=ColumnParallelLinear, core_attention=DisentangledAttention,
             linear_proj=RowParallelLinear, q_layernorm=IdentityOp, k_layernorm=IdentityOp,

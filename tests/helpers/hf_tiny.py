@@ -105,8 +105,8 @@ def deberta_tokenizer():
 
 
 def make_config(kind: str):
-    """The HF config of a tiny model of ``kind``: bert, xlm_roberta, roberta, deberta, llama,
-    llama3, mistral, qwen2, qwen3 (+ _tied)."""
+    """The HF config of a tiny model of ``kind``: bert, xlm_roberta, roberta, deberta,
+    deberta_unshared, llama, llama3, mistral, qwen2, qwen3 (+ _tied)."""
     from transformers import (
         BertConfig,
         DebertaV2Config,
@@ -129,6 +129,8 @@ def make_config(kind: str):
         return RobertaConfig(**ROBERTA_COMMON)
     if kind == "deberta":
         return DebertaV2Config(**DEBERTA_COMMON)
+    if kind == "deberta_unshared":  # position projections of their own (pos_key/query_proj)
+        return DebertaV2Config(**dict(DEBERTA_COMMON, share_att_key=False))
     decoder = dict(COMMON, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=tied,
                    rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
     if kind == "llama":
@@ -170,7 +172,7 @@ def save_tiny(kind: str, root: Path, causal_lm: bool = False, seed: int = 0,
     model.save_pretrained(out)
     if kind in ROBERTA_KINDS:
         encoder_tokenizer(kind).save_pretrained(out)
-    elif kind == "deberta":
+    elif kind.startswith("deberta"):
         deberta_tokenizer().save_pretrained(out)
     else:
         AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(out)
@@ -187,7 +189,7 @@ def random_batch(n: int = 6, max_len: int = 24, seed: int = 1,
     lengths[0] = max_len
     roberta = kind in ROBERTA_KINDS
     low, high, pad = (5, ENC_TOKENS, 1) if roberta else (1000, TOKENS, 0)
-    if kind == "deberta":
+    if kind.startswith("deberta"):
         low, high, pad = 5, ENC_TOKENS, 0
     ids = torch.randint(low, high, (n, max_len), generator=g)
     mask = (torch.arange(max_len)[None] < lengths[:, None]).long()

@@ -16,6 +16,7 @@ from tests.integration.test_lora import _hf_scores, _pairs
 VARIANTS = {
     "c2p_only": {"pos_att_type": ["c2p"]},
     "p2c_only": {"pos_att_type": ["p2c"]},
+    "unshared_c2p": {"share_att_key": False, "pos_att_type": ["c2p"]},
     # DeBERTa-v2 style: absolute positions and two token types in the input, no LayerNorm on
     # the relative table, distances exact up to +-16 and clamped beyond (rows reach 23 apart).
     "v2_style": {"position_biased_input": True, "type_vocab_size": 2, "norm_rel_ebd": "none",

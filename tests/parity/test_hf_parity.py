@@ -1,7 +1,8 @@
 """Parity with transformers: megarank models built from HF directories score a padded batch of
 mixed lengths exactly as the HF models do (fp32, 1e-5), in tp1_pp1, tp2_pp1 and tp1_pp2: BERT,
 XLM-RoBERTa and RoBERTa (positions offset by pad_token_id + 1, RobertaClassificationHead),
-DeBERTa-v3 (disentangled attention over log-bucketed relative positions, ContextPooler),
+DeBERTa-v3 (disentangled attention over log-bucketed relative positions, ContextPooler; and with
+position projections of their own, share_att_key false),
 Llama, Llama with Llama 3 RoPE scaling, Mistral, Qwen2 and Qwen3.
 
 tp1_pp1 scores in this process; the two 2-rank layouts are two cases of one torchrun launch, the
@@ -20,7 +21,7 @@ from tests.helpers.runs import run_cli
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 CLASSIFIERS = ["bert", "llama", "qwen2", "qwen3", "xlm_roberta", "roberta", "llama3", "mistral",
-               "deberta"]
+               "deberta", "deberta_unshared"]
 # The same DeBERTa weights without one of its position terms, its table's LayerNorm or its log
 # buckets score otherwise: each matters well past the tolerance.
 DEBERTA_OFF = [{"pos_att_type": ["p2c"]}, {"pos_att_type": ["c2p"]}, {"norm_rel_ebd": "none"},

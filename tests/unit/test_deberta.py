@@ -52,14 +52,17 @@ def test_v3_config_maps_fields(hf_dir):
     assert "deberta.encoder.layer.{i}.attention.self.query_proj.weight" in names
 
 
+def test_unshared_position_projections_are_imported(hf_dir):
+    _edit(hf_dir, share_att_key=None)  # absent: DebertaV2Config's False
+    assert model_overrides_from_hf(hf_dir)["share_att_key"] is False
+
+
 def test_old_style_pos_att_type_string_is_read(hf_dir):
     _edit(hf_dir, pos_att_type="p2c|c2p")
     assert model_overrides_from_hf(hf_dir)["pos_att_type"] == ["p2c", "c2p"]
 
 
 @pytest.mark.parametrize("changes, words", [
-    ({"share_att_key": False}, ["share_att_key false"]),
-    ({"share_att_key": None}, ["share_att_key false"]),  # absent: DebertaV2Config's False
     ({"relative_attention": False}, ["relative_attention false"]),
     ({"conv_kernel_size": 3}, ["conv_kernel_size 3"]),
     ({"pos_att_type": ["p2p", "c2p"]}, ["pos_att_type ['p2p', 'c2p']"]),
@@ -128,3 +131,8 @@ def test_plan_counts_the_relative_table_on_every_stage():
     assert 184e6 < total_params(cfg) - 28 * 768 < 185e6
     first, last = stage_params(cfg, 1, 2, 0), stage_params(cfg, 1, 2, 1)
     assert first == 6 * layer + table + embeddings and last == 6 * layer + table + head
+    # Unshared: each layer adds pos_key_proj and pos_query_proj ([768, 768] + bias), split by TP.
+    cfg.model.share_att_key = False
+    assert total_params(cfg) == 12 * (layer + 2 * (768 * 768 + 768)) + table + embeddings + head
+    assert stage_params(cfg, 2, 1, 0) - stage_params(compose(["model=deberta_v3_base"]), 2, 1, 0) \
+        == 12 * (768 * 768 + 768)

@@ -84,11 +84,21 @@ def head_params(cfg: Any) -> int:
 
 def relative_params(m: Any) -> int:
     """DeBERTa's relative-position table (2 * span rows) and its LayerNorm, held by every
-    pipeline stage (position queries and keys are projected by the shared QKV weights)."""
+    pipeline stage (with share_att_key, position queries and keys are projected by the layers'
+    QKV weights; otherwise see position_projection_params)."""
     if m.family != "deberta":
         return 0
     h = int(m.hidden_size)
     return 2 * relative_span(m) * h + (2 * h if m.norm_rel_ebd == "layer_norm" else 0)
+
+
+def position_projection_params(m: Any, tp: int) -> int:
+    """One layer's DeBERTa position projections on one TP rank when share_att_key is false:
+    pos_key_proj (c2p) and pos_query_proj (p2c), each column-parallel [h, heads * d] + bias."""
+    if m.family != "deberta" or m.share_att_key:
+        return 0
+    h, nq, _, d, _ = geometry(m)
+    return len(m.pos_att_type) * (h * nq * d + nq * d) // tp
 
 
 def relative_span(m: Any) -> int:
@@ -106,7 +116,8 @@ def stage_params(cfg: Any, tp: int, pp: int, stage: int) -> int:
     m = cfg.model
     h = int(m.hidden_size)
     first, last = stage == 0, stage == pp - 1
-    n = int(m.num_layers) // pp * layer_params(m, tp) + relative_params(m)
+    n = int(m.num_layers) // pp * (layer_params(m, tp) + position_projection_params(m, tp))
+    n += relative_params(m)
     vocab_rows = padded_vocab_size(m) // tp
     if first:
         n += vocab_rows * h
