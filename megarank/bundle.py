@@ -46,6 +46,7 @@ from megarank.eval.rerank import score_pairs
 from megarank.eval.scorer import PairScorer
 from megarank.models.build import (
     build_cross_encoder,
+    sync_pipeline_shared,
     sync_tied_output_layer,
     transformer_config,
 )
@@ -239,6 +240,9 @@ def build_model(cfg: DictConfig, runtime: Runtime, contract: ScoringContract,
     if peft_enabled(cfg) and kernels.name == "te":
         kernels = KernelChoice("local", "peft: LoRA adapters run on megatron's local layers "
                                         "(TE fuses each norm into the linear the adapter reads)")
+    if cfg.model.family == "deberta" and kernels.name == "te":
+        kernels = KernelChoice("local", "model.family deberta: disentangled attention runs on "
+                                        "megatron's local layers (megarank.models.specs)")
     if cfg.data.packing and kernels.name == "te":
         kernels = KernelChoice("local", "data.packing: packed rows attend through megarank's "
                                         "varlen/SDPA core attention, not TE's")
@@ -261,6 +265,7 @@ def build_model(cfg: DictConfig, runtime: Runtime, contract: ScoringContract,
             logger.warning(f"{cfg.model.hf_path} holds no weights for {', '.join(missing)}: "
                            "they start from a fresh initialisation")
     sync_tied_output_layer(model)
+    sync_pipeline_shared(model)
     if peft_enabled(cfg):
         # Before DDP: it allocates gradient buffers for what still trains.
         (add_dora if cfg.peft.method == "dora" else add_adapters)(

@@ -80,6 +80,22 @@ FEATURES = {
         ["tests/unit/test_hf_families.py", "tests/parity/test_roundtrip.py",
          "tests/parity/test_hf_parity.py"],
     ),
+    "deberta-c2p": (
+        "DeBERTa's content-to-position term (c2p: each query against its keys' relative "
+        "positions) left out of the scores",
+        "megarank/models/deberta.py",
+        "bias = bias + c2p.gather(-1, index.expand(b, np_, s, s))",
+        "pass",
+        ["tests/integration/test_deberta.py", "tests/parity/test_hf_parity.py"],
+    ),
+    "deberta-pp-table-grads": (
+        "DeBERTa's relative-table gradients summed over pipeline stages (each stage updates "
+        "its copy from its own layers only)",
+        "megarank/parallel/megatron.py",
+        'if getattr(p, "pipeline_shared", False) and p.requires_grad:',
+        "if False:",
+        ["tests/distributed/test_layout_parity.py"],
+    ),
 }
 
 

@@ -37,6 +37,8 @@ def hf_model_type(model_cfg: Any) -> str:
         return model_cfg.hf_model_type
     if model_cfg.family == "bert":
         return "xlm-roberta" if model_cfg.encoder_head == "roberta" else "bert"
+    if model_cfg.family == "deberta":
+        return "deberta-v2"
     if model_cfg.qk_layernorm:
         return "qwen3"
     return "qwen2" if model_cfg.add_qkv_bias else "llama"
@@ -61,6 +63,8 @@ def hf_config_dict(cfg: Any, architecture: str, pad_token_id: int | None) -> dic
                           hidden_act="gelu", classifier_dropout=m.classifier_dropout)
             if m.position_offset:
                 fields["pad_token_id"] = m.position_offset - 1  # RoBERTa's position rule
+        elif m.family == "deberta":
+            fields.update(_deberta_fields(m))
         else:
             rope: dict[str, Any] = {"rope_type": "default", "rope_theta": m.rotary_base}
             if m.rope_scaling == "llama3":
@@ -84,6 +88,19 @@ def hf_config_dict(cfg: Any, architecture: str, pad_token_id: int | None) -> dic
     if pad_token_id is not None:
         out["pad_token_id"] = pad_token_id
     return out
+
+
+def _deberta_fields(m: Any) -> dict[str, Any]:
+    """DebertaV2Config fields of a DeBERTa backbone built without an HF source."""
+    return dict(
+        layer_norm_eps=m.layernorm_epsilon, type_vocab_size=m.type_vocab_size, hidden_act="gelu",
+        relative_attention=True, share_att_key=m.share_att_key,
+        position_buckets=m.position_buckets,
+        max_relative_positions=m.max_relative_positions, norm_rel_ebd=m.norm_rel_ebd,
+        pos_att_type=list(m.pos_att_type), position_biased_input=m.position_biased_input,
+        pooler_hidden_size=m.hidden_size, pooler_hidden_act="gelu",
+        pooler_dropout=m.pooler_dropout, cls_dropout=m.classifier_dropout,
+    )
 
 
 def _export_tensors(params: Mapping[str, torch.Tensor], cfg: Any, as_classifier: bool,

@@ -22,8 +22,9 @@ from safetensors import safe_open
 from megarank.checkpoint.hf_mappings import BASE_PREFIXES, Rule, rules_for
 
 ENCODERS = ("bert", "roberta", "xlm-roberta")
+DEBERTA = ("deberta-v2",)
 DECODERS = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED = ENCODERS + DECODERS
+SUPPORTED = ENCODERS + DEBERTA + DECODERS
 
 
 class ConversionError(ValueError):
@@ -94,6 +95,8 @@ def model_overrides_from_hf(hf_dir: str | Path) -> dict[str, Any]:
     )
     if mt in ENCODERS:
         return dict(common, **_encoder_overrides(hf, mt, where))
+    if mt in DEBERTA:
+        return dict(common, **_deberta_overrides(hf, where))
     return dict(common, **_decoder_overrides(hf, mt, where))
 
 
@@ -126,6 +129,69 @@ def _encoder_overrides(hf: dict[str, Any], mt: str, where: str) -> dict[str, Any
         hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
         attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
         classifier_dropout=hf.get("classifier_dropout"),
+        num_query_groups=None, head_dim=None, qk_layernorm=False, rope_scaling=None,
+        sliding_window=None,
+    )
+
+
+def _deberta_pos_att_type(hf: dict[str, Any], where: str) -> list[str]:
+    """pos_att_type as a list ("p2c|c2p" in older configs); only c2p and p2c are supported."""
+    raw = hf.get("pos_att_type") or []
+    terms = [t.strip() for t in raw.lower().split("|")] if isinstance(raw, str) else list(raw)
+    if any(t not in ("c2p", "p2c") for t in terms) or len(set(terms)) != len(terms):
+        raise ConversionError(f"{where}: pos_att_type {raw!r} is not supported (a subset of "
+                              "c2p and p2c)")
+    return terms
+
+
+def _deberta_refusals(hf: dict[str, Any], where: str) -> None:
+    """DeBERTa-v2 settings megarank does not reproduce, each refused by its config.json field
+    (absent fields take DebertaV2Config's defaults)."""
+    h = hf["hidden_size"]
+    refused = {
+        "relative_attention": (not hf.get("relative_attention", False),
+                               "false (megarank builds DeBERTa's relative attention only)"),
+        "conv_kernel_size": (hf.get("conv_kernel_size", 0) > 0,
+                             f"{hf.get('conv_kernel_size')} (the convolution layer beside the "
+                             "first layer is not supported)"),
+        "embedding_size": (hf.get("embedding_size", h) != h,
+                           f"{hf.get('embedding_size')} != hidden_size {h} (embed_proj)"),
+        "attention_head_size": (hf.get("attention_head_size", h // hf["num_attention_heads"])
+                                != h // hf["num_attention_heads"],
+                                f"{hf.get('attention_head_size')} != hidden_size / heads"),
+        "pooler_hidden_size": (hf.get("pooler_hidden_size", h) != h,
+                               f"{hf.get('pooler_hidden_size')} != hidden_size {h}"),
+        "pooler_hidden_act": (hf.get("pooler_hidden_act", "gelu") != "gelu",
+                              f"{hf.get('pooler_hidden_act')!r} (gelu only)"),
+        "hidden_act": (hf.get("hidden_act", "gelu") != "gelu",
+                       f"{hf.get('hidden_act')!r} (gelu only)"),
+    }
+    for name, (bad, why) in refused.items():
+        if bad:
+            raise ConversionError(f"{where}: {name} {why} is not supported")
+    norm = [x.strip() for x in str(hf.get("norm_rel_ebd", "none")).lower().split("|")]
+    if any(x not in ("layer_norm", "none") for x in norm):
+        raise ConversionError(f"{where}: norm_rel_ebd {hf['norm_rel_ebd']!r} is not supported "
+                              "(layer_norm or none)")
+
+
+def _deberta_overrides(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """The fields of a DeBERTa-v2/v3 encoder (post-LN, disentangled relative attention, GELU)."""
+    _deberta_refusals(hf, where)
+    norm = "layer_norm" if "layer_norm" in str(hf.get("norm_rel_ebd", "none")).lower() else "none"
+    return dict(
+        family="deberta", position_embedding_type="relative",
+        normalization="LayerNorm", layernorm_epsilon=hf.get("layer_norm_eps", 1e-7),
+        activation="gelu", gated_linear_unit=False, add_bias_linear=True, add_qkv_bias=True,
+        type_vocab_size=hf.get("type_vocab_size", 0), position_offset=0,
+        encoder_head="deberta", position_buckets=hf.get("position_buckets", -1),
+        max_relative_positions=hf.get("max_relative_positions", -1), norm_rel_ebd=norm,
+        pos_att_type=_deberta_pos_att_type(hf, where),
+        position_biased_input=bool(hf.get("position_biased_input", True)),
+        share_att_key=bool(hf.get("share_att_key", False)),
+        hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
+        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+        classifier_dropout=hf.get("cls_dropout"), pooler_dropout=hf.get("pooler_dropout", 0.0),
         num_query_groups=None, head_dim=None, qk_layernorm=False, rope_scaling=None,
         sliding_window=None,
     )

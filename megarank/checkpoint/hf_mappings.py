@@ -85,6 +85,49 @@ ROBERTA: tuple[Rule, ...] = (
     Rule("head.score.bias", ("classifier.out_proj.bias",)),
 )
 
+_DH = "deberta.encoder.layer.{i}"
+
+# DebertaV2ForSequenceClassification: DebertaV2Model, ContextPooler (dense + GELU on [CLS]),
+# classifier. The relative-position table and its LayerNorm sit in DebertaV2Encoder; absolute
+# positions (position_biased_input) and token types (type_vocab_size > 0) exist only in some
+# configs, and their rules then apply.
+DEBERTA: tuple[Rule, ...] = (
+    Rule("backbone.embeddings.word_embeddings.weight",
+         ("deberta.embeddings.word_embeddings.weight",), "vocab"),
+    Rule("backbone.embeddings.position_embeddings.weight",
+         ("deberta.embeddings.position_embeddings.weight",)),
+    Rule("backbone.embeddings.token_type_embeddings.weight",
+         ("deberta.embeddings.token_type_embeddings.weight",)),
+    *(Rule(f"backbone.embeddings.layernorm.{p}", (f"deberta.embeddings.LayerNorm.{p}",))
+      for p in ("weight", "bias")),
+    Rule("backbone.relative.embeddings.weight", ("deberta.encoder.rel_embeddings.weight",)),
+    *(Rule(f"backbone.relative.layernorm.{p}", (f"deberta.encoder.LayerNorm.{p}",))
+      for p in ("weight", "bias")),
+    *(
+        Rule(f"{_BL}.self_attention.linear_qkv.{p}",
+             tuple(f"{_DH}.attention.self.{n}_proj.{p}" for n in ("query", "key", "value")),
+             "qkv")
+        for p in ("weight", "bias")
+    ),
+    # share_att_key false: position projections of their own, head rows as the query's.
+    *(Rule(f"{_BL}.self_attention.{n}.{p}", (f"{_DH}.attention.self.{n}.{p}",))
+      for n in ("pos_key_proj", "pos_query_proj") for p in ("weight", "bias")),
+    *(Rule(f"{_BL}.self_attention.linear_proj.{p}", (f"{_DH}.attention.output.dense.{p}",))
+      for p in ("weight", "bias")),
+    *(Rule(f"{_BL}.post_attention_layernorm.{p}", (f"{_DH}.attention.output.LayerNorm.{p}",))
+      for p in ("weight", "bias")),
+    *(Rule(f"{_BL}.mlp.linear_fc1.{p}", (f"{_DH}.intermediate.dense.{p}",))
+      for p in ("weight", "bias")),
+    *(Rule(f"{_BL}.mlp.linear_fc2.{p}", (f"{_DH}.output.dense.{p}",))
+      for p in ("weight", "bias")),
+    *(Rule(f"{_BL}.post_mlp_layernorm.{p}", (f"{_DH}.output.LayerNorm.{p}",))
+      for p in ("weight", "bias")),
+    Rule("head.pooler.weight", ("pooler.dense.weight",)),
+    Rule("head.pooler.bias", ("pooler.dense.bias",)),
+    Rule("head.score.weight", ("classifier.weight",)),
+    Rule("head.score.bias", ("classifier.bias",)),
+)
+
 _DL = "backbone.decoder.layers.{i}"
 _LL = "model.layers.{i}"
 
@@ -116,21 +159,22 @@ DECODER: tuple[Rule, ...] = (
 
 # The name table of each HF model_type.
 RULES: dict[str, tuple[Rule, ...]] = {
-    "bert": BERT, "roberta": ROBERTA, "xlm-roberta": ROBERTA,
+    "bert": BERT, "roberta": ROBERTA, "xlm-roberta": ROBERTA, "deberta-v2": DEBERTA,
     "llama": DECODER, "mistral": DECODER, "qwen2": DECODER, "qwen3": DECODER,
 }
 # A backbone built without an HF model_type (a fresh config) uses its family's table.
-FAMILY_RULES: dict[str, tuple[Rule, ...]] = {"bert": BERT, "gpt": DECODER}
+FAMILY_RULES: dict[str, tuple[Rule, ...]] = {"bert": BERT, "deberta": DEBERTA, "gpt": DECODER}
 
 # The base-model prefix of each encoder table: BertModel / XLMRobertaModel checkpoints (e.g.
 # sentence-transformers') store their tensors without it.
-BASE_PREFIXES = ("bert.", "roberta.")
+BASE_PREFIXES = ("bert.", "roberta.", "deberta.")
 
 # HF architectures megarank writes, per model_type and head.
 EXPORT_ARCHITECTURES = {
     ("bert", "classifier"): "BertForSequenceClassification",
     ("roberta", "classifier"): "RobertaForSequenceClassification",
     ("xlm-roberta", "classifier"): "XLMRobertaForSequenceClassification",
+    ("deberta-v2", "classifier"): "DebertaV2ForSequenceClassification",
     ("llama", "classifier"): "LlamaForSequenceClassification",
     ("mistral", "classifier"): "MistralForSequenceClassification",
     ("qwen2", "classifier"): "Qwen2ForSequenceClassification",

@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from megarank.config.schema import ASSETS, package_path, register
 from megarank.config.validate import (
+    ENCODER_FAMILIES,
     ConfigError,
     Derived,
     check_mandatory,
@@ -18,7 +19,7 @@ from megarank.config.validate import (
 # The Hydra config tree ships inside the package (package data), so an installed wheel has it too.
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-__all__ = ["ASSETS", "CONF_DIR", "ConfigError", "Derived", "check_mandatory", "compose", "from_saved",
+__all__ = ["ASSETS", "CONF_DIR", "ENCODER_FAMILIES", "ConfigError", "Derived", "check_mandatory", "compose", "from_saved",
            "package_path", "padded_vocab_size", "register", "validate"]
 
 

@@ -24,7 +24,8 @@ class ModelConfig:
     name: str = MISSING
     """Short name used in logs and output directories."""
     family: str = MISSING
-    """``gpt`` (decoder: RMSNorm/LayerNorm, RoPE, causal) or ``bert`` (encoder, HF-BERT exact)."""
+    """``gpt`` (decoder: RMSNorm/LayerNorm, RoPE, causal), ``bert`` (encoder, HF-BERT exact) or
+    ``deberta`` (DeBERTa-v2/v3 encoder: disentangled attention over relative positions)."""
     num_layers: int = MISSING
     """Transformer layers; must divide by parallel.pipeline_model_parallel_size."""
     hidden_size: int = MISSING
@@ -45,7 +46,7 @@ class ModelConfig:
     max_position_embeddings: int = 512
     """Longest sequence; also the size of learned absolute position tables."""
     position_embedding_type: str = "rope"
-    """``rope`` (decoders) or ``learned_absolute`` (BERT)."""
+    """``rope`` (decoders), ``learned_absolute`` (BERT) or ``relative`` (DeBERTa)."""
     rotary_base: float = 10000.0
     """RoPE theta."""
     rope_scaling: str | None = None
@@ -69,7 +70,7 @@ class ModelConfig:
     encoder_head: str = "bert"
     """Encoders' classifier on the first token: ``bert`` (BertPooler dense + tanh, dropout,
     classifier) or ``roberta`` (RobertaClassificationHead: dropout, dense, tanh, dropout,
-    out_proj)."""
+    out_proj) or ``deberta`` (ContextPooler: dropout, dense, GELU; dropout, classifier)."""
     classifier_dropout: float | None = None
     """Dropout in the classifier head; None: hidden_dropout (HF's rule for classifier_dropout)."""
     normalization: str = "RMSNorm"
@@ -87,7 +88,26 @@ class ModelConfig:
     qk_layernorm: bool = False
     """Norm on queries and keys per head (Qwen3)."""
     type_vocab_size: int = 2
-    """Token-type (segment) embeddings, encoders only."""
+    """Token-type (segment) embeddings, encoders only; 0: none (DeBERTa-v3)."""
+    position_buckets: int = 256
+    """DeBERTa: relative distances are exact up to position_buckets / 2 and log-bucketed beyond,
+    2 * position_buckets embeddings; <= 0: no bucketing (2 * max_relative_positions)."""
+    max_relative_positions: int = -1
+    """DeBERTa: the distance the last bucket stands for; < 1: max_position_embeddings."""
+    norm_rel_ebd: str = "layer_norm"
+    """DeBERTa: ``layer_norm`` (v3: the relative embeddings go through a LayerNorm of their own)
+    or ``none``."""
+    pos_att_type: list[str] = field(default_factory=lambda: ["p2c", "c2p"])
+    """DeBERTa: the position terms added to content-to-content attention, a subset of ``c2p``
+    (query to key position) and ``p2c`` (key to query position); scores are divided by
+    sqrt(head_dim * (1 + number of terms))."""
+    share_att_key: bool = True
+    """DeBERTa: position queries and keys come from each layer's content query and key weights
+    (v3); false: from position projections of their own (HF pos_query_proj, pos_key_proj)."""
+    position_biased_input: bool = False
+    """DeBERTa: add learned absolute positions to the input embeddings (v3: false)."""
+    pooler_dropout: float = 0.0
+    """DeBERTa: dropout before ContextPooler's dense layer (HF pooler_dropout)."""
     hidden_dropout: float | None = None
     """Dropout after attention and MLP; None: model.hf_path's config.json's, else 0 (0 keeps
     runs bitwise comparable across layouts). A value set here wins over the HF config's."""
@@ -100,8 +120,8 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     """Decoders: the LM output layer is the input embedding (matters for the yes/no head)."""
     hf_model_type: str | None = None
-    """HF ``model_type`` this backbone corresponds to (bert, roberta, xlm-roberta, llama,
-    mistral, qwen2, qwen3); set by import. It picks the weight-name table of conversion."""
+    """HF ``model_type`` this backbone corresponds to (bert, roberta, xlm-roberta, deberta-v2,
+    llama, mistral, qwen2, qwen3); set by import. It picks the weight-name table of conversion."""
     init_from: str | None = None
     """A megarank checkpoint directory whose model weights start this run (any layout)."""
     hf_path: str | None = None

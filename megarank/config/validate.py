@@ -11,7 +11,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-FAMILIES = ("gpt", "bert")
+FAMILIES = ("gpt", "bert", "deberta")
+ENCODER_FAMILIES = ("bert", "deberta")
+"""Bidirectional encoders: [CLS] query [SEP] document [SEP], pooled at [CLS]."""
 LOSSES = ("listwise", "pairwise", "pointwise", "distill", "margin_mse", "ranknet", "lambdarank",
           "listnet")
 """megarank.training.losses.LOSSES (the config layer imports nothing above it)."""
@@ -151,6 +153,30 @@ def _check_peft(errors: list[str], cfg: Any) -> None:
         errors.append("peft.method qlora computes in bf16 or fp32 (trainer.precision), not fp16")
 
 
+def _check_deberta(errors: list[str], cfg: Any) -> None:
+    """What model.family deberta needs and what it cannot run with."""
+    m = cfg.model
+    if m.position_embedding_type != "relative":
+        errors.append(f"model.position_embedding_type ({m.position_embedding_type!r}) must be "
+                      "'relative' for model.family deberta")
+    if m.encoder_head != "deberta":
+        errors.append(f"model.encoder_head ({m.encoder_head!r}) must be 'deberta' for "
+                      "model.family deberta (ContextPooler)")
+    bad = [t for t in m.pos_att_type if t not in ("c2p", "p2c")]
+    if bad or len(set(m.pos_att_type)) != len(m.pos_att_type):
+        errors.append(f"model.pos_att_type ({list(m.pos_att_type)}) must be a subset of "
+                      "[c2p, p2c]")
+    _choice(errors, "model.norm_rel_ebd", m.norm_rel_ebd, ("layer_norm", "none"))
+    if cfg.data.packing:
+        # A packed row would need each pair's relative positions (an [s, s] index per segment)
+        # in the position terms; the padded path computes one index per micro-batch.
+        errors.append("data.packing is not supported for model.family deberta (its relative "
+                      "positions are per padded row); set data.packing=false")
+    if cfg.parallel.sequence_parallel:
+        errors.append("parallel.sequence_parallel is not supported for model.family deberta "
+                      "(every rank projects the whole relative-position table)")
+
+
 def validate(cfg: Any, world_size: int) -> Derived:
     """Check ``cfg`` (a composed TrainConfig) for ``world_size`` ranks; return the derived sizes.
 
@@ -174,7 +200,7 @@ def validate(cfg: Any, world_size: int) -> Derived:
     _choice(errors, "model.activation", m.activation, ("silu", "gelu"))
     _choice(
         errors, "model.position_embedding_type", m.position_embedding_type,
-        ("rope", "learned_absolute"),
+        ("rope", "learned_absolute", "relative"),
     )
 
     # Model shape against the parallel layout.
@@ -198,7 +224,10 @@ def validate(cfg: Any, world_size: int) -> Derived:
          "parallel.tensor_model_parallel_size", tp)
     if m.family == "bert" and m.position_embedding_type != "learned_absolute":
         errors.append("model.position_embedding_type must be 'learned_absolute' for model.family bert")
-    _choice(errors, "model.encoder_head", m.encoder_head, ("bert", "roberta"))
+    if m.family == "deberta":
+        _check_deberta(errors, cfg)
+    else:
+        _choice(errors, "model.encoder_head", m.encoder_head, ("bert", "roberta"))
     if m.rope_scaling is not None:
         _choice(errors, "model.rope_scaling", m.rope_scaling, ("llama3",))
         if m.family != "gpt":

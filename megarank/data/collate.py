@@ -72,7 +72,7 @@ class PairCollator:
     @property
     def kind(self) -> str:
         """``encoder`` (the tokenizer's pair template) or ``decoder`` (a text template)."""
-        return "encoder" if self.contract.family == "bert" else "decoder"
+        return "decoder" if self.contract.family == "gpt" else "encoder"
 
     @property
     def max_length(self) -> int:

@@ -55,7 +55,7 @@ class ScoringContract:
 
 # The token each family's HF architecture scores: BERT's pooler reads [CLS] (position 0);
 # *ForSequenceClassification decoders and Qwen3-Reranker read the last real token.
-POOLING = {"bert": "cls", "gpt": "last"}
+POOLING = {"bert": "cls", "deberta": "cls", "gpt": "last"}
 
 
 CHAT_TRUNCATION = ("query to max_query_length (as text), then the pair text cut at its end to fit "

@@ -185,7 +185,7 @@ PairTemplate = EncoderTemplate | DecoderTemplate | ChatTemplate
 
 def pair_template(tokenizer: Any, contract: ScoringContract) -> PairTemplate:
     """The template ``contract`` names, made for ``tokenizer``."""
-    if contract.family == "bert":
+    if contract.family != "gpt":  # encoders: bert, deberta
         return EncoderTemplate.of(tokenizer)
     if contract.prompt_template is None:
         raise ValueError(f"a {contract.family} scoring contract needs its prompt_template")

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megarank.config import padded_vocab_size
+from megarank.config import ENCODER_FAMILIES, padded_vocab_size
 from megarank.models.cross_encoder import CrossEncoder
+from megarank.models.deberta import DebertaBackbone
 from megarank.models.decoder import DecoderBackbone, Llama3RopeScaling
 from megarank.models.encoder import BertBackbone
 from megarank.models.heads import ClassifierHead, YesNoHead
-from megarank.models.specs import KernelChoice, bert_layer_spec, gpt_layer_spec
+from megarank.models.specs import (
+    KernelChoice,
+    bert_layer_spec,
+    deberta_layer_spec,
+    gpt_layer_spec,
+)
 from megarank.parallel.megatron import DTYPES, fusion_settings
 
 
@@ -73,6 +81,17 @@ def build_cross_encoder(cfg, tconfig: TransformerConfig, kernels: KernelChoice,
             tconfig, bert_layer_spec(kernels.name), vocab, m.max_position_embeddings,
             m.type_vocab_size, pre_process, post_process, m.position_offset,
         )
+    elif m.family == "deberta":
+        backbone = DebertaBackbone(
+            tconfig, functools.partial(deberta_layer_spec, pos_att_type=tuple(m.pos_att_type),
+                                       share_att_key=m.share_att_key),
+            vocab, m.max_position_embeddings if m.position_biased_input else 0,
+            m.type_vocab_size, pre_process, post_process,
+            dict(position_buckets=m.position_buckets,
+                 max_relative_positions=m.max_relative_positions,
+                 max_position_embeddings=m.max_position_embeddings,
+                 norm_rel_ebd=m.norm_rel_ebd),
+        )
     else:
         scaling = None
         if m.rope_scaling == "llama3":
@@ -89,8 +108,9 @@ def build_cross_encoder(cfg, tconfig: TransformerConfig, kernels: KernelChoice,
         tied = backbone.embedding.word_embeddings if (m.tie_word_embeddings and pre_process) else None
         head = YesNoHead(tconfig, vocab, *answer_ids, tied_embedding=tied)
     elif post_process:
-        head = ClassifierHead(tconfig, with_pooler=m.family == "bert", layout=m.encoder_head,
-                              dropout=m.classifier_dropout)
+        encoder = m.family in ENCODER_FAMILIES
+        head = ClassifierHead(tconfig, with_pooler=encoder, layout=m.encoder_head,
+                              dropout=m.classifier_dropout, pooler_dropout=m.pooler_dropout)
     return CrossEncoder(tconfig, backbone, head, tied=yes_no and m.tie_word_embeddings)
 
 
@@ -113,3 +133,19 @@ def sync_tied_output_layer(model: CrossEncoder) -> None:
     if not model.pre_process:
         weight.data.zero_()
     dist.all_reduce(weight.data, group=ps.get_embedding_group())
+
+
+def sync_pipeline_shared(model: CrossEncoder) -> None:
+    """Make every pipeline stage's copy of a ``pipeline_shared`` parameter (DeBERTa's
+    relative-position table) equal the first stage's; afterwards megarank.parallel.megatron.
+    finalize_grads sums their gradients, so the copies stay in step."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return
+    src = ps.get_pipeline_model_parallel_first_rank()
+    group = ps.get_pipeline_model_parallel_group()
+    for p in model.parameters():
+        if getattr(p, "pipeline_shared", False):
+            dist.broadcast(p.data, src=src, group=group)

@@ -56,7 +56,10 @@ class PostLNTransformerLayer(TransformerLayer):
 
 
 class BertEmbeddings(MegatronModule):
-    """word (vocab-parallel) + position + token type -> LayerNorm -> dropout, as HF BertEmbeddings."""
+    """word (vocab-parallel) + position + token type -> LayerNorm -> dropout, as HF BertEmbeddings.
+
+    ``max_positions`` 0: no absolute positions; ``type_vocab_size`` 0: no token types (DeBERTa-v3).
+    """
 
     def __init__(self, config: TransformerConfig, vocab_size: int, max_positions: int,
                  type_vocab_size: int, position_offset: int = 0) -> None:
@@ -66,11 +69,14 @@ class BertEmbeddings(MegatronModule):
         self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
             vocab_size, config.hidden_size, init_method=config.init_method, config=config
         )
-        self.position_embeddings = torch.nn.Embedding(max_positions, config.hidden_size)
-        self.token_type_embeddings = torch.nn.Embedding(type_vocab_size, config.hidden_size)
+        self.position_embeddings = (torch.nn.Embedding(max_positions, config.hidden_size)
+                                    if max_positions else None)
+        self.token_type_embeddings = (torch.nn.Embedding(type_vocab_size, config.hidden_size)
+                                      if type_vocab_size else None)
         if config.perform_initialization:
-            config.init_method(self.position_embeddings.weight)
-            config.init_method(self.token_type_embeddings.weight)
+            for table in (self.position_embeddings, self.token_type_embeddings):
+                if table is not None:
+                    config.init_method(table.weight)
         self.layernorm = layer_norm_class(config.normalization)(
             config, config.hidden_size, config.layernorm_epsilon
         )
@@ -84,11 +90,11 @@ class BertEmbeddings(MegatronModule):
         # cumulative count of non-padding tokens on every real token (padding is masked).
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        x = (
-            self.word_embeddings(input_ids)
-            + self.position_embeddings(position_ids + self.position_offset)
-            + self.token_type_embeddings(token_type_ids)
-        )
+        x = self.word_embeddings(input_ids)
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(position_ids + self.position_offset)
+        if self.token_type_embeddings is not None:
+            x = x + self.token_type_embeddings(token_type_ids)
         x = self.layernorm(x.transpose(0, 1).contiguous())  # [s, b, h]
         if self.config.sequence_parallel:
             x = tensor_parallel.scatter_to_sequence_parallel_region(x)

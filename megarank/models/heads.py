@@ -20,19 +20,25 @@ class ClassifierHead(MegatronModule):
     """Score = Linear(pooled) with one output, as HF ``*ForSequenceClassification(num_labels=1)``.
 
     Encoders first run a dense + tanh on the first token: BERT's pooler, then dropout
-    (``bert``), or RobertaClassificationHead's dropout, dense, tanh, dropout (``roberta``);
-    decoder classifiers (Llama/Qwen ``score``) have no pooler and no bias.
+    (``bert``), or RobertaClassificationHead's dropout, dense, tanh, dropout (``roberta``), or
+    DeBERTa's ContextPooler, dropout (``pooler_dropout``), dense, GELU, then dropout
+    (``deberta``); decoder classifiers (Llama/Qwen ``score``) have no pooler and no bias.
     """
 
     def __init__(self, config: TransformerConfig, with_pooler: bool, layout: str = "bert",
-                 dropout: float | None = None) -> None:
+                 dropout: float | None = None, pooler_dropout: float = 0.0) -> None:
         super().__init__(config=config)
-        if layout not in ("bert", "roberta"):
-            raise ValueError(f"classifier layout must be bert or roberta, got {layout!r}")
+        if layout not in ("bert", "roberta", "deberta"):
+            raise ValueError(f"classifier layout must be bert, roberta or deberta, got {layout!r}")
         h = config.hidden_size
         self.pooler = torch.nn.Linear(h, h) if with_pooler else None
-        self.dropout_first = with_pooler and layout == "roberta"
+        self.activation = torch.nn.functional.gelu if layout == "deberta" else torch.tanh
         self.dropout = torch.nn.Dropout(config.hidden_dropout if dropout is None else dropout)
+        self.dropout_first = None
+        if with_pooler and layout == "roberta":
+            self.dropout_first = self.dropout
+        elif with_pooler and layout == "deberta":
+            self.dropout_first = torch.nn.Dropout(pooler_dropout)
         self.score = torch.nn.Linear(h, 1, bias=with_pooler)
         if config.perform_initialization:
             for lin in (self.pooler, self.score):
@@ -48,10 +54,10 @@ class ClassifierHead(MegatronModule):
                 hidden, tensor_parallel_output_grad=False
             )
         x = pool(hidden, pool_index)
-        if self.dropout_first:
-            x = self.dropout(x)
+        if self.dropout_first is not None:
+            x = self.dropout_first(x)
         if self.pooler is not None:
-            x = torch.tanh(self.pooler(x))
+            x = self.activation(self.pooler(x))
         return self.score(self.dropout(x)).squeeze(-1)
 
 

@@ -23,6 +23,11 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from megarank.models.attention import SDPAttention
+from megarank.models.deberta import (
+    DisentangledAttention,
+    DisentangledSelfAttention,
+    RelativePositions,
+)
 from megarank.models.encoder import PostLNTransformerLayer
 
 
@@ -119,6 +124,27 @@ def bert_layer_spec(kernels: str) -> ModuleSpec:
             mlp_bda=get_bias_dropout_add,
         ),
     )
+
+
+def deberta_layer_spec(relative: RelativePositions, pos_att_type: tuple[str, ...],
+                       share_att_key: bool = True) -> ModuleSpec:
+    """BERT's post-LN layer with DeBERTa's disentangled attention reading ``relative``.
+
+    Always megatron's local linears: TE's fused attention takes no per-layer position terms, and
+    its linears would gather the position table along the sequence under sequence parallelism.
+    """
+    spec = bert_layer_spec("local")
+    attention = spec.submodules.self_attention
+    spec.submodules.self_attention = ModuleSpec(
+        module=DisentangledSelfAttention,
+        params={**attention.params, "relative": relative, "pos_att_type": tuple(pos_att_type),
+                "share_att_key": share_att_key},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=ColumnParallelLinear, core_attention=DisentangledAttention,
+            linear_proj=RowParallelLinear, q_layernorm=IdentityOp, k_layernorm=IdentityOp,
+        ),
+    )
+    return spec
 
 
 # Transformer Engine's spec fuses each decoder pre-norm into the linear after it; its parameter

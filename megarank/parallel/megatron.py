@@ -9,7 +9,9 @@ read. What each piece is for:
 
 - :func:`wrap_model`, :func:`build_optimizer`, ``DTYPES``: Float16Module + DDP with the schedule
   hooks (``finalize_model_grads_func``, ``no_sync_func``, ``grad_scale_func``), megatron's Adam
-  and its LR scheduler.
+  and its LR scheduler. :func:`finalize_grads` first sums, over the pipeline stages, the
+  gradients of parameters every stage holds a copy of (``pipeline_shared``: DeBERTa's
+  relative-position table), which megatron's embedding-group reduction does not know.
 - :func:`fusion_settings`: megatron's fusions that need CUDA (its jit bias+GeLU/SwiGLU and
   bias+dropout+add) or Transformer Engine kernels (RoPE, weight-grad accumulation) are on only
   where those exist; CPU weight initialisation off the GPU.
@@ -87,9 +89,26 @@ def wrap_model(model: torch.nn.Module, tconfig: TransformerConfig, precision: st
     ddp = DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model)
     # The schedules reduce grads across DP (and embedding groups) through this hook, and skip the
     # DP all-reduce on all but the last micro-batch through no_sync.
-    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.finalize_model_grads_func = finalize_grads
     tconfig.no_sync_func = ddp.no_sync
     return ddp
+
+
+def finalize_grads(model: list[torch.nn.Module], *args: Any, **kwargs: Any) -> Any:
+    """megatron's ``finalize_model_grads``, after summing the ``pipeline_shared`` parameters'
+    gradients over the pipeline stages. Summed before the data-parallel reduction (which it
+    commutes with), so a distributed optimizer's reduce-scatter sees whole gradients."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        import torch.distributed as dist
+
+        group = ps.get_pipeline_model_parallel_group()
+        for chunk in model:
+            for p in chunk.parameters():
+                if getattr(p, "pipeline_shared", False) and p.requires_grad:
+                    dist.all_reduce(p.main_grad, group=group)
+    return finalize_model_grads(model, *args, **kwargs)
 
 
 def build_optimizer(cfg: DictConfig, model: DistributedDataParallel) -> tuple[Any, Any]:

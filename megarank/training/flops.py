@@ -95,15 +95,30 @@ def forward_flops_breakdown(model_cfg: ModelConfig, seq_len: int, head: str = "c
         # Gated: gate and up [h, ffn] each plus down [ffn, h]; plain: up and down.
         "mlp": 2 * s * h * ffn * (3 if gated else 2),
     }
+    if model_cfg.family == "deberta":
+        # Position terms: each token's query (c2p) and key (p2c) against every row of the
+        # 2*span-row table. The table's own projection runs once per micro-batch, not per
+        # sequence, and is left out.
+        terms = len(model_cfg.pos_att_type)
+        per_layer["attention"] += terms * 2 * s * 2 * _relative_span(model_cfg) * nq * d
     out = {k: layers * v for k, v in per_layer.items()}
     if head == "yes_no":
         out["head"] = 2.0 * h * 2  # the pooled [h] by the two output-layer rows [h, 2]
-    elif model_cfg.family == "bert":
-        out["head"] = 2.0 * h * h + 2.0 * h  # BERT pooler Linear(h, h) + tanh, then Linear(h, 1)
+    elif model_cfg.family in ("bert", "deberta"):
+        out["head"] = 2.0 * h * h + 2.0 * h  # pooler Linear(h, h) + tanh/GELU, Linear(h, 1)
     else:
         out["head"] = 2.0 * h  # Linear(h, 1) on the pooled token
     out["output_layer"] = 2 * s * h * int(model_cfg.vocab_size) if full_vocab_head else 0.0
     return out
+
+
+def _relative_span(model_cfg: ModelConfig) -> int:
+    """DeBERTa's span: half the rows of its relative-position table."""
+    if model_cfg.position_buckets > 0:
+        return int(model_cfg.position_buckets)
+    if model_cfg.max_relative_positions >= 1:
+        return int(model_cfg.max_relative_positions)
+    return int(model_cfg.max_position_embeddings)
 
 
 def forward_flops_per_sequence(model_cfg: ModelConfig, seq_len: int, head: str = "classifier",

@@ -34,7 +34,11 @@ REFERENCES = {  # name -> (model, extra overrides, layouts)
     "gpt_tiny": ("gpt_tiny", [], LAYOUTS),
     "bert_tiny": ("bert_tiny", [], LAYOUTS),
     "bert_tiny-maxp": ("bert_tiny", MAXP, [("tp1_pp2", "tp1_pp2", 2), ("dp2", "tp1_pp1", 2)]),
+    # DeBERTa: the relative-position table is held by every pipeline stage (its gradients summed
+    # over the stages) and projected by each TP rank's heads.
+    "deberta_tiny": ("deberta_tiny", [], [("tp2_pp1", "tp2_pp1", 2), ("tp1_pp2", "tp1_pp2", 2)]),
 }
+MODELS = ("gpt_tiny", "bert_tiny", "deberta_tiny")
 CASES = [(ref, *layout) for ref, (_, _, layouts) in REFERENCES.items() for layout in layouts]
 
 
@@ -49,7 +53,7 @@ def _common(model, extra):
 def inits(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("layout-init")
     out = {}
-    for model in ("gpt_tiny", "bert_tiny"):
+    for model in MODELS:
         out[model] = tmp / model
         # A wide initialisation makes scores (and so losses and gradients) far from trivial:
         # with std 0.02 every tiny-model score is ~0 and every loss ~ln(G), which proves little.
@@ -95,7 +99,7 @@ def _by_step(records, key):
     return {r["step"]: r[key] for r in records if key in r}
 
 
-@pytest.mark.parametrize("model", ["gpt_tiny", "bert_tiny"])
+@pytest.mark.parametrize("model", MODELS)
 def test_initial_weights_written(inits, model):
     assert (inits[model] / "checkpoints" / "step_0000000").is_dir()
 

@@ -1,6 +1,6 @@
 """LoRA under every layout: from the same base and adapters, 5 steps of losses (and gradient
 norms) under tp2, pp2 and dp2 (also with the distributed optimizer) equal one process's, for a
-decoder and an encoder; DoRA likewise under tp2 (the row-parallel norm reduced over the TP
+decoder and two encoders (BERT; DeBERTa, whose adapted QKV also projects its position table); DoRA likewise under tp2 (the row-parallel norm reduced over the TP
 group) and pp2; a bf16 run with full recompute follows the fp32 one; and a LoRA run
 resumed after 10 steps equals 20 straight steps, with checkpoints that hold only adapters, head
 and optimizer state, the base being referenced.
@@ -27,7 +27,7 @@ LAYOUTS = [  # (name, overrides, processes)
     ("dp2", ["parallel=tp1_pp1"], 2),
     ("dp2_distopt", ["parallel=tp1_pp1", "parallel.use_distributed_optimizer=true"], 2),
 ]
-MODELS = ["gpt_tiny", "bert_tiny"]
+MODELS = ["gpt_tiny", "bert_tiny", "deberta_tiny"]
 STEPS = 5
 LORA = ["peft=lora", "peft.rank=4", "peft.alpha=16"]
 # DoRA: the layouts whose arithmetic differs from LoRA's (the norms of split rows, split stages).

@@ -1,6 +1,6 @@
-"""Tiny random-weight Hugging Face models saved as model directories: BERT, RoBERTa and
-XLM-RoBERTa (with tokenizers of their own kind, trained here in seconds), Llama (plain and with
-Llama 3 RoPE scaling), Mistral, Qwen2 and Qwen3."""
+"""Tiny random-weight Hugging Face models saved as model directories: BERT, RoBERTa,
+XLM-RoBERTa and DeBERTa-v3 (with tokenizers of their own kind, trained here in seconds), Llama
+(plain and with Llama 3 RoPE scaling), Mistral, Qwen2 and Qwen3."""
 
 from __future__ import annotations
 
@@ -33,6 +33,21 @@ ROBERTA_COMMON = dict(COMMON, vocab_size=ENC_VOCAB, max_position_embeddings=130,
                       bos_token_id=0, eos_token_id=2, type_vocab_size=1, layer_norm_eps=1e-5,
                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 ROBERTA_KINDS = ("xlm_roberta", "roberta")
+
+# DeBERTa-v3 settings at a tiny scale: no absolute positions, no token types, relative positions
+# exact up to +-4 and log-bucketed beyond (test rows reach 23 apart), the relative table
+# LayerNorm'ed and projected by the content query and key weights, both position terms. Its
+# tokenizer: [PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3 [MASK]=4, as deberta-v3's first ids.
+DEBERTA_SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
+DEBERTA_V3 = dict(relative_attention=True, position_buckets=8, max_relative_positions=-1,
+                  norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"],
+                  position_biased_input=False, type_vocab_size=0)
+# Weights of std 0.1: at HF's 0.02 attention is near uniform and dropping a position term moves
+# the scores by ~5e-6, under the parity tolerance; at 0.1 by ~3e-2.
+DEBERTA_COMMON = dict(COMMON, vocab_size=ENC_VOCAB, pad_token_id=0, layer_norm_eps=1e-7,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                      pooler_hidden_size=64, pooler_dropout=0.0, initializer_range=0.1,
+                      **DEBERTA_V3)
 
 # Llama 3 RoPE scaling with its band limits moved to this model's scale, so that the head's 8
 # frequencies fall in all three bands (kept, blended, divided by the factor).
@@ -73,11 +88,28 @@ def encoder_tokenizer(kind: str):
     return RobertaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
 
 
+@functools.cache
+def deberta_tokenizer():
+    """A DebertaV2Tokenizer (SentencePiece-style Unigram, as deberta-v3's) with ENC_TOKENS
+    tokens, trained on Cranfield."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import DebertaV2Tokenizer
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.train_from_iterator(_training_text(), trainers.UnigramTrainer(
+        vocab_size=ENC_TOKENS, special_tokens=DEBERTA_SPECIALS, unk_token="[UNK]",
+        initial_alphabet=list(string.printable)))
+    vocab = json.loads(tok.to_str())["model"]["vocab"]
+    return DebertaV2Tokenizer(vocab=[tuple(v) for v in vocab])
+
+
 def make_config(kind: str):
-    """The HF config of a tiny model of ``kind``: bert, xlm_roberta, roberta, llama, llama3,
-    mistral, qwen2, qwen3 (+ _tied)."""
+    """The HF config of a tiny model of ``kind``: bert, xlm_roberta, roberta, deberta,
+    deberta_unshared, llama, llama3, mistral, qwen2, qwen3 (+ _tied)."""
     from transformers import (
         BertConfig,
+        DebertaV2Config,
         LlamaConfig,
         MistralConfig,
         Qwen2Config,
@@ -95,6 +127,10 @@ def make_config(kind: str):
         return XLMRobertaConfig(**ROBERTA_COMMON)
     if kind == "roberta":
         return RobertaConfig(**ROBERTA_COMMON)
+    if kind == "deberta":
+        return DebertaV2Config(**DEBERTA_COMMON)
+    if kind == "deberta_unshared":  # position projections of their own (pos_key/query_proj)
+        return DebertaV2Config(**dict(DEBERTA_COMMON, share_att_key=False))
     decoder = dict(COMMON, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=tied,
                    rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
     if kind == "llama":
@@ -112,11 +148,16 @@ def make_config(kind: str):
     raise ValueError(kind)
 
 
-def save_tiny(kind: str, root: Path, causal_lm: bool = False, seed: int = 0) -> Path:
-    """Save a tiny random model (sequence classifier, or causal LM) with the shipped tokenizer."""
+def save_tiny(kind: str, root: Path, causal_lm: bool = False, seed: int = 0,
+              changes: dict | None = None, name: str | None = None) -> Path:
+    """Save a tiny random model (sequence classifier, or causal LM) with the shipped tokenizer,
+    or its kind's; ``changes``: config fields set on ``make_config(kind)``, saved as ``name``."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cfg = make_config(kind)
+    for key, value in (changes or {}).items():
+        setattr(cfg, key, value)
+    out = root / (name or f"{kind}{'_lm' if causal_lm else ''}")
     torch.manual_seed(seed)
     if causal_lm:
         model = AutoModelForCausalLM.from_config(cfg)
@@ -125,13 +166,14 @@ def save_tiny(kind: str, root: Path, causal_lm: bool = False, seed: int = 0) -> 
         model = AutoModelForSequenceClassification.from_config(cfg)
     # Non-trivial norms and biases, so a mapping mistake cannot hide behind ones and zeros.
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name.lower() or name.endswith("bias"):
+        for pname, p in model.named_parameters():
+            if "norm" in pname.lower() or pname.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
-    out = root / f"{kind}{'_lm' if causal_lm else ''}"
     model.save_pretrained(out)
     if kind in ROBERTA_KINDS:
         encoder_tokenizer(kind).save_pretrained(out)
+    elif kind.startswith("deberta"):
+        deberta_tokenizer().save_pretrained(out)
     else:
         AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(out)
     return out
@@ -140,13 +182,15 @@ def save_tiny(kind: str, root: Path, causal_lm: bool = False, seed: int = 0) -> 
 def random_batch(n: int = 6, max_len: int = 24, seed: int = 1,
                  kind: str = "bert") -> dict[str, torch.Tensor]:
     """Right-padded ids of mixed lengths for a model of ``kind``: no real token is the pad id
-    (0, or 1 for RoBERTa-style encoders, whose ids stay within their tokenizer and whose token
-    types are all 0); BERT gets two segments."""
+    (0, or 1 for RoBERTa-style encoders); RoBERTa- and DeBERTa-style ids stay within their
+    tokenizer and their token types are all 0; BERT gets two segments."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(5, max_len + 1, (n,), generator=g)
     lengths[0] = max_len
     roberta = kind in ROBERTA_KINDS
     low, high, pad = (5, ENC_TOKENS, 1) if roberta else (1000, TOKENS, 0)
+    if kind.startswith("deberta"):
+        low, high, pad = 5, ENC_TOKENS, 0
     ids = torch.randint(low, high, (n, max_len), generator=g)
     mask = (torch.arange(max_len)[None] < lengths[:, None]).long()
     ids = torch.where(mask.bool(), ids, pad)

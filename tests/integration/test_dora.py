@@ -24,7 +24,7 @@ from tests.integration.test_lora import (
 )
 
 
-@pytest.mark.parametrize("kind", ["llama", "bert"])
+@pytest.mark.parametrize("kind", ["llama", "bert", "deberta"])
 def test_peft_dora_adapter_in_and_out_scores_as_peft(kind, tmp_path):
     base_dir = save_tiny(kind, tmp_path)
     peft_model = _peft_adapter(base_dir, tmp_path / "adapter", kind, dora=True)

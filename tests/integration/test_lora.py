@@ -20,6 +20,9 @@ from tests.helpers.hf_tiny import save_tiny
 DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BERT_TARGETS = r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense" \
                r"|intermediate\.dense|output\.dense)"
+DEBERTA_TARGETS = r".*\.layer\.\d+\.(attention\.self\.(query|key|value)_proj" \
+                  r"|attention\.output\.dense|intermediate\.dense|output\.dense)"
+TARGETS = {"bert": BERT_TARGETS, "deberta": DEBERTA_TARGETS}
 TOL = 1e-5
 
 
@@ -58,10 +61,10 @@ def _peft_adapter(base_dir, out, kind: str, dora: bool = False):
     the head set to known non-zero values; DoRA's magnitudes scaled off ``||W + s B A||`` by
     factors in [0.25, 2.5], so its rescaling is not the identity."""
     base = AutoModelForSequenceClassification.from_pretrained(base_dir)
-    bert = kind == "bert"
-    cfg = LoraConfig(r=4, lora_alpha=12, target_modules=BERT_TARGETS if bert else DECODER_TARGETS,
+    encoder = kind in TARGETS
+    cfg = LoraConfig(r=4, lora_alpha=12, target_modules=TARGETS.get(kind, DECODER_TARGETS),
                      task_type=TaskType.SEQ_CLS, use_dora=dora,
-                     modules_to_save=["pooler"] if bert else None)
+                     modules_to_save=["pooler"] if encoder else None)
     model = get_peft_model(base, cfg)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -75,7 +78,7 @@ def _peft_adapter(base_dir, out, kind: str, dora: bool = False):
     return model
 
 
-@pytest.mark.parametrize("kind", ["llama", "bert"])
+@pytest.mark.parametrize("kind", ["llama", "bert", "deberta"])
 def test_peft_adapter_in_and_out_scores_as_peft(kind, tmp_path):
     base_dir = save_tiny(kind, tmp_path)
     peft_model = _peft_adapter(base_dir, tmp_path / "adapter", kind)

@@ -1,6 +1,8 @@
 """Parity with transformers: megarank models built from HF directories score a padded batch of
 mixed lengths exactly as the HF models do (fp32, 1e-5), in tp1_pp1, tp2_pp1 and tp1_pp2: BERT,
 XLM-RoBERTa and RoBERTa (positions offset by pad_token_id + 1, RobertaClassificationHead),
+DeBERTa-v3 (disentangled attention over log-bucketed relative positions, ContextPooler; and with
+position projections of their own, share_att_key false),
 Llama, Llama with Llama 3 RoPE scaling, Mistral, Qwen2 and Qwen3.
 
 tp1_pp1 scores in this process; the two 2-rank layouts are two cases of one torchrun launch, the
@@ -18,7 +20,12 @@ from tests.helpers.runs import run_cli
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-CLASSIFIERS = ["bert", "llama", "qwen2", "qwen3", "xlm_roberta", "roberta", "llama3", "mistral"]
+CLASSIFIERS = ["bert", "llama", "qwen2", "qwen3", "xlm_roberta", "roberta", "llama3", "mistral",
+               "deberta", "deberta_unshared"]
+# The same DeBERTa weights without one of its position terms, its table's LayerNorm or its log
+# buckets score otherwise: each matters well past the tolerance.
+DEBERTA_OFF = [{"pos_att_type": ["p2c"]}, {"pos_att_type": ["c2p"]}, {"norm_rel_ebd": "none"},
+               {"position_buckets": 8, "max_relative_positions": 16}]
 YES_NO = ["qwen3", "llama_tied"]  # an untied and a tied LM head
 LAYOUTS = {"tp1_pp1": 1, "tp2_pp1": 2, "tp1_pp2": 2}  # layout -> ranks
 
@@ -44,6 +51,10 @@ def setup(tmp_path_factory):
                 plain = torch.arange(kind_batch["input_ids"].shape[1])[None]
                 unshifted = hf(**hf_inputs(kind, kind_batch), position_ids=plain).logits[:, 0]
                 assert (unshifted - refs[-1]).abs().max() > 1e-3, kind
+            for change in DEBERTA_OFF if kind == "deberta" else []:
+                other = AutoModelForSequenceClassification.from_pretrained(d, **change).eval()
+                off = other(**hf_inputs(kind, kind_batch)).logits[:, 0]
+                assert (off - refs[-1]).abs().max() > 1e-3, change
         # Same weights as the llama classifier (same seed and shapes): only the RoPE scaling
         # differs, and it changes the scores well past the tolerance.
         llama, llama3 = refs[CLASSIFIERS.index("llama")], refs[CLASSIFIERS.index("llama3")]

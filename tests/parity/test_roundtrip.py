@@ -1,7 +1,7 @@
 """Round trip: HF -> megarank checkpoint imported in tp2_pp2 (4 ranks) -> HF is bitwise identical.
 Also: the export loads on its own in transformers and scores as the original does.
 
-The eight imports are the cases of one 4-rank launch; exports and the single-process imports run
+The ten imports are the cases of one 4-rank launch; exports and the single-process imports run
 in this process."""
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ KINDS = [
     ("roberta", False, "classifier"),
     ("llama3", False, "classifier"),
     ("mistral", False, "classifier"),
+    ("deberta", False, "classifier"),
+    ("deberta_unshared", False, "classifier"),
 ]
 
 

@@ -44,6 +44,11 @@ MEASURED = {
     # recompute drops them
     "bert-dropout-selective": ["model=bert_tiny", "model.hidden_dropout=0.1",
                                "model.attention_dropout=0.1", "trainer.recompute=selective"],
+    # DeBERTa: the disentangled terms' copies and [s, 2 span] scores, SDPA's math path for its
+    # additive mask; with dropout and selective recompute of the core attention
+    "deberta": ["model=deberta_tiny"],
+    "deberta-dropout-selective": ["model=deberta_tiny", "model.hidden_dropout=0.1",
+                                  "model.attention_dropout=0.1", "trainer.recompute=selective"],
     # bf16 with the distributed optimizer (dp 1: 18 bytes per parameter either way)
     "gpt-bf16-zero1": ["model=gpt_tiny", "trainer.precision=bf16",
                        "parallel.use_distributed_optimizer=true"],

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from megarank.training.sizing.params import geometry
+from megarank.training.sizing.params import geometry, relative_span
 from megarank.training.sizing.records import FP32, INT64, RECOMPUTE, WIDTH, Term
 
 
@@ -69,8 +69,8 @@ def _layer(cfg: Any, tp: int, device: str, length: int) -> _Layer:
         a=a, hs=h / tp if sp else h, tok=1 / tp if sp else 1, nq_t=nq / tp, nkv_t=nkv / tp,
         ffn_t=ffn / tp, qkv_t=(nq + 2 * nkv) * d / tp, d=d, length=length, cpu=cpu,
         composite=composite, math_path=cpu and float(m.attention_dropout or 0.0) > 0,
-        drop=float(m.hidden_dropout or 0.0) > 0, bert=m.family == "bert",
-        rope=m.family != "bert", gqa=nkv != nq, stats=1 if rms else 2,
+        drop=float(m.hidden_dropout or 0.0) > 0, bert=m.family in ("bert", "deberta"),
+        rope=m.family == "gpt", gqa=nkv != nq, stats=1 if rms else 2,
         nw=FP32 if composite else a, sw=a if (cpu and not rms) else FP32,
         mask_width=a if cpu else 1,
     )
@@ -84,7 +84,10 @@ def layer_terms(cfg: Any, tp: int, device: str, length: int) -> list[Term]:
     t = _input_terms(x)
     if cfg.model.qk_layernorm:
         t += _qk_norm_terms(x)
-    t += _math_attention_terms(x) if x.math_path else _fused_attention_terms(x)
+    if cfg.model.family == "deberta":
+        t += _disentangled_attention_terms(x, cfg.model)
+    else:
+        t += _math_attention_terms(x) if x.math_path else _fused_attention_terms(x)
     if x.rope and x.cpu:
         # Unfused RoPE: cos and sin, for q and for k, computed again in every layer.
         t.append(Term("RoPE cos/sin", 4 * x.d, x.a, per_position=True))
@@ -141,6 +144,30 @@ def _math_attention_terms(x: _Layer) -> list[Term]:
                       ("selective",)))
     elif x.rope:
         t.append(Term("query (after RoPE), kept for recompute", x.nq_t * d, a, ("selective",)))
+    return t
+
+
+def _disentangled_attention_terms(x: _Layer, m: Any) -> list[Term]:
+    """DeBERTa's core attention (megarank.models.deberta): per position term, a copy of the
+    queries (c2p) or keys (p2c) and their [s, 2 span] scores against the table, which the
+    gather keeps; SDPA with an additive mask that needs a gradient takes its math path (scaled
+    query and key copies, [s, s] probabilities); the [s, s] bucket index per layer.
+    Selective recompute keeps only the inputs (the QKV output). Measured on the CPU in fp32."""
+    a, d, core = x.a, x.d, ("none",)
+    span2 = 2 * relative_span(m)
+    t = [Term("QKV output (held by the value view)", x.qkv_t, a)]
+    for term, heads in (("c2p", x.nq_t), ("p2c", x.nkv_t)):
+        if term in m.pos_att_type:
+            t.append(Term(f"{term}: query/key copy", heads * d, a, core))
+            t.append(Term(f"{term}: scores against the table", x.nq_t * span2, a, core))
+    for name in ("scaled query", "key copy"):  # the value: a view of the QKV output
+        t.append(Term(name, x.nq_t * d, a, core))
+    names = ["attention probabilities"]
+    if x.math_path:  # attention dropout
+        names += ["attention dropout mask", "dropped attention probabilities"]
+    t += [Term(name, x.nq_t * x.length, a, core) for name in names]
+    t.append(Term("relative-position index", x.length, INT64, per_position=True))
+    t.append(Term("padding mask", 1, 1, core))
     return t
 
 
@@ -230,7 +257,7 @@ def stage_terms(cfg: Any, tp: int, pp: int, stage: int, device: str) -> list[Ter
     sp = bool(cfg.parallel.sequence_parallel)
     hs = h / tp if sp else h
     cpu = device == "cpu"
-    bert = m.family == "bert"
+    bert = m.family in ("bert", "deberta")
     mask_width = a if cpu else 1
     t: list[Term] = []
     if stage == 0:
@@ -275,9 +302,9 @@ def head_bytes(cfg: Any, sequences: int, device: str) -> int:
     dropped = h * (mask_width + a)
     if cfg.pair.head == "yes_no":
         states, fixed = h * a, 2 * h * a
-    elif m.family != "bert":
+    elif m.family == "gpt":
         states, fixed = (dropped if p > 0 else h * a), 0
-    elif m.encoder_head == "roberta":  # dropout, dense, tanh, dropout, out_proj
+    elif m.encoder_head in ("roberta", "deberta"):  # dropout, dense, tanh/GELU, dropout, out
         states, fixed = (2 * dropped + h * a if p > 0 else 2 * h * a), 0
     else:  # BERT: dense (pooler), tanh, dropout, classifier
         states, fixed = 2 * h * a + (dropped if p > 0 else 0), 0

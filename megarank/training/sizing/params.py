@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from megarank.config import padded_vocab_size
+from megarank.config import ENCODER_FAMILIES, padded_vocab_size
 
 
 def geometry(m: Any) -> tuple[int, int, int, int, int]:
@@ -79,7 +79,36 @@ def head_params(cfg: Any) -> int:
     m, h = cfg.model, int(cfg.model.hidden_size)
     if cfg.pair.head == "yes_no":
         return 0
-    return h * h + h + h + 1 if m.family == "bert" else h
+    return h * h + h + h + 1 if m.family in ENCODER_FAMILIES else h
+
+
+def relative_params(m: Any) -> int:
+    """DeBERTa's relative-position table (2 * span rows) and its LayerNorm, held by every
+    pipeline stage (with share_att_key, position queries and keys are projected by the layers'
+    QKV weights; otherwise see position_projection_params)."""
+    if m.family != "deberta":
+        return 0
+    h = int(m.hidden_size)
+    return 2 * relative_span(m) * h + (2 * h if m.norm_rel_ebd == "layer_norm" else 0)
+
+
+def position_projection_params(m: Any, tp: int) -> int:
+    """One layer's DeBERTa position projections on one TP rank when share_att_key is false:
+    pos_key_proj (c2p) and pos_query_proj (p2c), each column-parallel [h, heads * d] + bias."""
+    if m.family != "deberta" or m.share_att_key:
+        return 0
+    h, nq, _, d, _ = geometry(m)
+    return len(m.pos_att_type) * (h * nq * d + nq * d) // tp
+
+
+def relative_span(m: Any) -> int:
+    """DeBERTa's span: position_buckets when positive, else max_relative_positions, else
+    max_position_embeddings (its table has 2 * span rows)."""
+    if int(m.position_buckets) > 0:
+        return int(m.position_buckets)
+    if int(m.max_relative_positions) >= 1:
+        return int(m.max_relative_positions)
+    return int(m.max_position_embeddings)
 
 
 def stage_params(cfg: Any, tp: int, pp: int, stage: int) -> int:
@@ -87,20 +116,23 @@ def stage_params(cfg: Any, tp: int, pp: int, stage: int) -> int:
     m = cfg.model
     h = int(m.hidden_size)
     first, last = stage == 0, stage == pp - 1
-    n = int(m.num_layers) // pp * layer_params(m, tp)
+    n = int(m.num_layers) // pp * (layer_params(m, tp) + position_projection_params(m, tp))
+    n += relative_params(m)
     vocab_rows = padded_vocab_size(m) // tp
     if first:
         n += vocab_rows * h
-        if m.family == "bert":
-            n += int(m.max_position_embeddings) * h + int(m.type_vocab_size) * h + 2 * h
+        if m.family == "bert" or (m.family == "deberta" and m.position_biased_input):
+            n += int(m.max_position_embeddings) * h
+        if m.family in ENCODER_FAMILIES:
+            n += int(m.type_vocab_size) * h + 2 * h
     if last:
-        if m.family != "bert":
+        if m.family not in ENCODER_FAMILIES:
             n += 2 * h if m.normalization == "LayerNorm" else h  # final norm
         if cfg.pair.head == "yes_no":
             # The LM output layer: its own vocab-parallel copy unless tied on a single stage.
             if not (m.tie_word_embeddings and first):
                 n += vocab_rows * h
-        elif m.family == "bert":
+        elif m.family in ENCODER_FAMILIES:
             n += h * h + h + h + 1  # pooler / dense (h x h + bias), score (h + bias)
         else:
             n += h  # score, no bias
