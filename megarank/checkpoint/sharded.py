@@ -29,6 +29,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megarank.models.dora import weights_changed
 from megarank.models.lora import ADAPTER
 from megarank.parallel.megatron import (
     optimizer_sharding_metadata,
@@ -407,6 +408,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any, sc
         template["rng"] = _rng_object(runtime, None)
     loaded = _load(path, template)
     _unwrap(model).load_state_dict(loaded["model"], strict=_whole(model))
+    weights_changed()
     optimizer.load_state_dict(loaded["optimizer"])
     separate_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
@@ -423,6 +425,7 @@ def load_model_weights(path: str | Path, model: torch.nn.Module, part: str = "sa
     model_sd = model_state(model, part)
     loaded = _load(path, {"model": model_sd})
     _unwrap(model).load_state_dict(loaded["model"], strict=_whole(model))
+    weights_changed()
     return path
 
 

@@ -22,6 +22,12 @@ How the row norm is formed under tensor parallelism:
   row o: those are summed in fp32 over the tensor-parallel group (one all-reduce of ``[out]``
   values, detached) and then square-rooted. ``m`` (``[out]``) is replicated, like B.
 
+In training the weights change only at the optimizer step, so a step's micro-batches (and a
+recomputed forward) share one norm per adapter: it is cached while the module trains, keyed on
+the weights' generation (:func:`weights_changed`, which the training step calls after every
+optimizer step) and on the in-place versions of W, A and B; scoring (eval mode) always
+recomputes it.
+
 The fused linears (q, k, v in ``linear_qkv``; gate and up in a gated ``linear_fc1``) keep one
 magnitude vector per HF projection, laid out into the fused rows by the same interleaving as the
 adapters' outputs, so that a DoRA adapter is exactly a PEFT DoRA adapter in both directions.
@@ -37,6 +43,17 @@ from megatron.core import parallel_state, tensor_parallel
 
 from megarank.models.lora import LoraAdapter, adapters, add_adapters, transformer_layers
 
+_generation = 0
+"""How many times the weights of a training model may have changed (optimizer steps, loads)."""
+
+
+def weights_changed() -> None:
+    """Say that model weights may have changed outside autograd's notice (an optimizer step
+    writes parameters through ``.data``, which no version counter sees): every cached DoRA norm
+    is recomputed at its next use."""
+    global _generation
+    _generation += 1
+
 
 class DoraAdapter(LoraAdapter):
     """LoRA's (A, B) pairs of one target linear plus a magnitude ``m{i}`` per projection."""
@@ -50,6 +67,19 @@ class DoraAdapter(LoraAdapter):
             if self.parallel == "column":
                 tensor_parallel.set_tensor_model_parallel_attributes(m, True, 0, 1)
             self.register_parameter(f"m{i}", m)
+        self._norm_cache: tuple[tuple, torch.Tensor] | None = None
+
+    def training_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """:meth:`weight_norm`, computed once per weights generation while training (module
+        docstring); in eval mode, every call."""
+        if not self.training:
+            self._norm_cache = None
+            return self.weight_norm(weight)
+        key = (_generation, weight.data_ptr(), weight._version,
+               *((a._version, b._version) for a, b in self.pairs()))
+        if self._norm_cache is None or self._norm_cache[0] != key:
+            self._norm_cache = (key, self.weight_norm(weight))
+        return self._norm_cache[1]
 
     def magnitudes(self) -> list[torch.nn.Parameter]:
         return [getattr(self, f"m{i}") for i in range(len(self.parts))]
@@ -115,7 +145,7 @@ def dora_hook(adapter: DoraAdapter, linear: torch.nn.Module):
         dropped = adapter.dropout(x)
         dropout_active = adapter.training and not isinstance(adapter.dropout, torch.nn.Identity)
         magnitude = adapter.fused(adapter.magnitudes())
-        factor = magnitude / adapter.weight_norm(linear.weight).to(magnitude.dtype)  # [out_local]
+        factor = magnitude / adapter.training_norm(linear.weight).to(magnitude.dtype)  # [out_local]
         if not dropout_active:  # as PEFT: W x is the layer's output less the bias it added
             added = None if linear.skip_bias_add else getattr(linear, "bias", None)
             wx = out if added is None else out - added
@@ -134,6 +164,7 @@ def reset_magnitudes(model: torch.nn.Module) -> int:
     the model holds now: after the base weights are loaded (an HF import, ``model.init_from``),
     so that the adapted model starts equal to its base. Collective over the tensor-parallel group
     (row-parallel norms). Returns the number of adapters reset."""
+    weights_changed()
     inner = model
     while hasattr(inner, "module"):
         inner = inner.module

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from megarank.data.batch import PairBatch
 from megarank.data.truncation import max_over_windows
+from megarank.models.dora import weights_changed
 from megarank.parallel.megatron import grads_finite_tensor
 from megarank.parallel.runtime import Runtime, current_runtime
 from megarank.training.flops import step_flops
@@ -141,6 +142,7 @@ def train_step(forward_backward, forward_step, data: Iterator[PairBatch], model,
     if not stats["finite"]:
         return stats, float("nan"), lr, False
     _, grad_norm, _ = optimizer.step()
+    weights_changed()  # DoRA's cached weight norms (models/dora.py) are stale now
     scheduler.step(increment=1)
     return stats, float(grad_norm) if grad_norm is not None else float("nan"), lr, True
 
