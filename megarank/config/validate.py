@@ -177,15 +177,9 @@ def _check_deberta(errors: list[str], cfg: Any) -> None:
                       "(every rank projects the whole relative-position table)")
 
 
-def validate(cfg: Any, world_size: int) -> Derived:
-    """Check ``cfg`` (a composed TrainConfig) for ``world_size`` ranks; return the derived sizes.
-
-    Raises ConfigError listing every problem found, each naming its fields.
-    """
-    m, p, t, trainer, o = cfg.model, cfg.parallel, cfg.task, cfg.trainer, cfg.optim
-    errors: list[str] = []
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-
+def _check_choices(errors: list[str], cfg: Any) -> None:
+    """Fields that take one of a few values."""
+    m, t, trainer, o = cfg.model, cfg.task, cfg.trainer, cfg.optim
     _choice(errors, "model.family", m.family, FAMILIES)
     _choice(errors, "task.loss", t.loss, LOSSES)
     _choice(errors, "pair.head", cfg.pair.head, ("classifier", "yes_no"))
@@ -203,7 +197,11 @@ def validate(cfg: Any, world_size: int) -> Derived:
         ("rope", "learned_absolute", "relative"),
     )
 
-    # Model shape against the parallel layout.
+
+def _check_model_shape(errors: list[str], cfg: Any) -> None:
+    """The model's shape against the parallel layout, and what a family allows."""
+    m, p = cfg.model, cfg.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     _div(errors, "model.num_attention_heads", m.num_attention_heads,
          "parallel.tensor_model_parallel_size", tp)
     groups = m.num_query_groups or m.num_attention_heads
@@ -242,7 +240,12 @@ def validate(cfg: Any, world_size: int) -> Derived:
         errors.append(f"pair.max_length ({cfg.pair.max_length}) must be <= model.sliding_window "
                       f"({m.sliding_window}): megarank attends over the whole sequence")
 
-    # World and batch layout.
+
+def _batch_layout(errors: list[str], cfg: Any, world_size: int) -> tuple[int, int, int | None]:
+    """The data-parallel size and micro-batches per step this world gives (0 where it cannot),
+    and data.tokens_per_micro_batch."""
+    p, t, trainer = cfg.parallel, cfg.task, cfg.trainer
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     dp = 0
     if tp <= 0 or pp <= 0:
         errors.append(
@@ -295,7 +298,11 @@ def validate(cfg: Any, world_size: int) -> Derived:
                     f"trainer.micro_batch_size ({trainer.micro_batch_size}) * data-parallel size ({dp})"
                 )
 
-    # Data.
+    return dp, num_micro, budget
+
+
+def _check_data(errors: list[str], cfg: Any) -> None:
+    """How training data is read."""
     _choice(errors, "data.passages", cfg.data.passages, ("first", "max"))
     if cfg.data.passage_stride is not None and cfg.data.passage_stride < 1:
         errors.append(f"data.passage_stride ({cfg.data.passage_stride}) must be >= 1")
@@ -315,7 +322,10 @@ def validate(cfg: Any, world_size: int) -> Derived:
         errors.append(f"data.train_path ({train_path}) is a directory but not a complete "
                       "prepared dataset (no meta.json); build one with `megarank prepare`")
 
-    # Task.
+
+def _check_task(errors: list[str], cfg: Any) -> None:
+    """The loss and its weights."""
+    t = cfg.task
     if t.loss != "pointwise" and t.group_size < 2:
         errors.append(f"task.group_size ({t.group_size}) must be >= 2 for task.loss {t.loss}")
     if t.group_size < 1:
@@ -332,6 +342,11 @@ def validate(cfg: Any, world_size: int) -> Derived:
         errors.append(f"task.hard_weight ({t.hard_weight}) must be >= 0")
     if t.hard_weight == 0 and t.distill_weight == 0:
         errors.append("task.hard_weight and task.distill_weight are both 0: nothing to train")
+
+
+def _check_pair(errors: list[str], cfg: Any) -> None:
+    """The pair format (a chat prompt)."""
+    m = cfg.model
     pf = cfg.pair
     if pf.prefix is not None:
         if m.family != "gpt":
@@ -344,7 +359,11 @@ def validate(cfg: Any, world_size: int) -> Derived:
             errors.append("pair.template has {instruction}: pair.instruction must be set "
                           "(the default of records without one)")
 
-    # Features that need something else.
+
+def _check_features(errors: list[str], cfg: Any) -> None:
+    """Features that need something else (sequence parallel, packing, lengths)."""
+    m, p, trainer = cfg.model, cfg.parallel, cfg.trainer
+    tp = p.tensor_model_parallel_size
     if p.sequence_parallel and tp < 2:
         errors.append("parallel.sequence_parallel requires parallel.tensor_model_parallel_size > 1")
     if p.sequence_parallel and tp > 0 and cfg.data.pad_to_multiple_of % tp != 0:
@@ -376,6 +395,11 @@ def validate(cfg: Any, world_size: int) -> Derived:
             f"pair.max_query_length ({cfg.pair.max_query_length}) must be < "
             f"pair.max_length ({cfg.pair.max_length})"
         )
+
+
+def _check_trainer_and_optim(errors: list[str], cfg: Any) -> None:
+    """The loop's cadence, retention and the optimizer."""
+    trainer, o = cfg.trainer, cfg.optim
     for name in ("max_steps", "log_interval"):
         if getattr(trainer, name) <= 0:
             errors.append(f"trainer.{name} ({getattr(trainer, name)}) must be positive")
@@ -409,16 +433,31 @@ def validate(cfg: Any, world_size: int) -> Derived:
     if trainer.max_nonfinite_steps < 1:
         errors.append(f"trainer.max_nonfinite_steps ({trainer.max_nonfinite_steps}) must be >= 1")
 
-    _check_peft(errors, cfg)
 
+def validate(cfg: Any, world_size: int) -> Derived:
+    """Check ``cfg`` (a composed TrainConfig) for ``world_size`` ranks; return the derived sizes.
+
+    Raises ConfigError listing every problem found, each naming its fields.
+    """
+    errors: list[str] = []
+    _check_choices(errors, cfg)
+    _check_model_shape(errors, cfg)
+    dp, num_micro, budget = _batch_layout(errors, cfg, world_size)
+    _check_data(errors, cfg)
+    _check_task(errors, cfg)
+    _check_pair(errors, cfg)
+    _check_features(errors, cfg)
+    _check_trainer_and_optim(errors, cfg)
+    _check_peft(errors, cfg)
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    p = cfg.parallel
     return Derived(
         world_size=world_size,
-        tp=tp,
-        pp=pp,
+        tp=p.tensor_model_parallel_size,
+        pp=p.pipeline_model_parallel_size,
         dp=dp,
         num_microbatches=num_micro,
-        pairs_per_micro_batch=(1 if budget is not None else trainer.micro_batch_size)
-        * t.group_size,
+        pairs_per_micro_batch=(1 if budget is not None else cfg.trainer.micro_batch_size)
+        * cfg.task.group_size,
     )
