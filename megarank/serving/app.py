@@ -215,29 +215,83 @@ def _validate(model: type, payload: Any) -> Any:
                                       for err in e.errors()]) from None
 
 
-def create_app(engine: RerankEngine, api_key: str | None = None) -> FastAPI:
-    """The API over ``engine``; its lifespan starts the engine's scoring thread and, at
-    shutdown (after in-flight requests are answered), scores what is queued and stops it.
-    With ``api_key`` every route but ``/health`` wants it as a bearer token."""
+class Handlers:
+    """What the routes do with a request: the request bounds, then the engine's scores, in each
+    API's response shape."""
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI):
-        engine.start()
-        try:
-            yield
-        finally:
-            await asyncio.to_thread(engine.stop)
+    def __init__(self, engine: RerankEngine) -> None:
+        self.engine = engine
 
-    # strict_content_type=False: a JSON body without a Content-Type header is read as JSON.
-    app = FastAPI(title="megarank rerank API", lifespan=lifespan, strict_content_type=False,
-                  description="Cohere/Jina/vLLM-shaped rerank and score endpoints over a "
-                              "megarank model, scored by its scoring contract.")
-    app.add_middleware(BodyLimit, max_bytes=engine.limits.max_body_bytes)
-    if api_key:  # added last, so it runs first: no body is read for a request without the key
-        app.add_middleware(ApiKey, key=api_key)
-    app.state.engine = engine
-    created = int(time.time())
+    def check_count(self, n: int, param: str) -> None:
+        limit = self.engine.limits.max_documents
+        if n > limit:
+            raise BadRequest(param, f"{param}: {n} texts, at most {limit} per request "
+                                    "(--max-documents)", status=413)
 
+    def check_chars(self, texts: str | list[str], param: str) -> None:
+        limit = self.engine.limits.max_text_chars
+        for i, text in enumerate([texts] if isinstance(texts, str) else texts):
+            if len(text) > limit:
+                name = param if isinstance(texts, str) else f"{param}[{i}]"
+                raise BadRequest(name, f"{name}: {len(text)} characters, at most {limit} per "
+                                       "text (--max-text-chars)", status=413)
+
+    def check_rerank(self, query: str, docs: list[str], param: str) -> None:
+        self.check_count(len(docs), param)
+        self.check_chars(query, "query")
+        self.check_chars(docs, param)
+
+    async def rerank(self, body: RerankRequest, version: str) -> RerankResponse:
+        """Cohere / Jina / vLLM: documents ordered by relevance."""
+        docs: list[str] = body.documents  # the validator turned {"text": ...} into strings
+        self.check_rerank(body.query, docs, "documents")
+        scores, tokens = await self.engine.score([(body.query, d) for d in docs])
+        ranked = [int(k) for k in rank_documents({f"{i:09d}": s for i, s in enumerate(scores)})]
+        if body.top_n is not None:
+            ranked = ranked[:body.top_n]
+        results = [RerankResult(index=i, relevance_score=scores[i],
+                                document=DocumentText(text=docs[i]) if body.return_documents
+                                else None) for i in ranked]
+        return RerankResponse(
+            id=str(uuid.uuid4()), model=self.engine.name, results=results,
+            meta=Meta(api_version=ApiVersion(version=version),
+                      tokens=MetaTokens(input_tokens=tokens)),
+            usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
+
+    async def rerank_tei(self, body: TeiRerankRequest) -> list[dict[str, Any]]:
+        """Text Embeddings Inference: a list of ``{index, score[, text]}`` by relevance."""
+        self.check_rerank(body.query, body.texts, "texts")
+        scores, _ = await self.engine.score([(body.query, t) for t in body.texts],
+                                            relevance="raw" if body.raw_scores else "sigmoid")
+        ranked = [int(k) for k in rank_documents({f"{i:09d}": s for i, s in enumerate(scores)})]
+        return [TeiRerankResult(index=i, score=scores[i],
+                                text=body.texts[i] if body.return_text else None)
+                .model_dump(exclude_none=True) for i in ranked]
+
+    async def score(self, body: ScoreRequest) -> ScoreResponse:
+        """vLLM's score: text_1 paired with each of text_2 (or the lists zipped)."""
+        t1 = [body.text_1] if isinstance(body.text_1, str) else body.text_1
+        t2 = [body.text_2] if isinstance(body.text_2, str) else body.text_2
+        if len(t1) == 1:
+            t1 = t1 * len(t2)
+        elif len(t2) == 1:
+            t2 = t2 * len(t1)
+        elif len(t1) != len(t2):
+            raise BadRequest("text_2", f"text_2: {len(t2)} texts for {len(t1)} in text_1; give "
+                                       "as many, or one text on either side")
+        self.check_count(len(t1), "text_2")
+        self.check_chars(body.text_1, "text_1")
+        self.check_chars(body.text_2, "text_2")
+        scores, tokens = await self.engine.score(list(zip(t1, t2, strict=True)))
+        return ScoreResponse(
+            id=f"score-{uuid.uuid4().hex}", created=int(time.time()), model=self.engine.name,
+            data=[ScoreItem(index=i, score=s) for i, s in enumerate(scores)],
+            usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error answered as ``{"error", "param"}`` JSON with its status: 400 for a body that
+    fails validation, 413 for a bound, 500 for a model failure, 503 while stopping."""
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
@@ -265,110 +319,54 @@ def create_app(engine: RerankEngine, api_key: str | None = None) -> FastAPI:
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
-    def check_count(n: int, param: str) -> None:
-        limit = engine.limits.max_documents
-        if n > limit:
-            raise BadRequest(param, f"{param}: {n} texts, at most {limit} per request "
-                                    "(--max-documents)", status=413)
 
-    def check_chars(texts: str | list[str], param: str) -> None:
-        limit = engine.limits.max_text_chars
-        for i, text in enumerate([texts] if isinstance(texts, str) else texts):
-            if len(text) > limit:
-                name = param if isinstance(texts, str) else f"{param}[{i}]"
-                raise BadRequest(name, f"{name}: {len(text)} characters, at most {limit} per "
-                                       "text (--max-text-chars)", status=413)
+ERRORS = {400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+          500: {"model": ErrorResponse}}
 
-    def check_rerank(query: str, docs: list[str], param: str) -> None:
-        check_count(len(docs), param)
-        check_chars(query, "query")
-        check_chars(docs, param)
 
-    async def rerank(body: RerankRequest, version: str) -> RerankResponse:
-        docs: list[str] = body.documents  # the validator turned {"text": ...} into strings
-        check_rerank(body.query, docs, "documents")
-        scores, tokens = await engine.score([(body.query, d) for d in docs])
-        ranked = [int(k) for k in rank_documents({f"{i:09d}": s for i, s in enumerate(scores)})]
-        if body.top_n is not None:
-            ranked = ranked[:body.top_n]
-        results = [RerankResult(index=i, relevance_score=scores[i],
-                                document=DocumentText(text=docs[i]) if body.return_documents
-                                else None) for i in ranked]
-        return RerankResponse(
-            id=str(uuid.uuid4()), model=engine.name, results=results,
-            meta=Meta(api_version=ApiVersion(version=version),
-                      tokens=MetaTokens(input_tokens=tokens)),
-            usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
-
+def add_rerank_routes(app: FastAPI, handlers: Handlers) -> None:
+    """``/v1/rerank``, ``/v2/rerank`` and ``/rerank`` (which also takes TEI's request)."""
     rerank_doc = {"response_model": RerankResponse, "response_model_exclude_none": True,
-                  "responses": {400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
-                                500: {"model": ErrorResponse}}}
+                  "responses": ERRORS}
 
     @app.post("/v2/rerank", **rerank_doc)
     async def rerank_v2(body: RerankRequest) -> RerankResponse:
         """Cohere v2 / vLLM: documents ordered by relevance."""
-        return await rerank(body, "2")
+        return await handlers.rerank(body, "2")
 
     @app.post("/v1/rerank", **rerank_doc)
     async def rerank_v1(body: RerankRequest) -> RerankResponse:
         """Cohere v1 / Jina / vLLM: documents ordered by relevance."""
-        return await rerank(body, "1")
-
-    async def rerank_tei(body: TeiRerankRequest) -> list[dict[str, Any]]:
-        check_rerank(body.query, body.texts, "texts")
-        scores, _ = await engine.score([(body.query, t) for t in body.texts],
-                                       relevance="raw" if body.raw_scores else "sigmoid")
-        ranked = [int(k) for k in rank_documents({f"{i:09d}": s for i, s in enumerate(scores)})]
-        return [TeiRerankResult(index=i, score=scores[i],
-                                text=body.texts[i] if body.return_text else None)
-                .model_dump(exclude_none=True) for i in ranked]
+        return await handlers.rerank(body, "1")
 
     tei_schema = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
         "oneOf": [RerankRequest.model_json_schema(), TeiRerankRequest.model_json_schema()]}}}}}
 
     @app.post("/rerank", openapi_extra=tei_schema,
-              responses={200: {"model": RerankResponse | list[TeiRerankResult]},
-                         **rerank_doc["responses"]})
+              responses={200: {"model": RerankResponse | list[TeiRerankResult]}, **ERRORS})
     async def rerank_plain(request: Request) -> JSONResponse:
         """vLLM's unversioned path; a body with ``texts`` (and no ``documents``) is Text
         Embeddings Inference's request, answered with TEI's list of ``{index, score}``."""
         payload = await _json_body(request)
         if isinstance(payload, dict) and "texts" in payload and "documents" not in payload:
-            return JSONResponse(await rerank_tei(_validate(TeiRerankRequest, payload)))
-        body = await rerank(_validate(RerankRequest, payload), "2")
+            return JSONResponse(await handlers.rerank_tei(_validate(TeiRerankRequest, payload)))
+        body = await handlers.rerank(_validate(RerankRequest, payload), "2")
         return JSONResponse(body.model_dump(exclude_none=True))
 
-    async def score(body: ScoreRequest) -> ScoreResponse:
-        t1 = [body.text_1] if isinstance(body.text_1, str) else body.text_1
-        t2 = [body.text_2] if isinstance(body.text_2, str) else body.text_2
-        if len(t1) == 1:
-            t1 = t1 * len(t2)
-        elif len(t2) == 1:
-            t2 = t2 * len(t1)
-        elif len(t1) != len(t2):
-            raise BadRequest("text_2", f"text_2: {len(t2)} texts for {len(t1)} in text_1; give "
-                                       "as many, or one text on either side")
-        check_count(len(t1), "text_2")
-        check_chars(body.text_1, "text_1")
-        check_chars(body.text_2, "text_2")
-        scores, tokens = await engine.score(list(zip(t1, t2, strict=True)))
-        return ScoreResponse(
-            id=f"score-{uuid.uuid4().hex}", created=int(time.time()), model=engine.name,
-            data=[ScoreItem(index=i, score=s) for i, s in enumerate(scores)],
-            usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
 
-    score_doc = {"response_model": ScoreResponse,
-                 "responses": {400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
-                               500: {"model": ErrorResponse}}}
+def add_other_routes(app: FastAPI, handlers: Handlers, engine: RerankEngine) -> None:
+    """``/score`` and ``/v1/score``, ``/health``, ``/models`` and ``/v1/models``."""
+    created = int(time.time())
+    score_doc = {"response_model": ScoreResponse, "responses": ERRORS}
 
     @app.post("/score", **score_doc)
     async def score_plain(body: ScoreRequest) -> ScoreResponse:
         """vLLM's score: text_1 paired with each of text_2 (or the lists zipped)."""
-        return await score(body)
+        return await handlers.score(body)
 
     @app.post("/v1/score", **score_doc)
     async def score_v1(body: ScoreRequest) -> ScoreResponse:
-        return await score(body)
+        return await handlers.score(body)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -388,4 +386,31 @@ def create_app(engine: RerankEngine, api_key: str | None = None) -> FastAPI:
     async def models_plain() -> ModelList:
         return models()
 
+
+
+def create_app(engine: RerankEngine, api_key: str | None = None) -> FastAPI:
+    """The API over ``engine``; its lifespan starts the engine's scoring thread and, at
+    shutdown (after in-flight requests are answered), scores what is queued and stops it.
+    With ``api_key`` every route but ``/health`` wants it as a bearer token."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    # strict_content_type=False: a JSON body without a Content-Type header is read as JSON.
+    app = FastAPI(title="megarank rerank API", lifespan=lifespan, strict_content_type=False,
+                  description="Cohere/Jina/vLLM-shaped rerank and score endpoints over a "
+                              "megarank model, scored by its scoring contract.")
+    app.add_middleware(BodyLimit, max_bytes=engine.limits.max_body_bytes)
+    if api_key:  # added last, so it runs first: no body is read for a request without the key
+        app.add_middleware(ApiKey, key=api_key)
+    app.state.engine = engine
+    add_error_handlers(app)
+    handlers = Handlers(engine)
+    add_rerank_routes(app, handlers)
+    add_other_routes(app, handlers, engine)
     return app
