@@ -251,16 +251,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    """CLI entry (``megarank quickstart`` / ``python -m megarank.quickstart``)."""
-    args = parse_args(argv)
-    train_on = [n for n in args.train_on.split(",") if n]
-    embedder = resolve_embedder(args)
-    out = Path(args.out).resolve()
-    (out / "data").mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-
-    # 1. Triplets: the --train-on collections' train splits, mined, then one file.
+def mine_triplets(args: argparse.Namespace, out: Path, train_on: list[str], embedder: str | None,
+              timings: dict[str, float]) -> Path:
+    """1. Triplets: the --train-on collections' train splits, mined, then one file."""
     triplets = out / "data" / "train_triplets.jsonl"
     mined = []
     extra = ["--model", embedder] if args.retriever == "dense" else []
@@ -292,14 +285,23 @@ def main(argv: list[str] | None = None) -> None:
              ["--model", embedder, "--pseudo-queries", str(args.web_pseudo_queries)])
     triplets.write_text("".join(mined), encoding="utf-8")
 
-    # 2. Import the pretrained encoder as a megarank checkpoint.
+    return triplets
+
+
+def import_encoder(args: argparse.Namespace, out: Path, timings: dict[str, float]) -> str:
+    """2. The pretrained encoder imported as a megarank checkpoint; its preset's name."""
     hf_dir, preset = MODELS[args.model]
     if not (args.keep_data and (out / "imported" / "megarank.json").is_file()):
         timings["import"] = _run(["megarank.convert", "from-hf", "--hf", package_path(hf_dir), "--out",
                                   str(out / "imported"), f"pair.max_length={args.max_length}"],
                                  log=out / "import.log")
 
-    # 3. Train with torchrun: data parallel over gloo ranks.
+    return preset
+
+
+def train_encoder(args: argparse.Namespace, out: Path, preset: str, triplets: Path,
+               timings: dict[str, float]) -> None:
+    """3. Training with torchrun: data parallel over the ranks."""
     warmup = max(1, args.steps // 10)
     micro = max(1, args.groups_per_step // args.nproc)
     timings["train"] = _run([
@@ -318,12 +320,12 @@ def main(argv: list[str] | None = None) -> None:
                                           f"peft.alpha={2 * args.lora_rank}"]),
     ], nproc=args.nproc, log=out / "train.log")
 
-    # 4. Export to Hugging Face.
-    timings["export"] = _run(["megarank.convert", "to-hf", "--ckpt", str(out / "train"), "--out",
-                              str(out / "hf")], log=out / "export.log")
 
-    # 5. Evaluate the export on both test splits (reranking BM25's top k); a collection never
-    # trained on has its train split evaluated too: all its judged queries are unseen.
+
+def evaluate_export(args: argparse.Namespace, out: Path, train_on: list[str], embedder: str | None,
+                  timings: dict[str, float]) -> tuple[dict, dict, list[str]]:
+    """5. The export evaluated on both test splits (reranking BM25's top k); a collection never
+    trained on has its train split evaluated too: all its judged queries are unseen."""
     unseen = [n for n in COLLECTIONS if n not in train_on]
     results, train_splits = {}, {}
     for name, split in [*((n, "test") for n in COLLECTIONS), *((n, "train") for n in unseen)]:
@@ -338,7 +340,12 @@ def main(argv: list[str] | None = None) -> None:
         record = json.loads((where / "metrics.json").read_text())
         (results if split == "test" else train_splits)[name] = record
 
-    # 6. The table.
+    return results, train_splits, unseen
+
+
+def report(args: argparse.Namespace, out: Path, results: dict, train_splits: dict,
+           unseen: list[str], timings: dict[str, float]) -> None:
+    """6. The table, printed and written to results.json."""
     table = summarize(results)
     for name, train in train_splits.items():
         table.update(summarize({f"{name} all": pooled(results[name], train)}))
@@ -353,6 +360,24 @@ def main(argv: list[str] | None = None) -> None:
               "'<name> all': its test and train queries together")
     print("\ntimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     print(f"everything is under {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry (``megarank quickstart`` / ``python -m megarank.quickstart``)."""
+    args = parse_args(argv)
+    train_on = [n for n in args.train_on.split(",") if n]
+    embedder = resolve_embedder(args)
+    out = Path(args.out).resolve()
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    triplets = mine_triplets(args, out, train_on, embedder, timings)
+    preset = import_encoder(args, out, timings)
+    train_encoder(args, out, preset, triplets, timings)
+    # 4. Export to Hugging Face.
+    timings["export"] = _run(["megarank.convert", "to-hf", "--ckpt", str(out / "train"), "--out",
+                              str(out / "hf")], log=out / "export.log")
+    results, train_splits, unseen = evaluate_export(args, out, train_on, embedder, timings)
+    report(args, out, results, train_splits, unseen, timings)
 
 
 if __name__ == "__main__":
