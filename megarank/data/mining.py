@@ -229,13 +229,7 @@ def mine(collection: str | Path, out: str | Path, split: str | None = None,
                          "--retriever model")
     coll = load_collection(collection)
     qids = split_queries(coll, split)
-    made = pseudo_queries(coll.corpus, pseudo, seed) if pseudo else {}
-    if clash := sorted(set(made) & set(coll.queries)):
-        raise ValueError(f"{coll.root / 'queries.jsonl'}: query id {clash[0]!r} is taken by a "
-                         "pseudo-query's id; rename it or mine without --pseudo-queries")
-    if made:
-        coll = dataclasses.replace(coll, queries={**coll.queries,
-                                                  **{p: t for p, (t, _) in made.items()}})
+    coll, made = _with_pseudo_queries(coll, pseudo, seed)
     stats = MineStats()
     positives = {}
     for q in qids:
@@ -243,25 +237,7 @@ def mine(collection: str | Path, out: str | Path, split: str | None = None,
             positives[q] = pos
         else:
             stats.skipped_no_positive.append(q)
-    ranked: dict[str, list[tuple[str, float]]] = {}
-    pos_scores: dict[str, dict[str, float]] = {}
-    rank, world = group_rank_and_size()
-    if rank == 0:  # under a process group the index is built once, on rank 0, and shared
-        index = BM25Index(coll.corpus, progress and is_main_process())
-        for q in tqdm(positives, desc="bm25", unit="query", disable=not (progress and is_main_process()),
-                      file=sys.stderr):
-            ranked[q], all_scores = index.top(coll.queries[q], depth)
-            pos_scores[q] = {d: float(all_scores[index.position[d]]) for d in positives[q]}
-        for p, (text, src) in made.items():  # the source and its copies are no candidates
-            top, _ = index.top(text, depth + 1)
-            ranked[p] = [(d, s) for d, s in top
-                         if d != src and coll.corpus[d] != coll.corpus[src]][:depth]
-    if world > 1:
-        import torch.distributed as dist
-
-        shared = [(ranked, pos_scores)]
-        dist.broadcast_object_list(shared, src=0)
-        ranked, pos_scores = shared[0]
+    ranked, pos_scores = _bm25_candidates(coll, positives, made, depth, progress)
     if rescore is not None:
         unlabelled = {**positives, **dict.fromkeys(made, [])}
         keys = _pairs_to_score(ranked, unlabelled)
@@ -282,12 +258,7 @@ def mine(collection: str | Path, out: str | Path, split: str | None = None,
                                 negatives=negatives, margin=margin, seed=seed)
         if len(negs) < negatives:
             stats.short.append(q)
-        row: dict[str, Any] = {"query": coll.queries[q], "pos": [coll.corpus[d] for d in pos],
-                               "neg": [coll.corpus[d] for d, _ in negs]}
-        if rescore is not None:
-            row["pos_scores"] = [pos_scores[q][d] for d in pos]
-            row["neg_scores"] = [s for _, s in negs]
-        rows.append(json.dumps(row, ensure_ascii=False) + "\n")
+        rows.append(_triplet_row(coll, q, pos, negs, pos_scores[q] if rescore else None))
     stats.written = len(rows)
     stats.pseudo_written = sum(1 for q in positives if q in made)
     if is_main_process():
@@ -297,6 +268,58 @@ def mine(collection: str | Path, out: str | Path, split: str | None = None,
         tmp.write_text("".join(rows), encoding="utf-8")
         os.replace(tmp, out)
     return stats
+
+
+def _with_pseudo_queries(coll: Any, pseudo: int, seed: int) -> tuple[Any, dict]:
+    """The collection with ``pseudo`` pseudo-queries added to its queries, and those
+    (id -> (text, source document)); none when ``pseudo`` is 0."""
+    made = pseudo_queries(coll.corpus, pseudo, seed) if pseudo else {}
+    if clash := sorted(set(made) & set(coll.queries)):
+        raise ValueError(f"{coll.root / 'queries.jsonl'}: query id {clash[0]!r} is taken by a "
+                         "pseudo-query's id; rename it or mine without --pseudo-queries")
+    if made:
+        coll = dataclasses.replace(coll, queries={**coll.queries,
+                                                  **{p: t for p, (t, _) in made.items()}})
+    return coll, made
+
+
+def _bm25_candidates(coll: Any, positives: dict, made: dict, depth: int, progress: bool,
+                     ) -> tuple[dict[str, list[tuple[str, float]]], dict[str, dict[str, float]]]:
+    """BM25's top ``depth`` of each query (a pseudo-query's source and its copies left out) and
+    the BM25 scores of each query's positives. Under a process group the index is built once,
+    on rank 0, and the result shared."""
+    ranked: dict[str, list[tuple[str, float]]] = {}
+    pos_scores: dict[str, dict[str, float]] = {}
+    rank, world = group_rank_and_size()
+    if rank == 0:
+        index = BM25Index(coll.corpus, progress and is_main_process())
+        for q in tqdm(positives, desc="bm25", unit="query", disable=not (progress and is_main_process()),
+                      file=sys.stderr):
+            ranked[q], all_scores = index.top(coll.queries[q], depth)
+            pos_scores[q] = {d: float(all_scores[index.position[d]]) for d in positives[q]}
+        for p, (text, src) in made.items():  # the source and its copies are no candidates
+            top, _ = index.top(text, depth + 1)
+            ranked[p] = [(d, s) for d, s in top
+                         if d != src and coll.corpus[d] != coll.corpus[src]][:depth]
+    if world > 1:
+        import torch.distributed as dist
+
+        shared = [(ranked, pos_scores)]
+        dist.broadcast_object_list(shared, src=0)
+        ranked, pos_scores = shared[0]
+    return ranked, pos_scores
+
+
+def _triplet_row(coll: Any, q: str, pos: list[str], negs: list[tuple[str, float]],
+                 scores: dict[str, float] | None) -> str:
+    """One FlagEmbedding triplet line; with a teacher's ``scores``, pos_scores and
+    neg_scores too."""
+    row: dict[str, Any] = {"query": coll.queries[q], "pos": [coll.corpus[d] for d in pos],
+                           "neg": [coll.corpus[d] for d, _ in negs]}
+    if scores is not None:
+        row["pos_scores"] = [scores[d] for d in pos]
+        row["neg_scores"] = [s for _, s in negs]
+    return json.dumps(row, ensure_ascii=False) + "\n"
 
 
 def fused_scores(keys: list[tuple[str, str]], teacher: list[float], bm25: list[float],
