@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import sys
+from typing import Any
 
 from megarank.api import (
     HEADROOM,
@@ -39,8 +40,8 @@ from megarank.api import (
 from megarank.config import ConfigError
 
 
-def main(argv: list[str] | None = None) -> None:
-    """CLI entry (``megarank plan`` / ``python -m megarank.plan``)."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line: options, then Hydra overrides (options may also come after them)."""
     ap = argparse.ArgumentParser(prog="megarank plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world-size", type=int, default=None, help="GPUs (default: WORLD_SIZE, "
@@ -59,7 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("overrides", nargs="*", help="hydra overrides")
     ap.add_argument("--require-paths", action="store_true",
                     help="exit 1 when model.hf_path or data.train_path does not exist")
-    args = ap.parse_intermixed_args(argv)  # options may come after the overrides
+    return ap.parse_intermixed_args(argv)  # options may come after the overrides
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry (``megarank plan`` / ``python -m megarank.plan``)."""
+    args = parse_args(argv)
     cfg = compose_config(args.overrides)
     main_rank = is_main_process()
     missing = describe_paths(cfg, main_rank)
@@ -92,15 +98,7 @@ def main(argv: list[str] | None = None) -> None:
             print("\nmeasured on this machine (one training step):\n"
                   + comparison, flush=True)
     if args.json and main_rank:
-        record = {"plan": dataclasses.asdict(plan),
-                  "total_per_gpu": plan.total(), "largest_stage": plan.largest.stage}
-        if result is not None:
-            record["fit"] = {**dataclasses.asdict(result), "fits": result.fits,
-                             "spare": result.spare}
-        if args.measure:
-            record["measured"] = measured
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
+        write_json(args.json, plan, result, measured if args.measure else None)
     if result is not None and not result.fits:
         tips = suggestions(plan, args.gpu, args.headroom)
         print(f"WARNING: megarank plan: stage {plan.largest.stage} needs "
@@ -111,6 +109,19 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(1)
     if args.require_paths and missing:
         raise SystemExit(f"megarank plan: {' and '.join(missing)} not found")
+
+
+def write_json(path: str, plan: Any, result: Any, measured: Any) -> None:
+    """The plan, its fit to the card (if one was named) and what was measured, as JSON."""
+    record = {"plan": dataclasses.asdict(plan),
+              "total_per_gpu": plan.total(), "largest_stage": plan.largest.stage}
+    if result is not None:
+        record["fit"] = {**dataclasses.asdict(result), "fits": result.fits,
+                         "spare": result.spare}
+    if measured is not None:
+        record["measured"] = measured
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
 
 
 def describe_paths(cfg, show: bool) -> list[str]:

@@ -168,12 +168,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run refused (argparse's usage error)."""
     ap = argparse.ArgumentParser(prog="megarank quickstart", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_arguments(ap)
+    add_data_arguments(ap)
+    args = ap.parse_args(argv)
+    settle(ap, args)
+    return args
+
+
+def add_training_arguments(ap: argparse.ArgumentParser) -> None:
+    """The model, the loss and how it trains."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     ap.add_argument("--out", default=f"runs/quickstart-{stamp}")
     ap.add_argument("--model", default="minilm", choices=sorted(MODELS))
-    ap.add_argument("--train-on", default=",".join(COLLECTIONS),
-                    help="comma-separated collections whose train split (and corpus, for "
-                         "pseudo-queries) is mined; the others are evaluated unseen")
     ap.add_argument("--steps", type=int, default=240)
     ap.add_argument("--lr", type=float, default=None,
                     help="default: 1e-3 with --peft lora (LoRA's usual 10x), 1e-4 without")
@@ -182,6 +188,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "margin_mse: the teacher's positive-negative margins (Hofstaetter et "
                          "al.), in units of --teacher-temperature")
     ap.add_argument("--teacher-temperature", type=float, default=0.05)
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--groups-per-step", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--nproc", type=int, default=None,
+                    help="processes of training and evaluation (torchrun --nproc_per_node); "
+                         "default: one per GPU where CUDA is present, else 2 (gloo, CPU)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="one seed for mining's draws and training (default: mine's 0 and "
+                         "trainer.seed's 1234)")
+    ap.add_argument("--peft", default="lora", choices=("none", "lora", "dora"),
+                    help="lora (default): train LoRA adapters and the head, the encoder frozen; "
+                         "dora: DoRA (LoRA plus a magnitude per output row); "
+                         "none: fine-tune every weight")
+    ap.add_argument("--lora-rank", type=int, default=16,
+                    help="--peft lora/dora: rank (alpha = 2 x rank)")
+
+
+def add_data_arguments(ap: argparse.ArgumentParser) -> None:
+    """What is mined to train on, and how the export is evaluated."""
+    ap.add_argument("--train-on", default=",".join(COLLECTIONS),
+                    help="comma-separated collections whose train split (and corpus, for "
+                         "pseudo-queries) is mined; the others are evaluated unseen")
     ap.add_argument("--retriever", default="dense", choices=("dense", "bm25"),
                     help="how the triplets are mined (dense also writes the teacher scores)")
     ap.add_argument("--negatives", type=int, default=31, help="negatives mined per query")
@@ -198,32 +226,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--embedder", default=EMBEDDER,
                     help="the dense retriever/teacher: a sentence-transformers model directory, "
                          "or a path inside an installed package")
-    ap.add_argument("--group-size", type=int, default=8)
-    ap.add_argument("--groups-per-step", type=int, default=4)
-    ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=50, help="BM25 candidates reranked per query")
     ap.add_argument("--depth", type=int, default=100,
                     help="BM25 documents kept per query; ranks top-k+1..depth stay below the "
                          "reranked ones, so Recall@depth is BM25's")
-    ap.add_argument("--nproc", type=int, default=None,
-                    help="processes of training and evaluation (torchrun --nproc_per_node); "
-                         "default: one per GPU where CUDA is present, else 2 (gloo, CPU)")
-    ap.add_argument("--seed", type=int, default=None,
-                    help="one seed for mining's draws and training (default: mine's 0 and "
-                         "trainer.seed's 1234)")
-    ap.add_argument("--peft", default="lora", choices=("none", "lora", "dora"),
-                    help="lora (default): train LoRA adapters and the head, the encoder frozen; "
-                         "dora: DoRA (LoRA plus a magnitude per output row); "
-                         "none: fine-tune every weight")
-    ap.add_argument("--lora-rank", type=int, default=16,
-                    help="--peft lora/dora: rank (alpha = 2 x rank)")
     ap.add_argument("--fuse-bm25", type=float, default=0.0,
                     help="weight of BM25 in the teacher's scores (megarank mine --fuse-bm25)")
     ap.add_argument("--no-teacher", action="store_true",
                     help="leave out the teacher's row (saves its embedding time)")
     ap.add_argument("--keep-data", action="store_true",
                     help="reuse OUT's mined triplets and imported encoder when they are there")
-    args = ap.parse_args(argv)
+
+
+def settle(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill in the defaults that follow from other flags or the machine; refuse combinations
+    that cannot run."""
     if args.lr is None:
         args.lr = 1e-4 if args.peft == "none" else 1e-3
     train_on = [n for n in args.train_on.split(",") if n]
@@ -248,8 +265,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             and args.retriever != "dense":
         ap.error("--pseudo-queries, --web-pseudo-queries and --fuse-bm25 need the teacher of "
                  "--retriever dense")
-    return args
-
 
 def mine_triplets(args: argparse.Namespace, out: Path, train_on: list[str], embedder: str | None,
               timings: dict[str, float]) -> Path:

@@ -216,17 +216,7 @@ def mine(collection: str | Path, out: str | Path, split: str | None = None,
     judged queries' (see the module docstring). ``fuse_bm25``: the weight of BM25 in a fused
     teacher (module docstring).
     """
-    if depth < 1 or skip_top < 0 or negatives < 1:
-        raise ValueError(f"need depth >= 1, skip-top >= 0, negatives >= 1; got {depth}, "
-                         f"{skip_top}, {negatives}")
-    if not 0.0 <= fuse_bm25 <= 1.0:
-        raise ValueError(f"--fuse-bm25 must be in [0, 1], got {fuse_bm25}")
-    if fuse_bm25 and rescore is None:
-        raise ValueError("--fuse-bm25 mixes BM25 into a teacher's scores: --retriever dense or "
-                         "--retriever model")
-    if pseudo and rescore is None:
-        raise ValueError("--pseudo-queries needs a teacher to label them: --retriever dense or "
-                         "--retriever model")
+    _check_arguments(depth, skip_top, negatives, fuse_bm25, pseudo, rescore is not None)
     coll = load_collection(collection)
     qids = split_queries(coll, split)
     coll, made = _with_pseudo_queries(coll, pseudo, seed)
@@ -268,6 +258,22 @@ def mine(collection: str | Path, out: str | Path, split: str | None = None,
         tmp.write_text("".join(rows), encoding="utf-8")
         os.replace(tmp, out)
     return stats
+
+
+def _check_arguments(depth: int, skip_top: int, negatives: int, fuse_bm25: float, pseudo: int,
+                     teacher: bool) -> None:
+    """Refuse settings :func:`mine` cannot run, naming the flag."""
+    if depth < 1 or skip_top < 0 or negatives < 1:
+        raise ValueError(f"need depth >= 1, skip-top >= 0, negatives >= 1; got {depth}, "
+                         f"{skip_top}, {negatives}")
+    if not 0.0 <= fuse_bm25 <= 1.0:
+        raise ValueError(f"--fuse-bm25 must be in [0, 1], got {fuse_bm25}")
+    if fuse_bm25 and not teacher:
+        raise ValueError("--fuse-bm25 mixes BM25 into a teacher's scores: --retriever dense or "
+                         "--retriever model")
+    if pseudo and not teacher:
+        raise ValueError("--pseudo-queries needs a teacher to label them: --retriever dense or "
+                         "--retriever model")
 
 
 def _with_pseudo_queries(coll: Any, pseudo: int, seed: int) -> tuple[Any, dict]:
