@@ -39,7 +39,7 @@ __all__ = ["HEADROOM", "RETRIEVERS", "ArgumentError", "Scorer", "check_teacher",
            "env_world_size", "evaluate_model", "fit", "format_plan", "is_main_process",
            "iter_triplets", "largest_token_budget", "load_scorer", "measure_memory",
            "mine_triplets", "open_engine", "plan_memory", "prepare_data", "read_pairs",
-           "rerank_task", "serve_app", "suggestions", "train_model"]
+           "rerank_task", "serve_app", "ServeLimits", "suggestions", "train_model"]
 
 if TYPE_CHECKING:  # the heavy imports (megatron-core, transformers) wait for the first call
     from omegaconf import DictConfig
@@ -48,16 +48,21 @@ if TYPE_CHECKING:  # the heavy imports (megatron-core, transformers) wait for th
     from megarank.data.mining import MineStats
     from megarank.data.prepared import PrepareStats
     from megarank.eval.rerank import RerankTask
-    from megarank.serving.engine import RerankEngine
+    from megarank.serving.engine import RerankEngine, ServeLimits
     from megarank.training.sizing import MemoryPlan
 
 
 def __getattr__(name: str) -> Any:
-    """``megarank.api.Scorer`` (:class:`megarank.bundle.Scorer`), loaded on first use."""
+    """``megarank.api.Scorer`` (:class:`megarank.bundle.Scorer`) and ``megarank.api.ServeLimits``
+    (:class:`megarank.serving.engine.ServeLimits`), loaded on first use."""
     if name == "Scorer":
         from megarank.bundle import Scorer
 
         return Scorer
+    if name == "ServeLimits":
+        from megarank.serving.engine import ServeLimits
+
+        return ServeLimits
     raise AttributeError(f"module 'megarank.api' has no attribute {name!r}")
 
 
@@ -386,23 +391,21 @@ def measure_memory(cfg: DictConfig, plan: MemoryPlan) -> tuple[str, list[dict[st
 
 
 def open_engine(model: str | Path, overrides: Sequence[str] = (), *, device: str | None = None,
-                threads: int | None = None, **settings: Any) -> RerankEngine:
+                threads: int | None = None, limits: ServeLimits | None = None,
+                max_length: int | None = None, relevance: str = "raw",
+                name: str | None = None) -> RerankEngine:
     """A serving engine over ``model`` in this process (torch given ``threads`` CPU threads,
-    default the cores this process may use): ``settings`` holds the fields of
-    :class:`megarank.serving.engine.ServeLimits` (``max_batch_tokens``, ``max_wait_ms``,
-    ``max_documents``, ``max_text_chars``, ``max_body_bytes``) and the engine's own
-    (``max_length``, ``relevance``, ``name``)."""
-    import dataclasses
-
+    default the cores this process may use), accepting and batching requests within ``limits``
+    (:class:`megarank.serving.engine.ServeLimits`, here ``megarank.api.ServeLimits``; default
+    its defaults); ``max_length``, ``relevance`` and ``name`` are the engine's
+    (:class:`megarank.serving.engine.RerankEngine`)."""
     import torch
 
     from megarank.serving.engine import RerankEngine, ServeLimits, default_threads
 
     torch.set_num_threads(threads or default_threads())
-    names = {f.name for f in dataclasses.fields(ServeLimits)}
-    limits = ServeLimits(**{k: v for k, v in settings.items() if k in names})
-    rest = {k: v for k, v in settings.items() if k not in names}
-    return RerankEngine.load(model, overrides, device=device, limits=limits, **rest)
+    return RerankEngine.load(model, overrides, device=device, limits=limits or ServeLimits(),
+                             max_length=max_length, relevance=relevance, name=name)
 
 
 def serve_app(engine: RerankEngine, api_key: str | None = None) -> Any:
