@@ -148,6 +148,20 @@ def make_config(kind: str):
     raise ValueError(kind)
 
 
+def edit_config(model_dir: Path, **changes) -> Path:
+    """Change fields of ``model_dir``'s config.json in place (a value of None removes the
+    field); returns the file's path."""
+    path = Path(model_dir) / "config.json"
+    cfg = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    path.write_text(json.dumps(cfg))
+    return path
+
+
 def save_tiny(kind: str, root: Path, causal_lm: bool = False, seed: int = 0,
               changes: dict | None = None, name: str | None = None) -> Path:
     """Save a tiny random model (sequence classifier, or causal LM) with the shipped tokenizer,

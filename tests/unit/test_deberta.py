@@ -3,8 +3,6 @@ buckets against transformers', the config checks, the plan's parameter count."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -12,7 +10,7 @@ from megarank.checkpoint.hf import ConversionError, model_overrides_from_hf
 from megarank.checkpoint.hf_mappings import rules_for
 from megarank.config import ConfigError, compose, validate
 from megarank.models.deberta import log_buckets
-from tests.helpers.hf_tiny import make_config
+from tests.helpers.hf_tiny import edit_config, make_config
 
 
 @pytest.fixture
@@ -21,18 +19,6 @@ def hf_dir(tmp_path):
     d = tmp_path / "deberta"
     make_config("deberta").save_pretrained(d)
     return d
-
-
-def _edit(d, **changes):
-    path = d / "config.json"
-    cfg = json.loads(path.read_text())
-    for key, value in changes.items():
-        if value is None:
-            cfg.pop(key, None)
-        else:
-            cfg[key] = value
-    path.write_text(json.dumps(cfg))
-    return path
 
 
 def test_v3_config_maps_fields(hf_dir):
@@ -53,12 +39,12 @@ def test_v3_config_maps_fields(hf_dir):
 
 
 def test_unshared_position_projections_are_imported(hf_dir):
-    _edit(hf_dir, share_att_key=None)  # absent: DebertaV2Config's False
+    edit_config(hf_dir, share_att_key=None)  # absent: DebertaV2Config's False
     assert model_overrides_from_hf(hf_dir)["share_att_key"] is False
 
 
 def test_old_style_pos_att_type_string_is_read(hf_dir):
-    _edit(hf_dir, pos_att_type="p2c|c2p")
+    edit_config(hf_dir, pos_att_type="p2c|c2p")
     assert model_overrides_from_hf(hf_dir)["pos_att_type"] == ["p2c", "c2p"]
 
 
@@ -74,7 +60,7 @@ def test_old_style_pos_att_type_string_is_read(hf_dir):
     ({"norm_rel_ebd": "batch_norm"}, ["norm_rel_ebd 'batch_norm'"]),
 ])
 def test_unsupported_settings_are_refused_by_field(hf_dir, changes, words):
-    path = _edit(hf_dir, **changes)
+    path = edit_config(hf_dir, **changes)
     with pytest.raises(ConversionError) as err:
         model_overrides_from_hf(hf_dir)
     assert str(path) in str(err.value)

@@ -4,7 +4,6 @@ compared with transformers in tests/parity."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -14,7 +13,7 @@ from megarank.checkpoint.hf import ConversionError, HFWeights, model_overrides_f
 from megarank.checkpoint.hf_mappings import rules_for
 from megarank.config import ConfigError, compose, validate
 from megarank.models.decoder import Llama3RopeScaling
-from tests.helpers.hf_tiny import LLAMA3_ROPE, make_config, save_tiny
+from tests.helpers.hf_tiny import LLAMA3_ROPE, edit_config, make_config, save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +24,7 @@ def models(tmp_path_factory):
 
 def _copy_with(src, dst, **changes):
     shutil.copytree(src, dst)
-    path = dst / "config.json"
-    cfg = json.loads(path.read_text())
-    for key, value in changes.items():
-        if value is None:
-            cfg.pop(key, None)
-        else:
-            cfg[key] = value
-    path.write_text(json.dumps(cfg))
-    return path
+    return edit_config(dst, **changes)
 
 
 def test_roberta_family_fields(models):
