@@ -5,7 +5,9 @@ lays a padded batch end to end."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,22 +46,11 @@ class PackedPairs:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedPairs:
         """A copy with every tensor on ``device``."""
-        return replace(
-            self,
-            cu_seqlens=self.cu_seqlens.to(device, non_blocking=non_blocking),
-            position_ids=self.position_ids.to(device, non_blocking=non_blocking),
-            gather_index=self.gather_index.to(device, non_blocking=non_blocking),
-            key_mask=self.key_mask.to(device, non_blocking=non_blocking),
-            scatter_index=self.scatter_index.to(device, non_blocking=non_blocking),
-        )
+        return each_tensor(self, lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> PackedPairs:
         """A copy in page-locked host memory (for asynchronous copies to the GPU)."""
-        return replace(
-            self, cu_seqlens=self.cu_seqlens.pin_memory(),
-            position_ids=self.position_ids.pin_memory(),
-            gather_index=self.gather_index.pin_memory(), key_mask=self.key_mask.pin_memory(),
-            scatter_index=self.scatter_index.pin_memory())
+        return each_tensor(self, torch.Tensor.pin_memory)
 
 
 @dataclass
@@ -98,32 +89,24 @@ class PairBatch:
 
     def pin_memory(self) -> PairBatch:
         """A copy in page-locked host memory, so ``to(cuda, non_blocking=True)`` overlaps."""
-        return replace(
-            self, input_ids=self.input_ids.pin_memory(),
-            attention_mask=self.attention_mask.pin_memory(),
-            token_type_ids=self.token_type_ids.pin_memory(),
-            pool_index=self.pool_index.pin_memory(),
-            teacher_scores=None if self.teacher_scores is None
-            else self.teacher_scores.pin_memory(),
-            windows=None if self.windows is None else self.windows.pin_memory(),
-            packed=None if self.packed is None else self.packed.pin_memory(),
-        )
+        return each_tensor(self, torch.Tensor.pin_memory)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PairBatch:
-        """A copy with every tensor moved to `device`."""
-        return replace(
-            self,
-            input_ids=self.input_ids.to(device, non_blocking=non_blocking),
-            attention_mask=self.attention_mask.to(device, non_blocking=non_blocking),
-            token_type_ids=self.token_type_ids.to(device, non_blocking=non_blocking),
-            pool_index=self.pool_index.to(device, non_blocking=non_blocking),
-            teacher_scores=None if self.teacher_scores is None
-            else self.teacher_scores.to(device, non_blocking=non_blocking),
-            windows=None if self.windows is None
-            else self.windows.to(device, non_blocking=non_blocking),
-            packed=None if self.packed is None
-            else self.packed.to(device, non_blocking=non_blocking),
-        )
+        """A copy with every tensor moved to ``device``."""
+        return each_tensor(self, lambda t: t.to(device, non_blocking=non_blocking))
+
+
+def each_tensor(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """A copy of a batch dataclass with ``fn`` applied to each tensor field, and to those of
+    a nested batch (a PairBatch's ``packed``); None and host values stay as they are."""
+    changed = {}
+    for f in fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, torch.Tensor):
+            changed[f.name] = fn(value)
+        elif is_dataclass(value):
+            changed[f.name] = each_tensor(value, fn)
+    return replace(batch, **changed)
 
 
 def pad_rows(rows: list[tuple[list[int], list[int]]], group_size: int, *, pad_id: int,
