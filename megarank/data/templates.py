@@ -16,6 +16,7 @@ What is cut, and where, is megarank.data.truncation's; padding is megarank.data.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,16 +24,26 @@ from typing import Any
 from megarank.config.validate import chat_template_problem
 from megarank.data.contract import ScoringContract
 
+_TOKENIZER_CALL = threading.Lock()
+"""A fast tokenizer's truncation is state its backend keeps between calls: each call sets it
+(or clears it) and then encodes, so two threads sharing a tokenizer (serving tokenizes on
+several) can encode with each other's limit. Calls that set it hold this lock."""
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], **kwargs: Any) -> Any:
+    """``tokenizer(texts, add_special_tokens=False, **kwargs)``, one call at a time."""
+    with _TOKENIZER_CALL:
+        return tokenizer(list(texts), add_special_tokens=False, **kwargs)
+
 
 def plain_ids(tokenizer: Any, texts: Sequence[str], max_tokens: int | None = None,
               ) -> list[list[int]]:
     """Token ids of ``texts`` without special tokens, cut to ``max_tokens`` (one batched call;
     truncating inside the tokenizer keeps long documents cheap and avoids its "longer than the
-    maximum sequence length" warning)."""
+    maximum sequence length" warning). Safe to call from several threads."""
     if max_tokens is None:
-        return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    return tokenizer(list(texts), add_special_tokens=False, truncation=True,
-                     max_length=max_tokens)["input_ids"]
+        return tokenize(tokenizer, texts)["input_ids"]
+    return tokenize(tokenizer, texts, truncation=True, max_length=max_tokens)["input_ids"]
 
 
 def pad_id_of(tokenizer: Any) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from megarank.data.templates import plain_ids
+from megarank.data.templates import plain_ids, tokenize
 
 
 def windows(ids: list[int], size: int, stride: int) -> list[list[int]]:
@@ -116,8 +116,7 @@ class Truncation:
 
     def cut_query_texts(self, queries: Sequence[str]) -> list[str]:
         """Chat prompt: each query as text, cut after its max_query_length-th token."""
-        enc = self.tokenizer(list(queries), add_special_tokens=False,
-                             return_offsets_mapping=True)
+        enc = tokenize(self.tokenizer, queries, return_offsets_mapping=True)
         return [q if len(offsets) <= self.max_query_length else
                 q[: offsets[self.max_query_length - 1][1]]
                 for q, offsets in zip(queries, enc["offset_mapping"], strict=True)]

@@ -511,3 +511,28 @@ def test_pair_batch_to(tokenizer):
     moved = batch.to("cpu")
     assert moved is not batch and torch.equal(moved.input_ids, batch.input_ids)
     assert moved.group_size == 1 and moved.num_real_tokens == batch.num_real_tokens
+
+
+def test_threads_sharing_a_tokenizer_each_get_their_own_truncation(tokenizer):
+    """Serving tokenizes on several threads with one tokenizer, whose truncation is state its
+    backend keeps between calls: unguarded, a thread cutting documents at 100 tokens got
+    another's query limit of 4 (about 80 wrong in 800 calls)."""
+    import threading
+
+    from megarank.data.templates import plain_ids
+
+    doc = " ".join(["the flutter of a thin wing panel in supersonic flow"] * 12)
+    want = {n: plain_ids(tokenizer, [doc], n) for n in (4, 100, None)}
+    wrong = []
+
+    def work(n):
+        for _ in range(200):
+            if plain_ids(tokenizer, [doc], n) != want[n]:
+                wrong.append(n)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in (4, 100, None, 4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(want[None][0]) > 100 and not wrong
