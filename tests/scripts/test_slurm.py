@@ -141,7 +141,9 @@ wait
 """)
     proc = subprocess.Popen(["bash", str(SCRIPT)], env=_env(fake_bin), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 20
+    # The script runs `megarank plan` (torch and megatron imports) before srun: on a loaded
+    # machine that alone has taken over 20 s, so wait as long as a dry run may take.
+    deadline = time.monotonic() + 120
     while not (log.exists() and "srun started" in log.read_text()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
         time.sleep(0.05)
