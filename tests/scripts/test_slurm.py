@@ -156,7 +156,7 @@ wait
 def test_failed_run_is_not_requeued(fake_bin, tmp_path):
     _fake(fake_bin, "srun", "exit 3\n")
     out = subprocess.run(["bash", str(SCRIPT)], env=_env(fake_bin), cwd=REPO,
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 3
     assert not (tmp_path / "calls.log").exists()
 
