@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 # Light (no torch): what the commands read besides the functions below.
 from megarank.data.mining import RETRIEVERS
 from megarank.data.triplets import iter_triplets, read_pairs
+from megarank.errors import ArgumentError, for_command
 from megarank.parallel.env import env_world_size, is_main_process
 from megarank.training.sizing import (
     HEADROOM,
@@ -36,8 +37,8 @@ from megarank.training.sizing import (
 
 __all__ = ["HEADROOM", "RETRIEVERS", "ArgumentError", "Scorer", "check_teacher",
            "compare_runs", "compose_config", "convert_from_hf", "convert_to_hf",
-           "env_world_size", "evaluate_model", "fit", "format_plan", "is_main_process",
-           "iter_triplets", "largest_token_budget", "load_scorer", "measure_memory",
+           "env_world_size", "evaluate_model", "fit", "for_command", "format_plan",
+           "is_main_process", "iter_triplets", "largest_token_budget", "load_scorer", "measure_memory",
            "mine_triplets", "open_engine", "plan_memory", "prepare_data", "read_pairs",
            "rerank_task", "serve_app", "ServeLimits", "suggestions", "train_model"]
 
@@ -64,27 +65,6 @@ def __getattr__(name: str) -> Any:
 
         return ServeLimits
     raise AttributeError(f"module 'megarank.api' has no attribute {name!r}")
-
-
-class ArgumentError(ValueError):
-    """A bad argument of an API function, named as the function's parameter: ``dtype ('int8')
-    must be one of bf16, fp16, fp32``. A command says its own flag instead (:meth:`as_flags`),
-    so the library never speaks of command-line flags.
-
-    ``template`` is a :meth:`str.format` string whose positional fields ``{0}``, ``{1}`` ... are
-    the ``names`` of the parameters; ``values`` fill its named fields (given apart, so a value's
-    own braces are never read as fields).
-    """
-
-    def __init__(self, template: str, *names: str, **values: Any) -> None:
-        self.template, self.names, self.values = template, names, values
-        super().__init__(template.format(*names, **values))
-
-    def as_flags(self) -> str:
-        """The message with each parameter named as its flag (``dtype`` -> ``--dtype``,
-        ``max_shard_mb`` -> ``--max-shard-mb``)."""
-        flags = ["--" + name.replace("_", "-") for name in self.names]
-        return self.template.format(*flags, **self.values)
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:

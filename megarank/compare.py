@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from megarank.api import compare_runs
+from megarank.api import compare_runs, for_command
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         paths = compare_runs(args.runs, args.out, args.names, verbose=True)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"megarank compare: {e}") from None
+        raise SystemExit(f"megarank compare: {for_command(e)}") from None
     print("\n".join(f"wrote {p}" for p in paths.values()))
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 
-from megarank.api import check_teacher, evaluate_model, rerank_task
+from megarank.api import check_teacher, evaluate_model, for_command, rerank_task
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.teacher is not None:
             check_teacher(args.teacher)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"megarank evaluate: {e}") from None
+        raise SystemExit(f"megarank evaluate: {for_command(e)}") from None
     evaluate_model(args.model, task, out_dir=args.out, batch_size=args.batch_size,
                    overrides=args.overrides, verbose=True, teacher=args.teacher)
 

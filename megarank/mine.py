@@ -23,7 +23,7 @@ import sys
 
 from tqdm import tqdm
 
-from megarank.api import RETRIEVERS, ArgumentError, is_main_process, mine_triplets
+from megarank.api import RETRIEVERS, for_command, is_main_process, mine_triplets
 
 
 def _note(message: str) -> None:
@@ -73,10 +73,8 @@ def main(argv: list[str] | None = None) -> None:
                               margin=args.margin, seed=args.seed, batch_size=args.batch_size,
                               overrides=args.overrides, pseudo_queries=args.pseudo_queries,
                               fuse_bm25=args.fuse_bm25)
-    except ArgumentError as e:
-        raise SystemExit(f"megarank mine: {e.as_flags()}") from None
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"megarank mine: {e}") from None
+        raise SystemExit(f"megarank mine: {for_command(e)}") from None
     _note(f"wrote {stats.written} triplets to {args.out}; skipped "
           f"{len(stats.skipped_no_positive)} queries without a relevant document; "
           f"{len(stats.short)} have fewer than {args.negatives} negatives"

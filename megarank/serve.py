@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_wait_ms < 0 or args.max_body_mb <= 0:
         ap.error("--max-wait-ms must be >= 0 and --max-body-mb > 0")
 
-    from megarank.api import ServeLimits, open_engine, serve_app
+    from megarank.api import ServeLimits, for_command, open_engine, serve_app
 
     limits = ServeLimits(max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
                          max_documents=args.max_documents, max_text_chars=args.max_text_chars,
@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
                              threads=args.threads, limits=limits, max_length=args.max_length,
                              relevance=args.relevance_score, name=args.served_model_name)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"megarank serve: cannot serve {args.model}: {e}", file=sys.stderr, flush=True)
+        print(f"megarank serve: cannot serve {args.model}: {for_command(e)}", file=sys.stderr,
+              flush=True)
         raise SystemExit(1) from None
     try:
         import uvicorn

@@ -163,7 +163,7 @@ def base_reference(cfg: Any) -> str:
             return str(source)
     raise ConversionError("a PEFT adapter applies to a Hugging Face base, and this LoRA run's "
                           "base is neither model.hf_path nor a checkpoint imported from one: "
-                          "export the merged model instead (without --adapter)")
+                          "export the merged model instead (without an adapter)")
 
 
 def _adapter_tensors(checkpoint: Mapping[str, torch.Tensor], cfg: Any,

@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 from megarank.data.beir import Collection, load_collection
 from megarank.data.ranking import RELEVANCE_THRESHOLD, build_run, rank_documents
+from megarank.errors import ArgumentError
 from megarank.parallel.env import group_rank_and_size, is_main_process
 
 RETRIEVERS = ("bm25", "model", "dense")
@@ -148,7 +149,7 @@ def pseudo_queries(corpus: dict[str, str], n: int, seed: int) -> dict[str, tuple
     so there can be fewer than ``n``.
     """
     if n < 0:
-        raise ValueError(f"--pseudo-queries must be >= 0, got {n}")
+        raise ArgumentError("{0} must be >= 0, got {n}", "pseudo_queries", n=n)
     docids = list(corpus)
     if n < len(docids):
         chosen = np.random.default_rng([seed, zlib.crc32(b"pseudo-queries")]).choice(
@@ -262,18 +263,20 @@ def mine(collection: str | Path, out: str | Path, split: str | None = None,
 
 def _check_arguments(depth: int, skip_top: int, negatives: int, fuse_bm25: float, pseudo: int,
                      teacher: bool) -> None:
-    """Refuse settings :func:`mine` cannot run, naming the flag."""
+    """Refuse settings :func:`mine` cannot run, naming the parameter
+    (:func:`megarank.api.mine_triplets`'s)."""
     if depth < 1 or skip_top < 0 or negatives < 1:
-        raise ValueError(f"need depth >= 1, skip-top >= 0, negatives >= 1; got {depth}, "
-                         f"{skip_top}, {negatives}")
+        raise ArgumentError("need {0} >= 1, {1} >= 0, {2} >= 1; got {depth}, {skip_top}, "
+                            "{negatives}", "depth", "skip_top", "negatives", depth=depth,
+                            skip_top=skip_top, negatives=negatives)
     if not 0.0 <= fuse_bm25 <= 1.0:
-        raise ValueError(f"--fuse-bm25 must be in [0, 1], got {fuse_bm25}")
+        raise ArgumentError("{0} must be in [0, 1], got {value}", "fuse_bm25", value=fuse_bm25)
     if fuse_bm25 and not teacher:
-        raise ValueError("--fuse-bm25 mixes BM25 into a teacher's scores: --retriever dense or "
-                         "--retriever model")
+        raise ArgumentError("{0} mixes BM25 into a teacher's scores: {1} dense or {1} model",
+                            "fuse_bm25", "retriever")
     if pseudo and not teacher:
-        raise ValueError("--pseudo-queries needs a teacher to label them: --retriever dense or "
-                         "--retriever model")
+        raise ArgumentError("{0} needs a teacher to label them: {1} dense or {1} model",
+                            "pseudo_queries", "retriever")
 
 
 def _with_pseudo_queries(coll: Any, pseudo: int, seed: int) -> tuple[Any, dict]:
@@ -281,8 +284,9 @@ def _with_pseudo_queries(coll: Any, pseudo: int, seed: int) -> tuple[Any, dict]:
     (id -> (text, source document)); none when ``pseudo`` is 0."""
     made = pseudo_queries(coll.corpus, pseudo, seed) if pseudo else {}
     if clash := sorted(set(made) & set(coll.queries)):
-        raise ValueError(f"{coll.root / 'queries.jsonl'}: query id {clash[0]!r} is taken by a "
-                         "pseudo-query's id; rename it or mine without --pseudo-queries")
+        raise ArgumentError("{path}: query id {qid!r} is taken by a pseudo-query's id; rename it "
+                            "or mine without pseudo-queries ({0} 0)", "pseudo_queries",
+                            path=coll.root / "queries.jsonl", qid=clash[0])
     if made:
         coll = dataclasses.replace(coll, queries={**coll.queries,
                                                   **{p: t for p, (t, _) in made.items()}})

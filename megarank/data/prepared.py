@@ -296,7 +296,7 @@ def write_prepared(inputs: Sequence[str | Path], out: str | Path, collator: Pair
     """
     out = Path(out).resolve()
     if out.exists():
-        raise FileExistsError(f"{out} already exists; remove it or choose another --out")
+        raise FileExistsError(f"{out} already exists; remove it or choose another output directory")
     paths = [Path(p).resolve() for p in inputs]
     for p in paths:
         if not p.is_file():

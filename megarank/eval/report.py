@@ -20,6 +20,7 @@ import ir_measures
 
 from megarank.data.beir import write_trec_run
 from megarank.data.ranking import Qrels, Run, build_run, ranks_as_scores
+from megarank.errors import ArgumentError
 from megarank.eval.metrics import mean_metrics
 from megarank.eval.rerank import RerankTask, with_tail
 
@@ -58,12 +59,12 @@ def compute_metrics(run: Run, qrels: Qrels, top_k: int) -> tuple[dict[str, float
 
 
 def check_teacher(teacher: str | Path) -> Path:
-    """The teacher's directory, or ValueError naming it: a sentence-transformers model directory
-    (a name that is not a directory would be looked up on a model hub)."""
+    """The teacher's directory, or an ArgumentError naming it: a sentence-transformers model
+    directory (a name that is not a directory would be looked up on a model hub)."""
     path = Path(teacher)
     if not path.is_dir():
-        raise ValueError(f"--teacher {teacher}: not a directory (a sentence-transformers model "
-                         "directory, e.g. all-MiniLM-L6-v2)")
+        raise ArgumentError("{0} {path}: not a directory (a sentence-transformers model "
+                            "directory, e.g. all-MiniLM-L6-v2)", "teacher", path=teacher)
     return path
 
 

@@ -25,6 +25,7 @@ from megarank.data.beir import (
 )
 from megarank.data.collate import PairCollator
 from megarank.data.ranking import Qrels, Run, build_run
+from megarank.errors import ArgumentError
 from megarank.eval.metrics import mean_metrics
 from megarank.eval.scorer import PairScorer
 from megarank.parallel.runtime import Runtime
@@ -89,10 +90,11 @@ def read_rerank_task(collection: str | Path, run: str | Path | None = None, spli
     Raises ValueError naming the run file when it names an unknown query or document.
     """
     if top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {top_k}")
+        raise ArgumentError("{0} must be >= 1, got {value}", "top_k", value=top_k)
     depth = top_k if depth is None else depth
     if depth < top_k:
-        raise ValueError(f"--depth ({depth}) must be at least --top-k ({top_k})")
+        raise ArgumentError("{0} ({depth}) must be at least {1} ({top_k})", "depth", "top_k",
+                            depth=depth, top_k=top_k)
     coll = load_collection(collection)  # rejects qrels naming unknown queries or documents
     run_path = Path(run) if run is not None else coll.root / "run.bm25.trec"
     first_stage = read_trec_run(run_path)

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megarank.errors import ArgumentError
+
 METRICS_FILE = "metrics.jsonl"
 CSV_FILE, MARKDOWN_FILE, PLOT_FILE = "comparison.csv", "comparison.md", "comparison.png"
 
@@ -178,7 +180,8 @@ def load_runs(run_dirs: Sequence[str | Path], names: Sequence[str] | None = None
     if not run_dirs:
         raise ValueError("compare needs at least one run directory")
     if names is not None and len(names) != len(run_dirs):
-        raise ValueError(f"--names gives {len(names)} names for {len(run_dirs)} runs")
+        raise ArgumentError("{0} gives {given} names for {runs} runs", "names",
+                            given=len(names), runs=len(run_dirs))
     labels = list(names) if names is not None else run_names(run_dirs)
     return [read_curves(d, n) for d, n in zip(run_dirs, labels, strict=True)]
 

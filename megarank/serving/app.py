@@ -226,7 +226,7 @@ class Handlers:
         limit = self.engine.limits.max_documents
         if n > limit:
             raise BadRequest(param, f"{param}: {n} texts, at most {limit} per request "
-                                    "(--max-documents)", status=413)
+                                    "(the server's max_documents)", status=413)
 
     def check_chars(self, texts: str | list[str], param: str) -> None:
         limit = self.engine.limits.max_text_chars
@@ -234,7 +234,7 @@ class Handlers:
             if len(text) > limit:
                 name = param if isinstance(texts, str) else f"{param}[{i}]"
                 raise BadRequest(name, f"{name}: {len(text)} characters, at most {limit} per "
-                                       "text (--max-text-chars)", status=413)
+                                       "text (the server's max_text_chars)", status=413)
 
     def check_rerank(self, query: str, docs: list[str], param: str) -> None:
         self.check_count(len(docs), param)

@@ -20,6 +20,7 @@ import torch
 
 from megarank.bundle import Scorer, build_collator, load_scorer
 from megarank.data.batch import PairBatch
+from megarank.errors import ArgumentError
 from megarank.eval.scorer import score_batches
 from megarank.parallel.env import env_world_size
 from megarank.serving.batcher import DynamicBatcher
@@ -63,7 +64,8 @@ class RerankEngine:
                  name: str | None = None, source: str | Path | None = None,
                  tokenizer_threads: int = 1) -> None:
         if relevance not in RELEVANCE:
-            raise ValueError(f"relevance must be one of {', '.join(RELEVANCE)}, got {relevance!r}")
+            raise ArgumentError("{0} must be one of {choices}, got {value!r}", "relevance",
+                                choices=", ".join(RELEVANCE), value=relevance)
         bundle = scorer.bundle
         self.scorer, self.bundle, self.limits, self.relevance = scorer, bundle, limits, relevance
         self.source = str(source) if source is not None else None
@@ -72,22 +74,27 @@ class RerankEngine:
         self.collator = bundle.collator
         if max_length is not None and max_length != contract.max_length:
             if max_length > contract.max_length:
-                raise ValueError(f"--max-length ({max_length}) is longer than the model's "
-                                 f"scoring contract allows ({contract.max_length})")
+                raise ArgumentError("{0} ({value}) is longer than the model's scoring contract "
+                                    "allows ({limit})", "max_length", value=max_length,
+                                    limit=contract.max_length)
             # A shorter cut, by the contract's own rule: query first, then the document.
             shorter = dataclasses.replace(contract, max_length=max_length)
             try:
                 self.collator = build_collator(bundle.cfg, shorter, bundle.tokenizer)
             except ValueError as e:
-                raise ValueError(f"--max-length {max_length}: {e}") from e
+                raise ArgumentError("{0} {value}: {reason}", "max_length", value=max_length,
+                                    reason=str(e)) from e
         self.max_length = self.collator.max_length
         if limits.max_batch_tokens < self.max_length:
-            raise ValueError(f"--max-batch-tokens ({limits.max_batch_tokens}) must hold one "
-                             f"sequence of max length {self.max_length}")
+            raise ArgumentError("{0} ({value}) must hold one sequence of max length {length}",
+                                "max_batch_tokens", value=limits.max_batch_tokens,
+                                length=self.max_length)
         if limits.max_documents < 1:
-            raise ValueError(f"--max-documents must be >= 1, got {limits.max_documents}")
+            raise ArgumentError("{0} must be >= 1, got {value}", "max_documents",
+                                value=limits.max_documents)
         if limits.max_text_chars < 1:
-            raise ValueError(f"--max-text-chars must be >= 1, got {limits.max_text_chars}")
+            raise ArgumentError("{0} must be >= 1, got {value}", "max_text_chars",
+                                value=limits.max_text_chars)
         device = bundle.runtime.device
 
         def on_thread_start() -> None:

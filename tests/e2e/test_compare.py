@@ -92,6 +92,9 @@ def test_compare_command_line(two_runs, tmp_path, monkeypatch, capsys):
     header = (out / "comparison.csv").read_text().splitlines()[0]
     assert header.startswith("step,A/loss,B/loss,A/eval/MRR@10,B/eval/MRR@10")
     assert (out / "comparison.png").stat().st_size > 10_000
+    # The library names its parameter (names); the command says its flag.
+    with pytest.raises(SystemExit, match="^megarank compare: --names gives 1 names for 2 runs"):
+        cli.main(["compare", *map(str, two_runs), "--out", str(out), "--names", "A"])
 
 
 def test_resumed_steps_take_the_later_record_and_bad_lines_name_the_file(tmp_path):
@@ -112,5 +115,5 @@ def test_resumed_steps_take_the_later_record_and_bad_lines_name_the_file(tmp_pat
         read_curves(run)
     with pytest.raises(FileNotFoundError, match=r"nothing[/\\]metrics\.jsonl"):
         read_curves(tmp_path / "nothing")
-    with pytest.raises(ValueError, match="--names gives 1 names for 2 runs"):
+    with pytest.raises(ValueError, match="^names gives 1 names for 2 runs"):
         load_runs([run, run], ["x"])

@@ -94,7 +94,7 @@ def test_each_bound_is_a_413_naming_the_field(client, path, body, param):
     assert r.status_code == 413, r.text
     error = r.json()
     assert error["param"] == param and error["message"].startswith(f"{param}:"), error
-    assert ("--max-documents" if param in ("documents", "texts") else "--max-text-chars") \
+    assert ("max_documents" if param in ("documents", "texts") else "max_text_chars") \
         in error["message"]
     assert _rerank(client, {"query": QUERY, "documents": DOCS}).status_code == 200
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from megarank.api import mine_triplets
+from megarank.api import ArgumentError, mine_triplets
 from megarank.data.beir import load_collection
 from megarank.data.triplets import read_triplets
 from tests.helpers.collections import small_cranfield
@@ -89,7 +89,7 @@ def test_pseudo_queries_are_titles_labelled_by_the_teacher_without_their_source(
         d_vecs = model.encode(list(record.pos) + list(record.neg), normalize_embeddings=True)
         assert list(record.pos_scores) + list(record.neg_scores) == pytest.approx(
             (d_vecs @ q_vec).tolist(), abs=1e-5)
-    with pytest.raises(ValueError, match="--pseudo-queries needs a teacher"):
+    with pytest.raises(ArgumentError, match="^pseudo_queries needs a teacher"):
         mine_triplets(root, tmp_path / "x.jsonl", pseudo_queries=3, progress=False)
 
 
@@ -119,7 +119,7 @@ def test_fused_teacher_is_the_zscore_mix_on_the_teachers_scale(tmp_path, coll):
     for p, f in zip(read_triplets(plain), read_triplets(fused), strict=True):
         assert list(f.neg_scores) == sorted(f.neg_scores, reverse=True)
         assert f.neg_scores != p.neg_scores
-    with pytest.raises(ValueError, match="--fuse-bm25 must be in"):
+    with pytest.raises(ArgumentError, match=r"^fuse_bm25 must be in \[0, 1\], got 1.5"):
         mine_triplets(root, tmp_path / "x.jsonl", retriever="dense", model=embedder,
                       fuse_bm25=1.5, progress=False)
 

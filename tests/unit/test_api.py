@@ -4,6 +4,7 @@ evaluate, and get the same scores from every form of the model."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +121,38 @@ def test_an_override_the_scoring_contract_decides_is_refused_not_replaced(traine
         assert not dist.is_initialized()
     with megarank.load_scorer(hf, ["pair.max_length=64", "pair.head=classifier"]) as scorer:
         assert scorer.bundle.contract.max_length == 64  # agreeing overrides are fine
+
+
+def test_library_errors_name_parameters_not_command_line_flags():
+    """Only command modules (cli.COMMANDS) speak of flags; the library raises ArgumentError with
+    parameter names, which the commands translate (``for_command``)."""
+    import ast
+    import re
+
+    import megarank
+    from megarank.cli import COMMANDS
+
+    root = Path(megarank.__file__).parent
+    commands = {root / (m.split(".", 1)[1].replace(".", "/") + ".py") for m in COMMANDS.values()}
+    commands.add(root / "cli.py")
+    flag = re.compile(r"(^|[\s(`'])--[a-z][a-z0-9-]+")
+    # A whole command line to run next (`megarank prepare --input ...`, torchrun's own flags)
+    # is advice, not this call's parameters under another name.
+    command_line = re.compile(r"`megarank \w|python -m megarank|torchrun")
+    found = []
+    for path in sorted(set(root.rglob("*.py")) - commands):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                for const in ast.walk(node.exc):
+                    if isinstance(const, ast.Constant) and isinstance(const.value, str) \
+                            and flag.search(const.value) \
+                            and not command_line.search(const.value):
+                        found.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not found, found
+    from megarank.api import for_command
+    from megarank.eval.rerank import read_rerank_task
+
+    with pytest.raises(ValueError) as err:
+        read_rerank_task("unused", top_k=5, depth=2)
+    assert str(err.value) == "depth (2) must be at least top_k (5)"
+    assert for_command(err.value) == "--depth (2) must be at least --top-k (5)"
