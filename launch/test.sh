@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up on a fresh machine (skipped when nothing changed), then run the test suite (CPU, gloo):
-# everything, ~18 minutes on 2 cores; `bash launch/test.sh -m "not slow"` ~4 minutes;
-# `bash launch/test.sh tests/unit` is the fast tier (in process only, under a minute).
+# everything, ~25 minutes on 2 cores; `bash launch/test.sh -m "not slow"` ~5 minutes;
+# `bash launch/test.sh tests/unit` is the fast tier (in process only, about a minute and a half).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh

@@ -11,6 +11,7 @@ megatron as it is. The optimizer fixes of :mod:`megarank.parallel.megatron` appl
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
@@ -96,13 +97,31 @@ def init_distributed(device: torch.device, timeout_minutes: int = 30) -> None:
     kwargs: dict = {"device_id": device} if device.type == "cuda" else {}
     if not launched_by_torchrun():
         # A world of one rendezvouses through a file: no port to race other processes for.
+        # The group's end removes it (_destroy_group); torch's store alone left one behind for
+        # every group a process brought up and took down.
+        global _rendezvous_file
         fd, path = tempfile.mkstemp(prefix="megarank-rdzv-")
         os.close(fd)
         os.unlink(path)
+        _rendezvous_file = path
         kwargs.update(init_method=f"file://{path}", rank=0, world_size=1)
     dist.init_process_group(
         backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs
     )
+
+
+_rendezvous_file: str | None = None
+
+
+def _destroy_group() -> None:
+    """Destroy the default process group and remove the rendezvous file it was made with."""
+    global _rendezvous_file
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if _rendezvous_file is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_rendezvous_file)
+        _rendezvous_file = None
 
 
 def seed_everything(seed: int) -> None:
@@ -171,8 +190,7 @@ def shutdown() -> None:
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    _destroy_group()
 
 
 @contextmanager
@@ -187,5 +205,5 @@ def cpu_process_group() -> Iterator[bool]:
     try:
         yield owns
     finally:
-        if owns and dist.is_initialized():
-            dist.destroy_process_group()
+        if owns:
+            _destroy_group()

@@ -18,7 +18,7 @@ from megarank.parallel.env import (
     is_main_process,
     launched_by_torchrun,
 )
-from megarank.parallel.runtime import cpu_process_group, init_distributed
+from megarank.parallel.runtime import cpu_process_group, init_distributed, shutdown
 
 PACKAGE = Path(__file__).resolve().parents[2] / "megarank"
 
@@ -74,4 +74,18 @@ def test_group_view_and_ownership(plain, monkeypatch):
         assert group_rank_and_size() == (2, 5)
         monkeypatch.undo()
     finally:
-        dist.destroy_process_group()
+        shutdown()
+
+
+def test_a_world_of_one_leaves_no_rendezvous_file(plain):
+    """Every in-process run (tests, the API) brings a world of one up and down; each left its
+    rendezvous file in the temporary directory (hundreds a suite) until shutdown removed it."""
+    from megarank.parallel import runtime
+
+    for _ in range(2):
+        init_distributed(torch.device("cpu"))
+        path = Path(runtime._rendezvous_file)
+        dist.barrier()
+        assert path.exists()
+        shutdown()
+        assert not dist.is_initialized() and not path.exists()
