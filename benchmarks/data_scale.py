@@ -154,7 +154,9 @@ def _size(path: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="10000,100000,1000000")
+    ap.add_argument("--sizes", default=None,
+                    help="groups per row, comma-separated (default 10000,100000,1000000; "
+                         "--smoke: 200,2000)")
     ap.add_argument("--jsonl-max", type=int, default=1_000_000,
                     help="largest size also trained from JSONL (its start-up prepares in memory)")
     ap.add_argument("--repeats", type=int, default=2,
@@ -163,9 +165,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--workdir", default=None, help="default: a temporary directory, removed")
     ap.add_argument("--smoke", action="store_true",
-                    help="toy sizes: 200,2000 groups; no uncounted warm-up run")
+                    help="toy sizes (200,2000 groups unless --sizes), a 500-document corpus; "
+                         "no uncounted warm-up run")
     args = ap.parse_args()
-    sizes = [200, 2000] if args.smoke else [int(s) for s in args.sizes.split(",")]
+    default = "200,2000" if args.smoke else "10000,100000,1000000"
+    sizes = [int(s) for s in (args.sizes or default).split(",")]
     corpus = 500 if args.smoke else args.corpus
     work = Path(args.workdir or tempfile.mkdtemp(prefix="megarank-data-scale-"))
     work.mkdir(parents=True, exist_ok=True)
