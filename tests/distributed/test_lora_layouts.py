@@ -1,7 +1,8 @@
 """LoRA under every layout: from the same base and adapters, 5 steps of losses (and gradient
 norms) under tp2, pp2 and dp2 (also with the distributed optimizer) equal one process's, for a
-decoder and two encoders (BERT; DeBERTa, whose adapted QKV also projects its position table); DoRA likewise under tp2 (the row-parallel norm reduced over the TP
-group) and pp2; a bf16 run with full recompute follows the fp32 one; and a LoRA run
+decoder and two encoders (BERT; DeBERTa, whose adapted QKV also projects its position table);
+DoRA likewise under tp2 (the row-parallel norm reduced over the TP group), pp2 and dp2 with the
+distributed optimizer; a bf16 run with full recompute follows the fp32 one; and a LoRA run
 resumed after 10 steps equals 20 straight steps, with checkpoints that hold only adapters, head
 and optimizer state, the base being referenced.
 
@@ -30,8 +31,11 @@ LAYOUTS = [  # (name, overrides, processes)
 MODELS = ["gpt_tiny", "bert_tiny", "deberta_tiny"]
 STEPS = 5
 LORA = ["peft=lora", "peft.rank=4", "peft.alpha=16"]
-# DoRA: the layouts whose arithmetic differs from LoRA's (the norms of split rows, split stages).
-DORA_CASES = [("gpt_tiny", "tp2_pp1"), ("gpt_tiny", "tp1_pp2"), ("bert_tiny", "tp2_pp1")]
+# DoRA: the layouts whose arithmetic differs from LoRA's (the norms of split rows, split stages),
+# and the distributed optimizer, which writes updated weights through ``.data`` (the cached norm
+# must still be formed again after each step).
+DORA_CASES = [("gpt_tiny", "tp2_pp1"), ("gpt_tiny", "tp1_pp2"), ("bert_tiny", "tp2_pp1"),
+              ("gpt_tiny", "dp2_distopt")]
 
 
 def _common(model, init, method="lora"):
