@@ -283,7 +283,10 @@ def grads_finite_tensor(model: DistributedDataParallel) -> torch.Tensor:
 
     megatron's DDP keeps every gradient in a few flat buffers (``grad_data``); fp32 and bf16
     optimizers step whatever is there (only fp16's loss scaler checks), so a NaN would reach the
-    weights. One reduction per buffer.
+    weights. One reduction per buffer: a sum, which is finite exactly when every value is, short
+    of finite values whose sum passes the float range (~3e38 in fp32 and bf16), which also
+    counts as not finite. ``isfinite(g).all()`` writes a bool per gradient first and read
+    0.1 s a step on MiniLM's 22.7M gradients on one CPU thread, the sum 7 ms.
     """
     buffers = list(getattr(model, "buffers", [])) + list(
         getattr(model, "expert_parallel_buffers", []))
@@ -291,7 +294,7 @@ def grads_finite_tensor(model: DistributedDataParallel) -> torch.Tensor:
                                                 if p.grad is not None]
     if not grads:
         return torch.ones((), dtype=torch.bool)
-    return torch.stack([torch.isfinite(g).all() for g in grads]).all()
+    return torch.stack([torch.isfinite(g.sum(dtype=torch.float32)) for g in grads]).all()
 
 
 def weights_are_finite(model: torch.nn.Module) -> bool:

@@ -88,3 +88,25 @@ def test_a_training_step_reads_the_device_twice(packing):
                                                  bundle.runtime)
     assert updated and stats["finite"] and norm > 0
     assert sum(reads.sites.values()) == 2, reads.sites
+
+
+def test_the_gradient_finite_check_finds_every_non_finite_value():
+    """One sum per gradient buffer (no bool per gradient): a NaN, +inf or -inf anywhere in any
+    buffer, fp32 or bf16, makes the step not finite; large finite values of both signs do not."""
+    from types import SimpleNamespace
+
+    from megarank.parallel.megatron import grads_finite_tensor
+
+    def model(*grads):
+        return SimpleNamespace(buffers=[SimpleNamespace(grad_data=g) for g in grads])
+
+    for dtype in (torch.float32, torch.bfloat16):
+        finite = torch.linspace(-1e30, 1e30, 10_001).to(dtype)
+        assert bool(grads_finite_tensor(model(finite, finite.clone())))
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            poisoned = finite.clone()
+            poisoned[7_777] = bad
+            assert not bool(grads_finite_tensor(model(finite, poisoned))), (dtype, bad)
+        both = finite.clone()
+        both[0], both[1] = float("inf"), float("-inf")  # sums to NaN, not to a finite value
+        assert not bool(grads_finite_tensor(model(both)))
