@@ -71,6 +71,21 @@ FEATURES = {
         "t[5] = 0.0",
         ["tests/unit/test_host_syncs.py", "tests/unit/test_losses.py", "tests/e2e/test_faults.py"],
     ),
+    "grads-finite-check": (
+        "the gradient finite check (every gradient buffer taken as finite)",
+        "megarank/parallel/megatron.py",
+        "return torch.stack([torch.isfinite(g.sum(dtype=torch.float32)) for g in grads]).all()",
+        "return torch.ones((), dtype=torch.bool)",
+        ["tests/unit/test_host_syncs.py"],
+    ),
+    "cpu-dropout-attention": (
+        "attention dropout on the CPU through megarank's 16-bit draws (SDPA's math kernel "
+        "and its 32-bit draws instead)",
+        "megarank/models/attention.py",
+        'if dropout_p > 0.0 and q.device.type == "cpu":',
+        "if False:",
+        ["tests/unit/test_attention_dropout.py"],
+    ),
     "bert-qkv-names": (
         "the HF name mapping of BERT-family attention (query and key swapped on the way in "
         "and out)",

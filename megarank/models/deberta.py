@@ -30,6 +30,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megarank.models.attention import attend
 from megarank.models.encoder import BertBackbone
 from megarank.models.norms import layer_norm_class
 
@@ -131,9 +132,9 @@ class DisentangledAttention(MegatronModule):
         if dropout_p > 0.0 and not self.config.sequence_parallel:
             # Heads are split over TP ranks: dropout from the TP-distinct RNG stream.
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+                ctx = attend(q, k, v, **kwargs)
         else:
-            ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+            ctx = attend(q, k, v, **kwargs)
         return ctx.permute(2, 0, 1, 3).reshape(s, b, np_ * hn)
 
 

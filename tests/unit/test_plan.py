@@ -40,8 +40,10 @@ MEASURED = {
     # Qwen3-style: per-head q/k norms and head_dim != hidden / heads; the yes/no head
     "qwen3-yes_no": ["model=gpt_tiny", "model.qk_layernorm=true", "model.head_dim=24",
                      "pair.head=yes_no"],
-    # encoder with dropout: SDPA's math path keeps [s, s] probabilities, masks, and selective
-    # recompute drops them
+    # encoder with dropout: the CPU dropout attention keeps [s, s] probabilities (its softmax's
+    # in fp32), a bool mask and the dropped probabilities; selective recompute drops them
+    "bert-dropout-bf16": ["model=bert_tiny", "model.hidden_dropout=0.1",
+                          "model.attention_dropout=0.1", "trainer.precision=bf16"],
     "bert-dropout-selective": ["model=bert_tiny", "model.hidden_dropout=0.1",
                                "model.attention_dropout=0.1", "trainer.recompute=selective"],
     # DeBERTa: the disentangled terms' copies and [s, 2 span] scores, SDPA's math path for its

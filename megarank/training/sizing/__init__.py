@@ -26,9 +26,9 @@ only where the kernels differ (tests/unit/test_plan.py lines them up):
 
 - Attention runs through SDPA / flash kernels: without attention dropout no ``[s, s]`` score
   matrix is kept, only the softmax log-sum-exp (``nq`` fp32 per token), so the 5as/h term is 0,
-  as under the paper's selective recompute. With attention dropout on the CPU, SDPA's math path
-  keeps the probabilities, the dropout mask and the dropped probabilities (3 x ``nq*s`` per
-  token, activation dtype).
+  as under the paper's selective recompute. With attention dropout on the CPU, megarank's own
+  dropout attention (megarank.models.attention.attend) keeps the fp32 softmax output, a bool
+  dropout mask and the dropped probabilities in the activation dtype (``nq*s`` each per token).
 - Grouped-query attention and RoPE: queries ``nq*d`` and keys ``nkv*d`` (RoPE's outputs); the
   value is a view of the fused QKV output, which it keeps alive whole (``(nq + 2*nkv)*d``, where
   the paper counts V alone, h).

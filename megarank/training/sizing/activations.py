@@ -33,7 +33,7 @@ class _Layer:
     composite: bool
     """torch's CPU RMSNorm is composite: it also keeps the normalised x."""
     math_path: bool
-    """SDPA's unfused path on the CPU (attention dropout)."""
+    """Attention dropout on the CPU: megarank.models.attention's unfused dropout attention."""
     drop: bool
     bert: bool
     rope: bool
@@ -119,24 +119,20 @@ def _qk_norm_terms(x: _Layer) -> list[Term]:
 
 
 def _math_attention_terms(x: _Layer) -> list[Term]:
-    """SDPA's unfused path: the [s, s] probabilities and dropout mask, which selective
-    recompute drops with the rest of the core attention's own tensors."""
+    """The unfused dropout attention on the CPU: the [s, s] probabilities and dropout mask,
+    which selective recompute drops with the rest of the core attention's own tensors."""
     a, d, core = x.a, x.d, ("none",)
     t = [Term("scaled query", x.nq_t * d, a, core)]
     if x.rope and x.gqa:
         t.append(Term("key, repeated to the query heads", x.nq_t * d, a, core))
         t.append(Term("value, repeated to the query heads", x.nq_t * d, a, core))
     else:
-        # Decoders' key is RoPE's output (also the recompute's input); an encoder's strided
-        # key view is copied.
+        # Decoders' key is RoPE's output (also the recompute's input); an encoder's key and
+        # value reach the matmuls as strided views of the QKV output (no copies).
         if x.rope:
             t.append(Term("key (after RoPE)", x.nkv_t * d, a))
-        else:
-            t.append(Term("key (contiguous copy)", x.nkv_t * d, a, core))
-        t.append(Term("QKV output (held by the value view)", x.qkv_t, a))
-    for name in ("attention probabilities", "attention dropout mask",
-                 "dropped attention probabilities"):
-        t.append(Term(name, x.nq_t * x.length, a, ("none",)))
+        t.append(Term("QKV output (held by the key and value views)", x.qkv_t, a))
+    t += _dropout_probability_terms(x, core)
     if x.rope and x.gqa:  # selective recompute keeps the core attention's inputs instead
         t.append(Term("query (after RoPE), kept for recompute", x.nq_t * d, a, ("selective",)))
         t.append(Term("key (after RoPE), kept for recompute", x.nkv_t * d, a, ("selective",)))
@@ -145,6 +141,16 @@ def _math_attention_terms(x: _Layer) -> list[Term]:
     elif x.rope:
         t.append(Term("query (after RoPE), kept for recompute", x.nq_t * d, a, ("selective",)))
     return t
+
+
+def _dropout_probability_terms(x: _Layer, core: tuple[str, ...]) -> list[Term]:
+    """The [s, s] tensors of attention dropout on the CPU (megarank.models.attention.attend):
+    the softmax's fp32 output, the bool dropout mask and the kept probabilities in the
+    activation dtype."""
+    n = x.nq_t * x.length
+    return [Term("attention probabilities (fp32 softmax)", n, FP32, core),
+            Term("attention dropout mask", n, 1, core),
+            Term("dropped attention probabilities", n, x.a, core)]
 
 
 def _disentangled_attention_terms(x: _Layer, m: Any) -> list[Term]:
@@ -162,10 +168,10 @@ def _disentangled_attention_terms(x: _Layer, m: Any) -> list[Term]:
             t.append(Term(f"{term}: scores against the table", x.nq_t * span2, a, core))
     for name in ("scaled query", "key copy"):  # the value: a view of the QKV output
         t.append(Term(name, x.nq_t * d, a, core))
-    names = ["attention probabilities"]
     if x.math_path:  # attention dropout
-        names += ["attention dropout mask", "dropped attention probabilities"]
-    t += [Term(name, x.nq_t * x.length, a, core) for name in names]
+        t += _dropout_probability_terms(x, core)
+    else:  # SDPA's math path for the additive mask
+        t.append(Term("attention probabilities", x.nq_t * x.length, a, core))
     t.append(Term("relative-position index", x.length, INT64, per_position=True))
     t.append(Term("padding mask", 1, 1, core))
     return t

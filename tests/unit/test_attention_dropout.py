@@ -1,0 +1,92 @@
+"""Attention dropout on the CPU: ``megarank.models.attention.attend`` computes it with 16-bit
+random numbers instead of SDPA's math kernel (a 32-bit draw per probability, ~9x the attention's
+own time on one thread). The masking (padding, causal, grouped queries, additive bias) equals
+SDPA's, the dropout is unbiased at the configured rate, and the backward is autograd's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megarank.models import attention
+from megarank.models.attention import attend, dropout_mask
+
+
+def _qkv(b=3, h=4, kv_heads=4, s=9, d=8, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, s, d, generator=g, dtype=dtype)
+    k, v = (torch.randn(b, kv_heads, s, d, generator=g, dtype=dtype) for _ in range(2))
+    return q, k, v
+
+
+def _key_padding(b=3, s=9):
+    allowed = torch.ones(b, 1, 1, s, dtype=torch.bool)
+    allowed[0, ..., s - 3:] = False
+    allowed[b - 1, ..., 3:] = False
+    return allowed
+
+
+@pytest.mark.parametrize("case", ["padding", "causal", "causal+padding", "gqa", "bias"])
+def test_the_dropout_path_masks_as_sdpa_does(case):
+    """At rate 0 the CPU dropout path is SDPA's attention exactly (1e-6 in fp32)."""
+    q, k, v = _qkv(kv_heads=2 if case == "gqa" else 4)
+    kwargs = dict(attn_mask=None, is_causal=False, enable_gqa=case == "gqa", scale=0.3)
+    if "padding" in case or case == "gqa":
+        kwargs["attn_mask"] = _key_padding()
+    if case == "causal":
+        kwargs["is_causal"] = True
+    if case == "causal+padding":
+        kwargs["attn_mask"] = torch.ones(9, 9, dtype=torch.bool).tril() & _key_padding()
+    if case == "bias":
+        kwargs["attn_mask"] = torch.randn(3, 4, 9, 9, generator=torch.Generator().manual_seed(1))
+    ours = attention._dropout_attention(q, k, v, kwargs["attn_mask"], 0.0, kwargs["scale"],
+                                        kwargs["is_causal"], kwargs["enable_gqa"])
+    ref = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, **kwargs)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_dropout_mask_drops_at_the_rate_asked():
+    dropped, rate = dropout_mask((64, 12, 128, 128), 0.1)
+    assert abs(rate - 0.1) < 1 / 65536
+    assert abs(dropped.float().mean().item() - 0.1) < 0.002  # 12.6M draws: sd ~1e-4
+    dropped, rate = dropout_mask((5, 7), 0.0)
+    assert rate == 0.0 and not dropped.any()
+
+
+def test_attention_dropout_is_unbiased_and_its_backward_is_exact():
+    """The mean over many draws approaches the output without dropout (each probability kept
+    with 1 - p and scaled by 1 / (1 - p)); with the draw fixed, gradcheck in float64."""
+    q, k, v = _qkv(b=2, h=2, kv_heads=2, s=6, d=4)
+    mask = _key_padding(b=2, s=6)
+    clean = attend(q, k, v, attn_mask=mask, dropout_p=0.0, scale=0.5)
+    torch.manual_seed(0)
+    mean = torch.stack([attend(q, k, v, attn_mask=mask, dropout_p=0.3, scale=0.5)
+                        for _ in range(4000)]).mean(0)
+    assert (mean - clean).abs().max().item() < 0.05
+    assert (attend(q, k, v, attn_mask=mask, dropout_p=0.3, scale=0.5) - clean).abs().max() > 0.1
+
+    def fixed_draw(q, k, v):
+        torch.manual_seed(1)
+        return attend(q, k, v, attn_mask=mask, dropout_p=0.3, scale=0.5)
+
+    inputs = tuple(t.double().requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(fixed_draw, inputs)
+
+
+def test_cpu_attention_dropout_does_not_use_sdpa(monkeypatch):
+    """The point of the path: with dropout on the CPU, SDPA (and its 32-bit draws) is not
+    called; without dropout it is."""
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("dropout_p", 0.0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", counting)
+    q, k, v = _qkv(dtype=torch.bfloat16)
+    out = attend(q, k, v, attn_mask=_key_padding(), dropout_p=0.1, scale=0.3)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all() and calls == []
+    attend(q, k, v, attn_mask=_key_padding(), dropout_p=0.0, scale=0.3)
+    assert calls == [0.0]
