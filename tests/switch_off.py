@@ -84,7 +84,15 @@ FEATURES = {
         "megarank/models/attention.py",
         'if dropout_p > 0.0 and q.device.type == "cpu":',
         "if False:",
-        ["tests/unit/test_attention_dropout.py"],
+        ["tests/unit/test_cpu_dropout.py"],
+    ),
+    "cpu-residual-dropout": (
+        "the layers' residual dropout on the CPU through megarank's 16-bit draws (torch's "
+        "dropout instead)",
+        "megarank/models/dropout.py",
+        'if not training or prob == 0.0 or x.device.type != "cpu":',
+        "if True:",
+        ["tests/unit/test_cpu_dropout.py"],
     ),
     "bert-qkv-names": (
         "the HF name mapping of BERT-family attention (query and key swapped on the way in "

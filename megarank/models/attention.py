@@ -16,9 +16,7 @@ Both compute exactly what the padded rows would.
 Attention dropout on the CPU (training with ``attention_dropout`` > 0): SDPA then runs its math
 kernel and draws a 32-bit random number per attention probability, ~45 ms a layer for MiniLM's
 16 x 12 x 128 x 128 probabilities on one thread, where the attention itself takes ~5 ms.
-:func:`attend` computes those calls itself with 16-bit random numbers (four from one 64-bit
-draw; the rate is rounded to 1/65536, and the kept values are scaled by that rounded rate, so
-the expectation is exact), as flash attention does with 8 bits on the GPU.
+:func:`attend` computes those calls itself, with megarank.models.dropout's 16-bit draws.
 """
 
 from __future__ import annotations
@@ -32,6 +30,8 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megarank.models.dropout import dropout_mask
 
 try:  # torch >= 2.10: flash attention over packed variable-length sequences (CUDA only)
     from torch.nn.attention.varlen import varlen_attn
@@ -55,17 +55,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         return _dropout_attention(q, k, v, attn_mask, dropout_p, scale, is_causal, enable_gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-
-
-def dropout_mask(shape: tuple[int, ...], p: float) -> tuple[torch.Tensor, float]:
-    """A bool mask of ``shape``, True where a value is dropped, from 16-bit uniform numbers
-    (four per 64-bit draw of the current CPU generator), and the rate it was drawn at: ``p``
-    rounded to 1/65536."""
-    n = math.prod(shape)
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1)
-    threshold = round(p * 65536)
-    dropped = bits.view(torch.int16)[:n].view(shape) < threshold - 32768
-    return dropped, threshold / 65536
 
 
 def _dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

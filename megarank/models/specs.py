@@ -12,7 +12,6 @@ import importlib.util
 from dataclasses import dataclass
 
 import torch
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -28,6 +27,7 @@ from megarank.models.deberta import (
     DisentangledSelfAttention,
     RelativePositions,
 )
+from megarank.models.dropout import get_bias_dropout_add
 from megarank.models.encoder import PostLNTransformerLayer
 
 
@@ -77,7 +77,8 @@ def check_kernel_support(sequence_parallel: bool, kernels: KernelChoice) -> None
 
 
 def gpt_layer_spec(normalization: str, qk_layernorm: bool, kernels: str) -> ModuleSpec:
-    """A pre-norm decoder layer (Llama/Qwen): megatron's GPT spec, SDPA attention when local."""
+    """A pre-norm decoder layer (Llama/Qwen): megatron's GPT spec, SDPA attention and
+    megarank.models.dropout's residual dropout when local."""
     if kernels == "te":
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
@@ -87,6 +88,7 @@ def gpt_layer_spec(normalization: str, qk_layernorm: bool, kernels: str) -> Modu
     spec = copy.deepcopy(get_gpt_layer_local_spec(qk_layernorm=qk_layernorm,
                                                   normalization=normalization))
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    spec.submodules.self_attn_bda = spec.submodules.mlp_bda = get_bias_dropout_add
     return spec
 
 

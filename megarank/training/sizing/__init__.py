@@ -38,8 +38,9 @@ only where the kernels differ (tests/unit/test_plan.py lines them up):
 - Norms keep their input and per-token statistics (fp32, which the paper leaves out). On the CPU
   torch's RMSNorm is composite and computes in fp32: it keeps an fp32 copy of its input and the
   fp32 normalised x; its LayerNorm keeps the statistics in the input's dtype.
-- Dropout (hidden_dropout > 0): a mask per dropout, bool (1 byte) on CUDA, a float noise tensor
-  of the activation dtype on the CPU.
+- Dropout (hidden_dropout > 0): a mask per dropout, bool (1 byte) on CUDA and in the layers'
+  residual adds on the CPU (megarank.models.dropout); torch's CPU dropout elsewhere (the
+  embeddings, the head) keeps a float noise tensor of the activation dtype.
 - Outside the layers: the input ids, an encoder's embedding LayerNorm, the final norm, and a
   head that keeps one pooled state per sequence (the yes/no head its two output-layer rows).
 

@@ -45,8 +45,6 @@ class _Layer:
     input and the fp32 normalised x; fused norms (TE, torch's LayerNorm) keep it as it is."""
     sw: int
     """Norm statistics are fp32, but torch's CPU LayerNorm keeps them in the input's dtype."""
-    mask_width: int
-    """CPU dropout multiplies by a float noise tensor; CUDA's mask is bool."""
 
     def norm(self, label: str, keep_input: bool = True) -> list[Term]:
         """A norm's terms: its input (unless counted already), normalised x, statistics."""
@@ -72,7 +70,6 @@ def _layer(cfg: Any, tp: int, device: str, length: int) -> _Layer:
         drop=float(m.hidden_dropout or 0.0) > 0, bert=m.family in ("bert", "deberta"),
         rope=m.family == "gpt", gqa=nkv != nq, stats=1 if rms else 2,
         nw=FP32 if composite else a, sw=a if (cpu and not rms) else FP32,
-        mask_width=a if cpu else 1,
     )
 
 
@@ -196,7 +193,7 @@ def _after_core_terms(x: _Layer, gated: bool) -> list[Term]:
     a = x.a
     t = [Term("attention output (projection input)", x.nq_t * x.d, a)]
     if x.drop:
-        t.append(Term("attention dropout-add mask", x.hs, x.mask_width))
+        t.append(Term("attention dropout-add mask", x.hs, 1))
     if x.bert:
         t += x.norm("post-attention norm")
         t.append(Term("fc1 input (norm output)", x.hs, a))
@@ -212,7 +209,7 @@ def _after_core_terms(x: _Layer, gated: bool) -> list[Term]:
         t.append(Term("fc1 output (activation input)", x.ffn_t, a))
     t.append(Term("fc2 input (activation output)", x.ffn_t, a))
     if x.drop:
-        t.append(Term("MLP dropout-add mask", x.hs, x.mask_width))
+        t.append(Term("MLP dropout-add mask", x.hs, 1))
     if x.bert:
         t += x.norm("post-MLP norm")  # its output is the next layer's input
     return t

@@ -1,7 +1,8 @@
-"""Attention dropout on the CPU: ``megarank.models.attention.attend`` computes it with 16-bit
-random numbers instead of SDPA's math kernel (a 32-bit draw per probability, ~9x the attention's
-own time on one thread). The masking (padding, causal, grouped queries, additive bias) equals
-SDPA's, the dropout is unbiased at the configured rate, and the backward is autograd's."""
+"""Dropout on the CPU with 16-bit random numbers (megarank.models.dropout): attention dropout
+through ``megarank.models.attention.attend`` instead of SDPA's math kernel (a 32-bit draw per
+probability, ~9x the attention's own time on one thread), and the layers' residual dropout. The
+masking (padding, causal, grouped queries, additive bias) equals SDPA's, the dropout is unbiased
+at the configured rate, and the backward is autograd's."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from megarank.models import attention
-from megarank.models.attention import attend, dropout_mask
+from megarank.models.attention import attend
+from megarank.models.dropout import dropout, dropout_mask, get_bias_dropout_add
 
 
 def _qkv(b=3, h=4, kv_heads=4, s=9, d=8, dtype=torch.float32, seed=0):
@@ -90,3 +92,28 @@ def test_cpu_attention_dropout_does_not_use_sdpa(monkeypatch):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all() and calls == []
     attend(q, k, v, attn_mask=_key_padding(), dropout_p=0.0, scale=0.3)
     assert calls == [0.0]
+
+
+def test_residual_dropout_is_dropout_at_the_rate_with_the_kept_values_scaled(monkeypatch):
+    """The layers' bias-dropout-add on the CPU: residual + dropout(x + bias), each kept value
+    scaled by 1 / (1 - rate), about p of them dropped; torch's dropout is not called. Without
+    training, or at rate 0, it is megatron's (x + bias + residual)."""
+    calls, real = [], F.dropout
+    monkeypatch.setattr(torch.nn.functional, "dropout",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    x, bias, residual = (torch.randn(*shape, generator=g) for shape in
+                         ((128, 8, 64), (64,), (128, 8, 64)))
+    out = get_bias_dropout_add(True, False)((x, bias), residual, 0.2)
+    kept = (out - residual) != 0
+    assert calls == [] and abs(kept.float().mean().item() - 0.8) < 0.01
+    torch.testing.assert_close((out - residual)[kept], ((x + bias) / 0.8)[kept],
+                               rtol=1e-5, atol=1e-5)
+    for training, p in ((False, 0.2), (True, 0.0)):
+        # megatron's adds in place when nothing needs a gradient: give it copies
+        bda = get_bias_dropout_add(training, False)
+        torch.testing.assert_close(bda((x.clone(), bias), residual.clone(), p), x + bias + residual)
+    assert dropout(x, 0.2, training=False) is x
+    torch.manual_seed(3)
+    mean = torch.stack([dropout(x, 0.2) for _ in range(2000)]).mean(0)
+    assert (mean - x).abs().mean().item() < 0.02
