@@ -51,6 +51,17 @@ def test_lora_memory_benchmark_smoke():
     assert weights[3] < weights[1]  # the 4-bit base
 
 
+def test_cpu_dropout_benchmark_smoke():
+    proc = subprocess.run([sys.executable, "benchmarks/cpu_dropout.py", "--repeats", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
+    assert [r[1].strip() for r in rows] == ["attention dropout, fwd+bwd",
+                                            "residual dropout-add, fwd+bwd",
+                                            "gradient finite check (fp32)"]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+
+
 @pytest.mark.distributed
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("accelerate", "datasets")),
                     reason="needs sentence-transformers[train]")
