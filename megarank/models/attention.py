@@ -61,9 +61,12 @@ def _dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        attn_mask: torch.Tensor | None, dropout_p: float, scale: float,
                        is_causal: bool, enable_gqa: bool) -> torch.Tensor:
     """softmax(q k^T * scale + mask) with dropout, times v: SDPA's math, with the dropout mask
-    from :func:`dropout_mask`. Masked scores are the dtype's lowest value rather than -inf, so a
-    row with every key masked (only padding queries have one) attends uniformly instead of
-    producing NaN; real rows are unchanged (their masked terms are exactly 0 after softmax)."""
+    from :func:`dropout_mask`. Like SDPA's math kernel on the CPU, half-precision inputs are
+    computed in fp32 and the output is cast back. Masked scores are the lowest float rather than
+    -inf, so a row with every key masked (only padding queries have one) attends uniformly
+    instead of producing NaN; real rows are unchanged (their masked terms are exactly 0)."""
+    dtype = q.dtype
+    q, k, v = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (q, k, v))
     if enable_gqa:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
@@ -76,15 +79,11 @@ def _dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scores.masked_fill_(attn_mask.logical_not(), lowest)
     elif attn_mask is not None:
         scores = scores + attn_mask
-    # Half-precision scores are normalised in fp32, as SDPA's kernels accumulate.
-    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    probs = torch.softmax(scores, dim=-1)
     dropped, rate = dropout_mask(tuple(probs.shape), dropout_p)
-    if probs.dtype == v.dtype:  # softmax's backward reads its output: not in place
-        kept = probs.masked_fill(dropped, 0.0)
-    else:
-        kept = probs.to(v.dtype).masked_fill_(dropped, 0.0)
-    ctx = torch.matmul(kept, v)
-    return ctx * (1.0 / (1.0 - rate))
+    # softmax's backward reads its output: the dropout is not in place
+    ctx = torch.matmul(probs.masked_fill(dropped, 0.0), v)
+    return (ctx * (1.0 / (1.0 - rate))).to(dtype)
 
 
 def _varlen_causal_kwargs(causal: bool) -> dict:

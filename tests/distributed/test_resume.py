@@ -65,7 +65,8 @@ def test_resume_matches_uninterrupted(runs):
 
     a, b = _losses(results["full"]), _losses(results["resume"])
     assert sorted(b) == list(range(1, 41))
-    assert a[40] < a[1]
+    # No 'the loss fell' check here: gpt_tiny with dropout stays near ln 4 for 40 steps, so one
+    # step's loss against another's is a coin toss (tests/e2e/test_learning checks learning).
     for step in range(21, 41):
         assert b[step] == pytest.approx(a[step], abs=1e-6), (step, a[step], b[step])
 

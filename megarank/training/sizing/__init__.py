@@ -27,8 +27,9 @@ only where the kernels differ (tests/unit/test_plan.py lines them up):
 - Attention runs through SDPA / flash kernels: without attention dropout no ``[s, s]`` score
   matrix is kept, only the softmax log-sum-exp (``nq`` fp32 per token), so the 5as/h term is 0,
   as under the paper's selective recompute. With attention dropout on the CPU, megarank's own
-  dropout attention (megarank.models.attention.attend) keeps the fp32 softmax output, a bool
-  dropout mask and the dropped probabilities in the activation dtype (``nq*s`` each per token).
+  dropout attention (megarank.models.attention.attend) computes in fp32, as SDPA's math
+  kernel does, and keeps the softmax output, a bool dropout mask and the dropped probabilities
+  (``nq*s`` each per token; fp32, fp32 and 1 byte).
 - Grouped-query attention and RoPE: queries ``nq*d`` and keys ``nkv*d`` (RoPE's outputs); the
   value is a view of the fused QKV output, which it keeps alive whole (``(nq + 2*nkv)*d``, where
   the paper counts V alone, h).

@@ -116,19 +116,25 @@ def _qk_norm_terms(x: _Layer) -> list[Term]:
 
 
 def _math_attention_terms(x: _Layer) -> list[Term]:
-    """The unfused dropout attention on the CPU: the [s, s] probabilities and dropout mask,
-    which selective recompute drops with the rest of the core attention's own tensors."""
+    """The unfused dropout attention on the CPU (megarank.models.attention.attend), computed in
+    fp32 as SDPA's math kernel is: the [s, s] probabilities and dropout mask, which selective
+    recompute drops with the rest of the core attention's own tensors."""
     a, d, core = x.a, x.d, ("none",)
-    t = [Term("scaled query", x.nq_t * d, a, core)]
+    t = [Term("scaled query (fp32)", x.nq_t * d, FP32, core)]
     if x.rope and x.gqa:
-        t.append(Term("key, repeated to the query heads", x.nq_t * d, a, core))
-        t.append(Term("value, repeated to the query heads", x.nq_t * d, a, core))
+        t.append(Term("key, repeated to the query heads (fp32)", x.nq_t * d, FP32, core))
+        t.append(Term("value, repeated to the query heads (fp32)", x.nq_t * d, FP32, core))
     else:
-        # Decoders' key is RoPE's output (also the recompute's input); an encoder's key and
-        # value reach the matmuls as strided views of the QKV output (no copies).
+        # Decoders' key is RoPE's output (also the recompute's input); in fp32 an encoder's key
+        # and value reach the matmuls as strided views of the QKV output, in half precision as
+        # fp32 copies.
         if x.rope:
             t.append(Term("key (after RoPE)", x.nkv_t * d, a))
-        t.append(Term("QKV output (held by the key and value views)", x.qkv_t, a))
+        if a != FP32:  # the copies are kept, not the QKV output they were made from
+            t.append(Term("key (fp32 copy)", x.nkv_t * d, FP32, core))
+            t.append(Term("value (fp32 copy)", x.nkv_t * d, FP32, core))
+        else:
+            t.append(Term("QKV output (held by the key and value views)", x.qkv_t, a))
     t += _dropout_probability_terms(x, core)
     if x.rope and x.gqa:  # selective recompute keeps the core attention's inputs instead
         t.append(Term("query (after RoPE), kept for recompute", x.nq_t * d, a, ("selective",)))
@@ -142,12 +148,11 @@ def _math_attention_terms(x: _Layer) -> list[Term]:
 
 def _dropout_probability_terms(x: _Layer, core: tuple[str, ...]) -> list[Term]:
     """The [s, s] tensors of attention dropout on the CPU (megarank.models.attention.attend):
-    the softmax's fp32 output, the bool dropout mask and the kept probabilities in the
-    activation dtype."""
+    the softmax's output, the bool dropout mask and the kept probabilities, fp32."""
     n = x.nq_t * x.length
-    return [Term("attention probabilities (fp32 softmax)", n, FP32, core),
+    return [Term("attention probabilities (fp32)", n, FP32, core),
             Term("attention dropout mask", n, 1, core),
-            Term("dropped attention probabilities", n, x.a, core)]
+            Term("dropped attention probabilities (fp32)", n, FP32, core)]
 
 
 def _disentangled_attention_terms(x: _Layer, m: Any) -> list[Term]:
