@@ -14,9 +14,9 @@ elsewhere (the CPU, dropout, a torch without varlen) the tokens are gathered int
 Both compute exactly what the padded rows would.
 
 Attention dropout on the CPU (training with ``attention_dropout`` > 0): SDPA then runs its math
-kernel and draws a 32-bit random number per attention probability, ~45 ms a layer for MiniLM's
-16 x 12 x 128 x 128 probabilities on one thread, where the attention itself takes ~5 ms.
-:func:`attend` computes those calls itself, with megarank.models.dropout's 16-bit draws.
+kernel and draws a 32-bit random number per attention probability. :func:`attend` computes those
+calls itself, with megarank.models.dropout's 16-bit draws (``benchmarks/cpu_dropout.py``: 0.73-0.95
+of SDPA's time for MiniLM's 16 x 12 x 128 x 128 probabilities, forward and backward, one thread).
 """
 
 from __future__ import annotations
@@ -48,9 +48,14 @@ _VARLEN_PARAMS = set(inspect.signature(varlen_attn).parameters) if varlen_attn e
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
            attn_mask: torch.Tensor | None, dropout_p: float, scale: float, is_causal: bool = False,
-           enable_gqa: bool = False) -> torch.Tensor:
+           enable_gqa: bool = False, tp_rng: bool = False) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` over [b, heads, s, d], except attention dropout on the
-    CPU, which :func:`_dropout_attention` computes (see the module docstring)."""
+    CPU, which :func:`_dropout_attention` computes (see the module docstring). ``tp_rng``: heads
+    are split over TP ranks, so dropout draws from megatron's TP-distinct RNG stream."""
+    if dropout_p > 0.0 and tp_rng:
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            return attend(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale,
+                          is_causal=is_causal, enable_gqa=enable_gqa)
     if dropout_p > 0.0 and q.device.type == "cpu":
         return _dropout_attention(q, k, v, attn_mask, dropout_p, scale, is_causal, enable_gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
@@ -152,12 +157,7 @@ class SDPAttention(MegatronModule):
             attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=self.softmax_scale,
             enable_gqa=k.shape[1] != q.shape[1],
         )
-        if dropout_p > 0.0 and not self.config.sequence_parallel:
-            # Heads are split over TP ranks: draw dropout from the TP-distinct RNG stream.
-            with tensor_parallel.get_cuda_rng_tracker().fork():
-                ctx = attend(q, k, v, **kwargs)
-        else:
-            ctx = attend(q, k, v, **kwargs)
+        ctx = attend(q, k, v, tp_rng=not self.config.sequence_parallel, **kwargs)
         # [b, np, sq, hn] -> [sq, b, np*hn]
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
 
@@ -196,11 +196,7 @@ class SDPAttention(MegatronModule):
             mask = mask & torch.ones(l_, l_, dtype=torch.bool, device=q.device).tril()
         kwargs = dict(attn_mask=mask, dropout_p=dropout_p, scale=self.softmax_scale,
                       enable_gqa=ks.shape[1] != qs.shape[1])
-        if dropout_p > 0.0 and not self.config.sequence_parallel:
-            with tensor_parallel.get_cuda_rng_tracker().fork():
-                ctx = attend(qs, ks, vs, **kwargs)
-        else:
-            ctx = attend(qs, ks, vs, **kwargs)
+        ctx = attend(qs, ks, vs, tp_rng=not self.config.sequence_parallel, **kwargs)
         # [S, h, L, d] -> [S * L, h * d] -> the row's tokens in order.
         ctx = ctx.permute(0, 2, 1, 3).reshape(s_ * l_, np_ * hn)
         return ctx[packed.scatter_index].reshape(t, 1, np_ * hn)

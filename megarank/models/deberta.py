@@ -129,12 +129,7 @@ class DisentangledAttention(MegatronModule):
             bias = bias.masked_fill(attention_mask, torch.finfo(bias.dtype).min)
         dropout_p = self.dropout_p if self.training else 0.0
         kwargs = dict(attn_mask=bias, dropout_p=dropout_p, scale=scale)
-        if dropout_p > 0.0 and not self.config.sequence_parallel:
-            # Heads are split over TP ranks: dropout from the TP-distinct RNG stream.
-            with tensor_parallel.get_cuda_rng_tracker().fork():
-                ctx = attend(q, k, v, **kwargs)
-        else:
-            ctx = attend(q, k, v, **kwargs)
+        ctx = attend(q, k, v, tp_rng=not self.config.sequence_parallel, **kwargs)
         return ctx.permute(2, 0, 1, 3).reshape(s, b, np_ * hn)
 
 
