@@ -49,6 +49,8 @@ MEASURED = {
     # DeBERTa: the disentangled terms' copies and [s, 2 span] scores, SDPA's math path for its
     # additive mask; with dropout and selective recompute of the core attention
     "deberta": ["model=deberta_tiny"],
+    "deberta-dropout-bf16": ["model=deberta_tiny", "model.hidden_dropout=0.1",
+                             "model.attention_dropout=0.1", "trainer.precision=bf16"],
     "deberta-dropout-selective": ["model=deberta_tiny", "model.hidden_dropout=0.1",
                                   "model.attention_dropout=0.1", "trainer.recompute=selective"],
     # bf16 with the distributed optimizer (dp 1: 18 bytes per parameter either way)
