@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import traceback
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,12 @@ from torch.overrides import TorchFunctionMode
 
 from megarank.bundle import build_bundle
 from megarank.config import compose
-from megarank.parallel.megatron import _foreach_l2_norm, _foreach_scale, build_optimizer
+from megarank.parallel.megatron import (
+    _foreach_l2_norm,
+    _foreach_scale,
+    build_optimizer,
+    grads_finite_tensor,
+)
 from megarank.training.step import StepCounters, make_forward_step, train_step
 
 READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
@@ -93,9 +99,6 @@ def test_a_training_step_reads_the_device_twice(packing):
 def test_the_gradient_finite_check_finds_every_non_finite_value():
     """One sum per gradient buffer (no bool per gradient): a NaN, +inf or -inf anywhere in any
     buffer, fp32 or bf16, makes the step not finite; large finite values of both signs do not."""
-    from types import SimpleNamespace
-
-    from megarank.parallel.megatron import grads_finite_tensor
 
     def model(*grads):
         return SimpleNamespace(buffers=[SimpleNamespace(grad_data=g) for g in grads])
