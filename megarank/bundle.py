@@ -14,6 +14,7 @@ brought up: ``close()`` (or leaving its ``with`` block) shuts it down, also when
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ from megarank.models.lora import add_adapters
 from megarank.models.specs import KernelChoice, check_kernel_support, select_kernels
 from megarank.parallel.env import env_world_size
 from megarank.parallel.megatron import wrap_model
-from megarank.parallel.runtime import Runtime, init_runtime, shutdown
+from megarank.parallel.runtime import Runtime, cpu_half_precision_note, init_runtime, shutdown
 
 logger = logging.getLogger("megarank")  # the run's logger (training/logs.py sets it up)
 
@@ -109,6 +110,9 @@ def build_bundle(cfg: DictConfig, *, load_hf: bool = True, expect: ScoringContra
     check_mandatory(cfg)
     derived = validate(cfg, env_world_size())
     runtime = init_runtime(derived.tp, derived.pp, cfg.trainer.seed, device or cfg.trainer.device)
+    note = cpu_half_precision_note(cfg.trainer.precision, runtime.device)
+    if note and runtime.rank == 0:
+        warnings.warn(note, stacklevel=2)
     try:
         tokenizer = build_tokenizer(cfg)
         contract = checked_contract(cfg, tokenizer, expect)

@@ -85,6 +85,25 @@ def select_device(requested: str) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def cpu_half_precision_note(precision: str, device: torch.device) -> str | None:
+    """A warning when a half precision runs on a CPU without native support for it, else None.
+
+    oneDNN computes bf16 (fp16) matmuls natively only on CPUs with AVX512-BF16 or AMX (AVX512-FP16
+    or AMX-FP16); elsewhere (an AVX2 machine, for one) they are emulated and run tens of times
+    slower than fp32, so a run there would train correctly but at a crawl.
+    """
+    if device.type != "cpu" or precision not in ("bf16", "fp16"):
+        return None
+    supported = (torch.ops.mkldnn._is_mkldnn_bf16_supported() if precision == "bf16"
+                 else torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    if supported:
+        return None
+    return (f"trainer.precision={precision} on a CPU without native {precision} matmuls "
+            f"({torch.backends.cpu.get_cpu_capability()}; oneDNN needs AVX512-BF16/AMX for bf16, "
+            f"AVX512-FP16/AMX-FP16 for fp16): they are emulated, tens of times slower than fp32; "
+            f"trainer.precision=fp32 is the fast choice on this machine")
+
+
 def init_distributed(device: torch.device, timeout_minutes: int = 30) -> None:
     """Initialise torch.distributed: NCCL on CUDA, gloo on CPU.
 

@@ -103,3 +103,22 @@ def test_fused_adamw_for_fp32_params_equals_the_default_update():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     half = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))])
     assert not use_fused_torch_adamw(type("Megatron", (), {"optimizer": half})())
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_half_precision_on_a_cpu_without_native_matmuls_is_named(monkeypatch, native):
+    """bf16 / fp16 on a CPU whose oneDNN lacks native half matmuls (AVX2: emulated, ~50x slower
+    than fp32 on a 2-core AMD EPYC) is named with the field to change; native CPUs, fp32 and CUDA
+    are quiet."""
+    from megarank.parallel.runtime import cpu_half_precision_note
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: native)
+    for precision in ("bf16", "fp16"):
+        note = cpu_half_precision_note(precision, CPU)
+        if native:
+            assert note is None
+        else:
+            assert f"trainer.precision={precision}" in note and "trainer.precision=fp32" in note
+        assert cpu_half_precision_note(precision, CUDA) is None
+    assert cpu_half_precision_note("fp32", CPU) is None
