@@ -10,4 +10,6 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
 # Files are dealt to MEGARANK_TEST_WORKERS pytest workers (pytest-xdist; default 2, one per core
 # of the CI machine; 0 runs in this process): a file's tests stay on one worker, so its module
 # fixtures are built once. Most tests keep one core busy, so two workers nearly halve the time.
-python -m pytest -q -n "${MEGARANK_TEST_WORKERS:-2}" --dist loadfile "$@"
+# --durations: the 25 slowest tests close the output, so a suite that grows (or a machine that
+# is slower at something, like bf16 on an AVX2 CPU) shows where its minutes went.
+python -m pytest -q -n "${MEGARANK_TEST_WORKERS:-2}" --dist loadfile --durations=25 "$@"
