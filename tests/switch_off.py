@@ -94,6 +94,13 @@ FEATURES = {
         "if True:",
         ["tests/unit/test_cpu_dropout.py"],
     ),
+    "cpu-half-precision-note": (
+        "the start-up note of a half precision on a CPU without native half matmuls (never given)",
+        "megarank/parallel/runtime.py",
+        "    if supported:\n        return None",
+        "    if True:\n        return None",
+        ["tests/unit/test_kernels.py"],
+    ),
     "bert-qkv-names": (
         "the HF name mapping of BERT-family attention (query and key swapped on the way in "
         "and out)",

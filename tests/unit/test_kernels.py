@@ -122,3 +122,20 @@ def test_half_precision_on_a_cpu_without_native_matmuls_is_named(monkeypatch, na
             assert f"trainer.precision={precision}" in note and "trainer.precision=fp32" in note
         assert cpu_half_precision_note(precision, CUDA) is None
     assert cpu_half_precision_note("fp32", CPU) is None
+
+
+def test_a_bf16_run_on_such_a_cpu_says_so_at_start(monkeypatch, tmp_path, capfd):
+    """The note reaches the user: a Python warning when the stage is built (train, score, serve,
+    evaluate) and a line in the training log."""
+    import megarank
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with pytest.warns(UserWarning, match="trainer.precision=bf16 on a CPU without native bf16"):
+        record = megarank.train_model([
+            "model=bert_tiny", "task=listwise", "task.group_size=2", "trainer.max_steps=1",
+            "trainer.global_batch_size=1", "trainer.micro_batch_size=1", "trainer.save_final=false",
+            "trainer.save_interval=0", "trainer.eval_interval=0", "trainer.eval_at_end=false",
+            "trainer.progress_bar=false", "pair.max_length=32", "pair.max_query_length=8",
+            "trainer.precision=bf16", "optim.warmup_steps=0", f"trainer.output_dir={tmp_path}"])
+    assert record["step"] == 1
+    assert "warning: trainer.precision=bf16 on a CPU without native bf16" in capfd.readouterr().err
