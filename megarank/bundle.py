@@ -14,7 +14,6 @@ brought up: ``close()`` (or leaving its ``with`` block) shuts it down, also when
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,8 +110,8 @@ def build_bundle(cfg: DictConfig, *, load_hf: bool = True, expect: ScoringContra
     derived = validate(cfg, env_world_size())
     runtime = init_runtime(derived.tp, derived.pp, cfg.trainer.seed, device or cfg.trainer.device)
     note = cpu_half_precision_note(cfg.trainer.precision, runtime.device)
-    if note and runtime.rank == 0:
-        warnings.warn(note, stacklevel=2)
+    if note and runtime.is_main:  # train, score, serve and evaluate all start here
+        logger.warning(note)
     try:
         tokenizer = build_tokenizer(cfg)
         contract = checked_contract(cfg, tokenizer, expect)

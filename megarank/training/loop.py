@@ -19,7 +19,7 @@ from megarank.config import padded_vocab_size
 from megarank.data.contract import write_contract
 from megarank.eval.rerank import HeldOutEval
 from megarank.parallel.megatron import build_optimizer
-from megarank.parallel.runtime import Runtime, cpu_half_precision_note
+from megarank.parallel.runtime import Runtime
 from megarank.training.flops import peak_tflops
 from megarank.training.logs import MetricsLog, setup_logging
 from megarank.training.setup import build_data, resolve_output_dir
@@ -130,9 +130,6 @@ class Trainer:
                            f"dp {derived.dp}; {self._batch_layout()}; kernels: "
                            f"{self.bundle.kernels.name} ({self.bundle.kernels.reason})")
         self.metrics.write(describe_fusions(self.model, self.optimizer, self.runtime))
-        note = cpu_half_precision_note(cfg.trainer.precision, self.runtime.device)
-        if note:
-            self.metrics.write(f"warning: {note}")
         n_params = sum(p.numel() for p in self.model.parameters())
         n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.metrics.write(

@@ -124,18 +124,27 @@ def test_half_precision_on_a_cpu_without_native_matmuls_is_named(monkeypatch, na
     assert cpu_half_precision_note("fp32", CPU) is None
 
 
-def test_a_bf16_run_on_such_a_cpu_says_so_at_start(monkeypatch, tmp_path, capfd):
-    """The note reaches the user: a Python warning when the stage is built (train, score, serve,
-    evaluate) and a line in the training log."""
-    import megarank
+@pytest.mark.parametrize("native", [True, False])
+def test_a_bf16_stage_on_such_a_cpu_says_so_once(monkeypatch, caplog, native):
+    """The note reaches the user: building the stage (train, score, serve and evaluate all do)
+    logs it once as a warning on the megarank logger, and only where the CPU lacks native bf16."""
+    import logging
 
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    with pytest.warns(UserWarning, match="trainer.precision=bf16 on a CPU without native bf16"):
-        record = megarank.train_model([
-            "model=bert_tiny", "task=listwise", "task.group_size=2", "trainer.max_steps=1",
-            "trainer.global_batch_size=1", "trainer.micro_batch_size=1", "trainer.save_final=false",
-            "trainer.save_interval=0", "trainer.eval_interval=0", "trainer.eval_at_end=false",
-            "trainer.progress_bar=false", "pair.max_length=32", "pair.max_query_length=8",
-            "trainer.precision=bf16", "optim.warmup_steps=0", f"trainer.output_dir={tmp_path}"])
-    assert record["step"] == 1
-    assert "warning: trainer.precision=bf16 on a CPU without native bf16" in capfd.readouterr().err
+    from megarank.bundle import build_bundle
+    from megarank.config import compose
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    # An earlier run in this process may have pointed the logger at its own stream only.
+    log = logging.getLogger("megarank")
+    monkeypatch.setattr(log, "handlers", [])
+    monkeypatch.setattr(log, "propagate", True)
+    caplog.set_level(logging.WARNING, logger="megarank")
+    with build_bundle(compose(["model=bert_tiny", "trainer.precision=bf16"]), load_hf=False,
+                      device="cpu"):
+        pass
+    notes = [r for r in caplog.records
+             if r.name == "megarank" and "on a CPU without native bf16 matmuls" in r.getMessage()]
+    assert len(notes) == (0 if native else 1), [r.getMessage() for r in caplog.records]
+    if not native:
+        assert notes[0].levelno == logging.WARNING
+        assert "trainer.precision=fp32 is the fast choice" in notes[0].getMessage()
