@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import runpy
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.helpers.runs import REPO, data_dir
 
@@ -60,6 +62,42 @@ def test_cpu_dropout_benchmark_smoke():
                                             "residual dropout-add, fwd+bwd",
                                             "gradient finite check (fp32)"]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+
+
+def _table(stdout: str) -> list[list[str]]:
+    """The rows of a printed markdown table, header and rule left out, cells stripped."""
+    rows = [line.split("|")[1:-1] for line in stdout.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in r] for r in rows[1:]]
+
+
+@pytest.mark.distributed
+def test_cpu_precision_and_dp_overhead_benchmarks_smoke(monkeypatch, capsys):
+    """Both at toy sizes: the half/fp32 matmul table with the start-up note's verdict for this
+    CPU (in this process: it starts nothing), and the collectives and optimizer rows from 2 gloo
+    ranks."""
+    from megarank.parallel.runtime import cpu_half_precision_note
+
+    monkeypatch.setattr(sys, "argv", ["cpu_precision.py", "--repeats", "1", "--shapes", "64x32x48"])
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(REPO / "benchmarks" / "cpu_precision.py"), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    (row,) = _table(out)
+    assert row[0] == "64 x 32 x 48" and all(float(c) > 0 for c in row[1:])
+    note = cpu_half_precision_note("bf16", torch.device("cpu"))
+    assert f"note for bf16: {'given' if note else 'none'}" in out
+    proc = subprocess.run([sys.executable, "benchmarks/dp_overheads.py", "--params", "1001",
+                           "--repeats", "1"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _table(proc.stdout)
+    assert [r[0] for r in rows] == ["all-reduce of the fp32 gradient (DDP)",
+                                    "reduce-scatter + all-gather (ZeRO-1)",
+                                    "fused AdamW step, all parameters",
+                                    "fused AdamW step, 1/2 of them (ZeRO-1's share)"]
+    assert all(float(r[1]) > 0 for r in rows) and "1,002 fp32 parameters" in proc.stdout
 
 
 @pytest.mark.distributed

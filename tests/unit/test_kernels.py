@@ -107,9 +107,9 @@ def test_fused_adamw_for_fp32_params_equals_the_default_update():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_half_precision_on_a_cpu_without_native_matmuls_is_named(monkeypatch, native):
-    """bf16 / fp16 on a CPU whose oneDNN lacks native half matmuls (AVX2: emulated, ~50x slower
-    than fp32 on a 2-core AMD EPYC) is named with the field to change; native CPUs, fp32 and CUDA
-    are quiet."""
+    """bf16 / fp16 on a CPU whose oneDNN lacks native half matmuls (AVX2: emulated, 48-71x
+    slower than fp32 on a 2-core AMD EPYC, benchmarks/cpu_precision.py) is named with the
+    field to change; native CPUs, fp32 and CUDA are quiet."""
     from megarank.parallel.runtime import cpu_half_precision_note
 
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
