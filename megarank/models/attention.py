@@ -116,6 +116,7 @@ class SDPAttention(MegatronModule):
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        self.pooled = None  # megarank.models.pooling.PooledRows: queries of those rows only
 
     def forward(
         self,
@@ -134,11 +135,14 @@ class SDPAttention(MegatronModule):
         """
         if attention_bias is not None:
             raise NotImplementedError("SDPAttention supports no attention bias")
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        if self.pooled is not None:
+            return self._pooled(query, key, value, attention_mask, packed_seq_params,
+                                mask_type == AttnMaskType.causal)
         if packed_seq_params is not None:
             return self._packed(query, key, value, packed_seq_params,
                                 attn_mask_type if attn_mask_type is not None
                                 else self.attn_mask_type)
-        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         sq, b, np_, hn = query.shape
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -200,3 +204,45 @@ class SDPAttention(MegatronModule):
         # [S, h, L, d] -> [S * L, h * d] -> the row's tokens in order.
         ctx = ctx.permute(0, 2, 1, 3).reshape(s_ * l_, np_ * hn)
         return ctx[packed.scatter_index].reshape(t, 1, np_ * hn)
+
+    def _pooled(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None, packed, causal: bool) -> torch.Tensor:
+        """The pooled rows' queries only (megarank.models.pooling) -> context [1, n, np*hn].
+
+        Each pooled query attends to the keys its row would have let it see: its own row's
+        real tokens (padding mask), its own pair's (packed), and with causal attention only
+        those at or before it."""
+        rows = self.pooled
+        np_, hn = query.shape[2], query.shape[3]
+        n = rows.count
+        if packed is None:
+            s, b = query.shape[:2]
+            if b != n:
+                raise ValueError(f"{n} pooled rows for a micro-batch of {b}")
+            q = rows.select(query)[0][:, :, None]  # [b, np, 1, hn]
+            k, v = (t.permute(1, 2, 0, 3) for t in (key, value))  # [b, ng, s, hn]
+            allowed = None if attention_mask is None else ~attention_mask  # [b, 1, 1, s]
+            if causal:
+                before = torch.arange(s, device=q.device)[None, :] <= rows.index[:, None]
+                allowed = before[:, None, None] if allowed is None else allowed & before[:, None, None]
+        else:
+            if n > packed.num_segments:
+                raise ValueError(f"{n} pooled rows for {packed.num_segments} packed segments")
+            q = rows.select(query)[0][:, :, None]  # [n, np, 1, hn]
+            gather = packed.gather_index[:n]  # pair j is segment j
+
+            def unpack(x: torch.Tensor) -> torch.Tensor:
+                x = torch.cat([x[:, 0], x.new_zeros(1, *x.shape[2:])])
+                return x[gather].permute(0, 2, 1, 3)  # [n, ng, L, hn]
+
+            k, v = unpack(key), unpack(value)
+            allowed = packed.key_mask[:n]
+            if causal:
+                within = rows.index - packed.cu_seqlens[:n].to(rows.index.dtype)
+                allowed = allowed & (torch.arange(gather.shape[1], device=q.device)[None, :]
+                                     <= within[:, None])
+            allowed = allowed[:, None, None]  # [n, 1, 1, L]
+        dropout_p = self.dropout_p if self.training else 0.0
+        ctx = attend(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=self.softmax_scale,
+                     enable_gqa=k.shape[1] != np_, tp_rng=not self.config.sequence_parallel)
+        return ctx.reshape(1, n, np_ * hn)  # [n, np, 1, hn] -> [1, n, np*hn]

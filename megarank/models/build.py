@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from megarank.models.deberta import DebertaBackbone
 from megarank.models.decoder import DecoderBackbone, Llama3RopeScaling
 from megarank.models.encoder import BertBackbone
 from megarank.models.heads import ClassifierHead, YesNoHead
+from megarank.models.pooling import pooling_supported
 from megarank.models.specs import (
     KernelChoice,
     bert_layer_spec,
@@ -21,6 +23,8 @@ from megarank.models.specs import (
     gpt_layer_spec,
 )
 from megarank.parallel.megatron import DTYPES, fusion_settings
+
+logger = logging.getLogger("megarank")
 
 
 def transformer_config(cfg, device: torch.device, kernels: str = "local") -> TransformerConfig:
@@ -111,7 +115,25 @@ def build_cross_encoder(cfg, tconfig: TransformerConfig, kernels: KernelChoice,
         encoder = m.family in ENCODER_FAMILIES
         head = ClassifierHead(tconfig, with_pooler=encoder, layout=m.encoder_head,
                               dropout=m.classifier_dropout, pooler_dropout=m.pooler_dropout)
-    return CrossEncoder(tconfig, backbone, head, tied=yes_no and m.tie_word_embeddings)
+    return CrossEncoder(tconfig, backbone, head, tied=yes_no and m.tie_word_embeddings,
+                        pooled_layer=pooled_last_layer(cfg, tconfig, backbone, post_process))
+
+
+def pooled_last_layer(cfg, tconfig: TransformerConfig, backbone,
+                      post_process: bool) -> torch.nn.Module | None:
+    """The last stage's last layer when it is to compute the pooled rows only
+    (``trainer.pooled_last_layer``, megarank.models.pooling), else None (and why, logged)."""
+    if not (post_process and cfg.trainer.pooled_last_layer):
+        return None
+    block = getattr(backbone, "encoder", None) or getattr(backbone, "decoder", None)
+    if block is None or len(block.layers) == 0:
+        return None
+    layer = block.layers[-1]
+    why = pooling_supported(layer, tconfig)
+    if why is not None:
+        logger.info(f"trainer.pooled_last_layer: the last layer computes every row ({why})")
+        return None
+    return layer
 
 
 def sync_tied_output_layer(model: CrossEncoder) -> None:

@@ -12,10 +12,14 @@ class CrossEncoder(MegatronModule):
     """Scores (query, document) pairs: one logit per row of the batch."""
 
     def __init__(self, config: TransformerConfig, backbone: MegatronModule,
-                 head: MegatronModule | None, tied: bool = False) -> None:
+                 head: MegatronModule | None, tied: bool = False,
+                 pooled_layer: torch.nn.Module | None = None) -> None:
         super().__init__(config=config)
         self.backbone = backbone
         self.head = head  # only on the last pipeline stage
+        # The stage's last layer, run for the head's pooled rows only (megarank.models.pooling);
+        # in a list, so that it is not registered a second time as a submodule.
+        self._pooled_layer = [pooled_layer] if pooled_layer is not None else []
         self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules ask for
         # finalize_model_grads all-reduces the embedding / LM-output-layer grads between the first
         # and last pipeline stages when they are one tied weight held twice (yes/no head, PP > 1).
@@ -68,12 +72,19 @@ class CrossEncoder(MegatronModule):
 
         ``packed`` (megarank.data.packing.PackedPairs): the inputs are one row [1, T] of pairs
         laid end to end and ``pool_index`` holds each pair's pooled position in it; the scores
-        are then one per pair.
+        are then one per pair. With a pooled last layer the backbone's output is the pooled
+        rows only, [1, n, h], and the head reads row 0 of each column.
         """
+        rows = None
+        if self._pooled_layer:
+            from megarank.models.pooling import PooledRows, set_pooled
+
+            rows = PooledRows(pool_index, packed)
+            set_pooled(self._pooled_layer[0], rows)
         if packed is None:
             hidden = self.backbone(input_ids, attention_mask, token_type_ids)
         else:
             hidden = self.backbone(input_ids, attention_mask, token_type_ids, packed=packed)
         if self.head is None:
             return hidden
-        return self.head(hidden, pool_index)
+        return self.head(hidden, pool_index if rows is None else rows.head_index())

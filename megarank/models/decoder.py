@@ -19,6 +19,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,31 @@ class Llama3RopeScaling:
         smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
         return torch.where(medium, smoothed, scaled)
+
+
+class PreNormTransformerLayer(TransformerLayer):
+    """megatron's pre-norm layer, which can also compute only the rows a head pools
+    (``pooled``, megarank.models.pooling): keys and values of every row, the rest for those
+    rows, output [1, n, h]."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pooled = None
+
+    def forward(self, *args, **kwargs):
+        if self.pooled is None:
+            return super().forward(*args, **kwargs)
+        hidden_states = kwargs["hidden_states"]
+        attn = self.self_attention(
+            self.input_layernorm(hidden_states), attention_mask=kwargs.get("attention_mask"),
+            rotary_pos_emb=kwargs.get("rotary_pos_emb"),
+            packed_seq_params=kwargs.get("packed_seq_params"),
+        )
+        with self.bias_dropout_add_exec_handler():
+            h = self.self_attn_bda(self.training, self.config.bias_dropout_fusion)(
+                attn, self.pooled.select(hidden_states), self.hidden_dropout
+            )
+        return self._forward_mlp(h), None
 
 
 class DecoderBackbone(MegatronModule):

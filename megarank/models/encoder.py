@@ -30,6 +30,7 @@ class PostLNTransformerLayer(TransformerLayer):
         # HF: attention.output.LayerNorm and output.LayerNorm.
         self.post_attention_layernorm = norm(config, config.hidden_size, config.layernorm_epsilon)
         self.post_mlp_layernorm = norm(config, config.hidden_size, config.layernorm_epsilon)
+        self.pooled = None  # megarank.models.pooling.PooledRows: compute those rows only
 
     def forward(
         self,
@@ -38,10 +39,13 @@ class PostLNTransformerLayer(TransformerLayer):
         packed_seq_params: object | None = None,
         **unused: object,
     ) -> tuple[torch.Tensor, None]:
-        """hidden_states [s, b, h] -> ([s, b, h], None), as TransformerBlock expects."""
+        """hidden_states [s, b, h] -> ([s, b, h], None), as TransformerBlock expects; with
+        ``pooled`` set, ([1, n, h], None): the pooled rows only (megarank.models.pooling)."""
         attn = self.self_attention(
             hidden_states, attention_mask=attention_mask, packed_seq_params=packed_seq_params
         )
+        if self.pooled is not None:
+            hidden_states = self.pooled.select(hidden_states)
         with self.bias_dropout_add_exec_handler():
             h = self.self_attn_bda(self.training, self.config.bias_dropout_fusion)(
                 attn, hidden_states, self.hidden_dropout

@@ -27,6 +27,7 @@ from megarank.models.deberta import (
     DisentangledSelfAttention,
     RelativePositions,
 )
+from megarank.models.decoder import PreNormTransformerLayer
 from megarank.models.dropout import get_bias_dropout_add
 from megarank.models.encoder import PostLNTransformerLayer
 
@@ -87,6 +88,7 @@ def gpt_layer_spec(normalization: str, qk_layernorm: bool, kernels: str) -> Modu
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     spec = copy.deepcopy(get_gpt_layer_local_spec(qk_layernorm=qk_layernorm,
                                                   normalization=normalization))
+    spec.module = PreNormTransformerLayer
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     spec.submodules.self_attn_bda = spec.submodules.mlp_bda = get_bias_dropout_add
     return spec
