@@ -75,13 +75,15 @@ def test_pooled_last_layer_equals_the_full_layer(model, extra, packed, recompute
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_pooled_last_layer_is_refused_by_name_where_the_layer_cannot(caplog):
+def test_pooled_last_layer_is_refused_by_name_where_the_layer_cannot(monkeypatch, caplog):
     """DeBERTa's disentangled attention computes every row, and the log says why."""
     import logging
 
-    cfg = compose(["model=deberta_tiny"])
-    with caplog.at_level(logging.INFO, logger="megarank"):
-        with build_bundle(cfg, load_hf=False, device="cpu") as bundle:
-            assert not bundle.model.module._pooled_layer
+    log = logging.getLogger("megarank")  # an earlier run may have given it its own stream
+    monkeypatch.setattr(log, "handlers", [])
+    monkeypatch.setattr(log, "propagate", True)
+    caplog.set_level(logging.INFO, logger="megarank")
+    with build_bundle(compose(["model=deberta_tiny"]), load_hf=False, device="cpu") as bundle:
+        assert not bundle.model.module._pooled_layer
     assert "pooled_last_layer" in caplog.text and "DisentangledAttention" in caplog.text
 

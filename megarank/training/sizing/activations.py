@@ -92,6 +92,46 @@ def layer_terms(cfg: Any, tp: int, device: str, length: int) -> list[Term]:
     return t + [replace(term, after_core=True) for term in after]
 
 
+# The terms of the core attention a pooled layer keeps for its pooled queries only.
+_QUERY_SIDE = ("scaled query (fp32)", "attention probabilities (fp32)", "attention dropout mask",
+               "dropped attention probabilities (fp32)", "softmax log-sum-exp")
+
+
+def pooled_in_plan(cfg: Any, device: str) -> bool:
+    """The last stage's last layer computes the pooled rows only (trainer.pooled_last_layer;
+    megarank.models.pooling): megarank's local layers with SDPA, not DeBERTa, not sequence
+    parallel. On CUDA the plan takes the local layers when trainer.kernels says so."""
+    m, trainer = cfg.model, cfg.trainer
+    return (bool(trainer.pooled_last_layer) and m.family != "deberta"
+            and not cfg.parallel.sequence_parallel
+            and (device == "cpu" or trainer.kernels == "local"))
+
+
+def pooled_layer_terms(cfg: Any, tp: int, device: str, length: int) -> list[Term]:
+    """:func:`layer_terms` of a layer computed for one pooled row per sequence: what comes
+    before the core attention, the keys and values, for every token; the queries, their
+    attention probabilities and everything after the core attention for the pooled rows
+    (a per-token term divided by ``length``: one row per sequence)."""
+    x = _layer(cfg, tp, device, length)
+    per_row = []
+    for term in layer_terms(cfg, tp, device, length):
+        if term.after_core or term.name in _QUERY_SIDE:
+            per_row.append(replace(term, elements=term.elements / length))
+        elif term.name == "query (after RoPE)":  # SDPA keeps the selected rows
+            per_row.append(replace(term, name="pooled query", elements=term.elements / length,
+                                   kept=("none",)))
+            per_row.append(replace(term, kept=("selective",)))  # the recompute's input
+        else:
+            per_row.append(term)
+    if not x.rope:  # an encoder's query was a view of the QKV output; now a gathered copy
+        per_row.append(Term("pooled query", x.nq_t * x.d / length, x.a, ("none",)))
+    if x.rope:  # the pooled queries' causal limit: a [b, 1, 1, s] mask
+        per_row.append(Term("pooled causal mask", 1, 1 if x.math_path else
+                            (x.a if x.cpu else 1), ("none",)))
+    per_row.append(Term("pooled-row indices", 3 / length, INT64, RECOMPUTE))
+    return per_row
+
+
 def _input_terms(x: _Layer) -> list[Term]:
     """The layer's input and, in a decoder, its first norm (pre-LN)."""
     if x.bert:
@@ -258,7 +298,8 @@ def kept_bytes(terms: list[Term], mode: str, sequences: int, length: int) -> flo
 
 def stage_terms(cfg: Any, tp: int, pp: int, stage: int, device: str) -> list[Term]:
     """Activation terms outside the transformer layers on one stage: the embeddings (first
-    stage), tensors shared by every layer of the stage, the final norm (last)."""
+    stage), tensors shared by every layer of the stage, the final norm (last; of the pooled
+    rows only after a pooled last layer)."""
     m, trainer = cfg.model, cfg.trainer
     h = int(m.hidden_size)
     a = WIDTH[trainer.precision]
@@ -289,11 +330,12 @@ def stage_terms(cfg: Any, tp: int, pp: int, stage: int, device: str) -> list[Ter
         t.append(Term("padding mask (bool), kept for recompute", 1, 1, ("selective", "full")))
     if stage == pp - 1 and not bert:
         composite = cpu and m.normalization == "RMSNorm"
-        t.append(Term("final norm input", hs, FP32 if composite else a, RECOMPUTE))
+        rows = 1 / int(cfg.pair.max_length) if pooled_in_plan(cfg, device) else 1
+        t.append(Term("final norm input", hs * rows, FP32 if composite else a, RECOMPUTE))
         if composite:
-            t.append(Term("final norm normalised x", hs, FP32, RECOMPUTE))
+            t.append(Term("final norm normalised x", hs * rows, FP32, RECOMPUTE))
         rms = m.normalization == "RMSNorm"
-        t.append(Term("final norm statistics", (1 if rms else 2) / (tp if sp else 1),
+        t.append(Term("final norm statistics", (1 if rms else 2) / (tp if sp else 1) * rows,
                       a if (cpu and not rms) else FP32, RECOMPUTE))
     return t
 

@@ -8,7 +8,14 @@ from typing import Any
 
 from megarank.config.validate import validate
 from megarank.training.flops import forward_flops_breakdown, step_flops
-from megarank.training.sizing.activations import head_bytes, kept_bytes, layer_terms, stage_terms
+from megarank.training.sizing.activations import (
+    head_bytes,
+    kept_bytes,
+    layer_terms,
+    pooled_in_plan,
+    pooled_layer_terms,
+    stage_terms,
+)
 from megarank.training.sizing.fit import fit
 from megarank.training.sizing.params import (
     adapter_params,
@@ -131,6 +138,9 @@ def _stage_plan(cfg: Any, d: Any, r: int, dev: str, per_layer: dict[str, float],
             n += layers * dora
         if r == d.pp - 1:
             n += head_bytes(cfg, sequences, dev)
+            if pooled_in_plan(cfg, dev) and layers:  # the last layer: the pooled rows only
+                pooled = pooled_layer_terms(cfg, d.tp, dev, length)
+                n += kept_bytes(pooled, mode, sequences, length) - per_layer[mode]
         saved[mode] = int(n)
     in_flight = min(d.num_microbatches, d.pp - r)
     outputs = 0 if r == d.pp - 1 else int(in_flight * sequences * length * hs * width)
