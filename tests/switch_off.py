@@ -101,6 +101,20 @@ FEATURES = {
         "    if True:\n        return None",
         ["tests/unit/test_kernels.py"],
     ),
+    "pooled-last-layer": (
+        "the last layer computed for the pooled rows only (every row computed again)",
+        "megarank/models/build.py",
+        "    if not (post_process and cfg.trainer.pooled_last_layer):",
+        "    if True:",
+        ["tests/unit/test_pooled_layer.py"],
+    ),
+    "pooled-causal-limit": (
+        "a pooled query's causal limit (a decoder's pooled token sees the tokens after it)",
+        "megarank/models/attention.py",
+        "            if causal:\n                before =",
+        "            if False:\n                before =",
+        ["tests/unit/test_pooled_layer.py"],
+    ),
     "bert-qkv-names": (
         "the HF name mapping of BERT-family attention (query and key swapped on the way in "
         "and out)",

@@ -67,6 +67,13 @@ def set_pooled(layer: torch.nn.Module, rows: PooledRows | None) -> None:
 
     Set before each forward and left in place: activation recomputation re-runs the forward
     during the backward of the same micro-batch, before the next forward of this stage.
+    Selective recompute leaves a pooled layer's core attention alone: it keeps one row of
+    probabilities per pair, and its checkpoint would keep every row's queries instead.
     """
+    attention = layer.self_attention
+    if not hasattr(attention, "checkpoint_core_attention_unpooled"):
+        attention.checkpoint_core_attention_unpooled = attention.checkpoint_core_attention
+    attention.checkpoint_core_attention = (rows is None
+                                           and attention.checkpoint_core_attention_unpooled)
     layer.pooled = rows
-    layer.self_attention.core_attention.pooled = rows
+    attention.core_attention.pooled = rows

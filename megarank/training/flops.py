@@ -12,6 +12,9 @@ Convention (the one Megatron-LM and PaLM use for MFU):
 - Recomputed activations are not counted: these are *model* FLOPs (PaLM, Chowdhery et al. 2022,
   appendix B), so MFU does not rise when a run recomputes more.
 - Sequences are counted at their padded length: the GPU does the work on the padding too.
+- Every layer is counted whole. megarank's last layer computes only the pooled rows'
+  queries, projection and MLP (``trainer.pooled_last_layer``): it does less than this count, and
+  MFU compares systems at the same model work, as the full causal square does above.
 
 The model is a backbone without an LM output layer plus a head on ONE pooled token per sequence,
 so the head is tiny; the yes/no head uses two rows of the output layer where a full-vocabulary

@@ -117,7 +117,10 @@ def test_recompute_lowers_saved_activations(tmp_path):
     # score matrix; megatron's selective recompute still checkpoints the core attention, but that
     # only drops its logsumexp ([b, heads, s] fp32 per layer, 131,072 bytes here). With attention
     # dropout SDPA takes its math path, which keeps the probabilities and the dropout mask, and
-    # selective recompute removes them: the case it exists for.
+    # selective recompute removes them: the case it exists for. (These were measured with every
+    # row of the last layer computed; with trainer.pooled_last_layer the last layer computes
+    # one row per pair and selective recompute leaves its core attention alone, so the fused
+    # case drops the logsumexp of the 3 layers before it.)
     (tmp_path / "fused").mkdir()
     (tmp_path / "dropout").mkdir()
     fused = _activations(tmp_path / "fused", ACTIVATIONS)
@@ -128,7 +131,7 @@ def test_recompute_lowers_saved_activations(tmp_path):
             assert got[mode]["max_grad_diff_vs_none"] <= 1e-6, (mode, got)  # same gradients
         assert got["full"]["ratio_vs_none"] < 0.15, got  # each layer keeps only its input
     assert 0.99 < fused["selective"]["ratio_vs_none"] < 1.0, fused  # only the logsumexp goes
-    assert fused["none"]["bytes"] - fused["selective"]["bytes"] >= 4 * 16 * 4 * 128 * 4 - 64
+    assert fused["none"]["bytes"] - fused["selective"]["bytes"] >= 3 * 16 * 4 * 128 * 4 - 64
     assert dropout["selective"]["ratio_vs_none"] < 0.6, dropout  # the score matrices go
     assert dropout["selective"]["bytes"] <= fused["selective"]["bytes"] * 1.01
 

@@ -115,19 +115,23 @@ def pooled_layer_terms(cfg: Any, tp: int, device: str, length: int) -> list[Term
     x = _layer(cfg, tp, device, length)
     per_row = []
     for term in layer_terms(cfg, tp, device, length):
+        # Selective recompute leaves the pooled core attention alone (megarank.models.pooling.
+        # set_pooled): what it keeps is kept in both modes, and nothing for a recompute.
+        if term.kept == ("selective",):
+            continue
+        if term.kept == ("none",):
+            term = replace(term, kept=("none", "selective"))
         if term.after_core or term.name in _QUERY_SIDE:
             per_row.append(replace(term, elements=term.elements / length))
         elif term.name == "query (after RoPE)":  # SDPA keeps the selected rows
-            per_row.append(replace(term, name="pooled query", elements=term.elements / length,
-                                   kept=("none",)))
-            per_row.append(replace(term, kept=("selective",)))  # the recompute's input
+            per_row.append(replace(term, name="pooled query", elements=term.elements / length))
         else:
             per_row.append(term)
     if not x.rope:  # an encoder's query was a view of the QKV output; now a gathered copy
-        per_row.append(Term("pooled query", x.nq_t * x.d / length, x.a, ("none",)))
+        per_row.append(Term("pooled query", x.nq_t * x.d / length, x.a))
     if x.rope:  # the pooled queries' causal limit: a [b, 1, 1, s] mask
         per_row.append(Term("pooled causal mask", 1, 1 if x.math_path else
-                            (x.a if x.cpu else 1), ("none",)))
+                            (x.a if x.cpu else 1)))
     per_row.append(Term("pooled-row indices", 3 / length, INT64, RECOMPUTE))
     return per_row
 
