@@ -22,25 +22,37 @@ from megatron.core.fusions.fused_bias_dropout import (
 )
 
 
+def _draws(shape: tuple[int, ...]) -> torch.Tensor:
+    """Uniform 16-bit integers of ``shape`` (int16), four per 64-bit draw of the CPU generator."""
+    n = math.prod(shape)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1)
+    return bits.view(torch.int16)[:n].view(shape)
+
+
 def dropout_mask(shape: tuple[int, ...], p: float) -> tuple[torch.Tensor, float]:
     """A bool mask of ``shape``, True where a value is dropped, from 16-bit uniform numbers
     (four per 64-bit draw of the current CPU generator), and the rate it was drawn at: ``p``
     rounded to 1/65536."""
-    n = math.prod(shape)
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1)
     threshold = round(p * 65536)
-    dropped = bits.view(torch.int16)[:n].view(shape) < threshold - 32768
-    return dropped, threshold / 65536
+    return _draws(shape) < threshold - 32768, threshold / 65536
+
+
+def kept_mask(shape: tuple[int, ...], p: float) -> tuple[torch.Tensor, float]:
+    """:func:`dropout_mask`'s complement from the same draws: True where a value is kept. A
+    product with it is one pass (and its backward another), where a masked fill of a copy is
+    two."""
+    threshold = round(p * 65536)
+    return _draws(shape) >= threshold - 32768, threshold / 65536
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """``F.dropout(x, p, training)``, with :func:`dropout_mask` on the CPU."""
+    """``F.dropout(x, p, training)``, with :func:`kept_mask` on the CPU."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu":
         return torch.nn.functional.dropout(x, p, training=True)
-    dropped, rate = dropout_mask(tuple(x.shape), p)
-    return x.masked_fill(dropped, 0.0) * (1.0 / (1.0 - rate))
+    kept, rate = kept_mask(tuple(x.shape), p)
+    return (x * kept).mul_(1.0 / (1.0 - rate))
 
 
 def get_bias_dropout_add(training: bool, fused: bool) -> Callable:
@@ -56,6 +68,8 @@ def get_bias_dropout_add(training: bool, fused: bool) -> Callable:
         residual = residual if residual.dtype == x.dtype else residual.to(x.dtype)
         if bias is not None:
             x = x + bias
-        return residual + dropout(x, prob)
+        kept, rate = kept_mask(tuple(x.shape), prob)
+        # residual + x * kept / (1 - rate), in one pass
+        return torch.addcmul(residual, x, kept, value=1.0 / (1.0 - rate))  # keeps the bool mask
 
     return bias_dropout_add
