@@ -100,6 +100,19 @@ def test_cpu_precision_and_dp_overhead_benchmarks_smoke(monkeypatch, capsys):
     assert all(float(r[1]) > 0 for r in rows) and "1,002 fp32 parameters" in proc.stdout
 
 
+def test_pooled_layer_benchmark_smoke(monkeypatch, capsys):
+    """bert_tiny, two rounds: both stages time a step and a scoring pass and score alike."""
+    monkeypatch.setattr(sys, "argv", ["pooled_layer.py", "--smoke"])
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(REPO / "benchmarks" / "pooled_layer.py"), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    (row,) = _table(capsys.readouterr().out)
+    assert row[0] == "bert_tiny" and all(float(c) > 0 for c in row[1:7])
+    assert float(row[7]) < 1e-5  # eval mode: the pooled stage scores as the full one
+
+
 @pytest.mark.distributed
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("accelerate", "datasets")),
                     reason="needs sentence-transformers[train]")
