@@ -14,19 +14,9 @@ from megarank.config import compose
 from megarank.data.packing import pack_batch, pack_lengths
 from megarank.data.truncation import max_over_windows
 from megarank.training.losses import group_loss
+from tests.helpers.pairs import UNEVEN_DOCS, UNEVEN_QUERIES
 
-QUERIES = ["what is lift", "boundary layer transition on a flat plate at high mach numbers",
-           "heat"]
-DOCS = [
-    "lift is the force on a wing",
-    "the boundary layer of a flat plate becomes turbulent at a reynolds number that depends "
-    "on the free stream turbulence, the mach number and the wall temperature ratio",
-    "heat transfer",
-    "a short note",
-    "supersonic flow over a cone with an attached shock wave, computed by the method of "
-    "characteristics and compared with experiments in a wind tunnel",
-    "drag",
-]
+QUERIES, DOCS = UNEVEN_QUERIES, UNEVEN_DOCS
 
 
 def test_layout_of_a_packed_row():

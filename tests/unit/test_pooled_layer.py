@@ -13,18 +13,10 @@ from megarank.bundle import build_bundle
 from megarank.config import compose
 from megarank.data.packing import pack_batch
 from megarank.training.losses import group_loss
+from tests.helpers.pairs import UNEVEN_DOCS as DOCS
+from tests.helpers.pairs import UNEVEN_QUERIES
 
-QUERIES = ["what is lift", "boundary layer transition on a flat plate at high mach numbers"]
-DOCS = [
-    "lift is the force on a wing",
-    "the boundary layer of a flat plate becomes turbulent at a reynolds number that depends "
-    "on the free stream turbulence, the mach number and the wall temperature ratio",
-    "heat transfer",
-    "a short note",
-    "supersonic flow over a cone with an attached shock wave, computed by the method of "
-    "characteristics and compared with experiments in a wind tunnel",
-    "drag",
-]
+QUERIES = UNEVEN_QUERIES[:2]
 
 
 def _run(cfg, packed: bool):
