@@ -9,6 +9,7 @@ import shutil
 
 import ir_measures
 import pytest
+import torch
 
 from megarank.data.beir import read_trec_run
 from megarank.data.triplets import read_triplets
@@ -166,10 +167,18 @@ def _ndcg10(task, qid):
 def test_mine_with_the_model_as_retriever(models, tmp_path):
     # megarank mine shares evaluate's scoring path; here it re-sorts the BM25 top 10 by the model.
     # Once here and once in a fresh process (another hash seed): the same bytes.
+    # run_module's process computes on 2 threads, and a score's last bits depend on the thread
+    # count (a GEMM of a few rows, as the pooled last layer's, is split otherwise): this
+    # process uses 2 as well.
     outs = [tmp_path / f"{i}.jsonl" for i in range(2)]
-    for out, run in zip(outs, (run_cli, run_module), strict=True):
-        run("megarank.mine", ["--collection", ROOT, "--out", out, "--retriever", "model",
-                              "--model", models[0], "--depth", "10", "--negatives", "3"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for out, run in zip(outs, (run_cli, run_module), strict=True):
+            run("megarank.mine", ["--collection", ROOT, "--out", out, "--retriever", "model",
+                                  "--model", models[0], "--depth", "10", "--negatives", "3"])
+    finally:
+        torch.set_num_threads(threads)
     assert outs[0].read_bytes() == outs[1].read_bytes()
     records = read_triplets(outs[0])
     assert len(records) == 112
