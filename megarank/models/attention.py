@@ -91,6 +91,13 @@ def _dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return (ctx * (1.0 / (1.0 - rate))).to(dtype)
 
 
+def _segments(x: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
+    """A packed row's tokens [T, h, d] -> [S, h, L, d] by ``gather`` [S, L] (T, one past the
+    row, stands for "no token" and reads a zero row)."""
+    x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
+    return x[gather].permute(0, 2, 1, 3)
+
+
 def _varlen_causal_kwargs(causal: bool) -> dict:
     if "window_size" in _VARLEN_PARAMS:
         return {"window_size": (-1, 0) if causal else (-1, -1)}
@@ -140,9 +147,7 @@ class SDPAttention(MegatronModule):
             return self._pooled(query, key, value, attention_mask, packed_seq_params,
                                 mask_type == AttnMaskType.causal)
         if packed_seq_params is not None:
-            return self._packed(query, key, value, packed_seq_params,
-                                attn_mask_type if attn_mask_type is not None
-                                else self.attn_mask_type)
+            return self._packed(query, key, value, packed_seq_params, mask_type)
         sq, b, np_, hn = query.shape
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -189,12 +194,7 @@ class SDPAttention(MegatronModule):
         # Unpack: [T, h, d] -> [S, h, L, d] (a zero row stands for "no token"), batched SDPA.
         gather, keep = packed.gather_index, packed.key_mask  # [S, L]
         s_, l_ = gather.shape
-
-        def unpack(x: torch.Tensor) -> torch.Tensor:
-            x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
-            return x[gather].permute(0, 2, 1, 3)  # [S, h, L, d]
-
-        qs, ks, vs = unpack(q), unpack(k), unpack(v)
+        qs, ks, vs = (_segments(x, gather) for x in (q, k, v))
         mask = keep[:, None, None, :]  # [S, 1, 1, L]: may attend to real keys only
         if causal:
             mask = mask & torch.ones(l_, l_, dtype=torch.bool, device=q.device).tril()
@@ -230,12 +230,7 @@ class SDPAttention(MegatronModule):
                 raise ValueError(f"{n} pooled rows for {packed.num_segments} packed segments")
             q = rows.select(query)[0][:, :, None]  # [n, np, 1, hn]
             gather = packed.gather_index[:n]  # pair j is segment j
-
-            def unpack(x: torch.Tensor) -> torch.Tensor:
-                x = torch.cat([x[:, 0], x.new_zeros(1, *x.shape[2:])])
-                return x[gather].permute(0, 2, 1, 3)  # [n, ng, L, hn]
-
-            k, v = unpack(key), unpack(value)
+            k, v = _segments(key[:, 0], gather), _segments(value[:, 0], gather)  # [n, ng, L, hn]
             allowed = packed.key_mask[:n]
             if causal:
                 within = rows.index - packed.cu_seqlens[:n].to(rows.index.dtype)

@@ -15,7 +15,7 @@ from megarank.models.deberta import DebertaBackbone
 from megarank.models.decoder import DecoderBackbone, Llama3RopeScaling
 from megarank.models.encoder import BertBackbone
 from megarank.models.heads import ClassifierHead, YesNoHead
-from megarank.models.pooling import pooling_supported
+from megarank.models.pooling import make_pooled, pooling_supported
 from megarank.models.specs import (
     KernelChoice,
     bert_layer_spec,
@@ -133,7 +133,7 @@ def pooled_last_layer(cfg, tconfig: TransformerConfig, backbone,
     if why is not None:
         logger.info(f"trainer.pooled_last_layer: the last layer computes every row ({why})")
         return None
-    return layer
+    return make_pooled(layer)
 
 
 def sync_tied_output_layer(model: CrossEncoder) -> None:

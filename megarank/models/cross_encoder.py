@@ -7,6 +7,8 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megarank.models.pooling import PooledRows, set_pooled
+
 
 class CrossEncoder(MegatronModule):
     """Scores (query, document) pairs: one logit per row of the batch."""
@@ -77,9 +79,7 @@ class CrossEncoder(MegatronModule):
         """
         rows = None
         if self._pooled_layer:
-            from megarank.models.pooling import PooledRows, set_pooled
-
-            rows = PooledRows(pool_index, packed)
+            rows = PooledRows(pool_index)
             set_pooled(self._pooled_layer[0], rows)
         if packed is None:
             hidden = self.backbone(input_ids, attention_mask, token_type_ids)

@@ -20,28 +20,24 @@ from dataclasses import dataclass
 
 import torch
 
+from megarank.models.heads import pool
+
 
 @dataclass(frozen=True)
 class PooledRows:
-    """Which rows of a [s, b, h] stage the head reads.
-
-    Right-padded micro-batch: ``index`` [b] is each row's pooled position. Packed row
-    (``packed``, a megarank.data.batch.PackedPairs, b = 1): ``index`` [n] is each pair's pooled
-    position in the row, pair j being segment j.
-    """
+    """Which rows of a [s, b, h] stage the head reads: ``index`` holds each pair's pooled
+    position, [b] for a right-padded micro-batch, [n] for a packed row (b = 1; pair j is
+    segment j)."""
 
     index: torch.Tensor
-    packed: object | None = None
 
     @property
     def count(self) -> int:
         return self.index.shape[0]
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
-        """[s, b, ...] -> [1, n, ...]: the pooled rows, in pair order."""
-        if self.packed is not None:
-            return x[self.index, 0][None]
-        return x[self.index, torch.arange(x.shape[1], device=x.device)][None]
+        """[s, b, ...] -> [1, n, ...]: the pooled rows, in pair order (the head's own pooling)."""
+        return pool(x, self.index)[None]
 
     def head_index(self) -> torch.Tensor:
         """The head's pool_index into the [1, n, h] output: row 0 of every column."""
@@ -62,18 +58,17 @@ def pooling_supported(layer: torch.nn.Module, config) -> str | None:
     return None
 
 
-def set_pooled(layer: torch.nn.Module, rows: PooledRows | None) -> None:
-    """Give ``layer`` (and its core attention) the rows of its next forward; None: every row.
+def make_pooled(layer: torch.nn.Module) -> torch.nn.Module:
+    """Make ``layer`` the pooled last layer. Selective recompute leaves its core attention
+    alone: it keeps one row of probabilities per pair, where its checkpoint would keep every
+    row's queries."""
+    layer.self_attention.checkpoint_core_attention = False
+    return layer
 
-    Set before each forward and left in place: activation recomputation re-runs the forward
-    during the backward of the same micro-batch, before the next forward of this stage.
-    Selective recompute leaves a pooled layer's core attention alone: it keeps one row of
-    probabilities per pair, and its checkpoint would keep every row's queries instead.
-    """
-    attention = layer.self_attention
-    if not hasattr(attention, "checkpoint_core_attention_unpooled"):
-        attention.checkpoint_core_attention_unpooled = attention.checkpoint_core_attention
-    attention.checkpoint_core_attention = (rows is None
-                                           and attention.checkpoint_core_attention_unpooled)
+
+def set_pooled(layer: torch.nn.Module, rows: PooledRows) -> None:
+    """Give ``layer`` (and its core attention) the rows of its next forward. Left in place:
+    activation recomputation re-runs the forward during the backward of the same micro-batch,
+    before the next forward of this stage."""
     layer.pooled = rows
-    attention.core_attention.pooled = rows
+    layer.self_attention.core_attention.pooled = rows
