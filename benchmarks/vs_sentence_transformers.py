@@ -37,12 +37,18 @@ is at least 2 * 32 + 3, so the document stays the longer of the two): the script
 that every training and evaluation pair tokenizes to the same ids and token types in both tools
 (megarank's side: the stage's collator, built from its scoring contract).
 
-Numbers. pairs/s whole run = steps * groups * G / wall time of the whole training command
-(interpreter start-up, imports, model load, training, final save: megarank's distributed
-checkpoint with optimizer state, sentence-transformers' model.save; megarank's export to HF,
-megarank.api.convert_to_hf, is excluded and timed apart). pairs/s steady state = median per-step
-rate over the second half of the steps (megarank: pairs_per_s in metrics.jsonl;
-sentence-transformers: the time between step ends). Peak RSS = max over time of the SUM of RSS
+Numbers. The trainings are measured interleaved (--interleave, 30 s by default): each runs in
+turns, its whole process tree stopped (SIGSTOP) while another's turn runs, so that the systems
+share the same minutes of a machine whose speed drifts by 20% over minutes (measured one after
+the other, the same deterministic run differed by 23%); --interleave 0 runs them one after the
+other. Every time is the run's active time, its stopped turns left out. pairs/s whole run =
+steps * groups * G / active time of the whole training command (interpreter start-up, imports,
+model load, training, final save: megarank's distributed checkpoint with optimizer state,
+sentence-transformers' model.save; megarank's export to HF, megarank.api.convert_to_hf, is
+excluded and timed apart). pairs/s steady state = median per-step rate over the second half of
+the steps, from the active times at which steps ended (megarank: when each line of its
+metrics.jsonl appeared, seen every 50 ms; sentence-transformers: its trainer's step-end times).
+Peak RSS = max over time of the SUM of RSS
 over processes, sampled every 50 ms: "tree" is the whole process tree; "no forks" only the
 command and its direct children (torchrun's launcher and ranks), leaving out the helpers
 megatron's checkpoint writer forks from each rank, whose RSS is mostly the rank's own pages
@@ -80,7 +86,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vs_st.measure import REPO, child_env, run_measured, steady
+from vs_st.measure import REPO, Job, child_env, run_interleaved, step_rates, steady
 from vs_st.pairs import (
     count_token_mismatches,
     cut_query,
@@ -94,7 +100,7 @@ from vs_st.report import COLLECTION_NAMES, LABELS, machine, print_report, ratios
 COLLECTIONS = REPO / "megarank" / "assets" / "collections"
 THREADS = 2  # the cores both tools get: 2 ranks x 1 thread, or 1 process x 2 threads
 SMOKE = {"steps": 2, "group_size": 4, "groups_per_step": 2, "top_k": 3, "max_queries": 2,
-         "layouts": "tp1"}
+         "layouts": "tp1", "interleave": 3.0}
 """--smoke: the sizes that check the script end to end in about a minute."""
 
 
@@ -154,33 +160,42 @@ def starting_point(cfg: Any, head_path: Path) -> tuple[Any, Any, Any]:
         return bundle.cfg, bundle.tokenizer, bundle.collator
 
 
-def run_megarank(args: argparse.Namespace, layout: str, work: Path, warmup: int,
-                 timings: dict[str, float]) -> dict[str, Any]:
-    """Train one layout under torchrun (2 ranks x 1 thread), then export it to HF."""
-    from megarank.api import convert_to_hf
-
+def megarank_job(args: argparse.Namespace, layout: str, work: Path, warmup: int) -> Job:
+    """Training one layout under torchrun (2 ranks x 1 thread); metrics.jsonl marks its steps."""
     overrides = megarank_overrides(args, layout, work, warmup)
     out = work / f"megarank_{layout}"
     shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl is appended to: start clean
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "megarank.train", *overrides]
-    print(f"[bench] megarank {layout}: training", flush=True)
-    m = run_measured(cmd, child_env(1), work / "logs" / f"megarank_{layout}.log")
+    return Job(cmd, child_env(1), work / "logs" / f"megarank_{layout}.log",
+               watch=out / "metrics.jsonl")
+
+
+def megarank_result(args: argparse.Namespace, layout: str, work: Path, m: dict[str, Any],
+                    timings: dict[str, float]) -> dict[str, Any]:
+    """The measured run's numbers (steps timed by when their metrics lines appeared), and its
+    export to HF."""
+    from megarank.api import convert_to_hf
+
+    out = work / f"megarank_{layout}"
     timings[f"megarank {layout} train"] = seconds = m["seconds"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "pairs_per_s" in r]
+    ends = {json.loads(line)["step"]: t for line, t in zip(m["lines"], m["line_times"],
+                                                             strict=True)
+            if "pairs_per_s" in line}
     hf = work / f"megarank_{layout}_hf"
     print(f"[bench] megarank {layout}: exporting to {hf}", flush=True)
     t0 = time.perf_counter()
     shutil.rmtree(hf, ignore_errors=True)
     convert_to_hf(out, hf)
     timings[f"megarank {layout} to-hf"] = time.perf_counter() - t0
-    pairs = args.steps * args.groups_per_step * args.group_size
+    per_step = args.groups_per_step * args.group_size
     return {
         "model_dir": str(hf), "train_seconds": seconds, "peak_rss_gib": m["peak_rss_gib"],
         "peak_rss_top_gib": m["peak_rss_top_gib"],
-        "other_cores": m["other_cores"], "pairs_per_s_whole": pairs / seconds,
-        "pairs_per_s_steady": steady({r["step"]: r["pairs_per_s"] for r in records}, args.steps),
+        "other_cores": m["other_cores"], "pairs_per_s_whole": args.steps * per_step / seconds,
+        "pairs_per_s_steady": steady(step_rates(ends, per_step), args.steps),
         "loss": [r["loss"] for r in records], "lr": [r["lr"] for r in records],
     }
 
@@ -190,9 +205,8 @@ def run_megarank(args: argparse.Namespace, layout: str, work: Path, warmup: int,
 # ----------------------------------------------------------------------------------------------
 
 
-def run_st(args: argparse.Namespace, work: Path, warmup: int, cfg: Any,
-           timings: dict[str, float]) -> dict[str, Any]:
-    """Train with sentence-transformers in a measured child process (1 process x 2 threads)."""
+def st_job(args: argparse.Namespace, work: Path, warmup: int, cfg: Any) -> Job:
+    """Training with sentence-transformers in a child process (1 process x 2 threads)."""
     job = {
         "model_dir": cfg.model.hf_path, "head_init": str(work / "st_head_init.pt"),
         "groups": str(work / "st_train_groups.jsonl"), "loss": args.loss,
@@ -207,21 +221,24 @@ def run_st(args: argparse.Namespace, work: Path, warmup: int, cfg: Any,
     }
     job_path = work / "st_job.json"
     job_path.write_text(json.dumps(job, indent=1))
-    print("[bench] sentence-transformers: training", flush=True)
-    run = run_measured([sys.executable, "-m", "vs_st.worker", str(job_path)],
-                       child_env(THREADS), work / "logs" / "st.log")
+    return Job([sys.executable, "-m", "vs_st.worker", str(job_path)], child_env(THREADS),
+               work / "logs" / "st.log")
+
+
+def st_result(args: argparse.Namespace, work: Path, run: dict[str, Any],
+              timings: dict[str, float]) -> dict[str, Any]:
+    """The measured run's numbers (steps timed by the worker's step-end times)."""
     timings["sentence-transformers train"] = seconds = run["seconds"]
-    m = json.loads(Path(job["metrics"]).read_text())
+    m = json.loads((work / "st_metrics.json").read_text())
     per_step = args.groups_per_step * args.group_size
-    ends = m["step_ends"]
-    rates = {s: per_step / (ends[s] - ends[s - 1]) for s in range(1, len(ends))}
+    ends = {s: run["active"](t) for s, t in enumerate(m["step_ends"])}
     return {
-        "model_dir": job["save_dir"], "train_seconds": seconds,
+        "model_dir": str(work / "st"), "train_seconds": seconds,
         "peak_rss_gib": run["peak_rss_gib"], "peak_rss_top_gib": run["peak_rss_top_gib"],
         "other_cores": run["other_cores"],
         "pairs_per_s_whole": args.steps * per_step / seconds,
-        "pairs_per_s_steady": steady(rates, args.steps), "loss": m["loss"], "lr": m["lr"],
-        "torch_threads": m["torch_threads"],
+        "pairs_per_s_steady": steady(step_rates(ends, per_step), args.steps), "loss": m["loss"],
+        "lr": m["lr"], "torch_threads": m["torch_threads"],
     }
 
 
@@ -260,6 +277,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--st-bf16", action="store_true",
                     help="sentence-transformers with bf16=True (torch autocast on the CPU, fp32 "
                          "weights): the fair peer of --megarank-overrides trainer.precision=bf16")
+    ap.add_argument("--interleave", type=float, default=30.0, metavar="SECONDS",
+                    help="train the systems in turns of this many seconds, one at a time "
+                         "(SIGSTOP / SIGCONT), so that they share the machine's drift; 0: one "
+                         "after the other")
     ap.add_argument("--smoke", action="store_true",
                     help="toy sizes (" + ", ".join(f"{k}={v}" for k, v in SMOKE.items())
                          + "): checks the script, measures nothing")
@@ -337,11 +358,16 @@ def main() -> None:
         del start
     timings["setup (triplets, groups, checks)"] = time.perf_counter() - t0
 
-    results: dict[str, dict[str, Any]] = {}
-    for layout in args.layouts:
-        results[layout] = run_megarank(args, layout, work, warmup, timings)
+    jobs = {layout: megarank_job(args, layout, work, warmup) for layout in args.layouts}
     if not args.skip_st:
-        results["st"] = run_st(args, work, warmup, cfg, timings)
+        jobs["st"] = st_job(args, work, warmup, cfg)
+    print(f"[bench] training {', '.join(LABELS[k] for k in jobs)}"
+          + (f", interleaved in turns of {args.interleave:g} s" if args.interleave else
+             ", one after the other"), flush=True)
+    measured = run_interleaved(jobs, args.interleave)
+    results: dict[str, dict[str, Any]] = {
+        key: st_result(args, work, m, timings) if key == "st"
+        else megarank_result(args, key, work, m, timings) for key, m in measured.items()}
 
     sets = quality.eval_sets({n: COLLECTIONS / n for n in COLLECTION_NAMES}, args.top_k,
                              args.max_queries, tokenizer, mql)

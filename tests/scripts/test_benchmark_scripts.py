@@ -189,3 +189,42 @@ def test_teacher_signal_benchmark_smoke(monkeypatch, capsys):
     assert float(rows[0][4]) == pytest.approx(want["NDCG@10"], abs=1e-4)
     assert float(rows[0][5]) == pytest.approx(want["MRR@10"], abs=1e-4)
     assert (rows[1][4], rows[1][5]) != (rows[0][4], rows[0][5])
+
+
+_TICKER = """
+import sys, time
+out = open(sys.argv[1], "a", buffering=1)
+for _ in range(60):
+    out.write(f"{time.perf_counter()!r}\\n")
+    time.sleep(0.02)
+"""
+
+
+def test_interleaved_measurement_runs_one_command_at_a_time(tmp_path):
+    # The drift-robust comparison stops and continues whole process trees in turns: each job's
+    # own clock readings must fall in its spans only, and the spans of two jobs never overlap.
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from vs_st.measure import Job, child_env, run_interleaved
+
+    script = tmp_path / "ticker.py"
+    script.write_text(_TICKER)
+    env = child_env(1)
+    # The second job's ticking is done by a grandchild, as torchrun's ranks are.
+    nested = f"import subprocess, sys; subprocess.run([sys.executable, {str(script)!r}, " \
+             f"{str(tmp_path / 'b.txt')!r}], check=True)"
+    jobs = {"a": Job([sys.executable, str(script), str(tmp_path / "a.txt")], env,
+                     tmp_path / "a.log", watch=tmp_path / "a.txt"),
+            "b": Job([sys.executable, "-c", nested], env, tmp_path / "b.log",
+                     watch=tmp_path / "b.txt")}
+    measured = run_interleaved(jobs, 0.25)
+    for name, m in measured.items():
+        ticks = [float(x) for x in (tmp_path / f"{name}.txt").read_text().split()]
+        assert len(ticks) == 60 and len(m["lines"]) == 60
+        assert len(m["spans"]) >= 3, m["spans"]  # it really was stopped and continued
+        # Every tick inside one of its own spans (a tick is written before the stop lands).
+        assert all(any(s - 1e-3 <= t <= e + 1e-3 for s, e in m["spans"]) for t in ticks)
+        # Active time: 60 ticks of 20 ms plus start-up, not the other job's turns.
+        assert 1.2 <= m["seconds"] < 2.5, m["seconds"]
+        assert m["line_times"] == sorted(m["line_times"]) and m["line_times"][-1] <= m["seconds"]
+    spans = sorted((s, e) for m in measured.values() for s, e in m["spans"])
+    assert all(e <= s2 for (_, e), (s2, _) in zip(spans, spans[1:]))
