@@ -86,7 +86,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vs_st.measure import REPO, Job, child_env, run_interleaved, step_rates, steady
+from vs_st.measure import REPO, Job, child_env, run_interleaved, steady, step_rates
 from vs_st.pairs import (
     count_token_mismatches,
     cut_query,

@@ -10,6 +10,7 @@ checks must hold: the same groups, tokens and learning rates in both tools.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import runpy
 import subprocess
@@ -227,4 +228,4 @@ def test_interleaved_measurement_runs_one_command_at_a_time(tmp_path):
         assert 1.2 <= m["seconds"] < 2.5, m["seconds"]
         assert m["line_times"] == sorted(m["line_times"]) and m["line_times"][-1] <= m["seconds"]
     spans = sorted((s, e) for m in measured.values() for s, e in m["spans"])
-    assert all(e <= s2 for (_, e), (s2, _) in zip(spans, spans[1:]))
+    assert all(e <= s2 for (_, e), (s2, _) in itertools.pairwise(spans))
