@@ -6,6 +6,7 @@ processes use ``torchrun --nproc_per_node N -m megarank.train ...`` (or ``launch
 
 from __future__ import annotations
 
+import gc
 import sys
 
 COMMANDS = {
@@ -36,3 +37,18 @@ def main(argv: list[str] | None = None) -> None:
         module.main()
     else:
         module.main(argv[1:])
+
+
+def freeze_for_exit() -> None:
+    """The process exits next: move every object the cyclic garbage collector tracks to its
+    permanent generation, so that the interpreter's collections at shutdown skip them. After a
+    run, half a million objects (torch, megatron, transformers, Hydra) make those collections
+    take 2.5 s of a rank's exit (MiniLM, 2 ranks, this machine); the exit returns the memory
+    either way. Process entry points only: a library caller keeps its collector as it was."""
+    gc.freeze()
+
+
+def console() -> None:
+    """The ``megarank`` console script: :func:`main`, then :func:`freeze_for_exit`."""
+    main()
+    freeze_for_exit()

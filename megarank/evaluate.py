@@ -59,4 +59,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from megarank.cli import freeze_for_exit
+
     main()
+    freeze_for_exit()

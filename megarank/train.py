@@ -25,4 +25,7 @@ def main(cfg: DictConfig) -> None:
 # The guard matters: megatron's checkpoint saving starts processes with the `spawn` method, which
 # re-imports __main__.
 if __name__ == "__main__":
+    from megarank.cli import freeze_for_exit
+
     main()
+    freeze_for_exit()

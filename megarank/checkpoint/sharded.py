@@ -32,6 +32,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megarank.models.dora import weights_changed
 from megarank.models.lora import ADAPTER
 from megarank.parallel.megatron import (
+    in_process_write_results,
     optimizer_sharding_metadata,
     prepare_optimizer_for_load,
     separate_adam_steps,
@@ -215,7 +216,8 @@ def write_atomically(final: Path, state: dict[str, Any], meta: dict[str, Any], r
             partial.mkdir(parents=True)
         dist.barrier()
         if async_queue is None:
-            dist_checkpointing.save(state, str(partial))
+            with in_process_write_results():
+                dist_checkpointing.save(state, str(partial))
         else:
             request = dist_checkpointing.save(state, str(partial), async_sharded_save=True)
             request.add_finalize_fn(finish)

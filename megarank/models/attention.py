@@ -31,7 +31,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megarank.models.dropout import dropout_mask
+from megarank.models.dropout import kept_mask, times_kept
 
 try:  # torch >= 2.10: flash attention over packed variable-length sequences (CUDA only)
     from torch.nn.attention.varlen import varlen_attn
@@ -65,29 +65,38 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 def _dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        attn_mask: torch.Tensor | None, dropout_p: float, scale: float,
                        is_causal: bool, enable_gqa: bool) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) with dropout, times v: SDPA's math, with the dropout mask
-    from :func:`dropout_mask`. Like SDPA's math kernel on the CPU, half-precision inputs are
-    computed in fp32 and the output is cast back. Masked scores are the lowest float rather than
-    -inf, so a row with every key masked (only padding queries have one) attends uniformly
-    instead of producing NaN; real rows are unchanged (their masked terms are exactly 0)."""
+    """softmax(q k^T * scale + mask) with dropout, times v: SDPA's math, with the mask of
+    :func:`kept_mask`. Like SDPA's math kernel on the CPU, half-precision inputs are computed in
+    fp32 and the output is cast back.
+
+    A boolean mask is added to the scores as a bias of 0 (may attend) or the lowest float (may
+    not), not filled in: an add with a broadcast bias is one vectorised pass whose backward is
+    free, where a masked fill and its backward are two slow passes (``benchmarks/cpu_dropout.py``).
+    The lowest float rather than -inf, so a row with every key masked (only padding queries have
+    one) attends uniformly instead of producing NaN (the score is lost in the rounding: the sum
+    is the lowest float); real rows are unchanged (their masked terms are exactly 0 after
+    softmax, the same bits as a fill). The dropped probabilities are zeroed by
+    :func:`times_kept`, a product with the bool mask."""
     dtype = q.dtype
     q, k, v = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (q, k, v))
     if enable_gqa:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     scores = torch.matmul(q * scale, k.transpose(-1, -2))
-    lowest = torch.finfo(scores.dtype).min
+    allowed = attn_mask if attn_mask is not None and attn_mask.dtype == torch.bool else None
     if is_causal:
         sq, sk = scores.shape[-2:]
-        scores.masked_fill_(torch.ones(sq, sk, dtype=torch.bool).tril().logical_not(), lowest)
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        scores.masked_fill_(attn_mask.logical_not(), lowest)
-    elif attn_mask is not None:
+        tri = torch.ones(sq, sk, dtype=torch.bool).tril()
+        allowed = tri if allowed is None else tri & allowed
+    if allowed is not None:  # one bias for both masks: two lowest floats would add to -inf
+        scores.add_(torch.zeros(allowed.shape, dtype=scores.dtype).masked_fill_(
+            allowed.logical_not(), torch.finfo(scores.dtype).min))
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
         scores = scores + attn_mask
     probs = torch.softmax(scores, dim=-1)
-    dropped, rate = dropout_mask(tuple(probs.shape), dropout_p)
+    kept, rate = kept_mask(tuple(probs.shape), dropout_p)
     # softmax's backward reads its output: the dropout is not in place
-    ctx = torch.matmul(probs.masked_fill(dropped, 0.0), v)
+    ctx = torch.matmul(times_kept(probs, kept), v)
     return (ctx * (1.0 / (1.0 - rate))).to(dtype)
 
 

@@ -26,6 +26,8 @@ read. What each piece is for:
   ``KeyError: 'step'`` (the torch Adam state holds a ``step`` the checkpoint keeps elsewhere).
 - :func:`separate_adam_steps`: without TE/apex a loaded optimizer shares ONE ``step`` tensor
   between all parameters, and a resumed run silently diverges.
+- :func:`in_process_write_results`: a synchronous save without the writer's spawned Manager
+  process (seconds of start-up on every run's first save).
 
 The CUDA assumptions megatron makes when the run's device is the CPU are handled apart, in
 :mod:`megarank.parallel.cpu_compat`.
@@ -33,7 +35,9 @@ The CUDA assumptions megatron makes when the run's device is the CPU are handled
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -304,6 +308,27 @@ def weights_are_finite(model: torch.nn.Module) -> bool:
     flag = torch.tensor([float(bad)], device=device if device.type == "cuda" else "cpu")
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return not bool(flag.item())
+
+
+@contextlib.contextmanager
+def in_process_write_results() -> Iterator[None]:
+    """For a synchronous save: megatron's checkpoint writer hands each rank's write results back
+    through a queue served by a ``multiprocessing`` Manager, started with the spawn method, so
+    that an asynchronous save (written in another process) can reach it. Its first save waits
+    for a new Python to start and, unpickling the results, to import torch: ~3 s of a 6 s save
+    of MiniLM here, and the Manager's shutdown at exit. A synchronous save writes, and reads
+    the results back, in this process: a plain queue serves it. Only for the save's duration,
+    so an asynchronous save in the same process still gets megatron's own queue."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    saved = filesystem_async._results_queue
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = saved
 
 
 def async_save_queue() -> Any:

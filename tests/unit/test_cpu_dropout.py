@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from megarank.models import attention
 from megarank.models.attention import attend
-from megarank.models.dropout import dropout, dropout_mask, get_bias_dropout_add
+from megarank.models.dropout import dropout, get_bias_dropout_add, kept_mask, times_kept
 
 
 def _qkv(b=3, h=4, kv_heads=4, s=9, d=8, dtype=torch.float32, seed=0):
@@ -49,11 +49,38 @@ def test_the_dropout_path_masks_as_sdpa_does(case):
 
 
 def test_dropout_mask_drops_at_the_rate_asked():
-    dropped, rate = dropout_mask((64, 12, 128, 128), 0.1)
+    kept, rate = kept_mask((64, 12, 128, 128), 0.1)
     assert abs(rate - 0.1) < 1 / 65536
-    assert abs(dropped.float().mean().item() - 0.1) < 0.002  # 12.6M draws: sd ~1e-4
-    dropped, rate = dropout_mask((5, 7), 0.0)
-    assert rate == 0.0 and not dropped.any()
+    assert abs(1 - kept.float().mean().item() - 0.1) < 0.002  # 12.6M draws: sd ~1e-4
+    kept, rate = kept_mask((5, 7), 0.0)
+    assert rate == 0.0 and kept.all()
+
+
+def test_times_kept_is_the_product_with_the_mask_and_saves_it_as_bool():
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    kept = torch.rand(4, 6, generator=torch.Generator().manual_seed(0)) > 0.3
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = times_kept(x, kept)
+    assert torch.equal(out, x * kept) and [t.dtype for t in saved] == [torch.bool]
+    out.backward(torch.ones_like(out))
+    assert torch.equal(x.grad, kept.double())
+
+
+def test_a_row_with_every_key_masked_attends_uniformly():
+    """Causal and padding together (one bias, not two): the first query of a row whose first
+    key is padding may attend to nothing; it averages the values instead of turning NaN, and
+    every other row is unchanged by the mask (equal to SDPA's)."""
+    q, k, v = _qkv(kv_heads=4)
+    allowed = torch.ones(3, 1, 1, 9, dtype=torch.bool)
+    allowed[1, ..., 0] = False  # query 0 of row 1 sees only key 0: masked
+    out = attention._dropout_attention(q, k, v, allowed, 0.0, 0.3, True, False)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[1, :, 0], v[1].mean(dim=1), rtol=1e-6, atol=1e-6)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed & torch.ones(
+        9, 9, dtype=torch.bool).tril(), scale=0.3)
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[1, :, 1:], ref[1, :, 1:], rtol=1e-6, atol=1e-6)
 
 
 def test_attention_dropout_is_unbiased_and_its_backward_is_exact():
