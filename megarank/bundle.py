@@ -55,7 +55,13 @@ from megarank.models.lora import add_adapters
 from megarank.models.specs import KernelChoice, check_kernel_support, select_kernels
 from megarank.parallel.env import env_world_size
 from megarank.parallel.megatron import wrap_model
-from megarank.parallel.runtime import Runtime, cpu_half_precision_note, init_runtime, shutdown
+from megarank.parallel.runtime import (
+    Runtime,
+    cpu_half_precision_note,
+    init_runtime,
+    keep_freed_memory,
+    shutdown,
+)
 
 logger = logging.getLogger("megarank")  # the run's logger (training/logs.py sets it up)
 
@@ -109,6 +115,8 @@ def build_bundle(cfg: DictConfig, *, load_hf: bool = True, expect: ScoringContra
     check_mandatory(cfg)
     derived = validate(cfg, env_world_size())
     runtime = init_runtime(derived.tp, derived.pp, cfg.trainer.seed, device or cfg.trainer.device)
+    if runtime.device.type == "cpu" and cfg.trainer.keep_freed_memory:
+        keep_freed_memory()
     note = cpu_half_precision_note(cfg.trainer.precision, runtime.device)
     if note and runtime.is_main:  # train, score, serve and evaluate all start here
         logger.warning(note)

@@ -115,6 +115,23 @@ FEATURES = {
         "            if False:\n                before =",
         ["tests/unit/test_pooled_layer.py"],
     ),
+    "cpu-keep-freed-memory": (
+        "the CPU allocator setting (freed memory returned to the system, mapped and faulted in "
+        "again every step)",
+        "megarank/bundle.py",
+        "        keep_freed_memory()\n",
+        "        pass\n",
+        ["tests/e2e/test_cpu_allocator.py"],
+    ),
+    "attention-one-bias": (
+        "one additive bias for the causal and padding masks together (each added apart: a "
+        "query with every key masked sums two lowest floats to -inf and turns NaN)",
+        "megarank/models/attention.py",
+        "        allowed = tri if allowed is None else tri & allowed",
+        "        scores.add_(torch.zeros(sq, sk).masked_fill_(tri.logical_not(), "
+        "torch.finfo(scores.dtype).min))",
+        ["tests/unit/test_cpu_dropout.py"],
+    ),
     "bert-qkv-names": (
         "the HF name mapping of BERT-family attention (query and key swapped on the way in "
         "and out)",

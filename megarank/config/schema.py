@@ -334,6 +334,11 @@ class TrainerConfig:
     Scores and gradients are the full layer's; the saving is most of one layer (MiniLM: ~14%
     of a step's linear FLOPs). Local kernels only (not TE, DeBERTa or sequence parallelism,
     where the last layer computes every row). false: every row, as Hugging Face does."""
+    keep_freed_memory: bool = True
+    """On the CPU (glibc): freed memory stays in the process for the next step's tensors
+    instead of being returned to the system and mapped, page-faulted and zeroed again every
+    step (MiniLM: ~40,000 page faults and 0.13 s of kernel time a step here; the process's
+    resident memory stays at its peak). false: glibc's defaults."""
     progress_bar: bool = True
     """Show a tqdm bar on rank 0."""
 

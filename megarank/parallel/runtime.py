@@ -12,6 +12,7 @@ megatron as it is. The optimizer fixes of :mod:`megarank.parallel.megatron` appl
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import os
 import random
@@ -183,6 +184,30 @@ def init_runtime(tp: int, pp: int, seed: int, device: str = "auto") -> Runtime:
         )
     seed_everything(seed)
     return current_runtime(dev)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """glibc's malloc keeps freed memory in the process for reuse (``trainer.keep_freed_memory``):
+    blocks up to 1 GiB come from the heap instead of their own ``mmap`` (the default above 128
+    KiB, adjusted up to 32 MiB), and the heap's free top is not returned to the system. A CPU
+    training step allocates and frees the same few hundred MB of activations and gradients
+    every step; with the defaults much of that is mapped afresh each time and every page
+    faulted in and zeroed by the kernel again (MiniLM, 16 pairs x 128 tokens: ~40,000 page
+    faults and 0.13 s of system time a step on this machine). The process's resident memory
+    then stays at its peak. What the allocators Intel recommends for CPU training (jemalloc,
+    tcmalloc) do, with the allocator every Linux Python already has. Returns whether it was
+    applied (glibc only; elsewhere nothing changes)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    # Older glibc caps the mmap threshold at 32 MiB (HEAP_MAX_SIZE / 2): then that.
+    mapped = mallopt(_M_MMAP_THRESHOLD, 1 << 30) or mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    return bool(mapped and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def current_runtime(device: torch.device) -> Runtime:

@@ -74,6 +74,7 @@ def test_a_row_with_every_key_masked_attends_uniformly():
     q, k, v = _qkv(kv_heads=4)
     allowed = torch.ones(3, 1, 1, 9, dtype=torch.bool)
     allowed[1, ..., 0] = False  # query 0 of row 1 sees only key 0: masked
+    allowed[1, ..., 5] = False  # masked twice for query 0 (padding, and after it)
     out = attention._dropout_attention(q, k, v, allowed, 0.0, 0.3, True, False)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[1, :, 0], v[1].mean(dim=1), rtol=1e-6, atol=1e-6)
