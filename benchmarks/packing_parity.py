@@ -38,7 +38,7 @@ def main() -> None:
     docs = ["lift is the force on a wing " * k for k in (1, 5, 2, 9)] + [
         "supersonic flow over a cone " * k for k in (3, 1, 7, 4)]
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; precision {precision}; "
-          f"varlen_attn {'present' if attention.varlen_attn is not None else 'absent'}")
+          f"varlen_attn {'present' if attention.varlen_attention()[0] is not None else 'absent'}")
     print("| model | max abs d score | max score | d loss | d grad norm | packed tokens / padded |")
     print("|---|---|---|---|---|---|")
     for model in args.models.split(","):

@@ -123,6 +123,14 @@ FEATURES = {
         "        pass\n",
         ["tests/e2e/test_cpu_allocator.py"],
     ),
+    "megatron-fusers-plain-on-cpu": (
+        "megatron's fusable functions left plain without CUDA (each wrapped in torch.compile at "
+        "import again, dynamo and inductor imported)",
+        "megarank/__init__.py",
+        "        module.disable_jit_fuser()\n",
+        "        pass\n",
+        ["tests/unit/test_kernels.py"],
+    ),
     "attention-one-bias": (
         "one additive bias for the causal and padding masks together (each added apart: a "
         "query with every key masked sums two lowest floats to -inf and turns NaN)",

@@ -21,8 +21,10 @@ of SDPA's time for MiniLM's 16 x 12 x 128 x 128 probabilities, forward and backw
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,17 +35,21 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megarank.models.dropout import kept_mask, times_kept
 
-try:  # torch >= 2.10: flash attention over packed variable-length sequences (CUDA only)
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # pragma: no cover - older torch
-    varlen_attn = None
-
 _VARLEN_DTYPES = (torch.float16, torch.bfloat16)  # flash kernels: half precision only
 
 
-# What this torch's varlen_attn takes: causality as ``window_size`` (2.11: (-1, 0) is causal)
-# or, before it, ``is_causal``; grouped-query attention as ``enable_gqa`` (2.13) or not at all.
-_VARLEN_PARAMS = set(inspect.signature(varlen_attn).parameters) if varlen_attn else set()
+@functools.cache
+def varlen_attention() -> tuple[Callable | None, frozenset[str]]:
+    """torch's flash attention over packed variable-length sequences (torch >= 2.10, CUDA
+    only) and the parameters it takes, or (None, {}). Looked up on the first packed CUDA
+    call: the module imports torch's dynamo (~1 s), which a CPU process never needs. This
+    torch's varlen_attn takes causality as ``window_size`` (2.11: (-1, 0) is causal) or,
+    before it, ``is_causal``; grouped-query attention as ``enable_gqa`` (2.13) or not at all."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # pragma: no cover - older torch
+        return None, frozenset()
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -107,8 +113,8 @@ def _segments(x: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
     return x[gather].permute(0, 2, 1, 3)
 
 
-def _varlen_causal_kwargs(causal: bool) -> dict:
-    if "window_size" in _VARLEN_PARAMS:
+def _varlen_causal_kwargs(causal: bool, params: frozenset[str]) -> dict:
+    if "window_size" in params:
         return {"window_size": (-1, 0) if causal else (-1, -1)}
     return {"is_causal": causal}
 
@@ -188,10 +194,11 @@ class SDPAttention(MegatronModule):
         causal = mask_type == AttnMaskType.causal
         dropout_p = self.dropout_p if self.training else 0.0
         q, k, v = query[:, 0], key[:, 0], value[:, 0]  # [T, heads, d]
-        if (q.is_cuda and varlen_attn is not None and dropout_p == 0.0
-                and q.dtype in _VARLEN_DTYPES):
-            kwargs = _varlen_causal_kwargs(causal)
-            if k.shape[1] != np_ and "enable_gqa" in _VARLEN_PARAMS:
+        varlen_attn, params = (varlen_attention() if q.is_cuda and dropout_p == 0.0
+                               and q.dtype in _VARLEN_DTYPES else (None, frozenset()))
+        if varlen_attn is not None:
+            kwargs = _varlen_causal_kwargs(causal, params)
+            if k.shape[1] != np_ and "enable_gqa" in params:
                 kwargs["enable_gqa"] = True
             elif k.shape[1] != np_:  # grouped-query attention, a torch without enable_gqa
                 k = k.repeat_interleave(np_ // k.shape[1], dim=1)
