@@ -296,15 +296,15 @@ def mine_triplets(collection: str | Path, out: str | Path, *, split: str | None 
                   skip_top: int = 0, negatives: int = 15, margin: float | None = None,
                   seed: int = 0, batch_size: int = 64, overrides: Sequence[str] = (),
                   progress: bool = True, pseudo_queries: int = 0,
-                  fuse_bm25: float = 0.0) -> MineStats:
+                  fuse_bm25: float = 0.0, embed_max_length: int | None = None) -> MineStats:
     """Write FlagEmbedding triplets with hard negatives for a collection's judged queries.
 
     ``retriever``: ``bm25`` (candidates as they are), ``model`` (re-sorted by a megarank
     checkpoint or export at ``model``, whose scores become teacher scores) or ``dense`` (by a
     sentence-transformers embedder's cosine). ``pseudo_queries``: also that many documents'
     first sentences as queries, labelled by that teacher; ``fuse_bm25``: the weight of BM25 in a
-    fused teacher. See ``megarank.data.mining`` for the
-    rules.
+    fused teacher; ``embed_max_length``: tokens of each text the ``dense`` embedder reads
+    (None: the embedder's own limit). See ``megarank.data.mining`` for the rules.
     """
     from megarank.data.mining import RETRIEVERS, dense_rescorer, mine
     from megarank.parallel.runtime import cpu_process_group
@@ -315,9 +315,13 @@ def mine_triplets(collection: str | Path, out: str | Path, *, split: str | None 
     if retriever != "bm25" and model is None:
         raise ArgumentError("{0} {value} needs {1} (a reranker or embedder directory)",
                             "retriever", "model", value=retriever)
+    if embed_max_length is not None and (retriever != "dense" or embed_max_length < 1):
+        raise ArgumentError("{0} ({value!r}) must be a positive token count, with {1} dense",
+                            "embed_max_length", "retriever", value=embed_max_length)
     if retriever == "dense":  # under torchrun: BM25 on rank 0, each text embedded once
         with cpu_process_group():
-            return mine(collection, out, split, dense_rescorer(model, batch_size, progress),
+            rescorer = dense_rescorer(model, batch_size, progress, embed_max_length)
+            return mine(collection, out, split, rescorer,
                         depth, skip_top, negatives, margin, seed, progress, pseudo_queries,
                         fuse_bm25)
     if retriever == "bm25":

@@ -3,7 +3,7 @@
     megarank mine --collection BEIR_DIR --out triplets.jsonl [--split train]
         [--retriever bm25|model|dense] [--model MODEL_DIR] [--depth 100] [--skip-top 0]
         [--negatives 15] [--margin none|FLOAT] [--seed 0] [--batch-size 64]
-        [--pseudo-queries N] [--fuse-bm25 W] [hydra overrides]
+        [--pseudo-queries N] [--fuse-bm25 W] [--embed-max-length N] [hydra overrides]
 
 Candidates are BM25's top ``depth``, re-sorted by a megarank reranker (``--retriever model``,
 under torchrun in any layout) or by a sentence-transformers embedder's cosine (``--retriever
@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
                          "teacher (--retriever dense|model); 0: judged queries only")
     ap.add_argument("--fuse-bm25", type=float, default=0.0,
                     help="weight of BM25 in a fused teacher (0: the teacher alone)")
+    ap.add_argument("--embed-max-length", type=int, default=None,
+                    help="tokens of each text the dense embedder reads (default: the "
+                         "embedder's own limit; shorter is faster on long documents)")
     ap.add_argument("overrides", nargs="*", help="hydra overrides for the model")
     args = ap.parse_args(argv)
     try:
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
                               skip_top=args.skip_top, negatives=args.negatives,
                               margin=args.margin, seed=args.seed, batch_size=args.batch_size,
                               overrides=args.overrides, pseudo_queries=args.pseudo_queries,
-                              fuse_bm25=args.fuse_bm25)
+                              fuse_bm25=args.fuse_bm25,
+                              embed_max_length=args.embed_max_length)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"megarank mine: {for_command(e)}") from None
     _note(f"wrote {stats.written} triplets to {args.out}; skipped "

@@ -183,6 +183,25 @@ class PairCollator:
         prepared dataset records this and is refused by a collator whose settings differ; the
         name (the path it was read from) is information only, so the same tokenizer files read
         from another directory are the same tokenizer."""
+        size = len(self.tokenizer)
+        # The hash serialises the whole vocabulary (~0.3 s for 30k entries): once per collator,
+        # again only if tokens were added since.
+        cached = getattr(self, "_tokenizer_sha256", None)
+        if cached is None or cached[0] != size:
+            self._tokenizer_sha256 = cached = (size, self._tokenizer_definition_sha256())
+        return {
+            "tokenizer": str(getattr(self.tokenizer, "name_or_path", "")),
+            "tokenizer_class": type(self.tokenizer).__name__,
+            "tokenizer_size": size,
+            "tokenizer_sha256": cached[1],
+            "kind": self.kind,
+            "template": self.template.text,
+            "max_length": self.max_length,
+            "max_query_length": self.max_query_length,
+            "document_tokens": self.truncation.document_tokens,
+        }
+
+    def _tokenizer_definition_sha256(self) -> str:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is not None:
             spec = json.loads(backend.to_str())
@@ -192,17 +211,7 @@ class PairCollator:
             text = json.dumps(spec, sort_keys=True)
         else:
             text = json.dumps(sorted(self.tokenizer.get_vocab().items()))
-        return {
-            "tokenizer": str(getattr(self.tokenizer, "name_or_path", "")),
-            "tokenizer_class": type(self.tokenizer).__name__,
-            "tokenizer_size": len(self.tokenizer),
-            "tokenizer_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-            "kind": self.kind,
-            "template": self.template.text,
-            "max_length": self.max_length,
-            "max_query_length": self.max_query_length,
-            "document_tokens": self.truncation.document_tokens,
-        }
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def __call__(self, groups: list[Group]) -> PairBatch:
         """Collate one micro-batch of groups; all must have the same number of documents."""

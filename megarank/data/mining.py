@@ -349,14 +349,19 @@ def fused_scores(keys: list[tuple[str, str]], teacher: list[float], bm25: list[f
     return out.tolist()
 
 
-def dense_rescorer(model_dir: str | Path, batch_size: int = 64, progress: bool = True) -> Rescorer:
+def dense_rescorer(model_dir: str | Path, batch_size: int = 64, progress: bool = True,
+                   max_length: int | None = None) -> Rescorer:
     """Cosine similarity under a sentence-transformers embedding model (a bi-encoder such as
     all-MiniLM-L6-v2), as FlagEmbedding mines with an embedder. Under a process group each
-    text is embedded once, by one rank (see `embed_once`)."""
+    text is embedded once, by one rank (see `embed_once`). ``max_length``: tokens of each text
+    the embedder reads (its ``max_seq_length``; None keeps the model's own, 256 for
+    all-MiniLM-L6-v2): shorter embeds long documents faster, from their beginning only."""
     from sentence_transformers import SentenceTransformer
 
     # device=None: sentence-transformers picks CUDA when there is one.
     embedder = SentenceTransformer(str(model_dir))
+    if max_length is not None:
+        embedder.max_seq_length = max_length
 
     def encode(texts: list[str]) -> np.ndarray:
         return embedder.encode(texts, batch_size=batch_size, normalize_embeddings=True,

@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from tests.helpers.runs import run_module
@@ -84,12 +85,15 @@ def main(cases_path: str, out_path: str) -> None:
         for i, (name, case) in enumerate(cases.items()):
             dist.init_process_group("gloo", init_method=f"file://{out_path}.rdzv{i}",
                                     rank=rank, world_size=world)
+            start = time.monotonic()
             try:
                 results[name] = _run_case(name, case, Path(scratch))
             except BaseException as e:
                 raise RuntimeError(f"case {name!r} failed on rank {rank}: {e}") from e
             finally:
                 shutdown()
+            if rank == 0:  # shown with a failing test's output: where a launch's time went
+                print(f"[cases] {name}: {time.monotonic() - start:.1f} s", file=sys.stderr)
     if rank == 0:
         Path(out_path).write_text(json.dumps(results))
 
