@@ -226,6 +226,9 @@ def add_data_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--embedder", default=EMBEDDER,
                     help="the dense retriever/teacher: a sentence-transformers model directory, "
                          "or a path inside an installed package")
+    ap.add_argument("--embed-max-length", type=int, default=None,
+                    help="tokens of each text the embedder reads when mining (megarank mine "
+                         "--embed-max-length; default: the embedder's own limit)")
     ap.add_argument("--top-k", type=int, default=50, help="BM25 candidates reranked per query")
     ap.add_argument("--depth", type=int, default=100,
                     help="BM25 documents kept per query; ranks top-k+1..depth stay below the "
@@ -261,20 +264,23 @@ def settle(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         args.pseudo_queries = 400 if args.retriever == "dense" else 0
     if args.web_pseudo_queries is None:
         args.web_pseudo_queries = 400 if args.retriever == "dense" else 0
-    if (args.pseudo_queries or args.web_pseudo_queries or args.fuse_bm25) \
-            and args.retriever != "dense":
-        ap.error("--pseudo-queries, --web-pseudo-queries and --fuse-bm25 need the teacher of "
-                 "--retriever dense")
+    if (args.pseudo_queries or args.web_pseudo_queries or args.fuse_bm25
+            or args.embed_max_length is not None) and args.retriever != "dense":
+        ap.error("--pseudo-queries, --web-pseudo-queries, --fuse-bm25 and --embed-max-length "
+                 "need the teacher of --retriever dense")
 
 def mine_triplets(args: argparse.Namespace, out: Path, train_on: list[str], embedder: str | None,
               timings: dict[str, float]) -> Path:
     """1. Triplets: the --train-on collections' train splits, mined, then one file."""
     triplets = out / "data" / "train_triplets.jsonl"
     mined = []
-    extra = ["--model", embedder] if args.retriever == "dense" else []
+    cut = [] if args.embed_max_length is None else ["--embed-max-length",
+                                                     str(args.embed_max_length)]
+    extra = ["--model", embedder, *cut] if args.retriever == "dense" else []
     if args.fuse_bm25:
         extra += ["--fuse-bm25", str(args.fuse_bm25)]
-    seeded = f"_seed{args.seed}" if args.seed is not None else ""
+    seeded = (f"_seed{args.seed}" if args.seed is not None else "") + (
+        f"_embed{args.embed_max_length}" if cut else "")
 
     def mine(name: str, collection: Path, path: Path, options: list[str]) -> None:
         """``megarank mine`` of one collection to ``path`` (kept with --keep-data), appended."""
@@ -297,7 +303,7 @@ def mine_triplets(args: argparse.Namespace, out: Path, train_on: list[str], embe
     if args.web_pseudo_queries:  # a corpus without queries: its pseudo-queries alone
         mine("web", passage_corpus(sorted(WEB_EXAMPLES.glob("*.jsonl")), out / "data" / "web"),
              out / "data" / f"web_pseudo{args.web_pseudo_queries}{seeded}.jsonl",
-             ["--model", embedder, "--pseudo-queries", str(args.web_pseudo_queries)])
+             ["--model", embedder, "--pseudo-queries", str(args.web_pseudo_queries), *cut])
     triplets.write_text("".join(mined), encoding="utf-8")
 
     return triplets

@@ -50,7 +50,7 @@ def test_quickstart_reduced(tmp_path, monkeypatch):
     proc = run_cli("megarank.quickstart", [
         "--model", "bert_l2_h128", "--steps", "4", "--top-k", "5", "--embedder",
         "cognition/model", "--pseudo-queries", "20", "--web-pseudo-queries", "10", "--train-on",
-        "cranfield", "--out", out], check=False)
+        "cranfield", "--embed-max-length", "32", "--out", out], check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "cranfield BM25" in proc.stdout and "cisi megarank" in proc.stdout
     assert "cisi teacher" in proc.stdout
@@ -59,9 +59,12 @@ def test_quickstart_reduced(tmp_path, monkeypatch):
     # mined with the dense retriever: every record carries the teacher scores distill trains on;
     # Cranfield's 112 judged train queries, then its pseudo-queries (titles), no CISI record
     records = read_triplets(out / "data" / "train_triplets.jsonl")
+    # the embedder read 32 tokens of each text (--embed-max-length): the mining commands say so
+    mines = [line for line in proc.stdout.splitlines() if line.startswith("$ megarank.mine")]
+    assert len(mines) == 2 and all("--embed-max-length 32" in line for line in mines), mines
     cranfield = load_collection(data_dir("cranfield"))
     judged = [cranfield.queries[q] for q in cranfield.split_qids("train")]
-    web = read_triplets(out / "data" / "web_pseudo10.jsonl")
+    web = read_triplets(out / "data" / "web_pseudo10_embed32.jsonl")
     # then the general-domain pseudo-queries (first sentences of the FlagEmbedding passages)
     assert 5 <= len(web) <= 10
     assert [r.query for r in records[-len(web):]] == [r.query for r in web]
