@@ -21,7 +21,6 @@ from megarank.api import mine_triplets
 from megarank.config.schema import package_path
 from megarank.data import mining
 
-
 EMBED_MAX_LENGTH = 32
 """Tokens of each text embedded: what is counted and compared here does not depend on how much
 of a document is read, and a 32-token cut embeds Cranfield's ~200-token documents ~5x faster."""

@@ -121,3 +121,18 @@ def test_more_gpus_than_groups_a_step_is_refused_naming_the_flags(monkeypatch, c
             "default)") in capsys.readouterr().err
     assert quickstart.parse_args([*BM25, "--groups-per-step", "8"]).nproc == 8
     assert quickstart.parse_args([*BM25, "--nproc", "2"]).nproc == 2
+
+
+def test_embed_max_length_goes_to_the_mining_and_its_files_name(tmp_path, capsys, steps):
+    """--embed-max-length reaches `megarank mine` and names the mined file (so --keep-data
+    never takes a file mined at another cut); without a dense teacher it is refused."""
+    out = tmp_path / "qs"
+    with pytest.raises(_Stopped):
+        quickstart.main(["--model", "bert_l2_h128", "--embedder", "cognition/model",
+                         "--embed-max-length", "16", "--out", str(out)])
+    (cmd, _), = steps
+    assert cmd[0] == "megarank.mine" and cmd[cmd.index("--embed-max-length") + 1] == "16"
+    assert cmd[cmd.index("--out") + 1].endswith("_embed16.jsonl")
+    with pytest.raises(SystemExit):
+        quickstart.main([*BM25, "--embed-max-length", "16", "--out", str(out)])
+    assert "--embed-max-length need the teacher of --retriever dense" in capsys.readouterr().err
