@@ -37,8 +37,8 @@ from megarank.training.sizing import (
 
 __all__ = ["HEADROOM", "RETRIEVERS", "ArgumentError", "Scorer", "check_teacher",
            "compare_runs", "compose_config", "convert_from_hf", "convert_to_hf",
-           "env_world_size", "evaluate_model", "fit", "for_command", "format_plan",
-           "is_main_process", "iter_triplets", "largest_token_budget", "load_scorer", "measure_memory",
+           "env_world_size", "evaluate_model", "evaluate_tasks", "fit", "for_command",
+           "format_plan", "is_main_process", "iter_triplets", "largest_token_budget", "load_scorer", "measure_memory",
            "mine_triplets", "open_engine", "plan_memory", "prepare_data", "read_pairs",
            "rerank_task", "serve_app", "ServeLimits", "suggestions", "train_model"]
 
@@ -215,6 +215,22 @@ def evaluate_model(model: str | Path, collection: str | Path | RerankTask, *,
     ``teacher``: a sentence-transformers model directory whose cosine similarity ranks the same
     candidates as a third row (and run.teacher.trec), scored on rank 0 before the model is built.
     """
+    from megarank.eval.rerank import RerankTask, read_rerank_task
+
+    task = collection if isinstance(collection, RerankTask) else read_rerank_task(
+        collection, run, split, top_k, depth)
+    return evaluate_tasks(model, [task], [out_dir], batch_size=batch_size, overrides=overrides,
+                          verbose=verbose, teacher=teacher)[0]
+
+
+def evaluate_tasks(model: str | Path, tasks: Sequence[RerankTask],
+                   out_dirs: Sequence[str | Path | None], *, batch_size: int = 64,
+                   overrides: Sequence[str] = (), verbose: bool = False,
+                   teacher: str | Path | None = None) -> list[dict[str, Any]]:
+    """:func:`evaluate_model` of several tasks (collections, splits; see :func:`rerank_task`)
+    with the model built once: each task's record, as one call per task would give it, and
+    its ``out_dirs`` entry written. Loading a large model once for a suite of collections is
+    the point; with ``verbose`` each table is printed under its collection and split."""
     from megarank.bundle import open_bundle
     from megarank.eval.report import (
         check_teacher,
@@ -223,39 +239,48 @@ def evaluate_model(model: str | Path, collection: str | Path | RerankTask, *,
         teacher_run,
         write_report,
     )
-    from megarank.eval.rerank import RerankTask, read_rerank_task, rerank
+    from megarank.eval.rerank import rerank
     from megarank.parallel.env import is_main_process
     from megarank.training.logs import logger, setup_logging
 
-    task = collection if isinstance(collection, RerankTask) else read_rerank_task(
-        collection, run, split, top_k, depth)
-    teacher_ranked = None
+    if len(out_dirs) != len(tasks):
+        raise ArgumentError("{0} ({value}) must hold one entry per task ({n})", "out_dirs",
+                            value=len(out_dirs), n=len(tasks))
+    teacher_ranked: list = [None] * len(tasks)
     if teacher is not None:
         check_teacher(teacher)
         if is_main_process():  # the row is rank 0's to print and write
-            teacher_ranked = teacher_run(task, teacher, batch_size, progress=verbose)
+            teacher_ranked = [teacher_run(task, teacher, batch_size, progress=verbose)
+                              for task in tasks]
+    results = []
     with open_bundle(model, overrides) as bundle:
         runtime = bundle.runtime
         setup_logging(runtime)
-        if task.skipped_unjudged:
-            logger.info(f"skipped {len(task.skipped_unjudged)} {task.split} queries without "
-                        "judgements")
-        if task.empty:
-            logger.info(f"{len(task.empty)} judged queries have no candidate in "
-                        f"{task.run_path}: they count as 0 in both rows")
-        reranked = rerank(task, bundle.model, runtime, bundle.collator, batch_size,
-                          passages=bundle.cfg.data.passages)
-        result = summarise(task, reranked, str(model), teacher_ranked,
-                           None if teacher is None else str(teacher))
-        if runtime.is_main:
-            if result["cross_check_max_abs_diff"] > 1e-9:
-                logger.warning("ir-measures and megarank's metrics disagree by "
-                               f"{result['cross_check_max_abs_diff']:.3g}")
-            if out_dir is not None:
-                write_report(out_dir, reranked, task.qrels, result, teacher_ranked)
-            if verbose:
-                print(format_table(result), flush=True)
-        return result
+        for task, out_dir, taught in zip(tasks, out_dirs, teacher_ranked, strict=True):
+            where = (f"{task.collection.root} ({task.split or 'all judged queries'}): "
+                     if len(tasks) > 1 else "")
+            if task.skipped_unjudged:
+                logger.info(f"{where}skipped {len(task.skipped_unjudged)} {task.split} queries "
+                            "without judgements")
+            if task.empty:
+                logger.info(f"{where}{len(task.empty)} judged queries have no candidate in "
+                            f"{task.run_path}: they count as 0 in both rows")
+            reranked = rerank(task, bundle.model, runtime, bundle.collator, batch_size,
+                              passages=bundle.cfg.data.passages)
+            result = summarise(task, reranked, str(model), taught,
+                               None if teacher is None else str(teacher))
+            if runtime.is_main:
+                if result["cross_check_max_abs_diff"] > 1e-9:
+                    logger.warning(f"{where}ir-measures and megarank's metrics disagree by "
+                                   f"{result['cross_check_max_abs_diff']:.3g}")
+                if out_dir is not None:
+                    write_report(out_dir, reranked, task.qrels, result, taught)
+                if verbose:
+                    if where:
+                        print(f"\n{where.rstrip(': ')}", flush=True)
+                    print(format_table(result), flush=True)
+            results.append(result)
+    return results
 
 
 def prepare_data(inputs: Sequence[str | Path], out: str | Path, overrides: Sequence[str] = (),

@@ -79,10 +79,36 @@ def test_checkpoint_and_hf_export_rerank_alike(models, ckpt_eval, tmp_path):
 
 @pytest.mark.distributed
 def test_two_data_parallel_ranks_score_like_one_process(models, ckpt_eval, tmp_path):
+    """Two evaluations in one launch of two ranks (the model built once): the test split's
+    scores are the single-process evaluation's, and the train split's, given second with its own
+    --split and --out, are what a single-process evaluation of that split alone gives."""
     # The HF export, so that the layout comes from the `parallel=` group override.
-    out = tmp_path / "dp2"
-    _evaluate(models[1], out, "parallel=tp1_pp1", nproc=2)
+    out, train = tmp_path / "dp2", tmp_path / "dp2_train"
+    proc = _evaluate(models[1], out, "--collection", ROOT, "--split", "test", "--split", "train",
+                     "--out", train, "parallel=tp1_pp1", nproc=2)
     assert _max_gap(_scores(ckpt_eval[0]), _scores(out)) <= 1e-5
+    alone = tmp_path / "train_alone"
+    _evaluate(models[1], alone, "--split", "train")
+    assert _max_gap(_scores(alone), _scores(train)) <= 1e-5
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (alone, train))
+    assert b["split"] == "train" and b["queries"] == a["queries"] and b["pairs"] == a["pairs"]
+    assert b["first_stage"] == a["first_stage"]
+    assert [line for line in proc.stdout.splitlines() if line.startswith(str(ROOT))] == [
+        f"{ROOT} (test)", f"{ROOT} (train)"]
+
+
+def test_repeated_options_pair_with_the_collections_or_are_refused(models, tmp_path, capsys):
+    from megarank.evaluate import main
+
+    with pytest.raises(SystemExit):
+        main(["--model", str(models[0]), "--collection", str(ROOT), "--collection", str(ROOT),
+              "--out", str(tmp_path / "one")])
+    assert "--out was given once for 2 --collection: give it once per --collection" in \
+        capsys.readouterr().err
+    # a bad second collection stops before any model is built, naming its file
+    with pytest.raises(SystemExit, match=r"megarank evaluate: .*nowhere.*"):
+        main(["--model", str(tmp_path / "no-model"), "--collection", str(ROOT),
+              "--collection", str(tmp_path / "nowhere")])
 
 
 def test_depth_keeps_the_first_stage_tail_below_the_reranked_top_k(models, ckpt_eval, tmp_path):
