@@ -236,7 +236,7 @@ def evaluate_tasks(model: str | Path, tasks: Sequence[RerankTask],
         check_teacher,
         format_table,
         summarise,
-        teacher_run,
+        teacher_runs,
         write_report,
     )
     from megarank.eval.rerank import rerank
@@ -250,8 +250,7 @@ def evaluate_tasks(model: str | Path, tasks: Sequence[RerankTask],
     if teacher is not None:
         check_teacher(teacher)
         if is_main_process():  # the row is rank 0's to print and write
-            teacher_ranked = [teacher_run(task, teacher, batch_size, progress=verbose)
-                              for task in tasks]
+            teacher_ranked = teacher_runs(list(tasks), teacher, batch_size, progress=verbose)
     results = []
     with open_bundle(model, overrides) as bundle:
         runtime = bundle.runtime

@@ -140,6 +140,14 @@ FEATURES = {
         "torch.finfo(scores.dtype).min))",
         ["tests/unit/test_cpu_dropout.py"],
     ),
+    "embed-max-length": (
+        "the dense embedder's token limit when mining (mine --embed-max-length: the embedder "
+        "reads every text up to its own limit)",
+        "megarank/data/mining.py",
+        "        embedder.max_seq_length = max_length\n",
+        "        pass\n",
+        ["tests/integration/test_mine_dense.py"],
+    ),
     "bert-qkv-names": (
         "the HF name mapping of BERT-family attention (query and key swapped on the way in "
         "and out)",

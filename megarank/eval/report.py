@@ -73,12 +73,21 @@ def teacher_run(task: RerankTask, teacher: str | Path, batch_size: int = 64,
     """The task's candidates ranked by the teacher: the cosine similarity of a
     sentence-transformers bi-encoder (``megarank.data.mining.dense_rescorer``, the scores the
     main job distils), with the first stage's tail kept below them as for the model."""
+    return teacher_runs([task], teacher, batch_size, progress)[0]
+
+
+def teacher_runs(tasks: list[RerankTask], teacher: str | Path, batch_size: int = 64,
+                 progress: bool = False) -> list[Run]:
+    """:func:`teacher_run` of each task, the bi-encoder loaded once."""
     from megarank.data.mining import dense_rescorer
 
-    keys = task.pairs()
-    scores = dense_rescorer(check_teacher(teacher), batch_size, progress)(
-        task.collection, keys) if keys else []
-    return with_tail(build_run(keys, scores, task.candidates), task.tail)
+    rescore = dense_rescorer(check_teacher(teacher), batch_size, progress)
+    runs = []
+    for task in tasks:
+        keys = task.pairs()
+        scores = rescore(task.collection, keys) if keys else []
+        runs.append(with_tail(build_run(keys, scores, task.candidates), task.tail))
+    return runs
 
 
 def summarise(task: RerankTask, reranked: Run, model: str, teacher: Run | None = None,
