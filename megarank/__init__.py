@@ -1,9 +1,10 @@
 """megarank: distributed reranker (cross-encoder) training on megatron-core.
 
 The Python API (see megarank/api.py): :func:`train_model`, :func:`load_scorer` (a
-:class:`Scorer`), :func:`convert_from_hf`, :func:`convert_to_hf`, :func:`evaluate_model`,
-:func:`mine_triplets` and :func:`compose_config`. They load on first use, so ``import megarank``
-stays light.
+:class:`Scorer`), :func:`convert_from_hf`, :func:`convert_to_hf`, :func:`evaluate_model` (and
+:func:`evaluate_tasks` for several collections with the model built once, their tasks read by
+:func:`rerank_task`), :func:`mine_triplets` and :func:`compose_config`. They load on first
+use, so ``import megarank`` stays light.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import sys
 from typing import Any
 
 __all__ = ["Scorer", "compare_runs", "compose_config", "convert_from_hf", "convert_to_hf",
-           "evaluate_model", "load_scorer", "mine_triplets", "train_model"]
+           "evaluate_model", "evaluate_tasks", "load_scorer", "mine_triplets", "rerank_task",
+           "train_model"]
 
 
 def __getattr__(name: str) -> Any:
