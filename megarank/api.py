@@ -38,9 +38,10 @@ from megarank.training.sizing import (
 __all__ = ["HEADROOM", "RETRIEVERS", "ArgumentError", "Scorer", "check_teacher",
            "compare_runs", "compose_config", "convert_from_hf", "convert_to_hf",
            "env_world_size", "evaluate_model", "evaluate_tasks", "fit", "for_command",
-           "format_plan", "is_main_process", "iter_triplets", "largest_token_budget", "load_scorer", "measure_memory",
-           "mine_triplets", "open_engine", "plan_memory", "prepare_data", "read_pairs",
-           "rerank_task", "serve_app", "ServeLimits", "suggestions", "train_model"]
+           "format_plan", "is_main_process", "iter_triplets", "largest_token_budget",
+           "load_scorer", "measure_memory", "mine_triplets", "open_engine", "plan_memory",
+           "prepare_data", "read_pairs", "rerank_task", "serve_app", "ServeLimits",
+           "suggestions", "train_model"]
 
 if TYPE_CHECKING:  # the heavy imports (megatron-core, transformers) wait for the first call
     from omegaconf import DictConfig
