@@ -90,7 +90,6 @@ def _per_collection(ap: argparse.ArgumentParser, flag: str, given: list[str] | N
     times = "once" if len(given) == 1 else f"{len(given)} times"
     ap.error(f"{flag} was given {times} for {n} --collection: give it "
              + ("once for all, or " if shared else "") + "once per --collection, in their order")
-    raise AssertionError  # ap.error exits
 
 
 if __name__ == "__main__":

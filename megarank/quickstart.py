@@ -280,7 +280,8 @@ def mine_triplets(args: argparse.Namespace, out: Path, train_on: list[str], embe
     extra = ["--model", embedder, *cut] if args.retriever == "dense" else []
     if args.fuse_bm25:
         extra += ["--fuse-bm25", str(args.fuse_bm25)]
-    seeded = (f"_seed{args.seed}" if args.seed is not None else "") + (
+    # the seed and the embedder's cut: in every mined file's name, so --keep-data never mixes
+    suffix = (f"_seed{args.seed}" if args.seed is not None else "") + (
         f"_embed{args.embed_max_length}" if cut else "")
 
     def mine(name: str, collection: Path, path: Path, options: list[str]) -> None:
@@ -296,14 +297,14 @@ def mine_triplets(args: argparse.Namespace, out: Path, train_on: list[str], embe
     # what a mined file depends on beyond the retriever, so --keep-data never reuses another's
     pseudo = ["--pseudo-queries", str(args.pseudo_queries)] if args.pseudo_queries else []
     variant = (f"_pseudo{args.pseudo_queries}" if args.pseudo_queries else "") + (
-        f"_fuse{args.fuse_bm25}" if args.fuse_bm25 else "") + seeded
+        f"_fuse{args.fuse_bm25}" if args.fuse_bm25 else "") + suffix
     for name in train_on:
         mine(name, ASSETS / "collections" / name,
              out / "data" / f"{name}_train_{args.retriever}{variant}.jsonl",
              ["--split", "train", *extra, *pseudo])
     if args.web_pseudo_queries:  # a corpus without queries: its pseudo-queries alone
         mine("web", passage_corpus(sorted(WEB_EXAMPLES.glob("*.jsonl")), out / "data" / "web"),
-             out / "data" / f"web_pseudo{args.web_pseudo_queries}{seeded}.jsonl",
+             out / "data" / f"web_pseudo{args.web_pseudo_queries}{suffix}.jsonl",
              ["--model", embedder, "--pseudo-queries", str(args.web_pseudo_queries), *cut])
     triplets.write_text("".join(mined), encoding="utf-8")
 

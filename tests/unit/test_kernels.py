@@ -150,12 +150,12 @@ def test_a_bf16_stage_on_such_a_cpu_says_so_once(monkeypatch, caplog, native):
         assert "trainer.precision=fp32 is the fast choice" in notes[0].getMessage()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA megatron's fusions stay compiled")
 def test_megatron_fusers_stay_plain_functions_without_cuda():
     """Without CUDA megatron's ``jit_fuser`` is its own no-op (megarank/__init__.py): its fusable
     functions are not wrapped in torch.compile at import (~3.4 s of every process's start)."""
     import megatron.core.jit as jit
     from megatron.core.fusions.fused_bias_gelu import bias_gelu
 
-    assert not torch.cuda.is_available()
     assert jit.jit_fuser is jit.noop_decorator
     assert not hasattr(bias_gelu, "_torchdynamo_orig_callable")
