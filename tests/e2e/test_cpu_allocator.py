@@ -18,8 +18,10 @@ from tests.helpers.runs import REPO
 
 @pytest.mark.slow  # two fresh processes: megatron's import and a MiniLM build each, ~25 s
 def test_a_cpu_step_reuses_freed_memory_instead_of_faulting_it_in():
+    # Five rounds: the median stands when a round or two fault in more (on a busy machine one
+    # of two rounds did, and the median of two is their mean).
     proc = subprocess.run(
-        [sys.executable, "benchmarks/cpu_allocator.py", "--rows", "4", "--rounds", "2", "--json"],
+        [sys.executable, "benchmarks/cpu_allocator.py", "--rows", "4", "--rounds", "5", "--json"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
