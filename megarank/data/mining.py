@@ -53,7 +53,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import bm25s
 import numpy as np
 from tqdm import tqdm
 
@@ -75,6 +74,8 @@ class BM25Index:
     """bm25s over a collection's documents (``document_text``, as the reranker reads them)."""
 
     def __init__(self, corpus: dict[str, str], progress: bool = True) -> None:
+        import bm25s  # here, not at the top: every command imports this module (0.5 s)
+
         self.docids = list(corpus)
         self.position = {d: i for i, d in enumerate(self.docids)}
         """docid -> its index in ``scores``."""
@@ -85,6 +86,8 @@ class BM25Index:
 
     def scores(self, query: str) -> np.ndarray:
         """BM25 score of every document for ``query``, [len(docids)] float32."""
+        import bm25s
+
         # The query's words the corpus never uses add nothing, and bm25s needs at least one.
         words = bm25s.tokenize(query, stopwords=BM25_STOPWORDS, return_ids=False,
                                show_progress=False)[0]
