@@ -425,6 +425,30 @@ def test_encoder_matches_tokenizer_pair_for_short_pairs(tokenizer, cranfield):
         assert batch.token_type_ids[i, :n].tolist() == ref["token_type_ids"]
 
 
+def test_a_document_scored_for_several_queries_is_tokenized_once(tokenizer, cranfield):
+    """Reranking pairs share documents across queries: the tokenizer reads each distinct
+    document (and query) text once, and every row still equals the tokenizer's own pair."""
+    collate = pair_collator(tokenizer, "encoder", max_length=512, max_query_length=64)
+    docs = [r.pos[0][:200] for r in cranfield[:2]]
+    queries = [r.query for r in cranfield[:3]]
+    pairs = [(q, d) for q in queries for d in docs]  # 6 rows, 2 documents, 3 queries
+    texts_read = []
+    original = type(tokenizer).__call__
+
+    def counting(self, text, *args, **kwargs):
+        texts_read.extend(text if isinstance(text, list) else [text])
+        return original(self, text, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(type(tokenizer), "__call__", counting)
+        batch = collate.encode_pairs(pairs)
+    assert sorted(texts_read) == sorted(queries + docs)
+    for i, (q, d) in enumerate(pairs):
+        ref = tokenizer(q, d)["input_ids"]
+        assert batch.input_ids[i, : len(ref)].tolist() == ref
+        assert batch.attention_mask[i].sum() == len(ref)
+
+
 def test_encoder_truncates_document_not_query(tokenizer, cranfield):
     max_length, max_query = 48, 12
     collate = pair_collator(
