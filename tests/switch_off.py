@@ -148,6 +148,14 @@ FEATURES = {
         "        pass\n",
         ["tests/integration/test_mine_dense.py"],
     ),
+    "tokenize-once": (
+        "a text that occurs more than once tokenized once (every occurrence tokenized again)",
+        "megarank/data/templates.py",
+        '    ids = tokenize(tokenizer, list(slot), **cut)["input_ids"]\n',
+        '    ids = tokenize(tokenizer, list(texts), **cut)["input_ids"]\n'
+        "    of_text = list(range(len(texts)))\n",
+        ["tests/unit/test_data.py"],
+    ),
     "bert-qkv-names": (
         "the HF name mapping of BERT-family attention (query and key swapped on the way in "
         "and out)",
