@@ -8,8 +8,8 @@ bash launch/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
 # Two pytest workers share the cores, and a one-process command or an in-process embedding runs
 # torch on 2 threads: OpenMP's idle threads spin (300,000 turns by default) waiting for work,
-# on cores the other worker needs. 1,000 turns: side by side about twice as fast, alone
-# a tenth slower (benchmarks/omp_spin.py; the numbers are in benchmarks/RESULTS.md).
+# on cores the other worker needs. 1,000 turns: side by side 1.85x as fast, alone 5% slower
+# (benchmarks/omp_spin.py; the numbers are in benchmarks/RESULTS.md).
 export GOMP_SPINCOUNT=${GOMP_SPINCOUNT:-1000}
 # No path given: pytest takes testpaths (tests/) from pyproject.toml; a path narrows the run.
 # Files are dealt to MEGARANK_TEST_WORKERS pytest workers (pytest-xdist; default 2, one per core

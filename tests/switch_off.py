@@ -151,7 +151,7 @@ FEATURES = {
     "tokenize-once": (
         "a text that occurs more than once tokenized once (every occurrence tokenized again)",
         "megarank/data/templates.py",
-        '    ids = tokenize(tokenizer, list(slot), **cut)["input_ids"]\n',
+        '    ids = tokenize(tokenizer, unique, **cut)["input_ids"]\n',
         '    ids = tokenize(tokenizer, list(texts), **cut)["input_ids"]\n'
         "    of_text = list(range(len(texts)))\n",
         ["tests/unit/test_data.py"],

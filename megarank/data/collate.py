@@ -25,7 +25,7 @@ from megarank.data.batch import PairBatch, pad_rows
 from megarank.data.contract import ScoringContract
 from megarank.data.groups import Group
 from megarank.data.packing import pack_batch
-from megarank.data.templates import ChatTemplate, pair_template
+from megarank.data.templates import ChatTemplate, distinct, pair_template
 from megarank.data.truncation import Truncation
 
 Pair = tuple[str, str] | tuple[str, str, str | None]
@@ -171,9 +171,8 @@ class PairCollator:
         if not self.pretokenizable:
             raise ValueError("MaxP windows need query and document tokenized apart; a chat "
                              "prompt tokenizes each pair whole")
-        query_slot: dict[str, int] = {}
-        query_of_row = [query_slot.setdefault(p[0], len(query_slot)) for p in pairs]
-        return self.encode_windows(self.tokenize_queries(list(query_slot)),
+        queries, query_of_row = distinct([p[0] for p in pairs])
+        return self.encode_windows(self.tokenize_queries(queries),
                                    self.truncation.full_documents([p[1] for p in pairs]),
                                    query_of_row, 1)
 
@@ -243,11 +242,10 @@ class PairCollator:
         if not pairs:
             raise ValueError("cannot encode an empty list of pairs")
         # Reranking evaluation scores many candidates per query: tokenize each query once.
-        query_slot: dict[str, int] = {}
-        query_of_row = [query_slot.setdefault(p[0], len(query_slot)) for p in pairs]
+        queries, query_of_row = distinct([p[0] for p in pairs])
         docs = [p[1] for p in pairs]
         instructions = [p[2] if len(p) > 2 else None for p in pairs]
         if any(i is not None for i in instructions) and not self.template.whole:
             raise ValueError("pairs carry instructions, but this model's prompt has no "
                              "{instruction} (only a chat prompt, e.g. pair=qwen3_reranker, does)")
-        return self._encode(list(query_slot), docs, query_of_row, 1, instructions)
+        return self._encode(queries, docs, query_of_row, 1, instructions)

@@ -45,13 +45,19 @@ def plain_ids(tokenizer: Any, texts: Sequence[str], max_tokens: int | None = Non
     A text that occurs more than once is tokenized once (reranking scores the same documents
     for many queries: Cranfield's test top 30 holds 3,390 pairs of far fewer documents); every
     occurrence gets its own list."""
-    slot: dict[str, int] = {}
-    of_text = [slot.setdefault(t, len(slot)) for t in texts]
+    unique, of_text = distinct(texts)
     cut = {} if max_tokens is None else {"truncation": True, "max_length": max_tokens}
-    ids = tokenize(tokenizer, list(slot), **cut)["input_ids"]
-    if len(slot) == len(of_text):
+    ids = tokenize(tokenizer, unique, **cut)["input_ids"]
+    if len(unique) == len(of_text):
         return ids
     return [list(ids[i]) for i in of_text]
+
+
+def distinct(items: Sequence[str]) -> tuple[list[str], list[int]]:
+    """(each distinct item once, in first-seen order; each item's index in that list)."""
+    slot: dict[str, int] = {}
+    of_item = [slot.setdefault(x, len(slot)) for x in items]
+    return list(slot), of_item
 
 
 def pad_id_of(tokenizer: Any) -> int:

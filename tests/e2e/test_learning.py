@@ -5,7 +5,10 @@ The runs train in this process (``megarank.train_model``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 
 import megarank
 from tests.helpers.artefacts import torch_threads
@@ -28,7 +31,7 @@ def _falls_clearly(records: list[dict]) -> None:
     assert sum(loss[-3:]) / 3 < 0.9 * loss[0], loss
 
 
-def _run(task: str, output_dir, *extra: str) -> list[dict]:
+def _run(task: str, output_dir: Path, *extra: str) -> list[dict]:
     cranfield = data_dir("cranfield")
     megarank.train_model([
         "model=gpt_tiny", f"task={task}", "data=cranfield",
@@ -40,11 +43,24 @@ def _run(task: str, output_dir, *extra: str) -> list[dict]:
     return read_metrics(output_dir)
 
 
+def _initial_weights(task: str) -> list:
+    from megarank.bundle import build_bundle
+    from megarank.config import compose
+
+    with build_bundle(compose(["model=gpt_tiny", f"task={task}", "data=cranfield"]),
+                      device="cpu") as bundle:
+        return [p.detach().clone() for p in bundle.model.parameters()]
+
+
 @pytest.fixture(scope="module")
 def untrained_mrr(tmp_path_factory) -> float:
-    """MRR@10 of the untrained model on the held-out queries. Every task starts from the same
-    model (the seed builds the weights; the task only picks the loss), so it is evaluated once
-    here rather than at step 0 of each run."""
+    """MRR@10 of the untrained model on the held-out queries, evaluated once here rather than
+    at step 0 of each run: every task starts from the same weights (checked here; the seed
+    builds them, the task only picks the loss)."""
+    first, *others = [_initial_weights(t) for t in ("listwise", "pairwise", "pointwise")]
+    for weights in others:
+        assert len(weights) == len(first)
+        assert all(torch.equal(a, b) for a, b in zip(first, weights, strict=True))
     records = _run("listwise", tmp_path_factory.mktemp("untrained"), "trainer.stop_at_step=0",
                    "trainer.eval_at_start=true", "trainer.eval_at_end=false")
     return next(r["eval/MRR@10"] for r in records if r["step"] == 0)
