@@ -164,17 +164,26 @@ class PairCollator:
         batch = self.encode_tokens(query_ids, row_ids, row_query, group_size, teacher)
         return replace(batch, windows=slots)
 
-    def encode_pair_windows(self, pairs: Sequence[Pair]) -> PairBatch:
-        """:meth:`encode_pairs` under MaxP: every window of each (uncut) document a row."""
+    def pair_windows(self, pairs: Sequence[Pair],
+                     ) -> tuple[list[list[int]], list[int], list[list[int]], torch.Tensor]:
+        """MaxP rows of (query, document) pairs, every window of each uncut document a row: the
+        distinct queries' ids, each row's query (an index into them) and window ids, and the
+        [P, K] rows of each pair (-1 past its last), for :meth:`encode_tokens`."""
         if not pairs:
             raise ValueError("cannot encode an empty list of pairs")
         if not self.pretokenizable:
             raise ValueError("MaxP windows need query and document tokenized apart; a chat "
                              "prompt tokenizes each pair whole")
-        queries, query_of_row = distinct([p[0] for p in pairs])
-        return self.encode_windows(self.tokenize_queries(queries),
-                                   self.truncation.full_documents([p[1] for p in pairs]),
-                                   query_of_row, 1)
+        queries, query_of_pair = distinct([p[0] for p in pairs])
+        query_ids = self.tokenize_queries(queries)
+        row_query, row_ids, slots = self.truncation.window_rows(
+            query_ids, self.truncation.full_documents([p[1] for p in pairs]), query_of_pair)
+        return query_ids, row_query, row_ids, slots
+
+    def encode_pair_windows(self, pairs: Sequence[Pair]) -> PairBatch:
+        """:meth:`encode_pairs` under MaxP: every window of each (uncut) document a row."""
+        query_ids, row_query, row_ids, slots = self.pair_windows(pairs)
+        return replace(self.encode_tokens(query_ids, row_ids, row_query, 1), windows=slots)
 
     def token_settings(self) -> dict[str, Any]:
         """What decides the ids of `tokenize_queries` / `tokenize_documents`: the tokenizer

@@ -16,7 +16,6 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megarank.data.batch import PairBatch
 from megarank.data.budget import gather_rows, length_passes
 from megarank.data.collate import PairCollator
-from megarank.data.templates import distinct
 from megarank.data.truncation import max_over_windows
 from megarank.parallel.runtime import Runtime
 
@@ -112,10 +111,7 @@ class PairScorer:
     def _max_over_windows(self, model: torch.nn.Module, runtime: Runtime,
                           pairs: list[tuple[str, str]]) -> torch.Tensor:
         c = self.collator
-        queries, query_of_pair = distinct([p[0] for p in pairs])
-        query_ids = c.tokenize_queries(queries)
-        row_query, row_ids, windows = c.truncation.window_rows(
-            query_ids, c.truncation.full_documents([p[1] for p in pairs]), query_of_pair)
+        query_ids, row_query, row_ids, windows = c.pair_windows(pairs)
         chunk = self.batch_size * self.CHUNK_BATCHES
         encoded = [c.encode_tokens(query_ids, row_ids[i:i + chunk], row_query[i:i + chunk], 1)
                    for i in range(0, len(row_ids), chunk)]
