@@ -13,6 +13,7 @@ from megarank.bundle import build_bundle
 from megarank.config import compose
 from megarank.data.packing import pack_batch
 from megarank.training.losses import group_loss
+from megarank.training.sizing.activations import pooled_in_plan
 from tests.helpers.pairs import UNEVEN_DOCS as DOCS
 from tests.helpers.pairs import UNEVEN_QUERIES
 
@@ -40,6 +41,8 @@ def _run(cfg, packed: bool):
         hook.remove()
         grads = {n: p.main_grad.clone() for n, p in model.named_parameters()
                  if getattr(p, "main_grad", None) is not None and p.requires_grad}
+        # The memory plan's rule (megarank.training.sizing) counts the layer the build made.
+        assert pooled_in_plan(cfg, "cpu") == bool(stage._pooled_layer)
         return scores.detach(), loss.detach(), grads, seen
 
 
@@ -75,7 +78,9 @@ def test_pooled_last_layer_is_refused_by_name_where_the_layer_cannot(monkeypatch
     monkeypatch.setattr(log, "handlers", [])
     monkeypatch.setattr(log, "propagate", True)
     caplog.set_level(logging.INFO, logger="megarank")
-    with build_bundle(compose(["model=deberta_tiny"]), load_hf=False, device="cpu") as bundle:
+    cfg = compose(["model=deberta_tiny"])
+    with build_bundle(cfg, load_hf=False, device="cpu") as bundle:
         assert not bundle.model.module._pooled_layer
+    assert not pooled_in_plan(cfg, "cpu")  # and the memory plan counts the full layer
     assert "pooled_last_layer" in caplog.text and "DisentangledAttention" in caplog.text
 
