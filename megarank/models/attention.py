@@ -36,6 +36,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megarank.models.dropout import kept_mask, times_kept
 
 _VARLEN_DTYPES = (torch.float16, torch.bfloat16)  # flash kernels: half precision only
+_VARLEN_DEVICES = ("cuda",)  # torch's varlen_attn has no CPU kernel
 
 
 @functools.cache
@@ -194,8 +195,9 @@ class SDPAttention(MegatronModule):
         causal = mask_type == AttnMaskType.causal
         dropout_p = self.dropout_p if self.training else 0.0
         q, k, v = query[:, 0], key[:, 0], value[:, 0]  # [T, heads, d]
-        varlen_attn, params = (varlen_attention() if q.is_cuda and dropout_p == 0.0
-                               and q.dtype in _VARLEN_DTYPES else (None, frozenset()))
+        varlen_attn, params = (varlen_attention() if q.device.type in _VARLEN_DEVICES
+                               and dropout_p == 0.0 and q.dtype in _VARLEN_DTYPES
+                               else (None, frozenset()))
         if varlen_attn is not None:
             kwargs = _varlen_causal_kwargs(causal, params)
             if k.shape[1] != np_ and "enable_gqa" in params:

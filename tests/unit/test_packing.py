@@ -209,3 +209,80 @@ def test_length_passes_sort_longest_first_within_the_token_and_row_budgets():
         assert len(p) * width <= 96 or len(p) == 1
     assert length_passes([500], max_tokens=96) == [[0]]  # never an empty pass
     assert [len(p) for p in length_passes(lengths, max_rows=3)] == [3, 3, 1]
+
+
+def _reference_varlen(gqa: bool):
+    """torch's ``varlen_attn`` as its CUDA kernel computes it, on the CPU (per segment SDPA), with
+    the signature of torch 2.11 (causal as ``window_size``, no ``enable_gqa``) or, with ``gqa``,
+    2.13's; it checks what the flash kernel requires of its arguments."""
+    import torch.nn.functional as F
+
+    def run(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+            window_size=(-1, -1), enable_gqa=False):
+        assert cu_seq_q.dtype == cu_seq_k.dtype == torch.int32
+        assert isinstance(max_q, int) and isinstance(max_k, int)
+        assert window_size in ((-1, -1), (-1, 0)) and return_aux is None
+        assert key.shape[1] == query.shape[1] or enable_gqa  # 2.11: heads repeated by the caller
+        cu = cu_seq_q.tolist()
+        assert cu == cu_seq_k.tolist() and cu[-1] == query.shape[0]
+        assert max(b - a for a, b in zip(cu, cu[1:])) <= max_q
+        out = []
+        for a, b in zip(cu, cu[1:]):
+            q, k, v = (t[a:b].transpose(0, 1) for t in (query, key, value))  # [h, L, d]
+            out.append(F.scaled_dot_product_attention(
+                q, k, v, is_causal=window_size == (-1, 0), scale=scale,
+                enable_gqa=enable_gqa).transpose(0, 1))
+        return torch.cat(out)
+
+    if gqa:
+        return run
+
+    def run_211(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
+                scale=None, window_size=(-1, -1)):
+        return run(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux=return_aux,
+                   scale=scale, window_size=window_size)
+
+    return run_211
+
+
+@pytest.mark.parametrize("model", ["bert_tiny", "gpt_tiny"])
+@pytest.mark.parametrize("torch_version", ["2.11", "2.13"])
+def test_varlen_attention_call_equals_padded(monkeypatch, model, torch_version):
+    """The CUDA path of packed attention (torch's flash varlen_attn over the segment boundaries)
+    run on the CPU against a reference of the kernel with each torch's signature: packed scores
+    and gradients equal the padded batch's (fp32, 1e-5), with causality as a window and the
+    grouped-query heads (gpt_tiny: 4 heads, 2 groups) repeated where the kernel cannot share
+    them; every layer (the pooled last layer off) goes through it."""
+    import inspect
+
+    import megarank.models.attention as attention
+
+    calls = []
+    fn = _reference_varlen(gqa=torch_version == "2.13")
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "_VARLEN_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(attention, "_VARLEN_DTYPES", (torch.float32,))
+    monkeypatch.setattr(attention, "varlen_attention",
+                        lambda: (counted, frozenset(inspect.signature(fn).parameters)))
+    cfg = compose([f"model={model}", "pair.max_length=32", "pair.max_query_length=8",
+                   "model.hidden_dropout=0", "model.attention_dropout=0", "task.group_size=3",
+                   "trainer.pooled_last_layer=false"])
+    with build_bundle(cfg, load_hf=False, device="cpu") as bundle:
+        c = bundle.collator
+        padded = c.encode_tokens(c.tokenize_queries(QUERIES[:2]), c.tokenize_documents(DOCS),
+                                 [0, 0, 0, 1, 1, 1], 3)
+        s0, l0, g0 = _scores_and_grads(bundle, padded)
+        assert not calls
+        s1, l1, g1 = _scores_and_grads(bundle, pack_batch(padded, 16))
+    assert len(calls) == cfg.model.num_layers
+    causal = model == "gpt_tiny"
+    assert all(k["window_size"] == ((-1, 0) if causal else (-1, -1)) for k in calls)
+    assert all(k.get("enable_gqa", False) == (causal and torch_version == "2.13") for k in calls)
+    torch.testing.assert_close(s1, s0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(l1, l0, rtol=0, atol=1e-5)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-5, msg=name)
