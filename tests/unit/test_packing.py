@@ -6,6 +6,8 @@ windows, and the yes/no head."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -225,9 +227,10 @@ def _reference_varlen(gqa: bool):
         assert key.shape[1] == query.shape[1] or enable_gqa  # 2.11: heads repeated by the caller
         cu = cu_seq_q.tolist()
         assert cu == cu_seq_k.tolist() and cu[-1] == query.shape[0]
-        assert max(b - a for a, b in zip(cu, cu[1:])) <= max_q
+        spans = list(itertools.pairwise(cu))
+        assert max(b - a for a, b in spans) <= max_q
         out = []
-        for a, b in zip(cu, cu[1:]):
+        for a, b in spans:
             q, k, v = (t[a:b].transpose(0, 1) for t in (query, key, value))  # [h, L, d]
             out.append(F.scaled_dot_product_attention(
                 q, k, v, is_causal=window_size == (-1, 0), scale=scale,
