@@ -156,6 +156,13 @@ FEATURES = {
         "    of_text = list(range(len(texts)))\n",
         ["tests/unit/test_data.py"],
     ),
+    "varlen-causal-window": (
+        "causality in the CUDA varlen attention call (every packed pair attends both ways)",
+        "megarank/models/attention.py",
+        'return {"window_size": (-1, 0) if causal else (-1, -1)}',
+        'return {"window_size": (-1, -1)}',
+        ["tests/unit/test_packing.py"],
+    ),
     "bert-qkv-names": (
         "the HF name mapping of BERT-family attention (query and key swapped on the way in "
         "and out)",
