@@ -1,0 +1,77 @@
+"""benchmarks/gpu_run.sh, the GPU measurement as one command: it runs only where a GPU is lent,
+for minutes that cannot be spent on a typo, so its shell and every Python command line in it are
+checked here: bash syntax, shellcheck, and each benchmark script's own argument parser given the
+script's arguments (parsed, not run)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import runpy
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers.runs import REPO
+
+SCRIPT = REPO / "benchmarks" / "gpu_run.sh"
+
+
+class _Parsed(Exception):
+    """Raised in place of running a script once its arguments parsed."""
+
+
+def _python_commands() -> list[tuple[str, list[str]]]:
+    """(script, arguments) of every ``python3 $B/<script>.py ...`` in gpu_run.sh, continuation
+    lines joined, each command ending at ``&&``, a quote or the end of its line."""
+    text = SCRIPT.read_text().replace("\\\n", " ")
+    commands = []
+    for m in re.finditer(r"python3 \$B/(\S+\.py)([^\"&\n]*)", text):
+        commands.append((m.group(1), m.group(2).split()))
+    return commands
+
+
+def test_gpu_run_syntax_and_shellcheck():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+    if shutil.which("shellcheck") is not None:
+        out = subprocess.run(["shellcheck", str(SCRIPT.relative_to(REPO))], cwd=REPO,
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_every_benchmark_command_in_gpu_run_parses(monkeypatch):
+    """A misspelt or removed flag makes the script's parser exit 2, and a model, head or peer
+    system the scripts do not know stops them later: both caught here, not on the GPU."""
+    import importlib.util
+
+    commands = _python_commands()
+    scripts = {s for s, _ in commands}
+    assert {"packing_parity.py", "gpu_decoder.py", "peers.py"} <= scripts, scripts
+    assert len(commands) >= 8  # parity, four decoder runs, two encoder runs, the peers
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise _Parsed(original(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    parsed = []
+    for script, args in commands:
+        monkeypatch.setattr(sys, "argv", [script, *args])
+        with pytest.raises(_Parsed) as e:
+            runpy.run_path(str(REPO / "benchmarks" / script), run_name="__main__")
+        parsed.append((script, e.value.args[0]))
+    spec = importlib.util.spec_from_file_location("peers", REPO / "benchmarks" / "peers.py")
+    peers = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "peers", peers)  # its dataclasses look themselves up
+    spec.loader.exec_module(peers)
+    models = {p.stem for p in (REPO / "megarank" / "conf" / "model").glob("*.yaml")}
+    for script, ns in parsed:
+        if script == "gpu_decoder.py":
+            assert ns.model in models, ns.model
+            assert set(ns.heads.split(",")) <= {"classifier", "yes_no", "full"}, ns.heads
+        elif script == "peers.py":
+            assert set(ns.systems.split(",")) <= set(peers.SYSTEMS), ns.systems
+        elif script == "packing_parity.py":
+            assert set(ns.models.split(",")) <= models, ns.models
