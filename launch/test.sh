@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up on a fresh machine (skipped when nothing changed), then run the test suite (CPU, gloo):
-# everything, 13-42 minutes on 2 cores (by CPU); `bash launch/test.sh -m "not slow"` ~5 minutes;
+# everything, 15-42 minutes on 2 cores (by CPU); `bash launch/test.sh -m "not slow"` ~5 minutes;
 # `bash launch/test.sh tests/unit` is the fast tier (in process only, about a minute and a half).
 set -euo pipefail
 cd "$(dirname "$0")/.."
