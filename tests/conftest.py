@@ -54,5 +54,6 @@ def checkout_stays_clean():
     new = sorted(path for code, path in after - before
                  if code == "!!" or Path(path).parts[0] not in top)
     if new:
-        pytest.fail("tests wrote into the checkout " + str(REPO) + ":\n  " + "\n  ".join(new[:50]),
-                    pytrace=False)
+        pytest.fail("tests wrote into the checkout " + str(REPO) + " (or another process did "
+                    "while they ran, e.g. a benchmark writing runs/):\n  "
+                    + "\n  ".join(new[:50]), pytrace=False)
