@@ -163,6 +163,14 @@ FEATURES = {
         'return {"window_size": (-1, -1)}',
         ["tests/unit/test_packing.py"],
     ),
+    "embedding-rows-into-main-grad": (
+        "the word embedding's rows added straight into megatron's gradient buffer on the CPU "
+        "(torch's dense backward and the DDP hook instead)",
+        "megarank/models/build.py",
+        "        embedding_grad.install(backbone, tied=yes_no and m.tie_word_embeddings)\n",
+        "        pass\n",
+        ["tests/unit/test_embedding_grad.py"],
+    ),
     "bert-qkv-names": (
         "the HF name mapping of BERT-family attention (query and key swapped on the way in "
         "and out)",

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megarank.config import ENCODER_FAMILIES, padded_vocab_size
+from megarank.models import embedding_grad
 from megarank.models.cross_encoder import CrossEncoder
 from megarank.models.deberta import DebertaBackbone
 from megarank.models.decoder import DecoderBackbone, Llama3RopeScaling
@@ -107,6 +108,8 @@ def build_cross_encoder(cfg, tconfig: TransformerConfig, kernels: KernelChoice,
             m.max_position_embeddings, m.rotary_base, pre_process, post_process, scaling,
         )
     yes_no = cfg.pair.head == "yes_no"
+    if pre_process:
+        embedding_grad.install(backbone, tied=yes_no and m.tie_word_embeddings)
     head = None
     if post_process and yes_no:
         tied = backbone.embedding.word_embeddings if (m.tie_word_embeddings and pre_process) else None
