@@ -167,7 +167,7 @@ FEATURES = {
         "the word embedding's rows added straight into megatron's gradient buffer on the CPU "
         "(torch's dense backward and the DDP hook instead)",
         "megarank/models/build.py",
-        "        embedding_grad.install(backbone, tied=yes_no and m.tie_word_embeddings)\n",
+        "        embedding_grad.install(backbone)\n",
         "        pass\n",
         ["tests/unit/test_embedding_grad.py"],
     ),

@@ -108,17 +108,18 @@ def build_cross_encoder(cfg, tconfig: TransformerConfig, kernels: KernelChoice,
             m.max_position_embeddings, m.rotary_base, pre_process, post_process, scaling,
         )
     yes_no = cfg.pair.head == "yes_no"
-    if pre_process:
-        embedding_grad.install(backbone, tied=yes_no and m.tie_word_embeddings)
+    tied = yes_no and m.tie_word_embeddings  # the yes/no output layer is the embedding table
+    if pre_process and not tied:
+        embedding_grad.install(backbone)
     head = None
     if post_process and yes_no:
-        tied = backbone.embedding.word_embeddings if (m.tie_word_embeddings and pre_process) else None
-        head = YesNoHead(tconfig, vocab, *answer_ids, tied_embedding=tied)
+        table = backbone.embedding.word_embeddings if (tied and pre_process) else None
+        head = YesNoHead(tconfig, vocab, *answer_ids, tied_embedding=table)
     elif post_process:
         encoder = m.family in ENCODER_FAMILIES
         head = ClassifierHead(tconfig, with_pooler=encoder, layout=m.encoder_head,
                               dropout=m.classifier_dropout, pooler_dropout=m.pooler_dropout)
-    return CrossEncoder(tconfig, backbone, head, tied=yes_no and m.tie_word_embeddings,
+    return CrossEncoder(tconfig, backbone, head, tied=tied,
                         pooled_layer=pooled_last_layer(cfg, tconfig, backbone, post_process))
 
 

@@ -43,26 +43,27 @@ class _RowsIntoMainGrad(torch.autograd.Function):
 
 def rows_into_main_grad(embedding: VocabParallelEmbedding) -> None:
     """Route ``embedding``'s training lookups through :class:`_RowsIntoMainGrad` whenever the
-    weight has megatron's ``main_grad`` (the model is wrapped in DDP), grad is enabled, the ids
-    are on the CPU and the table is not split over TP ranks; otherwise megatron's own forward."""
+    weight has megatron's ``main_grad`` (the model is wrapped in DDP), grad is enabled and the
+    ids are on the CPU; otherwise megatron's own forward. A table split over TP ranks (or
+    reduce-scattered) keeps megatron's masked lookup: nothing is installed."""
+    if embedding.tp_group.size() > 1 or embedding.reduce_scatter_embeddings:
+        return
     original = embedding.forward
 
     def forward(input_: torch.Tensor) -> torch.Tensor:
         weight = embedding.weight
         if (input_.device.type != "cpu" or not torch.is_grad_enabled()
-                or not weight.requires_grad or not hasattr(weight, "main_grad")
-                or embedding.tp_group.size() > 1 or embedding.reduce_scatter_embeddings):
+                or not weight.requires_grad or not hasattr(weight, "main_grad")):
             return original(input_)
         return _RowsIntoMainGrad.apply(input_, weight)
 
     embedding.forward = forward
 
 
-def install(backbone: torch.nn.Module, tied: bool) -> None:
-    """:func:`rows_into_main_grad` on the backbone's word embedding, unless its table is tied to
-    an output layer (another gradient of the same weight in this stage)."""
-    if tied:
-        return
+def install(backbone: torch.nn.Module) -> None:
+    """:func:`rows_into_main_grad` on the backbone's word embedding. Not for a table tied to an
+    output layer (another gradient of the same weight in this stage, which the DDP hook would
+    then drop): the caller leaves those out."""
     for module in backbone.modules():
         if isinstance(module, VocabParallelEmbedding):
             rows_into_main_grad(module)
