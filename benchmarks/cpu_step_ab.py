@@ -2,9 +2,10 @@
 round so the machine's drift weighs on both alike: the word embedding's gradient straight into
 megatron's buffer (megarank.models.embedding_grad) against torch's dense backward and the DDP
 hook, and the CPU dropout's bool masks converted through uint8 (megarank.models.dropout._as)
-against torch's bool-to-float conversion. MiniLM geometry, random weights, one thread.
+against torch's bool-to-float conversion. MiniLM geometry by default, random weights, one
+thread.
 
-    python benchmarks/cpu_step_ab.py [--rows 16] [--length 128] [--rounds 20]
+    python benchmarks/cpu_step_ab.py [--model minilm] [--rows 16] [--length 128] [--rounds 20]
 
 Prints the median and fastest step of each form and the ratio new / old; for the embedding,
 also the largest difference between the two forms' gradients after a step (0: the same bits).
@@ -20,6 +21,7 @@ import time
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="minilm", help="a model config (conf/model/NAME.yaml)")
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=20)
@@ -37,13 +39,17 @@ def main() -> None:
                         generator=torch.Generator().manual_seed(0))
     batch = (ids, torch.ones_like(ids), torch.zeros_like(ids),
              torch.zeros(args.rows, dtype=torch.long))
-    cfg = compose(["model=minilm", f"pair.max_length={args.length}", "trainer.device=cpu"])
+    cfg = compose([f"model={args.model}", f"pair.max_length={args.length}", "trainer.device=cpu"])
     print("| change | old step ms (median / fastest) | new step ms | new / old | notes |")
     print("|---|---|---|---|---|")
     with build_bundle(cfg, load_hf=False, device="cpu") as bundle:
         model = bundle.model
         model.train()
         (emb,) = [m for m in model.modules() if isinstance(m, VocabParallelEmbedding)]
+        if "forward" not in vars(emb):
+            raise SystemExit(f"model={args.model}: the build did not install the embedding's "
+                             "direct gradient path (megarank.models.embedding_grad); nothing "
+                             "to compare")
         new_lookup, old_lookup = emb.forward, type(emb).forward.__get__(emb)
         new_mask, old_mask = dropout._as, (lambda kept, dtype: kept.to(dtype))
 

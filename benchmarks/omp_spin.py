@@ -2,7 +2,7 @@
 test suite's two workers do, or a mining job beside a training run), and what a shorter spin
 costs a process that has the machine to itself.
 
-    python benchmarks/omp_spin.py [--threads 2] [--steps 4] [--rounds 2]
+    python benchmarks/omp_spin.py [--threads 2] [--steps 4] [--rounds 2] [--tiny]
 
 An idle OpenMP thread spins (libgomp: 300,000 turns by default) before it sleeps, so that the
 next parallel region starts at once. Alone that pays; beside another busy process the spinning
@@ -12,6 +12,7 @@ Each setting runs a worker process alone, then two side by side (started togethe
 384, 12 heads, FFN 1536; 16 sequences x 128 tokens; torch's own layers, so the script times
 OpenMP and not megarank) on ``--threads`` threads, after one warm-up step. Settings are taken in
 turns, round after round, so the machine's drift weighs on each alike; the medians are printed.
+``--tiny`` runs a 2-layer, hidden-64 encoder on 4 x 32 tokens instead (the script's own check).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ import subprocess
 import sys
 import time
 
+GEOMETRY = {  # name -> (layers, hidden, heads, ffn, rows, tokens)
+    "MiniLM-shaped": (6, 384, 12, 1536, 16, 128),
+    "tiny": (2, 64, 4, 128, 4, 32),
+}
+OMP_KNOBS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 SETTINGS = {  # name -> environment
     "libgomp's default (300,000 turns)": {},
     "GOMP_SPINCOUNT=1000": {"GOMP_SPINCOUNT": "1000"},
@@ -30,15 +36,17 @@ SETTINGS = {  # name -> environment
 }
 
 
-def worker(threads: int, steps: int) -> None:
+def worker(threads: int, steps: int, geometry: str) -> None:
     """Time ``steps`` training steps after a warm-up one; print seconds per step."""
     import torch
 
+    print(" ".join(f"{k}={os.environ.get(k, '')}" for k in OMP_KNOBS), flush=True)
+    layers, hidden, heads, ffn, rows, tokens = GEOMETRY[geometry]
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    layer = torch.nn.TransformerEncoderLayer(384, 12, 1536, batch_first=True)
-    model = torch.nn.TransformerEncoder(layer, 6, enable_nested_tensor=False)
-    x = torch.randn(16, 128, 384)
+    layer = torch.nn.TransformerEncoderLayer(hidden, heads, ffn, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+    x = torch.randn(rows, tokens, hidden)
     model(x).sum().backward()
     start = time.perf_counter()
     for _ in range(steps):
@@ -46,18 +54,22 @@ def worker(threads: int, steps: int) -> None:
     print(f"{(time.perf_counter() - start) / steps:.4f}", flush=True)
 
 
-def run(env: dict[str, str], copies: int, threads: int, steps: int) -> list[float]:
+def run(env: dict[str, str], copies: int, threads: int, steps: int,
+        geometry: str) -> list[float]:
     """Seconds per step of each of ``copies`` workers started together."""
-    full = {k: v for k, v in os.environ.items()
-            if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    full = {k: v for k, v in os.environ.items() if k not in OMP_KNOBS}
     full.update(env, OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, __file__, "--worker", "--threads", str(threads), "--steps",
-           str(steps)]
+           str(steps), "--geometry", geometry]
     procs = [subprocess.Popen(cmd, env=full, stdout=subprocess.PIPE, text=True)
              for _ in range(copies)]
     out = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):
         raise SystemExit(f"a worker failed with {env or 'the default settings'}")
+    seen = " ".join(f"{k}={env.get(k, '')}" for k in OMP_KNOBS)
+    for o in out:
+        if o.splitlines()[0] != seen:
+            raise SystemExit(f"a worker ran with {o.splitlines()[0]!r}, not {seen!r}")
     return [float(o.strip().splitlines()[-1]) for o in out]
 
 
@@ -66,24 +78,33 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--tiny", action="store_true",
+                    help="a 2-layer, hidden-64 encoder on 4 x 32 tokens (a check of the script)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--geometry", choices=GEOMETRY, default="MiniLM-shaped",
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.tiny:
+        args.geometry = "tiny"
     if args.worker:
-        worker(args.threads, args.steps)
+        worker(args.threads, args.steps, args.geometry)
         return
     alone: dict[str, list[float]] = {name: [] for name in SETTINGS}
     paired: dict[str, list[float]] = {name: [] for name in SETTINGS}
     for _ in range(args.rounds):
         for name, env in SETTINGS.items():
-            alone[name] += run(env, 1, args.threads, args.steps)
-            paired[name].append(statistics.mean(run(env, 2, args.threads, args.steps)))
-    print(f"MiniLM-shaped encoder, 16 x 128 tokens, fwd+bwd, {args.threads} threads a process, "
+            alone[name] += run(env, 1, args.threads, args.steps, args.geometry)
+            paired[name].append(statistics.mean(run(env, 2, args.threads, args.steps,
+                                                    args.geometry)))
+    layers, hidden, _, _, rows, tokens = GEOMETRY[args.geometry]
+    print(f"{args.geometry} encoder ({layers} layers, hidden {hidden}), {rows} x {tokens} tokens, "
+          f"fwd+bwd, {args.threads} threads a process, "
           f"{os.cpu_count()} cores; s per step, median of {args.rounds} rounds\n")
     print("| setting | alone | two side by side (each) | side by side / alone |")
     print("|---|---|---|---|")
     for name in SETTINGS:
         a, p = statistics.median(alone[name]), statistics.median(paired[name])
-        print(f"| {name} | {a:.2f} | {p:.2f} | {p / a:.2f} |")
+        print(f"| {name} | {a:.3g} | {p:.3g} | {p / a:.2f} |")
 
 
 if __name__ == "__main__":

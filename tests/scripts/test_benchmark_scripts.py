@@ -229,3 +229,34 @@ def test_interleaved_measurement_runs_one_command_at_a_time(tmp_path):
         assert m["line_times"] == sorted(m["line_times"]) and m["line_times"][-1] <= m["seconds"]
     spans = sorted((s, e) for m in measured.values() for s, e in m["spans"])
     assert all(e <= s2 for (_, e), (s2, _) in itertools.pairwise(spans))
+
+
+def test_cpu_step_ab_benchmark_smoke(monkeypatch, capsys):
+    """bert_tiny, one round: both changes timed against their old forms, and the embedding's
+    direct gradient path gives the dense backward's gradients bit for bit."""
+    monkeypatch.setattr(sys, "argv", ["cpu_step_ab.py", "--model", "bert_tiny", "--rows", "2",
+                                      "--length", "64", "--rounds", "1"])
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(REPO / "benchmarks" / "cpu_step_ab.py"), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    rows = _table(capsys.readouterr().out)
+    assert [r[0] for r in rows] == ["embedding gradient into main_grad",
+                                    "dropout masks through uint8"]
+    assert all(float(c) > 0 for r in rows for c in (r[1].split(" / ") + r[2].split(" / ")))
+    assert rows[0][4] == "gradients' largest difference 0"
+
+
+def test_omp_spin_benchmark_smoke():
+    """The tiny encoder, one round: each OpenMP setting timed alone and two side by side, in
+    worker processes that see the setting's environment (the script checks what each one
+    saw)."""
+    proc = subprocess.run([sys.executable, "benchmarks/omp_spin.py", "--tiny", "--rounds", "1",
+                           "--steps", "1", "--threads", "1"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _table(proc.stdout)
+    assert [r[0] for r in rows] == ["libgomp's default (300,000 turns)", "GOMP_SPINCOUNT=1000",
+                                    "OMP_WAIT_POLICY=PASSIVE"]
+    assert all(float(c) > 0 for r in rows for c in r[1:])
