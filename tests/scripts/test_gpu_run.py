@@ -49,7 +49,7 @@ def test_every_benchmark_command_in_gpu_run_parses(monkeypatch):
     commands = _python_commands()
     scripts = {s for s, _ in commands}
     assert {"packing_parity.py", "gpu_decoder.py", "peers.py"} <= scripts, scripts
-    assert len(commands) >= 8  # parity, four decoder runs, two encoder runs, the peers
+    assert len(commands) >= 5  # parity, the peers' decoder, encoder and realistic runs, a budget
     original = argparse.ArgumentParser.parse_args
 
     def parse_then_stop(self, args=None, namespace=None):
@@ -75,3 +75,42 @@ def test_every_benchmark_command_in_gpu_run_parses(monkeypatch):
             assert set(ns.systems.split(",")) <= set(peers.SYSTEMS), ns.systems
         elif script == "packing_parity.py":
             assert set(ns.models.split(",")) <= models, ns.models
+
+
+def _steps() -> dict[str, list[tuple[str, int, str]]]:
+    """Phase -> its ``step NAME TIMEOUT command`` lines, as (name, timeout, command)."""
+    phases: dict[str, list[tuple[str, int, str]]] = {"1": [], "2": []}
+    phase = None
+    for line in SCRIPT.read_text().replace("\\\n", " ").splitlines():
+        line = line.strip()
+        if line.startswith('if [ "$PHASE" = 1 ]'):
+            phase = "1"
+        elif line == "else" and phase == "1":
+            phase = "2"
+        elif line == "fi":
+            phase = None
+        elif line.startswith("step ") and not line.startswith("step()"):
+            assert phase is not None, f"a step outside the phases: {line}"
+            _, name, timeout, command = line.split(maxsplit=3)
+            phases[phase].append((name, int(timeout), command))
+    return phases
+
+
+def test_each_phase_fits_one_command_and_peers_steps_outlast_their_systems():
+    """A device command runs at most 600 s and a device session has one or two of them: each
+    phase's step timeouts add up to at most 560 s (the rest: the install and the header). A
+    peers step killed by its own timeout would print no table at all, so it must outlast every
+    one of its system processes at their --child-timeout (a slow system then costs its row)."""
+    phases = _steps()
+    assert phases["1"] and phases["2"]
+    for phase, steps in phases.items():
+        assert sum(t for _, t, _ in steps) <= 560, (phase, steps)
+        for name, timeout, command in steps:
+            if "peers.py" not in command:
+                continue
+            args = command.split()
+            child = int(args[args.index("--child-timeout") + 1])
+            systems = len(args[args.index("--systems") + 1].split(","))
+            geometry = args[args.index("--geometry") + 1]
+            processes = systems * (2 if geometry == "both" else 1)
+            assert timeout >= processes * child + 5, (name, timeout, processes, child)

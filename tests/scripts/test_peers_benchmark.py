@@ -63,3 +63,35 @@ def test_peers_benchmark_smoke():
               re.findall(r"packed-ref parity max \|d\| = (\S+)", proc.stdout)]
     assert len(parity) == 4, proc.stdout  # packed-ref and packed-ref-1mb, both geometries
     assert all(d < 1e-5 for d in parity), parity
+
+
+def test_pinning_reaches_a_packed_batchs_boundaries(monkeypatch):
+    """On CUDA the benchmark pins each micro-batch so its copy to the GPU does not wait: a
+    packed batch's boundaries and positions (a batch nested in the batch) are pinned too."""
+    import importlib.util
+
+    import torch
+
+    from megarank.data.batch import PairBatch
+    from megarank.data.packing import pack_batch
+
+    spec = importlib.util.spec_from_file_location("peers", REPO / "benchmarks" / "peers.py")
+    peers = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "peers", peers)
+    spec.loader.exec_module(peers)
+    pinned = []
+
+    def pin(t):  # pin_memory needs an accelerator: record what would be pinned
+        pinned.append(t)
+        return t.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    ids = torch.tensor([[5, 6, 7, 0], [5, 8, 0, 0]])
+    batch = pack_batch(PairBatch(ids, (ids > 0).long(), torch.zeros_like(ids),
+                                 torch.tensor([2, 1]), 2, 5), 8)
+    out = peers._pin(batch)
+    leaves = [v for v in vars(batch).values() if isinstance(v, torch.Tensor)]
+    nested = [v for v in vars(batch.packed).values() if isinstance(v, torch.Tensor)]
+    assert nested and len(pinned) == len(leaves) + len(nested)
+    assert torch.equal(out.packed.cu_seqlens, batch.packed.cu_seqlens)
+    assert out.packed.cu_seqlens is not batch.packed.cu_seqlens
