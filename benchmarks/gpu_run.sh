@@ -39,7 +39,7 @@ step() {  # name timeout command...
   echo "## $name (at $(( $(date +%s) - T0 )) s)" >> "$LOG"
   timeout "$t" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  grep -E '^\||^device|^qwen|^bert|^#|Error' "$OUT/$name.log" | tail -30 >> "$LOG"
+  grep -E '^\||^device|^qwen|^bert|^#|Error' "$OUT/$name.log" | tail -40 >> "$LOG"
   echo "exit $rc" >> "$LOG"
 }
 B=benchmarks

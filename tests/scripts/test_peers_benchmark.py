@@ -63,22 +63,79 @@ def test_peers_benchmark_smoke():
               re.findall(r"packed-ref parity max \|d\| = (\S+)", proc.stdout)]
     assert len(parity) == 4, proc.stdout  # packed-ref and packed-ref-1mb, both geometries
     assert all(d < 1e-5 for d in parity), parity
+    # The speed targets read off each table: on the CPU, the proxies.
+    checks = re.findall(r"^\| (host syncs a step|operators a micro-batch against hf-bf16) \| "
+                        r"(\S+) \| [^|]+ \| [^|]+ \| (\S+) \|$", proc.stdout, re.M)
+    assert len(checks) == 4, proc.stdout  # two targets, both geometries
+    assert all(met == "yes" for what, _, met in checks if what == "host syncs a step"), checks
 
 
-def test_pinning_reaches_a_packed_batchs_boundaries(monkeypatch):
-    """On CUDA the benchmark pins each micro-batch so its copy to the GPU does not wait: a
-    packed batch's boundaries and positions (a batch nested in the batch) are pinned too."""
+def _peers(monkeypatch):
+    """benchmarks/peers.py as a module (its dataclasses look themselves up in sys.modules)."""
     import importlib.util
-
-    import torch
-
-    from megarank.data.batch import PairBatch
-    from megarank.data.packing import pack_batch
 
     spec = importlib.util.spec_from_file_location("peers", REPO / "benchmarks" / "peers.py")
     peers = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "peers", peers)
     spec.loader.exec_module(peers)
+    return peers
+
+
+def test_the_speed_targets_read_off_a_table(monkeypatch):
+    """Each target compares the right rows and says no when a figure misses: a GPU table
+    (megarank packed in one micro-batch against the HF loop and the padding-free reference,
+    MFU, GPU busy, cold start) and a CPU one (the proxies)."""
+    import argparse
+
+    peers = _peers(monkeypatch)
+    args = argparse.Namespace(lengths="uniform", warmup=20, steps=100)
+    gpu = [{"system": "hf-bf16", "status": "ok", "pairs_per_s": 100.0, "gpu_busy": 0.7},
+           {"system": "packed-ref-1mb", "status": "ok", "pairs_per_s": 290.0, "gpu_busy": 0.9},
+           {"system": "megarank", "status": "ok", "pairs_per_s": 150.0, "gpu_busy": 0.8},
+           {"system": "megarank-packed-1mb", "status": "ok", "pairs_per_s": 300.0,
+            "gpu_busy": 0.93, "mfu_value": 0.38, "cold_s": 0.25, "step_s": 0.2}]
+    met = {what: (system, ok) for what, system, _, _, ok in peers.targets(args, "decoder", gpu)}
+    assert met == {"pairs/s against hf-bf16": ("megarank-packed-1mb", True),
+                   "pairs/s against the padding-free reference": ("megarank-packed-1mb", True),
+                   "MFU at real tokens": ("megarank-packed-1mb", False),
+                   "GPU busy": ("megarank-packed-1mb", True),
+                   "first 20 steps from cold / steady": ("megarank-packed-1mb", True)}
+    encoder = {what: ok for what, _, _, _, ok in peers.targets(args, "encoder", gpu)}
+    assert encoder == {"pairs/s against hf-bf16": True,  # 3.0x >= 2x
+                       "pairs/s against the padding-free reference": True}
+    args.lengths = "realistic"  # 3x needed
+    assert [ok for what, _, _, _, ok in peers.targets(args, "decoder", gpu)
+            if what == "pairs/s against hf-bf16"] == [True]
+    gpu[-1]["pairs_per_s"] = 250.0
+    assert [ok for what, _, _, _, ok in peers.targets(args, "decoder", gpu)] == [False, False]
+
+    args.lengths = "uniform"
+    cpu = [{"system": "hf-bf16", "status": "ok", "ops_per_micro_batch": 1122.0},
+           {"system": "megarank", "status": "ok", "ops_per_micro_batch": 904.0, "syncs": 2,
+            "shapes": 5, "real_tokens": 55.0, "padded_tokens": 100.0, "gpu_busy": None},
+           {"system": "megarank-packed-1mb", "status": "ok", "syncs": 2, "shapes": 6,
+            "real_tokens": 98.2, "padded_tokens": 100.0, "gpu_busy": None}]
+    met = {what: ok for what, _, _, _, ok in peers.targets(args, "encoder", cpu)}
+    assert met == {"host syncs a step": True, "distinct shapes over the steps": True,
+                   "padding, packed": True, "operators a micro-batch against hf-bf16": True}
+    cpu[2].update(syncs=3, shapes=9, real_tokens=90.0)
+    cpu[1]["ops_per_micro_batch"] = 1200.0
+    assert not any(ok for *_, ok in peers.targets(args, "encoder", cpu))
+    cpu[2]["status"] = "failed"  # the padded row answers what it can
+    assert [what for what, *_ in peers.targets(args, "encoder", cpu)] == [
+        "host syncs a step", "distinct shapes over the steps",
+        "operators a micro-batch against hf-bf16"]
+
+
+def test_pinning_reaches_a_packed_batchs_boundaries(monkeypatch):
+    """On CUDA the benchmark pins each micro-batch so its copy to the GPU does not wait: a
+    packed batch's boundaries and positions (a batch nested in the batch) are pinned too."""
+    import torch
+
+    from megarank.data.batch import PairBatch
+    from megarank.data.packing import pack_batch
+
+    peers = _peers(monkeypatch)
     pinned = []
 
     def pin(t):  # pin_memory needs an accelerator: record what would be pinned
