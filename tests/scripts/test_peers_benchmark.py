@@ -90,24 +90,31 @@ def test_the_speed_targets_read_off_a_table(monkeypatch):
     peers = _peers(monkeypatch)
     args = argparse.Namespace(lengths="uniform", warmup=20, steps=100)
     gpu = [{"system": "hf-bf16", "status": "ok", "pairs_per_s": 100.0, "gpu_busy": 0.7},
-           {"system": "packed-ref-1mb", "status": "ok", "pairs_per_s": 290.0, "gpu_busy": 0.9},
+           {"system": "packed-ref-1mb", "status": "ok", "pairs_per_s": 290.0, "gpu_busy": 0.9,
+            "peak_gib": 40.0},
            {"system": "megarank", "status": "ok", "pairs_per_s": 150.0, "gpu_busy": 0.8},
            {"system": "megarank-packed-1mb", "status": "ok", "pairs_per_s": 300.0,
-            "gpu_busy": 0.93, "mfu_value": 0.38, "cold_s": 0.25, "step_s": 0.2}]
+            "gpu_busy": 0.93, "mfu_value": 0.38, "cold_s": 0.25, "step_s": 0.2,
+            "peak_gib": 42.5, "main_weights_gib": 1.8}]
     met = {what: (system, ok) for what, system, _, _, ok in peers.targets(args, "decoder", gpu)}
     assert met == {"pairs/s against hf-bf16": ("megarank-packed-1mb", True),
                    "pairs/s against the padding-free reference": ("megarank-packed-1mb", True),
+                   "peak memory: the reference's + fp32 main weights": (
+                       "megarank-packed-1mb", False),  # 42.5 > 40 + 1.8
                    "MFU at real tokens": ("megarank-packed-1mb", False),
                    "GPU busy": ("megarank-packed-1mb", True),
                    "first 20 steps from cold / steady": ("megarank-packed-1mb", True)}
+    gpu[-1]["peak_gib"] = 41.5
     encoder = {what: ok for what, _, _, _, ok in peers.targets(args, "encoder", gpu)}
     assert encoder == {"pairs/s against hf-bf16": True,  # 3.0x >= 2x
-                       "pairs/s against the padding-free reference": True}
+                       "pairs/s against the padding-free reference": True,
+                       "peak memory: the reference's + fp32 main weights": True}
     args.lengths = "realistic"  # 3x needed
     assert [ok for what, _, _, _, ok in peers.targets(args, "decoder", gpu)
             if what == "pairs/s against hf-bf16"] == [True]
     gpu[-1]["pairs_per_s"] = 250.0
-    assert [ok for what, _, _, _, ok in peers.targets(args, "decoder", gpu)] == [False, False]
+    assert [ok for what, _, _, _, ok in peers.targets(args, "decoder", gpu)] == [
+        False, False, True]
 
     args.lengths = "uniform"
     cpu = [{"system": "hf-bf16", "status": "ok", "ops_per_micro_batch": 1122.0},
