@@ -14,6 +14,7 @@ also the largest difference between the two forms' gradients after a step (0: th
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -33,6 +34,7 @@ def main() -> None:
     import megarank.models.dropout as dropout
     from megarank.bundle import build_bundle
     from megarank.config import compose
+    from megarank.models import embedding_grad
 
     torch.set_num_threads(1)
     ids = torch.randint(1000, 20000, (args.rows, args.length),
@@ -46,11 +48,10 @@ def main() -> None:
         model = bundle.model
         model.train()
         (emb,) = [m for m in model.modules() if isinstance(m, VocabParallelEmbedding)]
-        if "forward" not in vars(emb):
+        if not embedding_grad.installed(emb):
             raise SystemExit(f"model={args.model}: the build did not install the embedding's "
                              "direct gradient path (megarank.models.embedding_grad); nothing "
                              "to compare")
-        new_lookup, old_lookup = emb.forward, type(emb).forward.__get__(emb)
         new_mask, old_mask = dropout._as, (lambda kept, dtype: kept.to(dtype))
 
         def step() -> float:
@@ -79,18 +80,18 @@ def main() -> None:
             print(f"| {name} | {mo * 1e3:.0f} / {min(old) * 1e3:.0f} | {mn * 1e3:.0f} / "
                   f"{min(new) * 1e3:.0f} | {mn / mo:.3f} | {note} |")
 
-        def use_lookup(fn):
-            return lambda: setattr(emb, "forward", fn)
+        megatron_lookup = functools.partial(embedding_grad.remove, emb)
+        direct_rows = functools.partial(embedding_grad.rows_into_main_grad, emb)
 
         # Gradients compared without dropout (eval mode: megatron's RNG tracker moves on).
         model.eval()
-        use_lookup(old_lookup)(), step()
+        megatron_lookup(), step()
         reference = grads()
-        use_lookup(new_lookup)(), step()
+        direct_rows(), step()
         direct = grads()
         model.train()
         diff = max(float((direct[k] - reference[k]).abs().max()) for k in reference)
-        old, new = alternate(use_lookup(old_lookup), use_lookup(new_lookup))
+        old, new = alternate(megatron_lookup, direct_rows)
         row("embedding gradient into main_grad", old, new,
             f"gradients' largest difference {diff:g}")
 

@@ -45,8 +45,10 @@ def rows_into_main_grad(embedding: VocabParallelEmbedding) -> None:
     """Route ``embedding``'s training lookups through :class:`_RowsIntoMainGrad` whenever the
     weight has megatron's ``main_grad`` (the model is wrapped in DDP), grad is enabled and the
     ids are on the CPU; otherwise megatron's own forward. A table split over TP ranks (or
-    reduce-scattered) keeps megatron's masked lookup: nothing is installed."""
-    if embedding.tp_group.size() > 1 or embedding.reduce_scatter_embeddings:
+    reduce-scattered) keeps megatron's masked lookup: nothing is installed. Installing twice
+    changes nothing."""
+    if (installed(embedding) or embedding.tp_group.size() > 1
+            or embedding.reduce_scatter_embeddings):
         return
     original = embedding.forward
 
@@ -58,6 +60,17 @@ def rows_into_main_grad(embedding: VocabParallelEmbedding) -> None:
         return _RowsIntoMainGrad.apply(input_, weight)
 
     embedding.forward = forward
+
+
+def installed(embedding: VocabParallelEmbedding) -> bool:
+    """Whether :func:`rows_into_main_grad` routes ``embedding``'s lookups."""
+    return "forward" in vars(embedding)
+
+
+def remove(embedding: VocabParallelEmbedding) -> None:
+    """Back to megatron's own lookup (``benchmarks/cpu_step_ab.py`` and the tests compare the
+    two); :func:`rows_into_main_grad` installs the direct path again."""
+    vars(embedding).pop("forward", None)
 
 
 def install(backbone: torch.nn.Module) -> None:

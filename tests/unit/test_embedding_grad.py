@@ -11,6 +11,7 @@ from megatron.core.tensor_parallel import VocabParallelEmbedding
 
 from megarank.bundle import build_bundle
 from megarank.config import compose
+from megarank.models import embedding_grad
 
 
 def _step_grads(bundle, batches) -> dict[str, torch.Tensor]:
@@ -23,10 +24,10 @@ def _step_grads(bundle, batches) -> dict[str, torch.Tensor]:
     return {n: p.main_grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("model, extra", [("bert_tiny", []), ("gpt_tiny", [])])
-def test_rows_into_main_grad_equal_torchs_backward_and_the_hook(model, extra):
+@pytest.mark.parametrize("model", ["bert_tiny", "gpt_tiny"])
+def test_rows_into_main_grad_equal_torchs_backward_and_the_hook(model):
     cfg = compose([f"model={model}", "pair.max_length=32", "pair.max_query_length=8",
-                   "model.hidden_dropout=0", "model.attention_dropout=0", *extra])
+                   "model.hidden_dropout=0", "model.attention_dropout=0"])
     g = torch.Generator().manual_seed(0)
     # Two micro-batches, tokens repeated within and across them.
     batches = [torch.randint(5, 60, (4, 32), generator=g) for _ in range(2)]
@@ -34,9 +35,13 @@ def test_rows_into_main_grad_equal_torchs_backward_and_the_hook(model, extra):
         (emb,) = [m for m in bundle.model.modules() if isinstance(m, VocabParallelEmbedding)]
         direct = _step_grads(bundle, batches)
         assert emb.weight.grad_added_to_main_grad  # the direct path ran
-        emb.forward = type(emb).forward.__get__(emb)  # megatron's own lookup
+        embedding_grad.remove(emb)  # megatron's own lookup
         reference = _step_grads(bundle, batches)
         assert not emb.weight.grad_added_to_main_grad
+        embedding_grad.rows_into_main_grad(emb)  # back, and a second install wraps nothing
+        forward = emb.forward
+        embedding_grad.rows_into_main_grad(emb)
+        assert embedding_grad.installed(emb) and emb.forward is forward
     word = next(n for n in direct if "word_embeddings" in n)
     assert float(reference[word].abs().sum()) > 0
     for name in reference:
@@ -51,6 +56,6 @@ def test_a_table_tied_to_the_output_layer_keeps_megatrons_path():
                    "model.attention_dropout=0"])
     with build_bundle(cfg, load_hf=False, device="cpu") as bundle:
         (emb,) = [m for m in bundle.model.modules() if isinstance(m, VocabParallelEmbedding)]
-        assert "forward" not in vars(emb)
+        assert not embedding_grad.installed(emb)
         _step_grads(bundle, [torch.randint(5, 60, (2, 32))])
         assert not emb.weight.grad_added_to_main_grad
