@@ -73,7 +73,7 @@ import traceback
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, is_dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -215,10 +215,9 @@ def _pin(batch):
     """``batch`` (a PairBatch or a _Packed) with its tensors in page-locked memory, those of a
     nested batch too (a packed PairBatch's ``packed``: its boundaries and positions), so every
     copy of the step to the GPU is asynchronous."""
-    return replace(batch, **{
-        k: v.pin_memory() if isinstance(v, torch.Tensor) else _pin(v)
-        for k, v in vars(batch).items()
-        if isinstance(v, torch.Tensor) or (is_dataclass(v) and not isinstance(v, type))})
+    from megarank.data.batch import each_tensor
+
+    return each_tensor(batch, torch.Tensor.pin_memory)
 
 
 # --------------------------------------------------------------------------------------------

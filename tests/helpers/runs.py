@@ -120,3 +120,15 @@ def run_cli(module: str, args: list, check: bool = True) -> subprocess.Completed
         raise AssertionError(f"{module} {' '.join(argv)} failed ({code}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def load_benchmark(name: str, monkeypatch):
+    """``benchmarks/<name>.py`` as a module named ``name``, registered in ``sys.modules`` for
+    the test (dataclasses look their module up there), to call its pieces without running it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.helpers.runs import REPO
+from tests.helpers.runs import REPO, load_benchmark
 
 SCRIPT = REPO / "benchmarks" / "gpu_run.sh"
 
@@ -44,7 +44,6 @@ def test_gpu_run_syntax_and_shellcheck():
 def test_every_benchmark_command_in_gpu_run_parses(monkeypatch):
     """A misspelt or removed flag makes the script's parser exit 2, and a model, head or peer
     system the scripts do not know stops them later: both caught here, not on the GPU."""
-    import importlib.util
 
     commands = _python_commands()
     scripts = {s for s, _ in commands}
@@ -62,10 +61,7 @@ def test_every_benchmark_command_in_gpu_run_parses(monkeypatch):
         with pytest.raises(_Parsed) as e:
             runpy.run_path(str(REPO / "benchmarks" / script), run_name="__main__")
         parsed.append((script, e.value.args[0]))
-    spec = importlib.util.spec_from_file_location("peers", REPO / "benchmarks" / "peers.py")
-    peers = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "peers", peers)  # its dataclasses look themselves up
-    spec.loader.exec_module(peers)
+    peers = load_benchmark("peers", monkeypatch)
     models = {p.stem for p in (REPO / "megarank" / "conf" / "model").glob("*.yaml")}
     for script, ns in parsed:
         if script == "gpu_decoder.py":

@@ -4,20 +4,7 @@ benchmark's smoke run is (tests/scripts/test_peers_benchmark.py)."""
 
 from __future__ import annotations
 
-import sys
-
-from tests.helpers.runs import REPO
-
-
-def _peers(monkeypatch):
-    """benchmarks/peers.py as a module (its dataclasses look themselves up in sys.modules)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("peers", REPO / "benchmarks" / "peers.py")
-    peers = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "peers", peers)
-    spec.loader.exec_module(peers)
-    return peers
+from tests.helpers.runs import load_benchmark
 
 
 def test_the_speed_targets_read_off_a_table(monkeypatch):
@@ -26,7 +13,7 @@ def test_the_speed_targets_read_off_a_table(monkeypatch):
     MFU, GPU busy, cold start) and a CPU one (the proxies)."""
     import argparse
 
-    peers = _peers(monkeypatch)
+    peers = load_benchmark("peers", monkeypatch)
     args = argparse.Namespace(lengths="uniform", warmup=20, steps=100)
     gpu = [{"system": "hf-bf16", "status": "ok", "pairs_per_s": 100.0, "gpu_busy": 0.7},
            {"system": "packed-ref-1mb", "status": "ok", "pairs_per_s": 290.0, "gpu_busy": 0.9,
@@ -81,7 +68,7 @@ def test_pinning_reaches_a_packed_batchs_boundaries(monkeypatch):
     from megarank.data.batch import PairBatch
     from megarank.data.packing import pack_batch
 
-    peers = _peers(monkeypatch)
+    peers = load_benchmark("peers", monkeypatch)
     pinned = []
 
     def pin(t):  # pin_memory needs an accelerator: record what would be pinned
