@@ -24,9 +24,9 @@ import subprocess
 import sys
 import time
 
-GEOMETRY = {  # name -> (layers, hidden, heads, ffn, rows, tokens)
-    "MiniLM-shaped": (6, 384, 12, 1536, 16, 128),
-    "tiny": (2, 64, 4, 128, 4, 32),
+GEOMETRY = {  # --tiny -> (name, layers, hidden, heads, ffn, rows, tokens)
+    False: ("MiniLM-shaped", 6, 384, 12, 1536, 16, 128),
+    True: ("tiny", 2, 64, 4, 128, 4, 32),
 }
 OMP_KNOBS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 SETTINGS = {  # name -> environment
@@ -36,12 +36,12 @@ SETTINGS = {  # name -> environment
 }
 
 
-def worker(threads: int, steps: int, geometry: str) -> None:
+def worker(threads: int, steps: int, tiny: bool) -> None:
     """Time ``steps`` training steps after a warm-up one; print seconds per step."""
     import torch
 
     print(" ".join(f"{k}={os.environ.get(k, '')}" for k in OMP_KNOBS), flush=True)
-    layers, hidden, heads, ffn, rows, tokens = GEOMETRY[geometry]
+    _, layers, hidden, heads, ffn, rows, tokens = GEOMETRY[tiny]
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(hidden, heads, ffn, batch_first=True)
@@ -55,12 +55,12 @@ def worker(threads: int, steps: int, geometry: str) -> None:
 
 
 def run(env: dict[str, str], copies: int, threads: int, steps: int,
-        geometry: str) -> list[float]:
+        tiny: bool) -> list[float]:
     """Seconds per step of each of ``copies`` workers started together."""
     full = {k: v for k, v in os.environ.items() if k not in OMP_KNOBS}
     full.update(env, OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, __file__, "--worker", "--threads", str(threads), "--steps",
-           str(steps), "--geometry", geometry]
+           str(steps), *["--tiny"] * tiny]
     procs = [subprocess.Popen(cmd, env=full, stdout=subprocess.PIPE, text=True)
              for _ in range(copies)]
     out = [p.communicate()[0] for p in procs]
@@ -81,23 +81,19 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true",
                     help="a 2-layer, hidden-64 encoder on 4 x 32 tokens (a check of the script)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--geometry", choices=GEOMETRY, default="MiniLM-shaped",
-                    help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.tiny:
-        args.geometry = "tiny"
     if args.worker:
-        worker(args.threads, args.steps, args.geometry)
+        worker(args.threads, args.steps, args.tiny)
         return
     alone: dict[str, list[float]] = {name: [] for name in SETTINGS}
     paired: dict[str, list[float]] = {name: [] for name in SETTINGS}
     for _ in range(args.rounds):
         for name, env in SETTINGS.items():
-            alone[name] += run(env, 1, args.threads, args.steps, args.geometry)
+            alone[name] += run(env, 1, args.threads, args.steps, args.tiny)
             paired[name].append(statistics.mean(run(env, 2, args.threads, args.steps,
-                                                    args.geometry)))
-    layers, hidden, _, _, rows, tokens = GEOMETRY[args.geometry]
-    print(f"{args.geometry} encoder ({layers} layers, hidden {hidden}), {rows} x {tokens} tokens, "
+                                                    args.tiny)))
+    geometry, layers, hidden, _, _, rows, tokens = GEOMETRY[args.tiny]
+    print(f"{geometry} encoder ({layers} layers, hidden {hidden}), {rows} x {tokens} tokens, "
           f"fwd+bwd, {args.threads} threads a process, "
           f"{os.cpu_count()} cores; s per step, median of {args.rounds} rounds\n")
     print("| setting | alone | two side by side (each) | side by side / alone |")
