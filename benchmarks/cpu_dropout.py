@@ -13,11 +13,14 @@ weighs on both alike), median of ``--repeats`` rounds:
   draws, megarank.models.dropout);
 - residual dropout (p 0.1) of one layer's bias-dropout-add: megatron's (torch's dropout) against
   ``megarank.models.dropout.get_bias_dropout_add``;
+- the attention dropout's mask as 0/1 of the activation's dtype (once forward, once backward a
+  layer): torch's bool-to-float conversion against the mask's bytes read as uint8
+  (``megarank.models.dropout._as``);
 - the gradient finite check: ``isfinite(g).all()`` against ``isfinite(g.sum())``
   (``megarank.parallel.megatron.grads_finite_tensor``).
 
 The last column is what a step saves: the row's saving times its calls per step (6 layers:
-6 attention calls, 12 residual adds; one check), per rank.
+6 attention calls, 12 residual adds, 12 mask conversions; one check), per rank.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add as megatron_bda
 
 from megarank.models.attention import attend
-from megarank.models.dropout import get_bias_dropout_add
+from megarank.models.dropout import _as, get_bias_dropout_add, kept_mask
 
 B, HEADS, S, D, HIDDEN, GRADS, LAYERS = 16, 12, 128, 32, 384, 22_700_000, 6
 
@@ -69,6 +72,11 @@ def residual_case(dtype: torch.dtype) -> tuple[Callable, Callable]:
     return run(reference), run(mine)
 
 
+def mask_case(dtype: torch.dtype) -> tuple[Callable, Callable]:
+    kept, _ = kept_mask((B, HEADS, S, S), 0.1)
+    return lambda: kept.to(dtype), lambda: _as(kept, dtype)
+
+
 def finite_case() -> tuple[Callable, Callable]:
     g = torch.randn(GRADS)
     return (lambda: bool(torch.isfinite(g).all()),
@@ -85,6 +93,7 @@ def main() -> None:
     cases = [
         ("attention dropout, fwd+bwd", *attention_case(dtype), LAYERS),
         ("residual dropout-add, fwd+bwd", *residual_case(dtype), 2 * LAYERS),
+        ("attention dropout mask to 0/1", *mask_case(dtype), 2 * LAYERS),
         ("gradient finite check (fp32)", *finite_case(), 1),
     ]
     print(f"torch {torch.__version__}, 1 thread, {args.dtype}, median of {args.repeats}\n")

@@ -41,9 +41,8 @@ def kept_mask(shape: tuple[int, ...], p: float) -> tuple[torch.Tensor, float]:
 
 def _as(kept: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A bool mask as 0/1 of ``dtype``, read through its bytes as uint8: torch's CPU conversion
-    from bool takes a slow path (2.05 ms for MiniLM's 16 x 12 x 128 x 128 attention
-    probabilities, one thread, AVX-512 Intel Xeon), from uint8 a vectorised one (0.62 ms), and
-    the values are the same."""
+    from bool takes a slow path, from uint8 a vectorised one, to the same values (MiniLM's
+    attention mask, fp32: 2.3 against 0.8 ms, ``benchmarks/cpu_dropout.py``)."""
     return kept.view(torch.uint8).to(dtype)
 
 

@@ -61,6 +61,7 @@ def test_cpu_dropout_benchmark_smoke():
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
     assert [r[1].strip() for r in rows] == ["attention dropout, fwd+bwd",
                                             "residual dropout-add, fwd+bwd",
+                                            "attention dropout mask to 0/1",
                                             "gradient finite check (fp32)"]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
 
