@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The GPU benchmark as one command, for a one-GPU machine with PyTorch and transformers but
 # without megatron-core or Hydra: installs the carried wheels (WHEELS, default .gpu/wheels: the
-# wheels of shared/gpu/wheels) once per machine, compiles their bytecode on every core, checks
-# that packed rows score as padded ones on the GPU, then times the peers' table (benchmarks/
-# peers.py: the HF loop, megarank padded and packed in one micro-batch, the padding-free
-# reference; each system in its own process) on the Qwen2.5-0.5B and BERT-base geometries.
-# PHASE=2 runs what comes next on the same machine: the realistic length mix, a token-budget
-# run and megarank's padded decoder step by benchmarks/gpu_decoder.py with both scoring heads. Each phase fits one 600-s command (tests/scripts/test_gpu_run.py adds up its timeouts);
-# each step has its own timeout; the tables and logs go to OUT (default runs/gpu-<date>),
-# summary.md first.
+# wheels of shared/gpu/wheels) once per machine into GPU_SITE, compiles their bytecode on every
+# core, checks that packed rows score as padded ones on the GPU, then times the peers' table
+# (benchmarks/ peers.py: the HF loop, megarank padded and packed in one micro-batch, the padding-
+# free reference; each system in its own process) on the Qwen2.5-0.5B and BERT-base geometries.
+# PHASE=2 runs what comes next on the same machine: the realistic length mix, a token-budget run
+# and megarank's padded decoder step by benchmarks/gpu_decoder.py with both scoring heads. Each
+# phase fits one 600-s command (tests/scripts/test_gpu_run.py adds up its timeouts); each step has
+# its own timeout; the tables and logs go to OUT (default runs/gpu-<date>), summary.md first.
 #
 #     WHEELS=.gpu/wheels OUT=/tmp/out bash benchmarks/gpu_run.sh
 #     WHEELS=.gpu/wheels OUT=/tmp/out PHASE=2 bash benchmarks/gpu_run.sh
@@ -19,7 +19,8 @@ WHEELS=${WHEELS:-.gpu/wheels}
 OUT=${OUT:-runs/gpu-$(date +%Y%m%d-%H%M%S)}
 PHASE=${PHASE:-1}
 mkdir -p "$OUT"
-# One site per machine: a second phase on the same machine skips the install and the bytecode.
+# One site per machine (default /tmp/megarank-gpu-site): a second phase on the same machine
+# skips the install and the bytecode.
 SITE=${GPU_SITE:-/tmp/megarank-gpu-site}
 if [ ! -f "$SITE/.installed" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl \
