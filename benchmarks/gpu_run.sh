@@ -3,7 +3,7 @@
 # without megatron-core or Hydra: installs the carried wheels (WHEELS, default .gpu/wheels: the
 # wheels of shared/gpu/wheels) once per machine into GPU_SITE, compiles their bytecode on every
 # core, checks that packed rows score as padded ones on the GPU, then times the peers' table
-# (benchmarks/ peers.py: the HF loop, megarank padded and packed in one micro-batch, the padding-
+# (benchmarks/peers.py: the HF loop, megarank padded and packed in one micro-batch, the padding-
 # free reference; each system in its own process) on the Qwen2.5-0.5B and BERT-base geometries.
 # PHASE=2 runs what comes next on the same machine: the realistic length mix, a token-budget run
 # and megarank's padded decoder step by benchmarks/gpu_decoder.py with both scoring heads. Each
