@@ -20,7 +20,7 @@ def test_the_speed_targets_read_off_a_table(monkeypatch):
             "peak_gib": 40.0},
            {"system": "megarank", "status": "ok", "pairs_per_s": 150.0, "gpu_busy": 0.8},
            {"system": "megarank-packed-1mb", "status": "ok", "pairs_per_s": 300.0,
-            "gpu_busy": 0.93, "mfu_value": 0.38, "cold_s": 0.25, "step_s": 0.2,
+            "gpu_busy": 0.93, "mfu": 0.38, "cold_s": 0.25, "step_s": 0.2,
             "peak_gib": 42.5, "main_weights_gib": 1.8}]
     met = {what: (system, ok) for what, system, _, _, ok in peers.targets(args, "decoder", gpu)}
     assert met == {"pairs/s against hf-bf16": ("megarank-packed-1mb", True),
