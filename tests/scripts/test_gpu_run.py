@@ -23,10 +23,15 @@ class _Parsed(Exception):
     """Raised in place of running a script once its arguments parsed."""
 
 
+def _joined() -> str:
+    """gpu_run.sh with its continuation lines joined."""
+    return SCRIPT.read_text().replace("\\\n", " ")
+
+
 def _python_commands() -> list[tuple[str, list[str]]]:
-    """(script, arguments) of every ``python3 $B/<script>.py ...`` in gpu_run.sh, continuation
-    lines joined, each command ending at ``&&``, a quote or the end of its line."""
-    text = SCRIPT.read_text().replace("\\\n", " ")
+    """(script, arguments) of every ``python3 $B/<script>.py ...`` in gpu_run.sh, each command
+    ending at ``&&``, a quote or the end of its line."""
+    text = _joined()
     commands = []
     for m in re.finditer(r"python3 \$B/(\S+\.py)([^\"&\n]*)", text):
         commands.append((m.group(1), m.group(2).split()))
@@ -77,7 +82,7 @@ def _steps() -> dict[str, list[tuple[str, int, str]]]:
     """Phase -> its ``step NAME TIMEOUT command`` lines, as (name, timeout, command)."""
     phases: dict[str, list[tuple[str, int, str]]] = {"1": [], "2": []}
     phase = None
-    for line in SCRIPT.read_text().replace("\\\n", " ").splitlines():
+    for line in _joined().splitlines():
         line = line.strip()
         if line.startswith('if [ "$PHASE" = 1 ]'):
             phase = "1"
